@@ -1,0 +1,97 @@
+"""Loading Hugging Face checkpoints from local directories, and writing output directories atomically.
+
+An output directory is built under a hidden `.NAME.partial-PID` sibling and renamed into place only when
+complete, so a killed job never leaves a directory that looks finished. A marker file says it is ours:
+we replace our own outputs, but never a directory someone else wrote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .families import family_for
+
+MARKER = ".minidisc"
+
+
+def _check_model_dir(directory: Path) -> None:
+    if not directory.is_dir():
+        raise UserError(f"model directory {directory} does not exist")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json: point to a Hugging Face checkpoint directory "
+                        "(the folder written by save_pretrained)")
+
+
+def load_config(directory):
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    _check_model_dir(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {directory}/config.json: {first_line}") from None
+    family_for(config)  # unsupported families fail here, before any weights are read
+    return config
+
+
+def load_causal_lm(directory, dtype=torch.float32, **kwargs):
+    """A supported causal LM from a local checkpoint directory (fp32 by default)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = load_config(directory)
+    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(directory, config=None):
+    """The tokenizer saved in a model directory, checked against the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((directory / name).is_file() for name in names):
+        raise UserError(f"no tokenizer in {directory}: save one there with tokenizer.save_pretrained('{directory}')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot load the tokenizer in {directory}: {str(e).strip().splitlines()[0]}") from None
+    if config is not None and len(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{config.vocab_size}: they do not belong together")
+    return tokenizer
+
+
+def is_ours(directory: Path) -> bool:
+    return (directory / MARKER).is_file()
+
+
+@contextmanager
+def atomic_output_dir(out, kind: str):
+    """Yield a scratch directory; on success it replaces `out` in one rename, on failure it is removed."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (is_ours(out) or not any(out.iterdir()))):
+        raise UserError(f"output {out} exists and was not written by minidisc: choose a new --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+        (scratch / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            scratch.rename(out)
+            shutil.rmtree(old)
+        else:
+            scratch.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The `minidisc` command line. Every option is explained by `minidisc COMMAND --help`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import UserError
+
+log = logging.getLogger("minidisc")
+
+
+def _add_prune(sub):
+    p = sub.add_parser("prune", help="score units on calibration data, reorder the teacher, list the candidates",
+                       description="Step 1 of MiniDisc: accumulate |dL/dmask| of every attention head (KV group "
+                       "under GQA) and FFN neuron over calibration batches, normalise per layer, rank globally, "
+                       "and permute the weights so every candidate width is a prefix slice. Writes the "
+                       "reordered teacher (HF checkpoint + tokenizer) and pruning.json to --out.")
+    p.add_argument("--teacher", required=True, metavar="DIR", help="Hugging Face checkpoint directory of the "
+                   "teacher (LlamaForCausalLM or OPTForCausalLM) with its tokenizer")
+    p.add_argument("--data", required=True, metavar="FILE", help="calibration text: .txt, .jsonl/.json, .parquet, "
+                   ".csv, or a folder written by datasets' save_to_disk")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; an earlier minidisc "
+                   "output is replaced, any other existing non-empty directory is refused)")
+    p.add_argument("--sparsities", nargs="+", metavar="S", help="candidate grid as fractions removed in [0, 1) "
+                   "(default: 0 0.1 ... 0.9 0.85 0.95)")
+    p.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration blocks (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per calibration block (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="blocks per backward pass (default 4)")
+    p.add_argument("--ffn-multiple", type=int, default=8, metavar="M", help="round each layer's FFN removals to a "
+                   "multiple of M neurons (default 8; 1 disables rounding)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text for "
+                   "json/jsonl/parquet/csv data (default 'text')")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling the calibration records (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device for calibration, e.g. cpu or cuda (default cpu)")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write one candidate width as a smaller Hugging Face checkpoint",
+                       description="Slice a directory written by `minidisc prune` to the width at --sparsity and "
+                       "save it as a real, smaller HF checkpoint (safetensors + config + tokenizer).")
+    p.add_argument("--model", required=True, metavar="DIR", help="directory written by `minidisc prune` "
+                   "(reordered weights + pruning.json)")
+    p.add_argument("--sparsity", required=True, metavar="S", help="fraction removed, in [0, 1) (0.9 = 10%% "
+                   "scale); must be on the pruning grid unless --uniform")
+    p.add_argument("--uniform", action="store_true", help="keep the same units in every layer and write a stock "
+                   "LlamaForCausalLM/OPTForCausalLM that plain transformers loads. LLaMA head counts are rounded "
+                   "to the nearest count dividing hidden_size (transformers requires it); OPT keeps all heads "
+                   "(its config ties head_dim to hidden_size) and prunes FFN neurons only. Without --uniform the "
+                   "per-layer widths of the global ranking are kept, in a MiniDisc model class that loads after "
+                   "`import engine` or with trust_remote_code=True")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for the exported checkpoint")
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="run the built-in example: build a small LLaMA, prune it, print the candidates",
+                       description="Builds a small LLaMA teacher and a SentencePiece tokenizer on a corpus every "
+                       "Python ships (pydoc_data.topics), then runs `prune` on it. Needs no downloads.")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="working directory (default ./demo_out)")
+    p.add_argument("--calib-samples", type=int, default=16, metavar="N", help="calibration blocks (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per block (default 128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
+                                     "and distillation, choosing the teacher assistant in one trial (MiniDisc).")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much to log (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prune(sub)
+    _add_export(sub)
+    _add_demo(sub)
+    return parser
+
+
+def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
+    from rich.table import Table
+
+    from .progress import console
+
+    table = Table(title=title)
+    for column in ("sparsity", "scale", "heads", "KV heads", "neurons", "parameters", "of teacher"):
+        table.add_column(column, justify="right")
+    for row in plan.candidates:
+        table.add_row(f"{row['sparsity']:g}", f"{row['scale']:.0%}", str(row["kept_heads"]), str(row["kept_kv_heads"]),
+                      str(row["kept_neurons"]), f"{row['parameters']:,}", f"{row['parameter_fraction']:.1%}")
+    console.print(table)
+
+
+def run(args) -> None:
+    from .grid import DEFAULT_GRID, parse_grid
+
+    if args.command == "prune":
+        from .prune import prune
+
+        plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
+                     DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                     ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device)
+        print_candidates(plan)
+    elif args.command == "export":
+        from .export import export
+
+        export(args.model, args.sparsity, args.out, uniform=args.uniform)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        print_candidates(run_demo(args.out, calib_samples=args.calib_samples, seq_len=args.seq_len),
+                         title="MiniDisc candidates of the demo teacher")
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and logs say what happens; silence the libraries' per-file bars."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .progress import setup_logging
+
+    setup_logging(args.log_level)
+    _quiet_libraries()
+    try:
+        import engine  # noqa: F401  (registers the MiniDisc model classes)
+
+        run(args)
+    except UserError as e:
+        print(f"minidisc: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

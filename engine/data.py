@@ -1,0 +1,77 @@
+"""Local text data through `datasets`: text, jsonl/json, parquet, csv files or a `save_to_disk` folder.
+
+Records are tokenised with the model's tokenizer, concatenated and cut into fixed-length blocks (the
+`run_clm` convention), lazily, so calibration on a large corpus tokenises only what it uses.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_text_dataset(path, text_field: str = "text"):
+    """A `datasets.Dataset` of records with a `text_field` column, from a local file or saved folder."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise UserError(f"{path} is a folder but not a dataset saved with save_to_disk") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{path} holds splits {list(ds)}; save the one to use as 'train'")
+            ds = ds["train"]
+    else:
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(f"data file {path}: unsupported extension '{path.suffix}'; use one of {sorted(BUILDERS)}")
+        if path.stat().st_size == 0:
+            raise UserError(f"data file {path} is empty")
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        except Exception as e:  # datasets wraps parser errors in many types
+            raise UserError(f"cannot read data file {path} as {builder}: {str(e).strip().splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise UserError(f"data file {path} has no records")
+    if text_field not in ds.column_names:
+        raise UserError(f"data file {path} has no '{text_field}' field (it has {ds.column_names}); "
+                        "pass --text-field NAME")
+    return ds
+
+
+def token_blocks(ds, tokenizer, seq_len: int, max_blocks: int | None = None, seed: int | None = 0,
+                 text_field: str = "text", chunk: int = 256) -> torch.Tensor:
+    """Blocks of `seq_len` token ids [n, seq_len] from the (shuffled, if `seed`) records."""
+    if seed is not None:
+        ds = ds.shuffle(seed=seed)
+    buffer: list[int] = []
+    blocks: list[list[int]] = []
+    for start in range(0, len(ds), chunk):
+        texts = [t for t in ds[start : start + chunk][text_field] if t and t.strip()]
+        for ids in tokenizer(texts)["input_ids"] if texts else []:
+            buffer.extend(ids)
+        while len(buffer) >= seq_len:
+            blocks.append(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+        if max_blocks is not None and len(blocks) >= max_blocks:
+            break
+    if not blocks:
+        raise UserError(f"the data holds fewer than {seq_len} tokens, not one block of --seq-len {seq_len}; "
+                        "give more text or a smaller --seq-len")
+    if max_blocks is not None and len(blocks) < max_blocks:
+        log.warning("the data yields only %d blocks of %d tokens (asked for %d); using them all",
+                    len(blocks), seq_len, max_blocks)
+    return torch.tensor(blocks[:max_blocks], dtype=torch.long)

@@ -1,0 +1,119 @@
+"""Export any width of a reordered model as a real, smaller Hugging Face checkpoint.
+
+Per-layer widths use the MiniDisc config/model classes (registered with the Auto classes, and loadable
+with trust_remote_code from the checkpoint alone); `uniform=True` keeps the same units in every layer and
+writes a stock LlamaForCausalLM/OPTForCausalLM checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from .checkpoint import atomic_output_dir, load_causal_lm, load_tokenizer
+from .errors import UserError
+from .families import count_parameters, family_for
+from .grid import Width, format_sparsity, parse_sparsity
+from .modeling_minidisc import MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM, MiniDiscOPTConfig, MiniDiscOPTForCausalLM
+from .plan import PruningPlan
+
+log = logging.getLogger(__name__)
+
+_DROP = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
+         "kv_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")
+
+
+def _is_uniform(width: Width) -> bool:
+    return len(set(width.attention)) == 1 and len(set(width.ffn)) == 1
+
+
+def pruned_config(config, family, width: Width, uniform: bool):
+    """The config of the model sliced to `width`: stock when uniform, MiniDisc per-layer otherwise."""
+    base = {k: v for k, v in config.to_dict().items() if k not in _DROP}
+    base["dtype"] = "float32"
+    n_rep = family.query_heads_per_unit
+    if family.name == "llama":
+        base.update(num_key_value_heads=family.num_kv_heads, head_dim=family.head_dim)
+        if uniform:
+            base.update(num_attention_heads=width.attention[0] * n_rep, num_key_value_heads=width.attention[0],
+                        intermediate_size=width.ffn[0])
+            return LlamaForCausalLM, LlamaConfig(**base, architectures=["LlamaForCausalLM"])
+        return MiniDiscLlamaForCausalLM, MiniDiscLlamaConfig(
+            **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
+            architectures=["MiniDiscLlamaForCausalLM"])
+    if uniform:
+        if width.attention[0] != family.num_kv_heads:
+            raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
+        return OPTForCausalLM, OPTConfig(**{**base, "ffn_dim": width.ffn[0]}, architectures=["OPTForCausalLM"])
+    return MiniDiscOPTForCausalLM, MiniDiscOPTConfig(
+        **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn), architectures=["MiniDiscOPTForCausalLM"])
+
+
+@torch.no_grad()
+def sliced_state_dict(model, family, width: Width) -> dict[str, torch.Tensor]:
+    """The full model's tensors with every prunable linear cut to the width's prefix (new storage)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    state = dict(model.state_dict())
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        for group, kept in zip(groups, (kept_attn, kept_ffn)):
+            for linear, per_unit in group.rows:
+                prefix = names[id(linear)]
+                state[f"{prefix}.weight"] = linear.weight[: kept * per_unit]
+                if linear.bias is not None:
+                    state[f"{prefix}.bias"] = linear.bias[: kept * per_unit]
+            for linear, per_unit in group.cols:
+                state[f"{names[id(linear)]}.weight"] = linear.weight[:, : kept * per_unit]
+    return {name: tensor.detach().clone().contiguous().float() for name, tensor in state.items()}
+
+
+def pruned_model(model, width: Width, uniform: bool = False):
+    """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full)."""
+    family = family_for(model.config)
+    if uniform and not _is_uniform(width):
+        raise ValueError("uniform export needs the same width in every layer")
+    model_class, config = pruned_config(model.config, family, width, uniform)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # layers kept at 0 units
+        pruned = model_class(config)
+    pruned.load_state_dict(sliced_state_dict(model, family, width), strict=True, assign=True)
+    for name, buffer in list(pruned.named_buffers()):  # non-persistent buffers (rotary inv_freq) are unsized
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            pruned.get_submodule(module_name).register_buffer(
+                buffer_name, model.get_buffer(name).detach().clone().float(), persistent=False)
+    pruned.tie_weights()
+    return pruned.eval()
+
+
+def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
+    """`minidisc export`: write the width at `sparsity` of a pruned teacher directory to `out`."""
+    model_dir = Path(model_dir)
+    plan = PruningPlan.load(model_dir) if model_dir.is_dir() else None
+    if plan is None:
+        raise UserError(f"model directory {model_dir} does not exist")
+    model = load_causal_lm(model_dir)
+    tokenizer = load_tokenizer(model_dir, model.config)
+    family = family_for(model.config)
+    permille = parse_sparsity(sparsity)
+    width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
+    if uniform and (0 in width.attention or 0 in width.ffn):
+        raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer; "
+                        "stock configs cannot describe that: lower the sparsity or drop --uniform")
+    pruned = pruned_model(model, width, uniform)
+    summary = {
+        "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
+        "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),
+        "parameters": count_parameters(model, family, width),
+        "teacher_parameters": count_parameters(model, family, plan.full_width),
+    }
+    with atomic_output_dir(out, kind="exported-model") as scratch:
+        pruned.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("exported sparsity %s (%s, %d parameters) to %s", format_sparsity(permille),
+             "uniform, stock class" if uniform else "per-layer widths", summary["parameters"], out)
+    return summary

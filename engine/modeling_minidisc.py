@@ -1,0 +1,122 @@
+"""Hugging Face classes for pruned LLaMA/OPT checkpoints whose layers keep different numbers of units.
+
+This file imports only torch and transformers: `save_pretrained` copies it next to the weights, so a
+checkpoint loads with `trust_remote_code=True` on a machine without the minidisc package. With the
+package installed, `import engine` registers the same classes with AutoConfig/AutoModelForCausalLM.
+
+Per layer i the config lists `kv_heads_per_layer[i]` key/value heads (each with
+num_attention_heads // num_key_value_heads query heads; for plain multi-head attention that is one
+query head per KV head) and `intermediate_sizes[i]` FFN neurons. Either may be 0: an attention block
+without heads, or an FFN without neurons, outputs its output projection's bias (zeros without bias).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.opt.modeling_opt import OPTAttention
+
+
+def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_states, past_key_values, head_dim):
+    """Attention with no heads: the output projection applied to an empty input (its bias, or zeros)."""
+    if past_key_values is not None:  # keep the cache's length right for generation
+        empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], head_dim)
+        past_key_values.update(empty, empty, attention.layer_idx)
+    return out_proj(hidden_states[..., :0]), None
+
+
+class PrunableLlamaAttention(LlamaAttention):
+    """LlamaAttention that also runs with no heads; `num_heads` is the number of query heads it has."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if self.num_heads == 0:
+            return empty_attention_forward(self, self.o_proj, hidden_states, past_key_values, self.head_dim)
+        return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+
+
+class PrunableOPTAttention(OPTAttention):
+    """OPTAttention that also runs with no heads."""
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+        if self.num_heads == 0:
+            return empty_attention_forward(self, self.out_proj, hidden_states, past_key_values, self.head_dim)
+        return super().forward(hidden_states, past_key_values, attention_mask, output_attentions, **kwargs)
+
+
+def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    weight = linear.weight
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+
+
+def _check_layers(config, name: str, values) -> list[int]:
+    values = list(values) if values is not None else None
+    if values is None or len(values) != config.num_hidden_layers:
+        raise ValueError(f"{name} must list one value per layer ({config.num_hidden_layers})")
+    return [int(v) for v in values]
+
+
+class MiniDiscLlamaConfig(LlamaConfig):
+    model_type = "minidisc_llama"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.kv_heads_per_layer = _check_layers(self, "kv_heads_per_layer", self.kv_heads_per_layer
+                                                or [self.num_key_value_heads] * self.num_hidden_layers)
+        self.intermediate_sizes = _check_layers(self, "intermediate_sizes", self.intermediate_sizes
+                                                or [self.intermediate_size] * self.num_hidden_layers)
+
+
+class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
+    config_class = MiniDiscLlamaConfig
+
+    def __init__(self, config: MiniDiscLlamaConfig):
+        super().__init__(config)
+        n_rep = config.num_attention_heads // config.num_key_value_heads
+        head_dim, hidden = config.head_dim, config.hidden_size
+        for layer, kv_heads, neurons in zip(self.model.layers, config.kv_heads_per_layer, config.intermediate_sizes):
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.__class__ = PrunableLlamaAttention
+            attn.num_heads = kv_heads * n_rep
+            attn.q_proj = _resized(attn.q_proj, hidden, kv_heads * n_rep * head_dim)
+            attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
+            attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
+            attn.o_proj = _resized(attn.o_proj, kv_heads * n_rep * head_dim, hidden)
+            mlp.gate_proj = _resized(mlp.gate_proj, hidden, neurons)
+            mlp.up_proj = _resized(mlp.up_proj, hidden, neurons)
+            mlp.down_proj = _resized(mlp.down_proj, neurons, hidden)
+            mlp.intermediate_size = neurons
+        self.post_init()
+
+
+class MiniDiscOPTConfig(OPTConfig):
+    model_type = "minidisc_opt"
+    heads_per_layer: list[int] | None = None
+    ffn_dims: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.heads_per_layer = _check_layers(self, "heads_per_layer", self.heads_per_layer
+                                             or [self.num_attention_heads] * self.num_hidden_layers)
+        self.ffn_dims = _check_layers(self, "ffn_dims", self.ffn_dims or [self.ffn_dim] * self.num_hidden_layers)
+
+
+class MiniDiscOPTForCausalLM(OPTForCausalLM):
+    config_class = MiniDiscOPTConfig
+
+    def __init__(self, config: MiniDiscOPTConfig):
+        super().__init__(config)
+        head_dim, hidden = config.hidden_size // config.num_attention_heads, config.hidden_size
+        for layer, heads, neurons in zip(self.model.decoder.layers, config.heads_per_layer, config.ffn_dims):
+            attn = layer.self_attn
+            attn.__class__ = PrunableOPTAttention
+            attn.num_heads = heads
+            attn.q_proj = _resized(attn.q_proj, hidden, heads * head_dim)
+            attn.k_proj = _resized(attn.k_proj, hidden, heads * head_dim)
+            attn.v_proj = _resized(attn.v_proj, hidden, heads * head_dim)
+            attn.out_proj = _resized(attn.out_proj, heads * head_dim, hidden)
+            layer.fc1 = _resized(layer.fc1, hidden, neurons)
+            layer.fc2 = _resized(layer.fc2, neurons, hidden)
+        self.post_init()
