@@ -34,7 +34,7 @@ def train_tokenizer(corpus: Path, directory: Path, vocab_size: int = 2000):
     directory.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        character_coverage=0.9995, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         num_threads=2, minloglevel=2,
     )
     tokenizer = LlamaTokenizer.from_pretrained(directory, add_bos_token=True)

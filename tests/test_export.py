@@ -1,0 +1,96 @@
+"""Exported checkpoints reload in a fresh process and reproduce the supernet's logits (fp32, 1e-5)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, run_python
+
+import engine
+from engine.families import family_for
+
+# Loads each case's checkpoint the way a user would and reports its class and the logits' error.
+LOADER = r"""
+import json, sys
+if sys.argv[2] == "block-engine":
+    sys.modules["engine"] = None  # the package is installed here; prove the checkpoint does not need it
+else:
+    import engine
+import torch
+from transformers import AutoModelForCausalLM
+results = []
+for case in json.load(open(sys.argv[1])):
+    model = AutoModelForCausalLM.from_pretrained(case["dir"], trust_remote_code=case["trust_remote_code"]).eval()
+    data = torch.load(case["io"])
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"]).logits
+    results.append({"class": type(model).__module__ + "." + type(model).__name__,
+                    "max_error": (logits - data["logits"]).abs().max().item(),
+                    "parameters": sum(p.numel() for p in model.parameters())})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(pruned_dirs, tmp_path_factory):
+    """Export every family at two per-layer sparsities (one with emptied layers) and uniformly."""
+    root = tmp_path_factory.mktemp("exports")
+    cases = []
+    x = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    for name, pruned in pruned_dirs.items():
+        supernet = engine.Supernet.from_pretrained(pruned).eval()
+        family = family_for(supernet.config)
+        for sparsity, uniform in ((0.5, False), (0.95, False), (0.5, True)):
+            out = root / f"{name}-{sparsity}-{'uniform' if uniform else 'layers'}"
+            summary = engine.export(pruned, sparsity, out, uniform=uniform)
+            width = supernet.plan.uniform_width(sparsity, family) if uniform else supernet.plan.width(sparsity)
+            supernet.set_width(width)
+            with torch.no_grad():
+                logits = supernet(input_ids=x).logits
+            torch.save({"input_ids": x, "logits": logits}, out / "io.pt")
+            cases.append(dict(name=name, sparsity=sparsity, uniform=uniform, dir=str(out), io=str(out / "io.pt"),
+                              width=width, parameters=summary["parameters"]))
+    return cases
+
+
+def _load_all(cases, tmp_path, block_engine, trust_remote_code):
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([{"dir": c["dir"], "io": c["io"], "trust_remote_code": trust_remote_code}
+                                for c in cases]))
+    result = run_python(LOADER, spec, "block-engine" if block_engine else "with-engine")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_per_layer_export_after_import_engine(exported, tmp_path):
+    cases = [c for c in exported if not c["uniform"]]
+    assert any(0 in c["width"].attention + c["width"].ffn for c in cases)  # empty layers are exercised
+    for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=False, trust_remote_code=False)):
+        assert result["class"].startswith("engine.modeling_minidisc.MiniDisc"), result
+        assert result["max_error"] <= 1e-5, (case["name"], case["sparsity"], result)
+        assert result["parameters"] == case["parameters"]
+
+
+def test_per_layer_export_from_checkpoint_alone(exported, tmp_path):
+    cases = [c for c in exported if not c["uniform"]]
+    for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=True, trust_remote_code=True)):
+        assert result["class"].startswith("transformers_modules."), result  # code came from the checkpoint
+        assert result["max_error"] <= 1e-5, (case["name"], case["sparsity"], result)
+
+
+def test_uniform_export_is_stock_transformers(exported, tmp_path):
+    cases = [c for c in exported if c["uniform"]]
+    for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=True, trust_remote_code=False)):
+        expected = "LlamaForCausalLM" if CONFIGS[case["name"]]["model_type"] == "llama" else "OPTForCausalLM"
+        assert result["class"].startswith("transformers.models.") and result["class"].endswith(expected), result
+        assert result["max_error"] <= 1e-5, (case["name"], result)
+        assert len(set(case["width"].attention)) == 1 and len(set(case["width"].ffn)) == 1
+        config = json.loads(Path(case["dir"], "config.json").read_text())
+        assert config["model_type"] in ("llama", "opt") and "auto_map" not in config
+
+
+def test_exported_files(exported):
+    for case in exported:
+        files = {p.name for p in Path(case["dir"]).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json"} <= files
+        assert ("modeling_minidisc.py" in files) == (not case["uniform"])

@@ -1,0 +1,121 @@
+"""Reordering, nested candidates, the supernet against the masked teacher, and importance."""
+import copy
+
+import pytest
+import torch
+from conftest import CONFIGS, tiny_model
+
+import engine
+from engine.families import family_for
+from engine.grid import Width
+from engine.importance import unit_importance
+from engine.masks import masked, width_masks
+
+FAMILIES = list(CONFIGS)
+
+
+def calibration(seed=1, n=4, length=12):
+    return torch.randint(3, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=FAMILIES)
+def pruned(request):
+    """(family name, original model, reordered model, plan)."""
+    original = tiny_model(request.param)
+    model = copy.deepcopy(original)
+    plan = engine.prune_teacher(model, None, calibration(), batch_size=2)
+    return request.param, original, model, plan
+
+
+def test_reorder_changes_no_output(pruned):
+    _, original, model, plan = pruned
+    x = calibration(seed=7)
+    torch.testing.assert_close(model(x).logits, original(x).logits, atol=1e-5, rtol=0)
+    # ...and it really permuted something: scores are stored in descending order per layer
+    assert all(s == sorted(s, reverse=True) for s in plan.attention_scores + plan.ffn_scores)
+    assert any(order != sorted(order) for order in plan.extra["original_index"]["ffn"])
+
+
+def test_candidates_are_nested_and_reach_empty_layers(pruned):
+    _, _, _, plan = pruned
+    widths = [plan.width(p) for p in plan.grid]
+    assert widths[0] == plan.full_width
+    for wider, narrower in zip(widths, widths[1:]):
+        assert wider.contains(narrower)
+    assert 0 in widths[-1].attention + widths[-1].ffn  # the sparsest candidate empties some layer
+    params = [row["parameters"] for row in plan.candidates]
+    assert params == sorted(params, reverse=True)
+
+
+def _masked_logits_and_grads(model, width, x):
+    family = family_for(model.config)
+    model.zero_grad()
+    with masked(model, family, *width_masks(model, family, width)):
+        out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_supernet_equals_masked_teacher_values_and_gradients(pruned):
+    name, _, model, plan = pruned
+    supernet = engine.Supernet(copy.deepcopy(model), plan)
+    x = calibration(seed=3)
+    widths = [plan.width(p) for p in plan.grid]
+    n_layers = len(widths[0].attention)
+    # hand-made extremes: a layer with no heads next to one with no neurons, and everything empty
+    widths += [Width((0,) + widths[0].attention[1:], widths[0].ffn[:1] + (0,) * (n_layers - 1)),
+               Width((0,) * n_layers, (0,) * n_layers)]
+    for width in widths:
+        supernet.set_width(width)
+        supernet.zero_grad()
+        out = supernet(input_ids=x, labels=x)
+        out.loss.backward()
+        ref_logits, ref_grads = _masked_logits_and_grads(model, width, x)
+        torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0, msg=f"{name} logits at {width}")
+        for param_name, param in supernet.model.named_parameters():
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)  # unused: layer kept 0 units
+            torch.testing.assert_close(grad, ref_grads[param_name], atol=1e-5, rtol=1e-4,
+                                       msg=f"{name} grad of {param_name} at {width}")
+
+
+def test_set_sparsity_uses_the_grid(pruned):
+    _, _, model, plan = pruned
+    supernet = engine.Supernet(model, plan)
+    assert supernet.set_sparsity(0.9) == plan.width(900)
+    with pytest.raises(engine.UserError, match="not on the pruning grid"):
+        supernet.set_sparsity(0.33)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_importance_matches_weight_scaling_reference(name):
+    """|dL/dmask| per batch, summed, against an autograd reference that scales the projection weights.
+
+    Masking unit u's input to o_proj/down_proj equals scaling the matching weight columns, so the reference
+    builds W * scale with a leaf `scale` through torch.func.functional_call (no hooks, no engine masks).
+    """
+    model = tiny_model(name)
+    family = family_for(model.config)
+    batches = list(calibration(seed=5, n=4, length=10).split(2))
+    attention, ffn = unit_importance(model, family, batches)
+
+    names = {id(module): n for n, module in model.named_modules()}
+    params = dict(model.named_parameters())
+    for layer_index, (attn_group, ffn_group) in enumerate(family.groups(model)):
+        for group, scores in ((attn_group, attention[layer_index]), (ffn_group, ffn[layer_index])):
+            weight_name = names[id(group.mask_site)] + ".weight"
+            reference = torch.zeros(group.num_units)
+            for x in batches:
+                scale = torch.ones(group.num_units, requires_grad=True)
+                scaled = params[weight_name] * scale.repeat_interleave(group.cols_per_unit)[None, :]
+                out = torch.func.functional_call(model, {**params, weight_name: scaled}, (),
+                                                 {"input_ids": x, "labels": x})
+                reference += torch.autograd.grad(out.loss, scale)[0].abs()
+            torch.testing.assert_close(scores.float(), reference, rtol=1e-4, atol=1e-7)
+            assert reference.abs().sum() > 0
+
+
+def test_unsupported_family_is_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(engine.UserError, match="unsupported model family 'gpt2'.*LlamaForCausalLM.*OPTForCausalLM"):
+        family_for(GPT2Config())
