@@ -48,7 +48,12 @@ def load_causal_lm(directory, dtype=torch.float32, **kwargs):
 
     directory = Path(directory)
     config = load_config(directory)
-    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **kwargs)
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise UserError(f"{directory} has a config.json but no weights (*.safetensors or *.bin)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load the weights in {directory}: {str(e).strip().splitlines()[0]}") from None
 
 
 def load_tokenizer(directory, config=None):

@@ -74,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
+    from rich.console import Console
     from rich.table import Table
-
-    from .progress import console
 
     table = Table(title=title)
     for column in ("sparsity", "scale", "heads", "KV heads", "neurons", "parameters", "of teacher"):
@@ -84,7 +83,7 @@ def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
     for row in plan.candidates:
         table.add_row(f"{row['sparsity']:g}", f"{row['scale']:.0%}", str(row["kept_heads"]), str(row["kept_kv_heads"]),
                       str(row["kept_neurons"]), f"{row['parameters']:,}", f"{row['parameter_fraction']:.1%}")
-    console.print(table)
+    Console().print(table)  # results go to stdout; logs and progress to stderr
 
 
 def run(args) -> None:

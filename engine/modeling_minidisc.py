@@ -23,7 +23,12 @@ def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_st
     if past_key_values is not None:  # keep the cache's length right for generation
         empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], head_dim)
         past_key_values.update(empty, empty, attention.layer_idx)
-    return out_proj(hidden_states[..., :0]), None
+    out = out_proj(hidden_states[..., :0])
+    # Exact zeros that keep q/k/v in the autograd graph: under DeepSpeed ZeRO-3 every parameter needs a
+    # gradient each step (a parameter that misses one gets its stale gradient applied again).
+    for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+        out = out + proj(hidden_states).sum(-1, keepdim=True)
+    return out, None
 
 
 class PrunableLlamaAttention(LlamaAttention):

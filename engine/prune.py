@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_output_dir, load_causal_lm, load_tokenizer
+from .checkpoint import atomic_output_dir, load_causal_lm, load_config, load_tokenizer
 from .data import load_text_dataset, token_blocks
 from .errors import UserError
 from .families import count_parameters, family_for
@@ -70,13 +70,15 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --batch-size and --ffn-multiple must be >= 1 and --seq-len >= 2")
     started = time.perf_counter()
-    model = load_causal_lm(teacher).to(device)
-    tokenizer = load_tokenizer(teacher, model.config)
-    max_len = getattr(model.config, "max_position_embeddings", None)
+    # Check everything cheap (config, tokenizer, data) before reading the weights.
+    config = load_config(teacher)
+    tokenizer = load_tokenizer(teacher, config)
+    max_len = getattr(config, "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_len})")
     calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
                                text_field)
+    model = load_causal_lm(teacher).to(device)
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, data)
     plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size)
     plan.extra["calibration"] = {"data": str(data), "samples": len(calibration), "seq_len": seq_len, "seed": seed,

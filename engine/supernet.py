@@ -25,6 +25,8 @@ class SliceableLinear(nn.Linear):
     active_in: int | None = None
 
     def forward(self, x):
+        if self.active_out == 0 or self.active_in == 0:
+            return self._empty_forward(x)
         weight, bias = self.weight, self.bias
         if self.active_out is not None:
             weight = weight[: self.active_out]
@@ -32,6 +34,19 @@ class SliceableLinear(nn.Linear):
         if self.active_in is not None:
             weight = weight[:, : self.active_in]
         return F.linear(x, weight, bias)
+
+    def _empty_forward(self, x):
+        """Output of a slice with no rows or no columns, without a matmul (ZeRO-3's linear cannot
+        backpropagate through empty shapes). `anchor` is an exact zero that keeps the input and every
+        parameter in the autograd graph, so each gets a (zero) gradient: DeepSpeed ZeRO-3 otherwise keeps
+        the stale gradient of a parameter that missed a step and applies it again."""
+        anchor = x[..., :0].sum(-1, keepdim=True) + self.weight[:0].sum()
+        if self.bias is not None:
+            anchor = anchor + self.bias[:0].sum()
+        if self.active_out == 0:
+            return x[..., :0] + anchor
+        out = self.out_features if self.active_out is None else self.active_out
+        return anchor.expand(*x.shape[:-1], out) if self.bias is None else anchor + self.bias[:out]
 
 
 class Supernet(nn.Module):

@@ -1,0 +1,64 @@
+"""Worker for test_zero3.py, started by the `deepspeed` launcher with 2 processes (gloo on CPU).
+
+Every rank runs the same batch through the supernet under ZeRO-3 (parameters partitioned across ranks,
+sliced inside each module's forward after DeepSpeed gathered them) and through an unsharded copy, for
+several widths, and rank 0 writes the largest logit and gradient differences to --out.
+"""
+import argparse
+import json
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_grad
+from transformers.integrations import HfDeepSpeedConfig
+
+import engine
+from engine.checkpoint import load_causal_lm
+from engine.grid import Width
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--pruned", required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--local_rank", type=int, default=0)
+args = parser.parse_args()
+
+deepspeed.init_distributed(dist_backend="gloo")
+ds_config = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+}
+plan = engine.PruningPlan.load(args.pruned)
+reference = engine.Supernet(load_causal_lm(args.pruned), plan)  # loaded before ZeRO-3 is switched on
+keep_alive = HfDeepSpeedConfig(ds_config)  # from_pretrained now builds the model partitioned (zero.Init)
+supernet = engine.Supernet(load_causal_lm(args.pruned), plan)
+assert all(p.ds_tensor.numel() < p.ds_numel for p in supernet.parameters() if p.ds_numel > 1), "not partitioned"
+optimizer = torch.optim.SGD(supernet.parameters(), lr=0.0)
+ds_engine, *_ = deepspeed.initialize(model=supernet, optimizer=optimizer, config=ds_config)
+
+x = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+n_layers = len(plan.attention_scores)
+widths = [plan.width(0.0), plan.width(0.5), plan.width(0.95),
+          Width((0,) + plan.full_width.attention[1:], (0,) * n_layers)]
+report = []
+for width in widths:
+    supernet.set_width(width)
+    reference.set_width(width)
+    reference.zero_grad()
+    expected = reference(input_ids=x, labels=x)
+    expected.loss.backward()
+    out = ds_engine(input_ids=x, labels=x)
+    ds_engine.backward(out.loss)
+    grad_error = 0.0
+    for (name, param), ref_param in zip(ds_engine.module.named_parameters(), reference.parameters()):
+        grad = safe_get_full_grad(param)
+        assert grad is not None and ref_param.grad is not None, f"{name} got no gradient at {width}"
+        grad_error = max(grad_error, (grad.reshape(param.ds_shape) - ref_param.grad).abs().max().item())
+    ds_engine.step()
+    report.append({"width": [list(width.attention), list(width.ffn)], "grad_error": grad_error,
+                   "logit_error": (out.logits.detach() - expected.logits.detach()).abs().max().item(),
+                   "grad_norm": sum(p.grad.norm() ** 2 for p in reference.parameters() if p.grad is not None).item()})
+if torch.distributed.get_rank() == 0:
+    with open(args.out, "w") as f:
+        json.dump({"world_size": torch.distributed.get_world_size(), "widths": report}, f)
