@@ -2,6 +2,8 @@
 
 Importing the package registers the per-layer-width model classes with transformers' Auto classes.
 """
+from importlib.metadata import PackageNotFoundError, version
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .modeling_minidisc import MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM, MiniDiscOPTConfig, MiniDiscOPTForCausalLM
@@ -12,6 +14,11 @@ for _config, _model in ((MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM), (MiniDi
     # save_pretrained then copies modeling_minidisc.py next to the weights (trust_remote_code loading).
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModelForCausalLM")
+
+try:
+    __version__ = version("minidisc")
+except PackageNotFoundError:  # running from a source tree that was not pip-installed
+    __version__ = "0.0.0+source"
 
 from .errors import UserError  # noqa: E402
 from .export import export, pruned_model  # noqa: E402

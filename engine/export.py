@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from .checkpoint import atomic_output_dir, load_causal_lm, load_tokenizer
+from .checkpoint import atomic_output_dir, load_causal_lm, load_config, load_tokenizer
 from .errors import UserError
 from .families import count_parameters, family_for
 from .grid import Width, format_sparsity, parse_sparsity
@@ -92,17 +92,18 @@ def pruned_model(model, width: Width, uniform: bool = False):
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     """`minidisc export`: write the width at `sparsity` of a pruned teacher directory to `out`."""
     model_dir = Path(model_dir)
-    plan = PruningPlan.load(model_dir) if model_dir.is_dir() else None
-    if plan is None:
+    if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
-    model = load_causal_lm(model_dir)
-    tokenizer = load_tokenizer(model_dir, model.config)
-    family = family_for(model.config)
+    plan = PruningPlan.load(model_dir)
     permille = parse_sparsity(sparsity)
+    config = load_config(model_dir)
+    family = family_for(config)
     width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
     if uniform and (0 in width.attention or 0 in width.ffn):
         raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer; "
                         "stock configs cannot describe that: lower the sparsity or drop --uniform")
+    tokenizer = load_tokenizer(model_dir, config)
+    model = load_causal_lm(model_dir)
     pruned = pruned_model(model, width, uniform)
     summary = {
         "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,

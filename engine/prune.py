@@ -79,13 +79,18 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
     calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
                                text_field)
     model = load_causal_lm(teacher).to(device)
+    loaded = time.perf_counter()
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, data)
     plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size)
+    scored = time.perf_counter()
     plan.extra["calibration"] = {"data": str(data), "samples": len(calibration), "seq_len": seq_len, "seed": seed,
-                                 "text_field": text_field, "seconds": round(time.perf_counter() - started, 2)}
+                                 "text_field": text_field}
     with atomic_output_dir(out, kind="pruned-teacher") as scratch:
-        model.save_pretrained(scratch)
+        model.cpu().save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
+        plan.extra["timing"] = {"load": round(loaded - started, 2), "importance": round(scored - loaded, 2),
+                                "save": round(time.perf_counter() - scored, 2)}
         plan.save(scratch)
-    log.info("wrote the reordered teacher and %s to %s", "pruning.json", out)
+    log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
+             plan.extra["timing"]["importance"])
     return plan

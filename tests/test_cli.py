@@ -1,5 +1,6 @@
 """The `minidisc` command: prune and export end to end, and one-line errors (exit 2) on bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,16 @@ def test_rerun_replaces_our_own_output(teacher, corpus, tmp_path, capsys):
     plan = json.loads((tmp_path / "p" / "pruning.json").read_text())
     assert [c["sparsity"] for c in plan["candidates"]] == [0.2, 0.6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no scratch directories left behind
+
+
+def test_single_node_launch_script(teacher, corpus, tmp_path):
+    script = Path(__file__).parents[1] / "launch_scripts" / "prune_single_node.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    missing = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "set TEACHER" in missing.stderr
+    env.update(TEACHER=str(teacher), DATA=str(corpus["train"]), OUT=str(tmp_path / "p"), CALIB_SAMPLES="2",
+               SEQ_LEN="16")
+    done = subprocess.run(["bash", script, "--sparsities", "0", "0.5"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [c["sparsity"] for c in json.loads((tmp_path / "p" / "pruning.json").read_text())["candidates"]] == [0, 0.5]

@@ -6,6 +6,7 @@ several widths, and rank 0 writes the largest logit and gradient differences to 
 """
 import argparse
 import json
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -23,12 +24,10 @@ parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
-ds_config = {
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "zero_allow_untested_optimizer": True,
-}
+# The shipped ZeRO-3 training config, in fp32 for an exact comparison, with every parameter partitioned.
+ds_config = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3_train.json").read_text())
+ds_config.update(train_micro_batch_size_per_gpu=2, bf16={"enabled": False}, gradient_clipping=0.0)
+ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 plan = engine.PruningPlan.load(args.pruned)
 reference = engine.Supernet(load_causal_lm(args.pruned), plan)  # loaded before ZeRO-3 is switched on
 keep_alive = HfDeepSpeedConfig(ds_config)  # from_pretrained now builds the model partitioned (zero.Init)
