@@ -24,6 +24,8 @@ CONFIGS = {
                       head_dim=8, intermediate_size=37, num_hidden_layers=3),
     "llama_gqa": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                       head_dim=8, intermediate_size=37, num_hidden_layers=3),
+    "llama_gqa_bias": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                           head_dim=8, intermediate_size=37, num_hidden_layers=3, attention_bias=True, mlp_bias=True),
     "opt": dict(model_type="opt", hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
                 dropout=0.0, word_embed_proj_dim=48),
 }
