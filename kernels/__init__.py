@@ -1,4 +1,9 @@
-"""Fused kernels for MiniDisc (Triton on CUDA, streaming PyTorch elsewhere).
+"""Fused kernels for MiniDisc: Triton on CUDA tensors, streaming PyTorch everywhere else.
 
-Kept free of side effects at import: other libraries probe a top-level module named `kernels`.
+Kept free of side effects at import (no Triton, no CUDA): other libraries probe a top-level module
+named `kernels`.
 """
+from .distill_loss import distill_loss
+from .fused_linear_distill import fused_linear_distill_loss
+
+__all__ = ["distill_loss", "fused_linear_distill_loss"]

@@ -1,0 +1,131 @@
+"""`fused_linear_distill_loss`: the distillation loss straight from hidden states and LM heads.
+
+Tokens are processed in chunks: each chunk's student and teacher logits [chunk, V] are computed in fp32,
+turned into losses and logit gradients (`distill_loss.divergence_and_grad`), and folded into the gradients
+of the student hidden states, head weight and bias at once, so no N x V tensor ever exists. For "mean"
+and "sum" the gradients are finished in the forward and only scaled in the backward (no second pass over
+the vocabulary); for "none" the backward recomputes the chunks with the per-token upstream gradients.
+
+Under DeepSpeed ZeRO-3 call it inside the forward of the module that owns the head (its weight is gathered
+there and the gradient returned here is reduce-scattered into the partition), or gather explicitly with
+`deepspeed.zero.GatheredParameters`.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .distill_loss import (check_options, chunk_rows, common_vocab, divergence_and_grad, flatten_mask,
+                           reduce_losses, use_triton)
+
+
+def _logits(hidden, weight, bias, vocab):
+    """fp32 logits [n, vocab] of a chunk (no bf16 rounding before the softmax)."""
+    weight = weight[:vocab]
+    if hidden.is_cuda and hidden.dtype != torch.float32:
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = hidden.float() @ weight.float().t()
+    return logits if bias is None else logits + bias[:vocab].float()
+
+
+class Options(NamedTuple):
+    kind: str
+    beta: float
+    temperature: float
+    vocab: int
+    weight_dtype: torch.dtype
+    row_loss: Callable  # (student [n, V], teacher [n, V], kind, beta, T, need_grad) -> (losses, grad_logits)
+
+
+def _chunk_losses(o: Options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights=None, grads=None):
+    """Losses of a token chunk; with `grads`, also adds the chunk's gradients (rows scaled by row_weights)."""
+    with torch.no_grad():
+        student = _logits(h_s[rows], w_s, b_s, o.vocab)
+        teacher = _logits(h_t[rows], w_t, b_t, o.vocab)
+        losses, grad_logits = o.row_loss(student, teacher, o.kind, o.beta, o.temperature, grads is not None)
+        if grads is not None:
+            grad_logits = grad_logits * row_weights[rows, None]
+            grad_h, grad_w, grad_b = grads
+            grad_h[rows] = (grad_logits @ w_s[: o.vocab].float()).to(grad_h.dtype)
+            grad_w[: o.vocab] += grad_logits.t() @ h_s[rows].float()
+            if grad_b is not None:
+                grad_b[: o.vocab] += grad_logits.sum(0)
+    return losses
+
+
+def _zero_grads(h_s, w_s, b_s):
+    fp32 = dict(dtype=torch.float32, device=w_s.device)
+    return (torch.empty_like(h_s), torch.zeros(w_s.shape, **fp32), None if b_s is None else torch.zeros(b_s.shape, **fp32))
+
+
+class FusedLinearDistill(torch.autograd.Function):
+    """reduce=True: returns sum_i row_weights[i] * loss_i (gradients finished in the forward);
+    reduce=False: returns the per-token losses and recomputes the chunks in the backward."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, row_weights, options: Options, chunk_size, reduce):
+        n, step = h_s.shape[0], chunk_rows(options.vocab, chunk_size)
+        losses = torch.empty(n, dtype=torch.float32, device=h_s.device)
+        grads = _zero_grads(h_s, w_s, b_s) if reduce else None
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            losses[rows] = _chunk_losses(options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights, grads)
+        ctx.options, ctx.step, ctx.reduce, ctx.has_bias = options, step, reduce, b_s is not None
+        if reduce:
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+            zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+            return torch.where(row_weights > 0, losses * row_weights, zero).sum()
+        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, row_weights)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduce:  # grad_out is the scalar upstream gradient
+            grad_h, grad_w, *grad_b = ctx.saved_tensors
+            grad_h, grad_w = grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out
+            grad_b = grad_b[0] * grad_out if ctx.has_bias else None
+        else:
+            h_s, w_s, b_s, h_t, w_t, b_t, kept = ctx.saved_tensors
+            grads = _zero_grads(h_s, w_s, b_s)
+            for start in range(0, h_s.shape[0], ctx.step):
+                _chunk_losses(ctx.options, h_s, w_s, b_s, h_t, w_t, b_t, slice(start, start + ctx.step),
+                              grad_out * kept, grads)
+            grad_h, grad_w, grad_b = grads
+        dtype = ctx.options.weight_dtype
+        return (grad_h, grad_w.to(dtype), None if grad_b is None else grad_b.to(dtype),
+                None, None, None, None, None, None, None)
+
+
+def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                              teacher_bias=None, kind="forward_kl", beta=0.5, temperature=1.0, mask=None,
+                              reduction="mean", backend="auto", vocab_size=None, chunk_size=None):
+    """Distillation divergence of `student_hidden @ student_weight.T (+ bias)` against the teacher's, never
+    materialising the [N, V] logits. Hidden states are [N, H] or [B, T, H] (H may differ between student
+    and teacher); heads are [V, H]. Gradients flow to the student hidden states, weight and bias."""
+    kind = check_options(kind, beta, temperature, reduction, backend)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student and teacher hidden states have different token shapes: "
+                         f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
+    for name, hidden, weight in (("student", student_hidden, student_weight), ("teacher", teacher_hidden,
+                                                                               teacher_weight)):
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{name} weight must be [V, {hidden.shape[-1]}] to match its hidden states, got "
+                             f"{tuple(weight.shape)}")
+    vocab = common_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    leading = student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    flat_mask = flatten_mask(mask, leading, h_s.device)
+    w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+    kept = torch.ones(h_s.shape[0], dtype=torch.float32, device=h_s.device) if flat_mask is None else flat_mask.float()
+    row_weights = kept / kept.sum().clamp(min=1) if reduction == "mean" else kept  # tensor ops: no host sync
+    if use_triton(backend, h_s):
+        from .triton_distill import triton_row_loss as row_loss
+    else:
+        row_loss = divergence_and_grad
+    options = Options(kind, float(beta), float(temperature), vocab, student_weight.dtype, row_loss)
+    out = FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, row_weights, options,
+                                   chunk_size, reduction != "none")
+    return reduce_losses(out, flat_mask, "none", leading) if reduction == "none" else out

@@ -1,0 +1,145 @@
+"""kernels.distill_loss and kernels.fused_linear_distill_loss against a plain, unfused reference."""
+import itertools
+
+import pytest
+import torch
+
+import kernels
+
+KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+
+
+def reference_distill(student, teacher, kind, beta, temperature, mask, reduction):
+    """Straightforward definitions on full [.., V] tensors (fp32/fp64 math, autograd for gradients)."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    log_q = torch.log_softmax(student.to(dtype) / temperature, -1)
+    log_p = torch.log_softmax(teacher.to(dtype) / temperature, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        per_token = (p * (log_p - log_q)).sum(-1)
+    elif kind == "reverse_kl":
+        per_token = (q * (log_q - log_p)).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        per_token = beta * (p * (log_p - m.log())).sum(-1) + (1 - beta) * (q * (log_q - m.log())).sum(-1)
+    per_token = per_token * temperature**2
+    if mask is not None:
+        per_token = per_token * mask
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / (mask.sum().clamp(min=1) if mask is not None else per_token.numel())
+
+
+def make_mask(pattern, shape, generator):
+    if pattern is None:
+        return None
+    if pattern == "random":
+        return torch.rand(shape, generator=generator) > 0.3
+    return torch.zeros(shape, dtype=torch.bool)  # all ignored
+
+
+def check(loss, ref, grads, ref_grads, dtype):
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss.float(), ref.float(), **tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), **tol)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mask_pattern", [None, "random", "all_ignored"])
+def test_distill_loss_matches_reference(kind, beta, temperature, reduction, mask_pattern):
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 7, 301)  # [B, T, V], V odd
+    student = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    teacher = torch.randn(shape, generator=g) * 3
+    mask = make_mask(mask_pattern, shape[:2], g)
+    upstream = torch.randn(shape[:2], generator=g) if reduction == "none" else torch.tensor(1.7)
+    loss = kernels.distill_loss(student, teacher, kind=kind, beta=beta, temperature=temperature, mask=mask,
+                                reduction=reduction, backend="torch", chunk_size=5)
+    (grad,) = torch.autograd.grad((loss * upstream).sum(), student)
+    ref_student = student.detach().double().requires_grad_()
+    ref = reference_distill(ref_student, teacher.double(), kind, beta, temperature, mask, reduction)
+    (ref_grad,) = torch.autograd.grad((ref * upstream.double()).sum(), ref_student)
+    assert loss.shape == ref.shape and loss.dtype == torch.float32
+    check(loss, ref, [grad], [ref_grad], torch.float32)
+    assert torch.isfinite(grad).all()
+    if mask_pattern == "all_ignored":
+        assert loss.abs().sum() == 0 and grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind,beta", KINDS[:3])
+def test_distill_loss_bf16_accumulates_in_fp32(kind, beta):
+    g = torch.Generator().manual_seed(1)
+    student = (torch.randn(64, 1000, generator=g) * 4).bfloat16().requires_grad_()
+    teacher = (torch.randn(64, 1000, generator=g) * 4).bfloat16()
+    loss = kernels.distill_loss(student, teacher, kind=kind, beta=beta, backend="torch")
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad.dtype == torch.bfloat16
+    ref_student = student.detach().double().requires_grad_()  # the same bf16 values, exact math
+    ref = reference_distill(ref_student, teacher.double(), kind, beta, 1.0, None, "mean")
+    (ref_grad,) = torch.autograd.grad(ref, ref_student)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)  # fp32 accumulation: loss is exact
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4, rtol=1e-2)  # only the bf16 output rounds
+
+
+def test_vocabulary_mismatch():
+    student, teacher = torch.randn(4, 10, requires_grad=True), torch.randn(4, 12)
+    with pytest.raises(ValueError, match="vocabularies differ.*vocab_size="):
+        kernels.distill_loss(student, teacher)
+    loss = kernels.distill_loss(student, teacher, vocab_size=10)
+    ref = reference_distill(student, teacher[:, :10], "forward_kl", 0.5, 1.0, None, "mean")
+    torch.testing.assert_close(loss, ref)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        kernels.distill_loss(student, teacher, kind="kl", vocab_size=10)
+
+
+def reference_fused(h_s, w_s, b_s, h_t, w_t, b_t, **kw):
+    s = h_s @ w_s.t() + (0 if b_s is None else b_s)
+    t = h_t @ w_t.t() + (0 if b_t is None else b_t)
+    return reference_distill(s, t, **kw)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS[:3])
+@pytest.mark.parametrize("reduction,mask_pattern", [("mean", "random"), ("sum", None), ("none", "random"),
+                                                    ("mean", "all_ignored")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_linear_matches_reference(kind, beta, reduction, mask_pattern, with_bias):
+    g = torch.Generator().manual_seed(2)
+    b, t, v, hs, ht = 4, 23, 423, 67, 96  # odd sizes, different hidden sizes
+    h_s = torch.randn(b, t, hs, generator=g, requires_grad=True)
+    w_s = (torch.randn(v, hs, generator=g) / hs**0.5).requires_grad_()
+    b_s = (torch.randn(v, generator=g) * 0.1).requires_grad_() if with_bias else None
+    h_t, w_t = torch.randn(b, t, ht, generator=g), torch.randn(v, ht, generator=g) / ht**0.5
+    b_t = torch.randn(v, generator=g) * 0.1 if with_bias else None
+    mask = make_mask(mask_pattern, (b, t), g)
+    upstream = torch.randn(b, t, generator=g) if reduction == "none" else torch.tensor(0.7)
+    kw = dict(kind=kind, beta=beta, temperature=1.5, mask=mask, reduction=reduction)
+    loss = kernels.fused_linear_distill_loss(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t,
+                                             backend="torch", chunk_size=17, **kw)
+    inputs = [x for x in (h_s, w_s, b_s) if x is not None]
+    grads = torch.autograd.grad((loss * upstream).sum(), inputs)
+    ref = reference_fused(h_s, w_s, b_s, h_t, w_t, b_t, **kw)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), inputs)
+    assert loss.shape == ref.shape
+    check(loss, ref, grads, ref_grads, torch.float32)
+
+
+def test_fused_linear_large_odd_shape():
+    """The issue's odd shape: 4 x 423 tokens, vocabulary 1423, hidden 167."""
+    g = torch.Generator().manual_seed(3)
+    h_s = torch.randn(4, 423, 167, generator=g, requires_grad=True)
+    w_s = (torch.randn(1423, 167, generator=g) / 13).requires_grad_()
+    h_t, w_t = torch.randn(4, 423, 167, generator=g), torch.randn(1423, 167, generator=g) / 13
+    loss = kernels.fused_linear_distill_loss(h_s, w_s, h_t, w_t, backend="torch")
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    ref = reference_fused(h_s, w_s, None, h_t, w_t, None, kind="forward_kl", beta=0.5, temperature=1.0, mask=None,
+                          reduction="mean")
+    check(loss, ref, grads, torch.autograd.grad(ref, (h_s, w_s)), torch.float32)
