@@ -169,6 +169,8 @@ def distill_loss(student_logits, teacher_logits, *, kind="forward_kl", beta=0.5,
     if use_triton(backend, student):
         from .triton_distill import TritonDistill
 
+        if student.stride(-1) != 1 or teacher.stride(-1) != 1:
+            student, teacher = student.contiguous(), teacher.contiguous()
         losses = TritonDistill.apply(student, teacher, kind, beta, float(temperature))
     else:
         losses = StreamingDistill.apply(student, teacher, kind, beta, float(temperature), chunk_size)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import engine  # noqa: E402  (registers the MiniDisc model classes)
 from engine.demo import train_tokenizer, write_corpus  # noqa: E402
