@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+import kernels
+
 from .errors import UserError
 from .modeling_minidisc import PrunableLlamaAttention, PrunableOPTAttention
 
@@ -108,6 +110,11 @@ class Family:
         """The attention-unit count nearest to `wanted` that the family's stock config can describe."""
         raise NotImplementedError
 
+    def mask_ffn_activation(self, layer: nn.Module, mask):
+        """Apply an FFN neuron mask inside the activation with a fused kernel; returns an undo callable,
+        or None when the layer's activation has no fused kernel."""
+        return None
+
 
 class LlamaFamily(Family):
     name = "llama"
@@ -130,6 +137,13 @@ class LlamaFamily(Family):
 
     def layers(self, model):
         return model.model.layers
+
+    def mask_ffn_activation(self, layer, mask):
+        mlp = layer.mlp
+        if self.config.hidden_act not in ("silu", "swish"):
+            return None
+        mlp.forward = lambda x: mlp.down_proj(kernels.masked_swiglu(mlp.gate_proj(x), mlp.up_proj(x), mask))
+        return lambda: delattr(mlp, "forward")
 
     def stock_attention_units(self, wanted):
         # LlamaConfig (transformers 5) requires hidden_size % num_attention_heads == 0, head_dim or not.
@@ -159,9 +173,25 @@ class OPTFamily(Family):
 
     prunable_attention = PrunableOPTAttention
 
+    def mask_ffn_activation(self, layer, mask):
+        if self.config.activation_function != "relu":
+            return None
+        original = layer.activation_fn
+        layer.activation_fn = _MaskedReLU(mask)
+        return lambda: setattr(layer, "activation_fn", original)
+
     def stock_attention_units(self, wanted):
         # OPTConfig fixes head_dim = hidden_size // num_attention_heads: a stock OPT keeps every head.
         return self.num_kv_heads
+
+
+class _MaskedReLU(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return kernels.masked_relu(x, self.mask)
 
 
 FAMILIES = {"llama": LlamaFamily, "minidisc_llama": LlamaFamily, "opt": OPTFamily, "minidisc_opt": OPTFamily}

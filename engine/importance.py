@@ -17,11 +17,12 @@ from .progress import progress
 log = logging.getLogger(__name__)
 
 
-def unit_importance(model: nn.Module, family: Family, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def unit_importance(model: nn.Module, family: Family, batches, fused: bool = True):
     """Raw importance per layer: (attention units, FFN neurons), accumulated |dL/dmask| per batch.
 
     `batches` yields LongTensors of token ids [B, T]; labels are the inputs (causal LM loss). The model's
     own parameters get no gradient: only the masks need one, which saves the weight-gradient memory.
+    fused=True applies the masks with the masked-pruning kernels (dL/dmask from their backward pass).
     """
     was_training = model.training
     model.eval()
@@ -33,7 +34,7 @@ def unit_importance(model: nn.Module, family: Family, batches) -> tuple[list[tor
     totals = [torch.zeros_like(m, dtype=torch.float64) for m in masks]
     device = next(model.parameters()).device
     try:
-        with masked(model, family, attention_masks, ffn_masks):
+        with masked(model, family, attention_masks, ffn_masks, fused=fused):
             for input_ids in progress(batches, description="importance"):
                 input_ids = input_ids.to(device)
                 loss = model(input_ids=input_ids, labels=input_ids).loss

@@ -11,33 +11,48 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+import kernels
+
 from .families import Family, UnitGroup
 from .grid import Width
 
 
-def _mask_input_hook(mask: torch.Tensor, cols_per_unit: int):
+def _mask_input_hook(mask: torch.Tensor, cols_per_unit: int, fused: bool):
     def hook(module, args):
         x = args[0]
-        units = x.unflatten(-1, (mask.numel(), cols_per_unit))
-        masked = units * mask.to(x.dtype)[:, None]
-        return (masked.flatten(-2),) + tuple(args[1:])
+        if fused:  # dL/dmask comes out of the kernel's backward pass
+            masked = kernels.masked_heads(x, mask, cols_per_unit)
+        else:
+            masked = (x.unflatten(-1, (mask.numel(), cols_per_unit)) * mask.to(x.dtype)[:, None]).flatten(-2)
+        return (masked,) + tuple(args[1:])
 
     return hook
 
 
 @contextmanager
-def masked(model: nn.Module, family: Family, attention_masks, ffn_masks):
-    """Apply per-layer masks (1-D tensors, one value per unit) for the duration of the block."""
-    handles = []
+def masked(model: nn.Module, family: Family, attention_masks, ffn_masks, fused: bool = False):
+    """Apply per-layer masks (1-D tensors, one value per unit) for the duration of the block.
+
+    fused=True uses the masked-pruning kernels: the per-head mask through `kernels.masked_heads`, and the
+    FFN mask inside the activation (`masked_swiglu` for LLaMA, `masked_relu` for OPT) where the family's
+    activation allows it; otherwise the mask multiplies the down projection's input.
+    """
+    undo = []
     try:
-        for (attn_group, ffn_group), attn_mask, ffn_mask in zip(family.groups(model), attention_masks, ffn_masks):
-            for group, mask in ((attn_group, attn_mask), (ffn_group, ffn_mask)):
-                hook = _mask_input_hook(mask, group.cols_per_unit)
-                handles.append(group.mask_site.register_forward_pre_hook(hook))
+        for layer, (attn_group, ffn_group), attn_mask, ffn_mask in zip(
+            family.layers(model), family.groups(model), attention_masks, ffn_masks
+        ):
+            hook = _mask_input_hook(attn_mask, attn_group.cols_per_unit, fused)
+            undo.append(attn_group.mask_site.register_forward_pre_hook(hook).remove)
+            restore = family.mask_ffn_activation(layer, ffn_mask) if fused else None
+            if restore is None:
+                hook = _mask_input_hook(ffn_mask, ffn_group.cols_per_unit, fused=False)
+                restore = ffn_group.mask_site.register_forward_pre_hook(hook).remove
+            undo.append(restore)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for restore in reversed(undo):
+            restore()
 
 
 def ones_masks(model: nn.Module, family: Family, requires_grad: bool = False):

@@ -120,3 +120,18 @@ def test_unsupported_family_is_named():
 
     with pytest.raises(engine.UserError, match="unsupported model family 'gpt2'.*LlamaForCausalLM.*OPTForCausalLM"):
         family_for(GPT2Config())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_importance_equals_unfused(name):
+    """The masked-pruning kernels (SwiGLU/ReLU/per-head) give the importance of the plain masked path."""
+    model = tiny_model(name)
+    family = family_for(model.config)
+    batches = list(calibration(seed=6, n=4, length=10).split(2))
+    fused = unit_importance(model, family, batches, fused=True)
+    plain = unit_importance(model, family, batches, fused=False)
+    for got, want in zip(fused[0] + fused[1], plain[0] + plain[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    # every hook and swapped activation is undone
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+    assert not any(type(m).__name__ == "_MaskedReLU" for m in model.modules())
