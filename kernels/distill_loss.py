@@ -24,7 +24,9 @@ import torch
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-CHUNK_ELEMENTS = 1 << 23  # ~32 MB of fp32 per chunk temporary
+# Elements of one [chunk, V] fp32 temporary: ~32 MB on CPUs (measured: 2^21 halves the speed of the head
+# GEMMs, 2^23 runs faster than naive at 1/10 of its memory), larger on GPUs where GEMMs want tall chunks.
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
 
 
 def resolve_kind(kind: str, beta: float) -> str:
@@ -47,14 +49,18 @@ def _xlogy_diff(p, a, b):
 def divergence_and_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float, temperature: float,
                         need_grad: bool = True):
     """Per-row T^2 * D and its gradient to the raw student logits, for a [n, V] chunk (fp32 math)."""
-    log_q = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    q = log_q.exp()
+    scale = 1.0 / temperature
+    log_q = torch.log_softmax(student.float() * scale if temperature != 1 else student.float(), dim=-1)
+    log_p = torch.log_softmax(teacher.float() * scale if temperature != 1 else teacher.float(), dim=-1)
     if kind == "forward_kl":
         p = log_p.exp()
         div = _xlogy_diff(p, log_p, log_q).sum(-1)
-        grad = (q - p) if need_grad else None
-    elif kind == "reverse_kl":
+        grad = log_q.exp_().sub_(p) if need_grad else None  # q - p, reusing log_q's storage
+        if grad is not None:
+            grad.mul_(temperature)
+        return div * temperature**2, grad
+    q = log_q.exp()
+    if kind == "reverse_kl":
         div = _xlogy_diff(q, log_q, log_p).sum(-1)
         grad = q * (log_q - log_p - div[:, None]) if need_grad else None
     else:
@@ -64,12 +70,13 @@ def divergence_and_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str,
         div = beta * _xlogy_diff(p, log_p, log_m).sum(-1) + (1 - beta) * kl_q
         grad = (1 - beta) * q * (log_q - log_m - kl_q[:, None]) if need_grad else None
     if grad is not None:
-        grad = torch.nan_to_num(grad, nan=0.0) * temperature  # d(T^2 D)/d logits = T dD/dz
+        grad.nan_to_num_(0.0).mul_(temperature)  # d(T^2 D)/d logits = T dD/dz; q = 0 at -inf logits
     return div * temperature**2, grad
 
 
-def chunk_rows(vocab: int, chunk_size: int | None) -> int:
-    return chunk_size or max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def chunk_rows(vocab: int, chunk_size: int | None, device: torch.device) -> int:
+    budget = CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    return chunk_size or max(1, budget // max(vocab, 1))
 
 
 class StreamingDistill(torch.autograd.Function):
@@ -78,7 +85,7 @@ class StreamingDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, kind, beta, temperature, chunk_size):
         losses = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-        step = chunk_rows(student.shape[1], chunk_size)
+        step = chunk_rows(student.shape[1], chunk_size, student.device)
         for start in range(0, student.shape[0], step):
             rows = slice(start, start + step)
             losses[rows], _ = divergence_and_grad(student[rows], teacher[rows], kind, beta, temperature, False)
@@ -94,7 +101,7 @@ class StreamingDistill(torch.autograd.Function):
         for start in range(0, student.shape[0], step):
             rows = slice(start, start + step)
             _, g = divergence_and_grad(student[rows], teacher[rows], kind, beta, temperature)
-            grad[rows] = g * grad_losses[rows, None]
+            grad[rows] = g.mul_(grad_losses[rows, None])
         return grad, None, None, None, None, None
 
 

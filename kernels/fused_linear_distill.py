@@ -20,14 +20,26 @@ from .distill_loss import (check_options, chunk_rows, common_vocab, divergence_a
                            reduce_losses, use_triton)
 
 
-def _logits(hidden, weight, bias, vocab):
-    """fp32 logits [n, vocab] of a chunk (no bf16 rounding before the softmax)."""
-    weight = weight[:vocab]
-    if hidden.is_cuda and hidden.dtype != torch.float32:
-        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+def _mm_fp32(a, b):
+    """a @ b with an fp32 result: low-precision tensor-core GEMM with fp32 output on CUDA; on CPUs the
+    operands are upcast (exact for fp32, a per-chunk copy for bf16)."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _accumulate(out, a, b):
+    """out += a @ b, in place when the dtypes allow (no [V, H] temporary per chunk)."""
+    if a.dtype == b.dtype == out.dtype:
+        out.addmm_(a, b)
     else:
-        logits = hidden.float() @ weight.float().t()
-    return logits if bias is None else logits + bias[:vocab].float()
+        out += _mm_fp32(a, b)
+
+
+def _logits(hidden, weight, bias, vocab):
+    """fp32 logits [n, vocab] of a chunk (never rounded to bf16 before the softmax)."""
+    logits = _mm_fp32(hidden, weight[:vocab].t())
+    return logits if bias is None else logits.add_(bias[:vocab].float())
 
 
 class Options(NamedTuple):
@@ -46,12 +58,13 @@ def _chunk_losses(o: Options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights=No
         teacher = _logits(h_t[rows], w_t, b_t, o.vocab)
         losses, grad_logits = o.row_loss(student, teacher, o.kind, o.beta, o.temperature, grads is not None)
         if grads is not None:
-            grad_logits = grad_logits * row_weights[rows, None]
+            grad_logits.mul_(row_weights[rows, None])
             grad_h, grad_w, grad_b = grads
-            grad_h[rows] = (grad_logits @ w_s[: o.vocab].float()).to(grad_h.dtype)
-            grad_w[: o.vocab] += grad_logits.t() @ h_s[rows].float()
             if grad_b is not None:
                 grad_b[: o.vocab] += grad_logits.sum(0)
+            grad_logits = grad_logits.to(w_s.dtype)  # head-gradient GEMMs run in the weights' precision
+            grad_h[rows] = _mm_fp32(grad_logits, w_s[: o.vocab]).to(grad_h.dtype)
+            _accumulate(grad_w[: o.vocab], grad_logits.t(), h_s[rows])
     return losses
 
 
@@ -66,7 +79,7 @@ class FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, row_weights, options: Options, chunk_size, reduce):
-        n, step = h_s.shape[0], chunk_rows(options.vocab, chunk_size)
+        n, step = h_s.shape[0], chunk_rows(options.vocab, chunk_size, h_s.device)
         losses = torch.empty(n, dtype=torch.float32, device=h_s.device)
         grads = _zero_grads(h_s, w_s, b_s) if reduce else None
         for start in range(0, n, step):
@@ -83,9 +96,13 @@ class FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduce:  # grad_out is the scalar upstream gradient
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("fused_linear_distill_loss: a second backward through the same loss is not "
+                                   "supported (its gradients were finished in the forward and are scaled in place)")
+            ctx.consumed = True
             grad_h, grad_w, *grad_b = ctx.saved_tensors
-            grad_h, grad_w = grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out
-            grad_b = grad_b[0] * grad_out if ctx.has_bias else None
+            grad_h, grad_w = grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out)  # ours: scale in place
+            grad_b = grad_b[0].mul_(grad_out) if ctx.has_bias else None
         else:
             h_s, w_s, b_s, h_t, w_t, b_t, kept = ctx.saved_tensors
             grads = _zero_grads(h_s, w_s, b_s)

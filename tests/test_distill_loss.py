@@ -201,3 +201,12 @@ def test_backend_choice_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         kernels.distill_loss(x, x, backend="triton")
+
+
+def test_fused_linear_second_backward_is_refused():
+    h_s = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss = kernels.fused_linear_distill_loss(h_s, w, torch.randn(5, 8), torch.randn(11, 8), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
