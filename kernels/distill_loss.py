@@ -42,8 +42,9 @@ def resolve_kind(kind: str, beta: float) -> str:
 
 
 def _xlogy_diff(p, a, b):
-    """p * (a - b), zero where p == 0 (so -inf logits of padded vocabularies give 0, not NaN)."""
-    return torch.where(p > 0, p * (a - b), torch.zeros((), dtype=p.dtype, device=p.device))
+    """p * (a - b), zero where p == 0 (so -inf logits of padded vocabularies give 0, not NaN; a NaN in p
+    still propagates). One temporary, filled in place."""
+    return (a - b).mul_(p).masked_fill_(p == 0, 0.0)
 
 
 def divergence_and_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float, temperature: float,
@@ -62,15 +63,17 @@ def divergence_and_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     q = log_q.exp()
     if kind == "reverse_kl":
         div = _xlogy_diff(q, log_q, log_p).sum(-1)
-        grad = q * (log_q - log_p - div[:, None]) if need_grad else None
+        grad = (log_q - log_p).sub_(div[:, None]).mul_(q).masked_fill_(q == 0, 0.0) if need_grad else None
     else:
         p = log_p.exp()
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
         kl_q = _xlogy_diff(q, log_q, log_m).sum(-1)
         div = beta * _xlogy_diff(p, log_p, log_m).sum(-1) + (1 - beta) * kl_q
-        grad = (1 - beta) * q * (log_q - log_m - kl_q[:, None]) if need_grad else None
+        grad = (log_q - log_m).sub_(kl_q[:, None]).mul_(q).masked_fill_(q == 0, 0.0) if need_grad else None
+        if grad is not None:
+            grad.mul_(1 - beta)
     if grad is not None:
-        grad.nan_to_num_(0.0).mul_(temperature)  # d(T^2 D)/d logits = T dD/dz; q = 0 at -inf logits
+        grad.mul_(temperature)  # d(T^2 D)/d logits = T dD/dz
     return div * temperature**2, grad
 
 

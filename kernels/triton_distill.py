@@ -57,13 +57,13 @@ def _distill_fwd(s_ptr, t_ptr, loss_ptr, lse_s_ptr, lse_t_ptr, k_ptr, stride_s, 
         p = tl.where(valid, tl.exp(log_p), 0.0)
         q = tl.where(valid, tl.exp(log_q), 0.0)
         if KIND == 0:
-            acc_p += tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), 0)
+            acc_p += tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_q)), 0)
         elif KIND == 1:
-            acc_q += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), 0)
+            acc_q += tl.sum(tl.where(q == 0, 0.0, q * (log_q - log_p)), 0)
         else:
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
-            acc_p += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), 0)
-            acc_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), 0)
+            acc_p += tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_m)), 0)
+            acc_q += tl.sum(tl.where(q == 0, 0.0, q * (log_q - log_m)), 0)
     if KIND == 0:
         div = acc_p
     elif KIND == 1:
@@ -93,10 +93,10 @@ def _distill_bwd(s_ptr, t_ptr, g_ptr, lse_s_ptr, lse_t_ptr, k_ptr, up_ptr, strid
         if KIND == 0:
             grad = q - tl.exp(log_p)
         elif KIND == 1:
-            grad = tl.where(q > 0, q * (log_q - log_p - k), 0.0)
+            grad = tl.where(q == 0, 0.0, q * (log_q - log_p - k))
         else:
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
-            grad = tl.where(q > 0, (1.0 - beta) * q * (log_q - log_m - k), 0.0)
+            grad = tl.where(q == 0, 0.0, (1.0 - beta) * q * (log_q - log_m - k))
         tl.store(g_ptr + row * stride_g + cols, (grad * scale).to(g_ptr.dtype.element_ty), mask=valid)
 
 

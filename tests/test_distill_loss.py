@@ -6,6 +6,14 @@ import torch
 
 import kernels
 
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[triton]')")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
 
 
@@ -146,10 +154,7 @@ def test_fused_linear_large_odd_shape():
 
 
 # --- Triton kernels (CUDA, or the interpreter on CPU: small shapes, one large vocabulary block) -------------
-triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
+@needs_triton
 @pytest.mark.parametrize("kind,beta", KINDS)
 @pytest.mark.parametrize("reduction,mask_pattern", [("mean", "random"), ("sum", None), ("none", "random"),
                                                     ("mean", "all_ignored")])
@@ -171,6 +176,7 @@ def test_triton_distill_loss_matches_reference(kind, beta, reduction, mask_patte
     check(loss, ref, [grad], [ref_grad], torch.float32)
 
 
+@needs_triton
 @pytest.mark.parametrize("kind,beta", KINDS[:3])
 def test_triton_fused_linear_and_bf16(kind, beta):
     g = torch.Generator().manual_seed(5)
@@ -210,3 +216,24 @@ def test_fused_linear_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("kind,beta", KINDS[:3])
+def test_padded_vocabulary_and_nan(backend, kind, beta):
+    """-inf logits (masked vocabulary entries) contribute nothing; NaN logits are not silently zeroed."""
+    g = torch.Generator().manual_seed(8)
+    student = torch.randn(4, 50, generator=g)
+    teacher = torch.randn(4, 50, generator=g)
+    student[:, 40:] = teacher[:, 40:] = float("-inf")
+    student = student.to(DEVICE).requires_grad_()
+    loss = kernels.distill_loss(student, teacher.to(DEVICE), kind=kind, beta=beta, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    valid = student.detach()[:, :40].double().requires_grad_()
+    ref = reference_distill(valid, teacher[:, :40].double(), kind, beta, 1.0, None, "mean")
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad[:, :40].double(), torch.autograd.grad(ref, valid)[0], atol=1e-6, rtol=1e-4)
+    assert (grad[:, 40:] == 0).all()
+    broken = student.detach().clone()
+    broken[1, 3] = float("nan")
+    assert torch.isnan(kernels.distill_loss(broken, teacher.to(DEVICE), kind=kind, beta=beta, backend=backend))
