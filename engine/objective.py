@@ -1,0 +1,84 @@
+"""The distillation objective of one student width against the teacher (DESIGN.md 2, "Distillation loss").
+
+loss = logit_weight * T^2 KL-family divergence of the next-token distributions (through
+`kernels.fused_linear_distill_loss`, so no [tokens, vocab] logits are built)
+     + hidden_weight * MSE of hidden states at every ceil(L/6)-th layer (embedding output and last layer
+       included; hidden size is not pruned, so no projection)
+     + ce_weight * cross-entropy on the next tokens (optional hard labels),
+all over non-padding tokens. Defaults follow the reference: (logit + hidden) / 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass(frozen=True)
+class Objective:
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    temperature: float = 1.0
+    beta: float = 0.5  # JSD mixture weight
+    logit_weight: float = 0.5
+    hidden_weight: float = 0.5
+    ce_weight: float = 0.0
+
+
+def hidden_layer_indices(num_layers: int) -> list[int]:
+    """Indices into HF `hidden_states` (0 = embeddings, L = last layer) compared by the hidden-state MSE."""
+    step = math.ceil(num_layers / 6)
+    return sorted(set(range(0, num_layers + 1, step)) | {num_layers})
+
+
+@dataclass
+class TeacherOutputs:
+    """What every width of a batch is distilled against (computed once per batch, without gradients)."""
+
+    hidden_states: tuple[torch.Tensor, ...]  # HF hidden_states: embeddings, every layer (last one normed)
+    lm_head_weight: torch.Tensor
+    lm_head_bias: torch.Tensor | None
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, input_ids, attention_mask=None) -> TeacherOutputs:
+    out = teacher.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    head = teacher.get_output_embeddings()
+    return TeacherOutputs(out.hidden_states, head.weight, head.bias)
+
+
+def width_loss(student, teacher_out: TeacherOutputs, input_ids, attention_mask=None,
+               objective: Objective = Objective()) -> dict[str, torch.Tensor]:
+    """Distillation losses of `student` (a causal LM, e.g. the supernet's model at its current width).
+
+    Returns {"loss", "logit", "hidden", "ce"} (scalars). Token t predicts t+1, so the last position and
+    padding positions are ignored.
+    """
+    out = student.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    next_keep = keep.clone()
+    next_keep[:, :-1] &= keep[:, 1:]
+    next_keep[:, -1] = False
+    head = student.get_output_embeddings()
+    logit = kernels.fused_linear_distill_loss(
+        out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
+        student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
+        temperature=objective.temperature, mask=next_keep)
+    hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
+                 for i in hidden_layer_indices(len(out.hidden_states) - 1)) / len(
+        hidden_layer_indices(len(out.hidden_states) - 1))
+    ce = torch.zeros((), device=logit.device)
+    if objective.ce_weight:
+        logits = head(out.last_hidden_state[:, :-1])
+        labels = input_ids[:, 1:].masked_fill(~next_keep[:, :-1], -100)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    loss = objective.logit_weight * logit + objective.hidden_weight * hidden + objective.ce_weight * ce
+    return {"loss": loss, "logit": logit.detach(), "hidden": hidden.detach(), "ce": ce.detach()}
+
+
+def _masked_mse(student, teacher, keep):
+    diff = (student.float() - teacher.float()).pow(2).mean(-1)  # per token
+    return (diff * keep).sum() / keep.sum().clamp(min=1)

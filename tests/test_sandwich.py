@@ -1,0 +1,91 @@
+"""Sandwich training of all widths, one-pass evaluation, the lambda-tradeoff choice and the objective."""
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import engine
+import kernels
+from engine.objective import Objective, hidden_layer_indices, teacher_outputs, width_loss
+from engine.sandwich import choose_ta, evaluate_widths, sandwich_step, tradeoff
+
+
+@pytest.fixture(params=["llama_gqa", "opt"])
+def setup(request):
+    teacher = tiny_model(request.param)
+    calibration = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(1))
+    plan = engine.prune_teacher(teacher, None, calibration, grid=(0, 300, 500, 700, 900), batch_size=2)
+    torch.manual_seed(0)
+    supernet = engine.Supernet(copy.deepcopy(teacher), plan)
+    with torch.no_grad():  # the supernet drifts from the teacher as in training, so losses are not zero
+        for p in supernet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding at the end of the second sequence
+    return teacher, supernet, ids, mask
+
+
+def test_objective_terms_match_their_definitions(setup):
+    teacher, supernet, ids, mask = setup
+    supernet.set_sparsity(500)
+    objective = Objective(kind="forward_kl", temperature=2.0, ce_weight=0.3)
+    losses = width_loss(supernet.model, teacher_outputs(teacher, ids, mask), ids, mask, objective)
+    s_out = supernet.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    t_out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    next_keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    logit = kernels.distill_loss(supernet.model.lm_head(s_out.last_hidden_state)[:, :-1],
+                                 teacher.lm_head(t_out.last_hidden_state)[:, :-1], temperature=2.0, mask=next_keep)
+    layers = hidden_layer_indices(len(s_out.hidden_states) - 1)
+    assert layers[0] == 0 and layers[-1] == len(s_out.hidden_states) - 1
+    keep = mask.bool()
+    hidden = sum(((s_out.hidden_states[i] - t_out.hidden_states[i]) ** 2).mean(-1)[keep].mean() for i in layers)
+    hidden = hidden / len(layers)
+    labels = ids[:, 1:].masked_fill(~next_keep, -100)
+    ce = torch.nn.functional.cross_entropy(supernet(input_ids=ids).logits[:, :-1].flatten(0, 1), labels.flatten(),
+                                           ignore_index=-100)
+    torch.testing.assert_close(losses["logit"], logit.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["hidden"], hidden.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["ce"], ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["loss"].detach(), 0.5 * logit + 0.5 * hidden + 0.3 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup):
+    teacher, supernet, ids, mask = setup
+    widths = [500, 700, 900]
+    t_out = teacher_outputs(teacher, ids, mask)
+    supernet.zero_grad()
+    sandwich_step(supernet, widths, ids, mask, t_out)
+    sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
+    for permille in widths:  # each width alone, separately
+        supernet.zero_grad()
+        supernet.set_sparsity(permille)
+        width_loss(supernet.model, t_out, ids, mask)["loss"].backward()
+        for n, p in supernet.named_parameters():
+            expected[n] += p.grad / len(widths)
+    assert any(g.abs().sum() > 0 for g in sandwich.values())
+    for n in sandwich:
+        torch.testing.assert_close(sandwich[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_one_pass_evaluation_equals_each_width_alone(setup):
+    teacher, supernet, ids, mask = setup
+    batches = [(ids, mask), (ids.flip(0), mask.flip(0))]
+    together = evaluate_widths(supernet, teacher, batches, [0, 500, 900])
+    for permille in (0, 500, 900):
+        alone = evaluate_widths(supernet, teacher, batches, [permille])
+        assert together[permille] == alone[permille]
+    assert together["teacher"]["tokens"] == 2 * (9 + 6)
+    assert together[900]["loss"] != together[0]["loss"]  # the widths really switched
+
+
+def test_choose_ta_by_the_tradeoff():
+    performance = {500: 0.88, 700: 0.86, 900: 0.6}
+    assert tradeoff(0.85, 700, 0.2) == pytest.approx(0.85 + 0.14)
+    best = max(performance, key=lambda s: performance[s] + 0.2 * s / 1000)
+    assert choose_ta(performance, 0.2, target=900) == best == 700
+    assert choose_ta(performance, 0.05, target=900) == 500  # a small lambda favours performance
+    assert choose_ta(performance, 2.0, target=900) is None  # the best is the target itself: no TA needed
+    assert choose_ta(performance, 0.2, target=900, current=800) is None
