@@ -23,7 +23,9 @@ def launch_two_ranks(worker: str, out: Path, *args) -> dict:
     command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), HERE / worker, "--out", out, *args]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0 and out.exists(), (result.stdout + result.stderr)[-4000:]
+    log = out.with_suffix(".log")
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0 and out.exists(), f"full log: {log}\n" + (result.stdout + result.stderr)[-4000:]
     return json.loads(out.read_text())
 
 

@@ -68,3 +68,7 @@ if torch.distributed.get_rank() == 0:
         "hidden_grad_error": (ds_hidden.grad - ref_hidden.grad).abs().max().item(),
         "weight_grad_norm": reference.head.weight.grad.norm().item(),
     }, open(args.out, "w"))
+# A clean shutdown: exiting with the process group alive lets a gloo thread abort the process at exit
+# ("terminate called without an active exception"), which the launcher reports as a failed rank.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -61,3 +61,7 @@ for width in widths:
 if torch.distributed.get_rank() == 0:
     with open(args.out, "w") as f:
         json.dump({"world_size": torch.distributed.get_world_size(), "widths": report}, f)
+# A clean shutdown: exiting with the process group alive lets a gloo thread abort the process at exit
+# ("terminate called without an active exception"), which the launcher reports as a failed rank.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
