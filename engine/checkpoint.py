@@ -42,6 +42,14 @@ def load_config(directory):
     return config
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The floating dtype a checkpoint declares (float32 when it declares none). We compute in fp32 and
+    write outputs back in this dtype, so a bf16 teacher does not come back twice its size."""
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def load_causal_lm(directory, dtype=torch.float32, **kwargs):
     """A supported causal LM from a local checkpoint directory (fp32 by default)."""
     from transformers import AutoModelForCausalLM

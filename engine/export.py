@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from .checkpoint import atomic_output_dir, load_causal_lm, load_config, load_tokenizer
+from .checkpoint import atomic_output_dir, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from .errors import UserError
 from .families import count_parameters, family_for
 from .grid import Width, format_sparsity, parse_sparsity
@@ -31,10 +31,10 @@ def _is_uniform(width: Width) -> bool:
     return len(set(width.attention)) == 1 and len(set(width.ffn)) == 1
 
 
-def pruned_config(config, family, width: Width, uniform: bool):
+def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtype = torch.float32):
     """The config of the model sliced to `width`: stock when uniform, MiniDisc per-layer otherwise."""
     base = {k: v for k, v in config.to_dict().items() if k not in _DROP}
-    base["dtype"] = "float32"
+    base["dtype"] = str(dtype).removeprefix("torch.")
     n_rep = family.query_heads_per_unit
     if family.name == "llama":
         base.update(num_key_value_heads=family.num_kv_heads, head_dim=family.head_dim)
@@ -54,7 +54,7 @@ def pruned_config(config, family, width: Width, uniform: bool):
 
 
 @torch.no_grad()
-def sliced_state_dict(model, family, width: Width) -> dict[str, torch.Tensor]:
+def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The full model's tensors with every prunable linear cut to the width's prefix (new storage)."""
     names = {id(module): name for name, module in model.named_modules()}
     state = dict(model.state_dict())
@@ -67,19 +67,20 @@ def sliced_state_dict(model, family, width: Width) -> dict[str, torch.Tensor]:
                     state[f"{prefix}.bias"] = linear.bias[: kept * per_unit]
             for linear, per_unit in group.cols:
                 state[f"{names[id(linear)]}.weight"] = linear.weight[:, : kept * per_unit]
-    return {name: tensor.detach().clone().contiguous().float() for name, tensor in state.items()}
+    return {name: tensor.detach().to(dtype, copy=True).contiguous() for name, tensor in state.items()}
 
 
-def pruned_model(model, width: Width, uniform: bool = False):
-    """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full)."""
+def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32):
+    """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full),
+    its weights stored in `dtype`."""
     family = family_for(model.config)
     if uniform and not _is_uniform(width):
         raise ValueError("uniform export needs the same width in every layer")
-    model_class, config = pruned_config(model.config, family, width, uniform)
+    model_class, config = pruned_config(model.config, family, width, uniform, dtype)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # layers kept at 0 units
         pruned = model_class(config)
-    pruned.load_state_dict(sliced_state_dict(model, family, width), strict=True, assign=True)
+    pruned.load_state_dict(sliced_state_dict(model, family, width, dtype), strict=True, assign=True)
     for name, buffer in list(pruned.named_buffers()):  # non-persistent buffers (rotary inv_freq) are unsized
         if buffer.is_meta:
             module_name, _, buffer_name = name.rpartition(".")
@@ -104,7 +105,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
                         "stock configs cannot describe that: lower the sparsity or drop --uniform")
     tokenizer = load_tokenizer(model_dir, config)
     model = load_causal_lm(model_dir)
-    pruned = pruned_model(model, width, uniform)
+    pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
     summary = {
         "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
         "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_output_dir, load_causal_lm, load_config, load_tokenizer
+from .checkpoint import atomic_output_dir, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from .data import load_text_dataset, token_blocks
 from .errors import UserError
 from .families import count_parameters, family_for
@@ -86,7 +86,7 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
     plan.extra["calibration"] = {"data": str(data), "samples": len(calibration), "seq_len": seq_len, "seed": seed,
                                  "text_field": text_field}
     with atomic_output_dir(out, kind="pruned-teacher") as scratch:
-        model.cpu().save_pretrained(scratch)
+        model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         plan.extra["timing"] = {"load": round(loaded - started, 2), "importance": round(scored - loaded, 2),
                                 "save": round(time.perf_counter() - scored, 2)}

@@ -94,3 +94,20 @@ def test_exported_files(exported):
         files = {p.name for p in Path(case["dir"]).iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json"} <= files
         assert ("modeling_minidisc.py" in files) == (not case["uniform"])
+
+
+def test_bf16_teacher_stays_bf16(corpus, tokenizer_dir, tmp_path):
+    """Scores are computed in fp32, but a bf16 checkpoint comes back in bf16 (not twice its size)."""
+    from conftest import tiny_model
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    tiny_model("llama_gqa").to(torch.bfloat16).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(teacher)
+    engine.prune(teacher, corpus["jsonl"], tmp_path / "pruned", calib_samples=2, seq_len=16)
+    engine.export(tmp_path / "pruned", 0.5, tmp_path / "student")
+    for directory in ("pruned", "student"):
+        with safe_open(tmp_path / directory / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, directory
+        assert json.loads((tmp_path / directory / "config.json").read_text())["dtype"] == "bfloat16"
