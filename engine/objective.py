@@ -67,9 +67,8 @@ def width_loss(student, teacher_out: TeacherOutputs, input_ids, attention_mask=N
         out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
         student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
         temperature=objective.temperature, mask=next_keep)
-    hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
-                 for i in hidden_layer_indices(len(out.hidden_states) - 1)) / len(
-        hidden_layer_indices(len(out.hidden_states) - 1))
+    layers = hidden_layer_indices(len(out.hidden_states) - 1)
+    hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep) for i in layers) / len(layers)
     ce = torch.zeros((), device=logit.device)
     if objective.ce_weight:
         logits = head(out.last_hidden_state[:, :-1])
