@@ -61,12 +61,41 @@ def _add_demo(sub):
     p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per block (default 128)")
 
 
+RUN_COMMANDS = {
+    "compress": ("MiniDisc: choose the teacher assistant in one trial and distil the student through it",
+                 "Prunes the teacher (unless --teacher was written by `minidisc prune`), trains every candidate TA "
+                 "between --truncate and --target-sparsity at once (sandwich training on DeepSpeed), scores them "
+                 "by p(s) + lambda * s, exports the chosen TA to OUT/ta, distils the student from it into "
+                 "OUT/student, and writes OUT/report.json, report.md and plots."),
+    "distill": ("plain knowledge distillation baseline: teacher -> student, no TA",
+                "The student (the teacher's target-sparsity slice) is distilled from the teacher directly, with "
+                "the same trainer, data and per-stage budget as `compress`."),
+    "maxidisc": ("MaxiDisc baseline: teacher -> TA -> student for every candidate TA, best student kept",
+                 "Runs one full teacher -> TA -> student trial per candidate (2K-1 distillation stages) and keeps "
+                 "the student with the best dev accuracy: the expensive search MiniDisc replaces."),
+}
+LAUNCH_NOTE = ("Runs as is (one process) or under a launcher: `deepspeed --num_gpus N $(which minidisc) {cmd} ...`, "
+               "torchrun, or srun (one task per GPU). Options can also come from a YAML recipe (--config).")
+
+
+def _add_run_command(sub, name: str) -> None:
+    from .config import add_arguments
+
+    summary, description = RUN_COMMANDS[name]
+    p = sub.add_parser(name, help=summary, description=description + " " + LAUNCH_NOTE.format(cmd=name))
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
                                      "and distillation, choosing the teacher assistant in one trial (MiniDisc).")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="how much to log (default INFO)")
+                        help="how much to log (default INFO; processes other than rank 0 log warnings only)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; not for users")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in RUN_COMMANDS:
+        _add_run_command(sub, name)
     _add_prune(sub)
     _add_export(sub)
     _add_demo(sub)
@@ -89,7 +118,16 @@ def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
 def run(args) -> None:
     from .grid import DEFAULT_GRID, parse_grid
 
-    if args.command == "prune":
+    if args.command in RUN_COMMANDS:
+        from . import distributed
+        from .compress import COMMANDS
+        from .config import resolve
+        from .report import print_summary
+
+        report = COMMANDS[args.command](resolve(args))
+        if distributed.is_main():
+            print_summary(report)
+    elif args.command == "prune":
         from .prune import prune
 
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
@@ -121,7 +159,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .progress import setup_logging
 
+    import os
+
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
+        args.log_level = "WARNING"  # one voice per job: rank 0 tells the story
     setup_logging(args.log_level)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     _quiet_libraries()
     try:
         import engine  # noqa: F401  (registers the MiniDisc model classes)

@@ -65,3 +65,27 @@ def run_demo(out, calib_samples: int = 16, seq_len: int = 128):
         tokenizer = train_tokenizer(train, teacher)
         build_teacher(teacher, len(tokenizer))
     return prune(teacher, train, out / "pruned", calib_samples=calib_samples, seq_len=seq_len)
+
+
+def pretrain(model, blocks, steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Train a causal LM on token blocks [n, T] for `steps` AdamW steps (cosine decay); returns the losses.
+    Enough to make a small teacher's predictions mean something, so the TA choice is not noise."""
+    import torch
+
+    from .progress import progress
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr / 10)
+    model.train()
+    losses = []
+    for _ in progress(range(steps), "pretraining the teacher"):
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

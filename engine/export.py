@@ -54,40 +54,51 @@ def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtyp
 
 
 @torch.no_grad()
-def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The full model's tensors with every prunable linear cut to the width's prefix (new storage)."""
+def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32,
+                      state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The full model's tensors with every prunable linear cut to the width's prefix (new storage).
+
+    `state` (default `model.state_dict()`) may be a consolidated copy of the weights, e.g. gathered from a
+    ZeRO-3 engine; `model` then only supplies the structure (which linears, how many rows per unit)."""
     names = {id(module): name for name, module in model.named_modules()}
-    state = dict(model.state_dict())
+    state = dict(model.state_dict() if state is None else state)
     for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
         for group, kept in zip(groups, (kept_attn, kept_ffn)):
             for linear, per_unit in group.rows:
                 prefix = names[id(linear)]
-                state[f"{prefix}.weight"] = linear.weight[: kept * per_unit]
+                state[f"{prefix}.weight"] = state[f"{prefix}.weight"][: kept * per_unit]
                 if linear.bias is not None:
-                    state[f"{prefix}.bias"] = linear.bias[: kept * per_unit]
+                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"][: kept * per_unit]
             for linear, per_unit in group.cols:
-                state[f"{names[id(linear)]}.weight"] = linear.weight[:, : kept * per_unit]
+                state[f"{names[id(linear)]}.weight"] = state[f"{names[id(linear)]}.weight"][:, : kept * per_unit]
     return {name: tensor.detach().to(dtype, copy=True).contiguous() for name, tensor in state.items()}
 
 
-def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32):
+def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
+                 state: dict | None = None):
     """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full),
-    its weights stored in `dtype`."""
+    its weights stored in `dtype`. `state`: the weights to use instead of `model.state_dict()`."""
     family = family_for(model.config)
     if uniform and not _is_uniform(width):
         raise ValueError("uniform export needs the same width in every layer")
     model_class, config = pruned_config(model.config, family, width, uniform, dtype)
+    return materialize(model_class, config, sliced_state_dict(model, family, width, dtype, state), model)
+
+
+def materialize(model_class, config, state: dict, buffers_from):
+    """`model_class(config)` holding the tensors of `state` (no random init, no copy), with the
+    non-persistent buffers (rotary inv_freq, not in state dicts) taken from the model `buffers_from`."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # layers kept at 0 units
-        pruned = model_class(config)
-    pruned.load_state_dict(sliced_state_dict(model, family, width, dtype), strict=True, assign=True)
-    for name, buffer in list(pruned.named_buffers()):  # non-persistent buffers (rotary inv_freq) are unsized
+        model = model_class(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             module_name, _, buffer_name = name.rpartition(".")
-            pruned.get_submodule(module_name).register_buffer(
-                buffer_name, model.get_buffer(name).detach().clone().float(), persistent=False)
-    pruned.tie_weights()
-    return pruned.eval()
+            model.get_submodule(module_name).register_buffer(
+                buffer_name, buffers_from.get_buffer(name).detach().clone().float(), persistent=False)
+    model.tie_weights()
+    return model.eval()
 
 
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:

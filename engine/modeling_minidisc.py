@@ -49,9 +49,33 @@ class PrunableOPTAttention(OPTAttention):
         return super().forward(hidden_states, past_key_values, attention_mask, output_attentions, **kwargs)
 
 
-def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    weight = linear.weight
-    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+class EmptyLinear(nn.Module):
+    """A linear layer with no inputs or no outputs (a layer pruned to zero units).
+
+    Its zero-element weight is a buffer, not a parameter: DeepSpeed ZeRO-3 cannot partition or gather
+    empty parameters. A bias with elements (the output projection of a head-less OPT attention) stays a
+    trained parameter. Same state-dict keys as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, device=device, dtype=dtype))
+        if bias and out_features:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        elif bias:
+            self.register_buffer("bias", torch.empty(0, device=device, dtype=dtype))
+        else:
+            self.bias = None
+
+    def forward(self, x):
+        out = x[..., :0].sum(-1, keepdim=True).expand(*x.shape[:-1], self.out_features)  # zeros, x in the graph
+        return out if self.bias is None or not self.out_features else out + self.bias
+
+
+def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Module:
+    weight, bias = linear.weight, linear.bias is not None
+    kind = nn.Linear if in_features and out_features else EmptyLinear
+    return kind(in_features, out_features, bias=bias, device=weight.device, dtype=weight.dtype)
 
 
 def _check_layers(config, name: str, values) -> list[int]:

@@ -2,6 +2,7 @@
 every width in one pass over the dev data, and choose the teacher assistant by the lambda-tradeoff."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -11,15 +12,16 @@ from .grid import PERMILLE
 from .objective import Objective, TeacherOutputs, width_loss
 
 
-def sandwich_step(supernet, sparsities, input_ids, attention_mask, teacher_out: TeacherOutputs,
-                  objective: Objective = Objective(), backward: Callable = torch.Tensor.backward) -> dict:
-    """Forward and backward every width against the same teacher outputs, each loss weighted 1/K and
-    back-propagated at once (one width's activations are freed before the next). The caller steps the
-    optimizer once afterwards. `backward` is `loss.backward` or a DeepSpeed engine's `backward`."""
+def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], sparsities,
+                  backward: Callable = torch.Tensor.backward) -> dict:
+    """Forward and backward every width against the same teacher outputs (which `forward` closes over),
+    each loss weighted 1/K and back-propagated at once, so one width's activations are freed before the
+    next. `select(permille)` activates a width; `forward()` returns its losses ({"loss", ...});
+    `backward` is `Tensor.backward` or a DeepSpeed engine's. The caller steps the optimizer once after."""
     metrics = {}
     for permille in sparsities:
-        supernet.set_sparsity(permille)
-        losses = width_loss(supernet.model, teacher_out, input_ids, attention_mask, objective)
+        select(permille)
+        losses = forward()
         backward(losses["loss"] / len(sparsities))
         metrics[permille] = {name: value.detach() for name, value in losses.items()}
     return metrics
@@ -37,24 +39,28 @@ def _next_token_stats(logits, input_ids, attention_mask):
 
 
 @torch.no_grad()
-def evaluate_widths(supernet, teacher, batches, sparsities) -> dict:
+def evaluate_widths(student, teacher, batches, sparsities, select: Callable | None = None,
+                    reduce: Callable = lambda totals: totals) -> dict:
     """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
 
     Each batch (input_ids, attention_mask or None) is loaded and run through the teacher once; then every
-    width sees the same batch. Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy",
-    "loss", "tokens"}.
+    width sees the same batch. `select(permille)` activates a width (default `student.set_sparsity`; a
+    no-op for a plain model); `reduce` sums the [correct, loss, tokens] totals over processes.
+    Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy", "loss", "tokens"}.
     """
-    totals = {key: torch.zeros(3, dtype=torch.float64) for key in ["teacher", *sparsities]}
-    was_training = supernet.training
-    supernet.eval()
+    select = select or student.set_sparsity
+    totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
+    was_training = student.training
+    student.eval()
     for input_ids, attention_mask in batches:
         teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        totals["teacher"] += torch.stack(_next_token_stats(teacher_logits, input_ids, attention_mask)).double().cpu()
-        for permille in sparsities:
-            supernet.set_sparsity(permille)
-            logits = supernet(input_ids=input_ids, attention_mask=attention_mask).logits
-            totals[permille] += torch.stack(_next_token_stats(logits, input_ids, attention_mask)).double().cpu()
-    supernet.train(was_training)
+        totals[0] += torch.stack(_next_token_stats(teacher_logits, input_ids, attention_mask)).double().cpu()
+        for i, permille in enumerate(sparsities, start=1):
+            select(permille)
+            logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+            totals[i] += torch.stack(_next_token_stats(logits, input_ids, attention_mask)).double().cpu()
+    student.train(was_training)
+    totals = dict(zip(["teacher", *sparsities], reduce(totals)))
     return {key: {"accuracy": (t[0] / t[2].clamp(min=1)).item(), "loss": (t[1] / t[2].clamp(min=1)).item(),
                   "tokens": int(t[2].item())} for key, t in totals.items()}
 
@@ -72,3 +78,15 @@ def choose_ta(performance: dict[int, float], lam: float, target: int, current: i
         raise ValueError(f"no candidate at or above the teacher's sparsity {current / PERMILLE:g}")
     best = max(eligible, key=lambda s: (tradeoff(eligible[s], s, lam), -s))
     return None if best >= target else best
+
+
+def performance(stats: dict, teacher_stats: dict, metric: str = "relative_accuracy") -> float:
+    """p(s) in [0, 1], higher is better: accuracy relative to the teacher's (the default), raw accuracy,
+    or exp(-dev loss)."""
+    if metric == "relative_accuracy":
+        return stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+    if metric == "accuracy":
+        return stats["accuracy"]
+    if metric == "exp_loss":
+        return math.exp(-stats["loss"])
+    raise ValueError(f"unknown metric {metric!r}")

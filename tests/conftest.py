@@ -93,3 +93,24 @@ def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.Com
     """Run Python code in a fresh interpreter (for loading checkpoints the way a user's process would)."""
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd="/")
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny LLaMA (GQA) pretrained briefly on the corpus, so its next-token predictions mean something."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from engine.data import load_text_dataset, token_blocks
+    from engine.demo import pretrain
+
+    directory = tmp_path_factory.mktemp("trained") / "teacher"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks = token_blocks(load_text_dataset(corpus["train"]), tokenizer, 32, 2000, seed=0)
+    options = {k: v for k, v in CONFIGS["llama_gqa"].items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **options))
+    losses = pretrain(model, blocks, steps=150, batch_size=16, lr=1e-2)
+    assert losses[-1] < losses[0] - 1.0, losses[::10]  # it learned something
+    model.eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

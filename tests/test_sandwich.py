@@ -56,7 +56,7 @@ def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup):
     widths = [500, 700, 900]
     t_out = teacher_outputs(teacher, ids, mask)
     supernet.zero_grad()
-    sandwich_step(supernet, widths, ids, mask, t_out)
+    sandwich_step(lambda: width_loss(supernet.model, t_out, ids, mask), supernet.set_sparsity, widths)
     sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}
     expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
     for permille in widths:  # each width alone, separately

@@ -1,0 +1,355 @@
+"""`minidisc compress | distill | maxidisc`: the MiniDisc schedule and its two baselines, end to end.
+
+    compress   prune (unless given a pruned teacher) -> sandwich training of every candidate TA -> the
+               lambda-tradeoff choice -> TA export -> TA -> student -> export + report      (2 stages)
+    distill    plain KD: teacher -> student at the target sparsity                            (1 stage)
+    maxidisc   for every candidate TA: teacher -> TA -> student; the best student is kept     (2K-1 stages)
+
+All three share the trainer, the data, and the per-stage budget (--max-steps), so they compare honestly.
+Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report appear only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import atomic_output_dir, checkpoint_dtype, is_ours, load_causal_lm, load_config, load_tokenizer
+from .config import RunConfig
+from .data import load_text_dataset, token_blocks
+from .errors import UserError
+from .export import pruned_model
+from .families import count_parameters, family_for
+from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
+from .plan import PLAN_FILE, PruningPlan
+from .sandwich import choose_ta, tradeoff
+from .trainer import Data, Stage, read_ds_config, run_stage
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+# Options that may change between a run and its --resume (they do not change what is computed).
+RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed"}
+
+
+class Run:
+    """Shared set-up of the three commands: checked inputs, the output folder, the pruned teacher, the data."""
+
+    def __init__(self, cfg: RunConfig, command: str):
+        self.cfg, self.command = cfg, command
+        self.out = Path(cfg.out)
+        self.work = self.out / "work"
+        self.phases: dict[str, float] = {}
+        self.started = time.perf_counter()
+        dist.init()
+        self._check_inputs()
+        self._claim_output()
+        self.teacher_dir = self._pruned_teacher()
+        self.plan = PruningPlan.load(self.teacher_dir)
+        self.target = parse_sparsity(cfg.target_sparsity)
+        if self.target not in self.plan.grid:
+            raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {self.teacher_dir} "
+                            f"({', '.join(format_sparsity(s) for s in self.plan.grid)}); re-prune with it included")
+        self.family = family_for(load_config(self.teacher_dir))
+        self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
+        self.data = self._data()
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        """Everything cheap, on every rank, before any weights are read (same errors everywhere)."""
+        cfg = self.cfg
+        config = load_config(cfg.teacher)
+        load_tokenizer(cfg.teacher, config)
+        max_len = getattr(config, "max_position_embeddings", None)
+        if max_len is not None and cfg.seq_len > max_len:
+            raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+        for path in (cfg.train_ds_config(), cfg.teacher_ds_config()):
+            read_ds_config(path)
+        load_text_dataset(cfg.data, cfg.text_field)
+        if cfg.dev_data:
+            load_text_dataset(cfg.dev_data, cfg.text_field)
+        from .trainer import micro_batch
+
+        micro_batch(cfg)
+
+    def _claim_output(self) -> None:
+        """A new run needs a fresh (or empty) --out; --resume needs the same options as the run it continues."""
+        run_file = self.out / RUN_FILE
+        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+        current = {"command": self.command, "config": self.cfg.to_dict()}
+        if saved and not self.cfg.resume:
+            raise UserError(f"{self.out} already holds a `minidisc {saved['command']}` run: pass --resume to "
+                            "continue it, or choose a new --out")
+        if saved:
+            changed = [k for k, v in current["config"].items()
+                       if k not in RESUMABLE and saved["config"].get(k) != v]
+            if saved["command"] != self.command or changed:
+                what = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {current['config'][k]!r}" for k in changed)
+                raise UserError(f"--resume: {self.out} was started as `minidisc {saved['command']}` with other "
+                                f"options ({what or 'command ' + saved['command']}); resume with the same options")
+            log.info("resuming the run in %s", self.out)
+        elif self.out.exists() and any(self.out.iterdir()) and not is_ours(self.out):
+            raise UserError(f"output {self.out} exists and is not empty: choose a new --out or remove it")
+        dist.barrier()
+        with dist.main_first("creating the output folder") as main:
+            if main and not saved:
+                self.work.mkdir(parents=True, exist_ok=True)
+                (self.out / ".minidisc").write_text(json.dumps({"kind": f"{self.command}-run"}) + "\n")
+                (self.out / RUN_FILE).write_text(json.dumps(current, indent=1) + "\n")
+
+    def _pruned_teacher(self) -> Path:
+        teacher = Path(self.cfg.teacher)
+        if (teacher / PLAN_FILE).is_file():
+            return teacher
+        pruned = self.work / "pruned"
+        started = time.perf_counter()
+        with dist.main_first("pruning the teacher") as main:
+            if main and not is_ours(pruned):
+                from .prune import prune
+
+                grid = sorted(set(parse_sparsity(s) for s in self.cfg.grid) if self.cfg.grid else set(DEFAULT_GRID))
+                grid = tuple(sorted(set(grid) | {parse_sparsity(self.cfg.target_sparsity)}))
+                log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
+                prune(teacher, self.cfg.data, pruned, grid=grid, calib_samples=self.cfg.calib_samples,
+                      seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
+                      ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
+                      device=str(dist.device()))
+        self.phases["prune"] = round(time.perf_counter() - started, 2)
+        return pruned
+
+    def _data(self) -> Data:
+        """Token blocks, tokenised once by rank 0 into work/data.pt (so every rank and every resumed run
+        trains on the very same blocks)."""
+        cfg, cache = self.cfg, self.work / "data.pt"
+        started = time.perf_counter()
+        with dist.main_first("tokenising the data") as main:
+            if main and not cache.is_file():
+                tokenizer = load_tokenizer(self.teacher_dir)
+                needed = cfg.max_steps * cfg.batch_size
+                train_ds = load_text_dataset(cfg.data, cfg.text_field)
+                if cfg.dev_data:
+                    train = token_blocks(train_ds, tokenizer, cfg.seq_len, needed, cfg.seed, cfg.text_field)
+                    dev = token_blocks(load_text_dataset(cfg.dev_data, cfg.text_field), tokenizer, cfg.seq_len,
+                                       cfg.eval_samples, None, cfg.text_field)
+                else:  # hold the dev blocks out of the training text
+                    blocks = token_blocks(train_ds, tokenizer, cfg.seq_len, needed + cfg.eval_samples, cfg.seed,
+                                          cfg.text_field)
+                    if len(blocks) < 2:
+                        raise UserError("the data yields a single block of --seq-len tokens: nothing is left to "
+                                        "hold out for dev; give more text, --dev-data, or a smaller --seq-len")
+                    n_dev = min(cfg.eval_samples, max(1, len(blocks) // 10))
+                    train, dev = blocks[:-n_dev], blocks[-n_dev:]
+                if len(dev) < dist.world_size():
+                    raise UserError(f"the dev split has {len(dev)} blocks, fewer than the {dist.world_size()} "
+                                    "processes; give more dev text or a smaller --seq-len")
+                torch.save({"train": train, "dev": dev}, cache)
+                log.info("data: %d training blocks, %d dev blocks of %d tokens", len(train), len(dev), cfg.seq_len)
+        blocks = torch.load(cache)
+        self.phases["data"] = round(time.perf_counter() - started, 2)
+        return Data(blocks["train"], blocks["dev"])
+
+    # --- pieces used by the commands ---------------------------------------------------------------------------
+    def width_of(self, permille: int):
+        return self.plan.uniform_width(permille, self.family) if self.cfg.uniform else self.plan.width(permille)
+
+    def candidates(self) -> list[int]:
+        truncate = parse_sparsity(self.cfg.truncate)
+        return [s for s in self.plan.grid if truncate <= s <= self.target]
+
+    def stage(self, name, teacher_dir, student_dir, widths, supernet=False) -> dict:
+        stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
+                      width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
+                      export_dtype=self.export_dtype)
+        result = run_stage(stage, self.cfg, self.data, self.work)
+        self.phases[name] = result["wall_s"]
+        return result
+
+    def slice_model(self, permille: int, out: Path, source: Path | None = None) -> Path:
+        """The width at `permille` as a real model in `out`: a prefix slice of `source` (a trained TA, itself a
+        prefix of the reordered teacher), or of the reordered teacher itself."""
+        with dist.main_first(f"slicing sparsity {format_sparsity(permille)}") as main:
+            if main and not is_ours(out):
+                full = load_causal_lm(self.teacher_dir)
+                state = full.state_dict()
+                if source is not None:  # write the trained weights into the prefixes they came from
+                    state = {k: v.clone() for k, v in state.items()}
+                    for name, tensor in load_causal_lm(source).state_dict().items():
+                        state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+                model = pruned_model(full, self.width_of(permille), self.cfg.uniform, self.export_dtype, state=state)
+                with atomic_output_dir(out, kind="sliced-model") as scratch:
+                    model.save_pretrained(scratch)
+                    load_tokenizer(self.teacher_dir).save_pretrained(scratch)
+        return out
+
+    def publish(self, source: Path, name: str, summary: dict) -> Path:
+        """Copy a finished snapshot to OUT/name (atomically) with a summary of what it is."""
+        target = self.out / name
+        with dist.main_first(f"writing {target}") as main:
+            if main:
+                with atomic_output_dir(target, kind=f"{name}-model") as scratch:
+                    for item in Path(source).iterdir():
+                        if item.is_file() and item.name not in (".minidisc", "minidisc_best.json"):
+                            shutil.copy2(item, scratch / item.name)
+                    (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return target
+
+    def parameters(self, permille: int) -> int:
+        with torch.device("meta"):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(load_config(self.teacher_dir))
+        return count_parameters(model, self.family, self.width_of(permille))
+
+    def model_metrics(self, permille: int, stats: dict, path=None, **extra) -> dict:
+        return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille),
+                "accuracy": stats["accuracy"], "loss": stats["loss"], "perplexity": _perplexity(stats["loss"]),
+                **({"path": str(path)} if path else {}), **extra}
+
+    def finish(self, report: dict) -> dict:
+        self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
+        report = {"format": "minidisc-report/1", "command": self.command,
+                  "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
+                  **report, "phases": self.phases, "config": self.cfg.to_dict()}
+        with dist.main_first("writing the report") as main:
+            if main:
+                from .report import render
+
+                tmp = self.out / ".report.json.partial"
+                tmp.write_text(json.dumps(report, indent=1) + "\n")
+                render(report, self.out)
+                tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
+                log.info("wrote %s", self.out / "report.json")
+        return report
+
+    def teacher_metrics(self, stats: dict) -> dict:
+        return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats)}
+
+    def student_summary(self, result: dict, teacher_stats: dict, via: str) -> dict:
+        best = result["best"][str(self.target)]
+        return self.model_metrics(self.target, best, path=self.out / "student", uniform=self.cfg.uniform,
+                                  best_step=best["step"], relative_accuracy=best["accuracy"] /
+                                  max(teacher_stats["accuracy"], 1e-12), via=via)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _curves(*results) -> dict:
+    return {r["stage"]: r["curves"] for r in results}
+
+
+# --- the three commands -------------------------------------------------------------------------------------------
+def compress(cfg: RunConfig) -> dict:
+    """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
+    run = Run(cfg, "compress")
+    candidates = run.candidates()
+    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True)
+    teacher_stats = sandwich["teacher_stats"]
+    p = {s: sandwich["best"][str(s)]["p"] for s in candidates}
+    choice = choose_ta(p, cfg.lam, run.target)
+    best_dir = Path(sandwich["best_dir"])
+    started = time.perf_counter()
+    if choice is None:
+        reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
+                  "no TA is needed, the student is distilled from the teacher directly")
+        student_teacher, student_init, ta = run.teacher_dir, best_dir, None
+    else:
+        best = max(p, key=lambda s: (tradeoff(p[s], s, cfg.lam), -s))
+        reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
+                  f"({tradeoff(p[best], best, cfg.lam):.4f}) among the candidates below the target")
+        snapshot_step = sandwich["best_step"]
+        ta = run.publish(best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
+                                          "step": snapshot_step})
+        student_teacher = ta
+        student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
+    run.phases["ta_export"] = round(time.perf_counter() - started, 2)
+    student = run.stage("student", student_teacher, student_init, [run.target])
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None if choice is None else choice / PERMILLE})
+    rows = []
+    for s in candidates:
+        best = sandwich["best"][str(s)]
+        rows.append({**run.model_metrics(s, best), "scale": (PERMILLE - s) / PERMILLE, "p": best["p"],
+                     "tradeoff": tradeoff(best["p"], s, cfg.lam), "best_step": best["step"]})
+    teacher_params = run.parameters(0)
+    for row in rows:
+        row["parameter_fraction"] = row["parameters"] / teacher_params
+    return run.finish({
+        "teacher": run.teacher_metrics(teacher_stats),
+        "candidates": rows,
+        "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich["best_step"],
+                                                    "path": "ta"},
+        "ta_reason": reason,
+        "ta": None if choice is None else run.model_metrics(choice, sandwich["best"][str(choice)], path=ta),
+        "student": run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher"),
+        "curves": _curves(sandwich, student),
+    })
+
+
+def distill(cfg: RunConfig) -> dict:
+    """Plain KD baseline: the pruned teacher's target slice distilled from the teacher, no TA."""
+    run = Run(cfg, "distill")
+    init = run.slice_model(run.target, run.work / "student_init")
+    student = run.stage("student", run.teacher_dir, init, [run.target])
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None})
+    return run.finish({"teacher": run.teacher_metrics(student["teacher_stats"]),
+                       "student": run.student_summary(student, student["teacher_stats"], "teacher"),
+                       "curves": _curves(student)})
+
+
+def maxidisc(cfg: RunConfig) -> dict:
+    """MaxiDisc baseline: teacher -> TA -> student for every candidate TA (and teacher -> student for the
+    no-TA option); the student with the best dev accuracy is kept."""
+    run = Run(cfg, "maxidisc")
+    trials, results = {}, []
+    for s in run.candidates():
+        if s == run.target:  # the no-TA option: plain KD
+            init = run.slice_model(run.target, run.work / "student_init-direct")
+            student = run.stage("student-direct", run.teacher_dir, init, [run.target])
+            trials[s] = (None, student)
+            results.append(student)
+            continue
+        name = format_sparsity(s)
+        ta = run.stage(f"ta-{name}", run.teacher_dir, run.slice_model(s, run.work / f"ta_init-{name}"), [s])
+        init = run.slice_model(run.target, run.work / f"student_init-{name}", source=Path(ta["best_dir"]))
+        student = run.stage(f"student-via-{name}", ta["best_dir"], init, [run.target])
+        trials[s] = (ta, student)
+        results += [ta, student]
+    score = {s: student["best"][str(run.target)]["accuracy"] for s, (_, student) in trials.items()}
+    winner = max(score, key=lambda s: (score[s], s))
+    ta, student = trials[winner]
+    teacher_stats = (ta or student)["teacher_stats"]
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None if ta is None else winner / PERMILLE})
+    teacher_params = run.parameters(0)
+    rows = []
+    for s, (trial_ta, trial_student) in trials.items():
+        stats = (trial_ta or trial_student)["best"][str(s)]
+        p = stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+        final = trial_student["best"][str(run.target)]
+        rows.append({**run.model_metrics(s, stats), "scale": (PERMILLE - s) / PERMILLE, "p": p,
+                     "tradeoff": tradeoff(p, s, cfg.lam), "best_step": stats["step"],
+                     "student_accuracy": final["accuracy"], "student_loss": final["loss"],
+                     "wall_s": (trial_ta["wall_s"] if trial_ta else 0) + trial_student["wall_s"]})
+        rows[-1]["parameter_fraction"] = rows[-1]["parameters"] / teacher_params
+    return run.finish({
+        "teacher": run.teacher_metrics(teacher_stats),
+        "candidates": rows,
+        "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta["best_step"],
+                                                "path": ta["best_dir"]},
+        "ta_reason": f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy"
+                     f" ({score[winner]:.4f}) of {len(trials)} trials",
+        "ta": None if ta is None else run.model_metrics(winner, ta["best"][str(winner)], path=ta["best_dir"]),
+        "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher"),
+        "curves": _curves(*results),
+    })
+
+
+COMMANDS = {"compress": compress, "distill": distill, "maxidisc": maxidisc}

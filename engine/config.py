@@ -1,0 +1,198 @@
+"""Options of a distillation run (`minidisc compress | distill | maxidisc`), defined once.
+
+Every field below is both a YAML/JSON recipe key and a command-line option (`lam` <-> `--lam`,
+`target_sparsity` <-> `--target-sparsity`), with the same meaning and the same help text. Precedence:
+defaults < recipe (`--config`) < command line. Unknown recipe keys are an error.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def option(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class RunConfig:
+    # what to compress, on what
+    teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA or OPT) with its tokenizer; a "
+                          "directory written by `minidisc prune` is used as is, any other is pruned first", metavar="DIR")
+    data: str = option(None, "training text: .txt, .jsonl/.json, .parquet, .csv, or a datasets save_to_disk folder",
+                       metavar="FILE")
+    dev_data: str | None = option(None, "dev text in the same formats (default: --eval-samples blocks held out of "
+                                  "--data)", metavar="FILE")
+    out: str = option(None, "output directory: ta/, student/, report.json, report.md, plots, work/ (checkpoints)",
+                      metavar="DIR")
+    text_field: str = option("text", "record field holding the text in json/jsonl/parquet/csv data", metavar="NAME")
+    # the MiniDisc schedule
+    target_sparsity: float = option(0.9, "fraction of attention units and FFN neurons the student removes (0.9 = a "
+                                    "10%%-scale student)", metavar="S")
+    lam: float = option(0.2, "lambda of the trade-off p(s) + lambda * s used to choose the teacher assistant; it was "
+                        "calibrated for metrics near 0.9 (GLUE-style); larger values favour sparser TAs", metavar="L")
+    truncate: float = option(0.5, "candidate TAs are the grid sparsities from this one up to the target (0 = the "
+                             "whole grid)", metavar="S")
+    grid: list[float] | None = option(None, "sparsity grid used when the teacher still has to be pruned (default "
+                                      "0 0.1 ... 0.9 0.85 0.95, plus the target)", nargs="+", type=float, metavar="S")
+    metric: str = option("relative_accuracy", "p(s): next-token accuracy divided by the teacher's "
+                         "(relative_accuracy), raw accuracy, or exp(-dev loss) (exp_loss)",
+                         choices=["relative_accuracy", "accuracy", "exp_loss"])
+    sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
+                                  "and n random others (the sandwich rule, cheaper)", metavar="N")
+    uniform: bool = option(False, "keep the same units in every layer, so the TA and student are stock "
+                           "LlamaForCausalLM/OPTForCausalLM checkpoints (default: per-layer widths of the global "
+                           "ranking, in MiniDisc model classes)")
+    # budget and data
+    max_steps: int = option(200, "optimiser steps of every distillation stage (sandwich, TA -> student, plain KD and "
+                            "each MaxiDisc trial get the same budget)", metavar="N")
+    eval_every: int = option(50, "evaluate every N steps (and at the end), checkpointing each time", metavar="N")
+    patience: int = option(0, "stop a stage after N evaluations without improvement (0 = never stop early)",
+                           metavar="N")
+    batch_size: int = option(8, "sequences per optimiser step, over all processes and accumulation steps (the same "
+                             "number for any process count, so runs are comparable)", metavar="N")
+    grad_accum: int = option(1, "micro-batches accumulated per optimiser step on each process", metavar="N")
+    seq_len: int = option(256, "tokens per training/dev sequence", metavar="T")
+    eval_samples: int = option(64, "dev sequences evaluated at every evaluation", metavar="N")
+    calib_samples: int = option(64, "calibration sequences for the importance scores (when pruning)", metavar="N")
+    ffn_multiple: int = option(8, "round each layer's FFN removals to a multiple of M neurons (when pruning)",
+                               metavar="M")
+    seed: int = option(0, "seed for data order, width sampling and dropout", metavar="N")
+    # optimisation
+    lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay to 0)", metavar="LR")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases, norms and embeddings)",
+                                 metavar="W")
+    warmup_ratio: float = option(0.05, "fraction of --max-steps spent warming the learning rate up", metavar="R")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm (0 = no clipping)", metavar="N")
+    # the distillation loss
+    loss: str = option("forward_kl", "logit divergence: KL(teacher||student), KL(student||teacher) or generalised "
+                       "JSD", choices=["forward_kl", "reverse_kl", "jsd"])
+    temperature: float = option(1.0, "softmax temperature of the logit term (scaled by T^2)", metavar="T")
+    jsd_beta: float = option(0.5, "JSD mixture weight beta", metavar="B")
+    logit_weight: float = option(0.5, "weight of the logit divergence", metavar="W")
+    hidden_weight: float = option(0.5, "weight of the hidden-state MSE (every ceil(L/6)-th layer)", metavar="W")
+    ce_weight: float = option(0.0, "weight of the hard-label next-token cross-entropy", metavar="W")
+    # DeepSpeed
+    deepspeed: str | None = option(None, "DeepSpeed JSON for the trained model (default ds_configs/zero3_train.json);"
+                                   " its bf16 setting decides the precision of teacher and student", metavar="JSON")
+    teacher_deepspeed: str | None = option(None, "DeepSpeed JSON for frozen teachers (default "
+                                           "ds_configs/zero3_inference.json)", metavar="JSON")
+    # run control
+    resume: bool = option(False, "continue the run in --out from its last checkpoint (after a kill or a requeue)")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        from .grid import parse_sparsity
+
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
+        target, truncate = parse_sparsity(self.target_sparsity), parse_sparsity(self.truncate)
+        if target == 0:
+            raise UserError("--target-sparsity must be above 0: a student at sparsity 0 is the teacher")
+        if truncate > target:
+            raise UserError(f"--truncate {self.truncate} is above --target-sparsity {self.target_sparsity}: the "
+                            "candidate TAs lie between them")
+        positive = ("max_steps", "eval_every", "batch_size", "grad_accum", "seq_len", "eval_samples",
+                    "calib_samples", "ffn_multiple")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.seq_len < 2:
+            raise UserError("--seq-len must be at least 2 (a token and the next one)")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise UserError("--lr and --temperature must be positive")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.jsd_beta <= 1:
+            raise UserError("--warmup-ratio must be in [0, 1) and --jsd-beta in [0, 1]")
+        if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0:
+            raise UserError("--sandwich-sample, --patience and --max-grad-norm cannot be negative")
+        return self
+
+    def train_ds_config(self) -> Path:
+        return Path(self.deepspeed) if self.deepspeed else REPO_CONFIGS / "zero3_train.json"
+
+    def teacher_ds_config(self) -> Path:
+        return Path(self.teacher_deepspeed) if self.teacher_deepspeed else REPO_CONFIGS / "zero3_inference.json"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per RunConfig field. Defaults stay unset here so recipe values are not overridden."""
+    parser.add_argument("--config", metavar="RECIPE", help="YAML or JSON recipe whose keys are these options' names "
+                        "(with underscores, e.g. target_sparsity: 0.9); the command line overrides it")
+    for f in fields(RunConfig):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        default = f.default if f.default is not MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if "type" not in meta and "choices" not in meta:
+            meta["type"] = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text + shown, **meta)
+
+
+def load_recipe(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse recipe {path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"recipe {path}: unknown option '{key}'{hint}; see `minidisc compress --help`")
+    return data
+
+
+def _coerce(key: str, value):
+    kind = FIELDS[key].type
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind == "float":
+            return float(value)
+        if kind.startswith("list"):
+            return [float(v) for v in (value if isinstance(value, list) else [value])]
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option '{key}' expects {kind.replace(' | None', '')}, got {value!r}") from None
+
+
+def resolve(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then the recipe, then what the command line set."""
+    values = load_recipe(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()

@@ -1,0 +1,97 @@
+"""One code path for 1 process and N processes: under the `deepspeed` launcher, torchrun or srun the rank
+variables are set; run as a plain command we set them for a world of one. gloo on CPU, NCCL on GPU."""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> None:
+    """Start the process group once (DeepSpeed's own initialisation, which reads the rank variables)."""
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # srun: one task per GPU
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" not in os.environ:  # a plain `minidisc ...`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on a copy on the collective's device; returned on the input's device)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return tensor
+    work = tensor.to(device())
+    dist.all_reduce(work)
+    return work.to(tensor.device)
+
+
+def any_rank(flag: bool) -> bool:
+    return bool(all_sum(torch.tensor([float(flag)])).item())
+
+
+@contextmanager
+def main_first(what: str):
+    """Rank 0 runs the block (writing files the others read); the others wait. An error on rank 0 is raised on
+    every rank, so no process hangs in a collective waiting for one that gave up."""
+    error = None
+    if is_main():
+        try:
+            yield True
+        except UserError as e:
+            error = str(e)
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            if world_size() == 1:
+                raise
+    else:
+        yield False
+    if world_size() > 1:
+        message = [error]
+        dist.broadcast_object_list(message, src=0)
+        error = message[0]
+    if error is not None:
+        raise UserError(error if is_main() else f"rank 0 failed while {what}: {error}")

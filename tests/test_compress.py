@@ -1,0 +1,143 @@
+"""`minidisc compress | distill | maxidisc` end to end on a briefly trained tiny teacher, through the console
+script (the way users run it), with the report checked against the artifacts it describes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.sandwich import tradeoff
+
+MINIDISC = str(Path(sys.executable).parent / "minidisc")
+FP32 = str(Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json")
+
+
+def options(teacher, corpus, out, *extra):
+    return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
+            "--grid", "0", "0.5", "0.7", "0.9", "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
+            "--seq-len", "32", "--eval-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
+            "--deepspeed", FP32, *extra]
+
+
+def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([MINIDISC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+@torch.no_grad()
+def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
+    """Next-token accuracy of a saved checkpoint on dev blocks, computed independently of the engine."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logits = model(input_ids=dev).logits[:, :-1]
+    return (logits.argmax(-1) == dev[:, 1:]).double().mean().item()
+
+
+def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
+    out = tmp_path / "run"
+    result = minidisc("compress", *options(trained_teacher, corpus, out, "--lam", "0.05"))
+    report = json.loads((out / "report.json").read_text())
+    assert "MiniDisc TA candidates" in result.stdout
+    # the choice is the argmax of the numbers the report shows
+    rows = report["candidates"]
+    assert [r["sparsity"] for r in rows] == [0.5, 0.7, 0.9]
+    best = max(rows, key=lambda r: (r["p"] + report["lam"] * r["sparsity"], -r["sparsity"]))
+    for row in rows:
+        assert row["tradeoff"] == pytest.approx(tradeoff(row["p"], round(row["sparsity"] * 1000), 0.05))
+        assert 0 < row["p"] <= 1.5 and 0 < row["accuracy"] < 1
+    assert report["teacher"]["accuracy"] > 0.1  # the trained teacher predicts something
+    selected = report["selected_ta"]
+    if best["sparsity"] < 0.9:
+        assert selected["sparsity"] == best["sparsity"] and (out / "ta" / "config.json").is_file()
+        meta = json.loads((out / "ta" / "minidisc_export.json").read_text())
+        assert meta["sparsity"] == best["sparsity"]
+    else:
+        assert selected is None and not (out / "ta").exists()
+    # the student on disk is the model the report describes
+    dev = torch.load(out / "work" / "data.pt")["dev"]
+    student = report["student"]
+    assert dev_accuracy(out / "student", dev) == pytest.approx(student["accuracy"], abs=1e-9)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert sum(p.numel() for p in model.parameters()) == student["parameters"]
+    assert student["parameters"] < report["teacher"]["parameters"]
+    for name in ("report.md", "tradeoff.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert set(report["phases"]) >= {"prune", "sandwich", "student", "total"}
+    assert set(report["curves"]) == {"sandwich", "student"}
+    assert not any((out / "work").glob("*/checkpoints"))  # finished stages drop their optimiser states
+
+
+def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, tmp_path):
+    minidisc("distill", *options(trained_teacher, corpus, tmp_path / "kd"))
+    kd = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert set(kd["curves"]) == {"student"} and kd["student"]["via"] == "teacher"
+    assert max(point["step"] for point in kd["curves"]["student"]["train"]) == 8
+
+    minidisc("maxidisc", *options(trained_teacher, corpus, tmp_path / "maxi"))
+    maxi = json.loads((tmp_path / "maxi" / "report.json").read_text())
+    rows = {r["sparsity"]: r for r in maxi["candidates"]}
+    assert set(rows) == {0.5, 0.7, 0.9}
+    assert set(maxi["curves"]) == {"ta-0.5", "student-via-0.5", "ta-0.7", "student-via-0.7", "student-direct"}
+    for curves in maxi["curves"].values():  # every stage got the same budget
+        assert max(point["step"] for point in curves["train"]) == 8
+    winner = max(rows, key=lambda s: (rows[s]["student_accuracy"], s))
+    assert maxi["student"]["accuracy"] == pytest.approx(rows[winner]["student_accuracy"])
+    assert (maxi["selected_ta"] is None) == (winner == 0.9)
+    # the direct trial is plain KD: same data, same init, same budget -> the same student as `distill`
+    assert rows[0.9]["student_accuracy"] == pytest.approx(kd["student"]["accuracy"], abs=1e-9)
+
+
+def test_resume_after_sigkill_gives_the_same_student(trained_teacher, corpus, tmp_path):
+    args = options(trained_teacher, corpus, tmp_path / "whole", "--eval-every", "2", "--lam", "0.05")
+    minidisc("compress", *args)
+    killed_out = tmp_path / "killed"
+    killed = options(trained_teacher, corpus, killed_out, "--eval-every", "2", "--lam", "0.05")
+    process = subprocess.Popen([MINIDISC, "compress", *map(str, killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = killed_out / "work" / "sandwich" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step0000004") and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_out / "report.json").exists() and not (killed_out / "student").exists()
+    refused = minidisc("compress", *killed, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    minidisc("compress", *killed, "--resume")
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    resumed = json.loads((killed_out / "report.json").read_text())
+    assert resumed["selected_ta"] == whole["selected_ta"]
+    assert [r["p"] for r in resumed["candidates"]] == [r["p"] for r in whole["candidates"]]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "student" / "model.safetensors")
+    b = load_file(killed_out / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, tmp_path):
+    out = tmp_path / "nan"
+    # warm-up makes step 1 a no-op (lr 0), then an absurd learning rate blows the weights up
+    result = minidisc("compress", *options(trained_teacher, corpus, out, "--lr", "1e30", "--warmup-ratio", "0.25",
+                                           "--eval-every", "1"), check=False)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "not finite" in message or "became" in message, result.stderr[-3000:]
+    assert "--lr" in message and "Traceback" not in result.stderr
+    latest = out / "work" / "sandwich" / "checkpoints" / "latest"
+    assert latest.is_file() and (latest.parent / latest.read_text().strip()).is_dir()
+    assert not (out / "student").exists() and not (out / "report.json").exists()

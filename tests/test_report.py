@@ -1,0 +1,148 @@
+"""engine.report: report.md and the PNG plots from synthetic run reports, and the console summary."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.report import print_summary, render
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEACHER_PARAMS = 1_250_000
+SPARSITIES = [0.5, 0.6, 0.7, 0.8, 0.9]
+# Relative accuracy falls slowly, then sharply past 0.7: with lambda 0.2 the knee (0.7) wins.
+P = [0.95, 0.94, 0.935, 0.80, 0.60]
+
+
+def curves(widths: list[float], steps: int = 6) -> dict:
+    train = [{"step": step, "width": w, "loss": 4.0 - 0.3 * step + w} for step in range(steps) for w in widths]
+    evals = [{"step": step, "width": w, "accuracy": 0.2 + 0.05 * step - 0.1 * w, "loss": 3.5 - 0.2 * step + w}
+             for step in range(0, steps, 2) for w in widths]
+    return {"train": train, "eval": evals}
+
+
+def metrics(sparsity: float, accuracy: float, loss: float, path: str) -> dict:
+    return {"sparsity": sparsity, "parameters": int(TEACHER_PARAMS * (1 - 0.8 * sparsity)), "accuracy": accuracy,
+            "loss": loss, "perplexity": 2.718281828 ** loss, "path": path}
+
+
+def make_report(command: str = "compress", lam: float = 0.2) -> dict:
+    target = SPARSITIES[-1]
+    report = {
+        "format": "minidisc-report/1", "command": command, "target_sparsity": target, "lam": lam,
+        "metric": "relative_accuracy",
+        "teacher": {"path": "teacher", "parameters": TEACHER_PARAMS, "accuracy": 0.5, "loss": 2.0,
+                    "perplexity": 7.389},
+        "phases": {"prune": 1.5, "sandwich": 30.25, "ta_export": 0.75, "student": 20.0, "total": 52.5},
+        "curves": {"sandwich": curves(SPARSITIES), "student": curves([target])},
+    }
+    student = metrics(target, 0.31, 2.9, "student") | {"relative_accuracy": 0.62, "uniform": True, "best_step": 50}
+    report["student"] = student
+    if command == "distill":
+        report["phases"] = {"student": 20.0, "total": 20.0}
+        report["curves"] = {"student": curves([target])}
+        return report
+
+    candidates = []
+    for i, (s, p) in enumerate(zip(SPARSITIES, P)):
+        m = metrics(s, 0.5 * p, 2.0 + (1 - p), "")
+        candidate = {"sparsity": s, "scale": 1 - s, "parameters": m["parameters"],
+                     "parameter_fraction": m["parameters"] / TEACHER_PARAMS, "p": p, "accuracy": m["accuracy"],
+                     "loss": m["loss"], "tradeoff": p + lam * s, "best_step": 10 * (i + 1)}
+        if command == "maxidisc":
+            candidate |= {"student_accuracy": 0.3 + 0.01 * i, "student_loss": 3.0 - 0.02 * i}
+        candidates.append(candidate)
+    report["candidates"] = candidates
+    best = max(candidates, key=lambda c: c["p"] + lam * c["sparsity"])
+    if best["sparsity"] == target:
+        report["selected_ta"], report["ta"] = None, None
+        report["ta_reason"] = "the trade-off peaks at the target sparsity"
+    else:
+        report["selected_ta"] = {"sparsity": best["sparsity"], "step": best["best_step"], "path": "ta"}
+        report["ta"] = metrics(best["sparsity"], best["accuracy"], best["loss"], "ta")
+        report["ta_reason"] = f"p + lambda*s peaks at s={best['sparsity']:g}"
+    report["baselines"] = {"uniform": metrics(target, 0.25, 3.2, "uniform") | {"relative_accuracy": 0.5}}
+    return json.loads(json.dumps(report))  # exactly what report.json holds
+
+
+def assert_png(path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    height, width = imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+def selected_row(md: str, sparsity: float) -> str:
+    rows = [line for line in md.splitlines() if line.startswith("|") and "✓" in line]
+    assert len(rows) == 1, rows
+    assert f"**{sparsity:g}**" in rows[0]
+    return rows[0]
+
+
+@pytest.mark.parametrize("command", ["compress", "maxidisc"])
+def test_render_with_candidates(tmp_path, command):
+    report = make_report(command)
+    assert report["selected_ta"]["sparsity"] == 0.7  # argmax of p + lam * s, not the target
+    written = render(report, tmp_path)
+
+    assert {p.name for p in written} == {"report.md", "tradeoff.png", "curves.png"}
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    for png in ("tradeoff.png", "curves.png"):
+        assert_png(tmp_path / png)
+
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert f"# MiniDisc report: {command}" in md
+    for s in SPARSITIES:
+        assert f"| {s:g} |" in md or f"**{s:g}**" in md
+    selected_row(md, 0.7)
+    assert "no TA" not in md
+    assert report["ta_reason"] in md
+    assert "![" in md and "(tradeoff.png)" in md and "(curves.png)" in md
+    assert "baseline: uniform" in md and "| TA |" in md
+    assert "sandwich" in md and "30.2" in md  # phases table
+    assert ("MaxiDisc student acc." in md) == (command == "maxidisc")
+
+
+def test_render_no_ta_when_best_tradeoff_is_at_target(tmp_path):
+    report = make_report("compress", lam=3.0)  # a large lambda favours the smallest model: the target
+    assert report["selected_ta"] is None
+    render(report, tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "No TA: the best trade-off is at the target, the student is distilled directly" in md
+    assert "✓" not in md
+    assert_png(tmp_path / "tradeoff.png")
+
+
+def test_render_distill_has_no_tradeoff_plot(tmp_path):
+    report = make_report("distill")
+    written = render(report, tmp_path)
+    assert {p.name for p in written} == {"report.md", "curves.png"}
+    assert not (tmp_path / "tradeoff.png").exists()
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "# MiniDisc report: distill" in md
+    assert "candidates" not in md and "tradeoff.png" not in md
+    assert "distilled directly" in md
+    assert_png(tmp_path / "curves.png")
+
+
+def test_render_minimal_report(tmp_path):
+    """Only the command: no plots, no crash, still a readable markdown file."""
+    written = render({"command": "distill"}, tmp_path / "nested")
+    assert [p.name for p in written] == ["report.md"]
+    assert "# MiniDisc report: distill" in written[0].read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", ["compress", "maxidisc"])
+def test_print_summary_names_selected(capsys, command):
+    print_summary(make_report(command))
+    out = capsys.readouterr().out
+    selected = [line for line in out.splitlines() if "✓" in line]
+    assert len(selected) == 1 and "0.7" in selected[0]
+    assert "student s=0.9" in out and "0.310" in out
+
+
+def test_print_summary_distill(capsys):
+    print_summary(make_report("distill"))
+    out = capsys.readouterr().out
+    assert "candidates" not in out and "student s=0.9" in out
