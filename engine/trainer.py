@@ -273,6 +273,42 @@ def widths_at(stage: Stage, cfg: RunConfig, step: int) -> list[int]:
     return [widths[0], *sorted(middle[i] for i in picked), widths[-1]]
 
 
+def objective_of(cfg: RunConfig) -> Objective:
+    return Objective(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.jsd_beta, logit_weight=cfg.logit_weight,
+                     hidden_weight=cfg.hidden_weight, ce_weight=cfg.ce_weight)
+
+
+def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
+               check: Callable = lambda loss: None) -> torch.Tensor:
+    """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
+    1/(K x micro-batches)) back-propagated at once. Returns each width's loss, averaged over processes."""
+    import deepspeed
+
+    head = teacher.module.get_output_embeddings()
+    head_params = [p for p in (head.weight, head.bias) if p is not None]
+    accum = len(micro_batches)
+    step_losses = torch.zeros(len(widths), dtype=torch.float64)
+
+    def backward(loss):
+        engine.backward(loss / accum, scale_wrt_gas=False)
+        engine.step()  # a real optimiser step only at the accumulation boundary
+
+    for ids in micro_batches:
+        ids = ids.to(dist.device())
+        t_out = teacher_outputs(teacher.module, ids)
+        # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
+        # (after the teacher forward, which re-partitions a head tied to the input embeddings).
+        with deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id")):
+            def forward():
+                losses = engine(ids, None, t_out, objective)
+                check(losses["loss"])
+                return losses
+
+            metrics = sandwich_step(forward, select, widths, backward)
+        step_losses += torch.tensor([metrics[w]["loss"].item() for w in widths], dtype=torch.float64) / accum
+    return dist.all_sum(step_losses) / dist.world_size()
+
+
 # --- the stage --------------------------------------------------------------------------------------------------
 def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
     """Train a stage to its end (or early stop) and return its result; a finished stage is read back."""
@@ -284,8 +320,7 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
     started = time.perf_counter()
     widths_per_step = len(widths_at(stage, cfg, 0))
     teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, widths_per_step)
-    objective = Objective(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.jsd_beta,
-                          logit_weight=cfg.logit_weight, hidden_weight=cfg.hidden_weight, ce_weight=cfg.ce_weight)
+    objective = objective_of(cfg)
     select = (lambda s: distiller.student.set_width(stage.width_of(s))) if stage.supernet else (lambda s: None)
     checkpoints = stage_dir / "checkpoints"
     state = StageState()
@@ -297,36 +332,18 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
         log.info("stage %s: resumed at step %d from %s", stage.name, state.step, checkpoints)
     order = BatchOrder(data.train, cfg.seed)
     dev = dev_batches(data.dev, cfg)
-    head = teacher.module.get_output_embeddings()
-    head_params = [p for p in (head.weight, head.bias) if p is not None]
-    gather_head = hasattr(head.weight, "ds_id")
-    accum, device = cfg.grad_accum, dist.device()
     log.info("stage %s: %s -> %s, widths %s, %d steps from step %d", stage.name, _short(stage.teacher_dir),
              _short(stage.student_dir), ", ".join(format_sparsity(w) for w in stage.widths), cfg.max_steps, state.step)
 
-    def backward(loss):
-        engine.backward(loss / accum, scale_wrt_gas=False)
-        engine.step()  # a real optimiser step only at the accumulation boundary
+    def check(loss, step):
+        _check_finite(loss, stage, step, checkpoints)
 
     steps = range(state.step, cfg.max_steps)
     for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
         widths = widths_at(stage, cfg, step)
-        step_losses = torch.zeros(len(widths), dtype=torch.float64)
-        for micro in range(accum):
-            ids = order.batch(step, micro, cfg).to(device)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(head_params, enabled=gather_head):
-                t_out = teacher_outputs(teacher.module, ids)
-
-                def forward(ids=ids, t_out=t_out):
-                    losses = engine(ids, None, t_out, objective)
-                    _check_finite(losses["loss"], stage, step, distiller, checkpoints)
-                    return losses
-
-                metrics = sandwich_step(forward, select, widths, backward)
-            step_losses += torch.tensor([metrics[w]["loss"].item() for w in widths], dtype=torch.float64) / accum
-        step_losses = dist.all_sum(step_losses) / dist.world_size()
+        micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
+        step_losses = train_step(teacher, engine, select, micro_batches, widths, objective,
+                                 check=lambda loss, step=step: check(loss, step))
         state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(float(l), 6)}
                               for w, l in zip(widths, step_losses)]
         state.step = step + 1
@@ -351,7 +368,7 @@ def _short(path: Path) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
-def _check_finite(loss, stage, step, distiller, checkpoints) -> None:
+def _check_finite(loss, stage, step, checkpoints) -> None:
     if dist.any_rank(not torch.isfinite(loss).item()):
         latest = checkpoints / "latest"
         kept = (f"the last good checkpoint is kept in {checkpoints} ({latest.read_text().strip()})"

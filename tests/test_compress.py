@@ -141,3 +141,62 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, t
     latest = out / "work" / "sandwich" / "checkpoints" / "latest"
     assert latest.is_file() and (latest.parent / latest.read_text().strip()).is_dir()
     assert not (out / "student").exists() and not (out / "report.json").exists()
+
+
+def test_two_processes_match_one(trained_teacher, corpus, tmp_path):
+    """The same run under the `deepspeed` launcher with 2 ZeRO-3 processes (gloo): same global batches, so
+    the same selection and the same student up to float reduction order."""
+    from test_zero3 import free_port
+
+    minidisc("compress", *options(trained_teacher, corpus, tmp_path / "one", "--lam", "0.05"))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [launcher, "--num_gpus", "2", "--master_port", free_port(), MINIDISC, "compress",
+               *options(trained_teacher, corpus, tmp_path / "two", "--lam", "0.05")]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["selected_ta"] == one["selected_ta"]
+    for a, b in zip(one["candidates"], two["candidates"]):
+        assert b["p"] == pytest.approx(a["p"], abs=1e-3) and b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    assert two["student"]["loss"] == pytest.approx(one["student"]["loss"], abs=1e-4)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus, tmp_path):
+    def error(*args):
+        result = minidisc(*args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    base = options(trained_teacher, corpus, tmp_path / "out")
+    assert "does not exist" in error("compress", *base[:1], tmp_path / "missing", *base[2:])
+    assert "DeepSpeed config" in error("compress", *base, "--deepspeed", tmp_path / "none.json")
+    assert "not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o2"),
+                                      "--target-sparsity", "0.75")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    assert "not empty" in error("compress", *options(trained_teacher, corpus, foreign))
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    bad_ds = tmp_path / "bad.json"
+    bad_ds.write_text("{not json")
+    assert "not valid JSON" in error("distill", *base, "--deepspeed", bad_ds)
+
+
+def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
+    args = options(pruned_dirs["llama_gqa"], corpus, tmp_path / "run", "--max-steps", "2", "--eval-every", "2")
+    minidisc("distill", *args)
+    result = minidisc("distill", *args, "--resume", "--lam", "0.4", check=False)
+    assert result.returncode == 2 and "lam: 0.2 -> 0.4" in result.stderr
+    # resuming a finished run redoes nothing and writes the same report
+    before = json.loads((tmp_path / "run" / "report.json").read_text())
+    minidisc("distill", *args, "--resume")
+    after = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert after["student"] == before["student"]

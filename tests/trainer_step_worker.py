@@ -1,0 +1,80 @@
+"""Worker for test_trainer.py: two optimiser steps of the DeepSpeed trainer (ZeRO-3 supernet, 3 widths per
+step, AdamW, linear decay, weight decay) against a plain PyTorch reference of the same maths: each width's
+loss weighted 1/K over the global batch, one AdamW step per batch. Run alone (a world of one) or under the
+`deepspeed` launcher; rank 0 writes the largest parameter difference to --out."""
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+import engine
+from engine import distributed as dist
+from engine.checkpoint import load_causal_lm
+from engine.config import RunConfig
+from engine.objective import teacher_outputs, width_loss
+from engine import trainer
+from engine.trainer import BETAS, BatchOrder, Stage, _lr_lambda, _no_decay, build_engines, objective_of, train_step
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--pruned", required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--grad-accum", type=int, default=1)
+parser.add_argument("--local_rank", type=int, default=0)
+args = parser.parse_args()
+
+dist.init()
+# Adam divides by sqrt(v) + eps: with the usual eps = 1e-8 a gradient entry near 1e-8 turns float noise from a
+# different reduction order into lr-sized differences. A larger eps keeps the comparison about the maths.
+EPS = trainer.EPS = 1e-3
+fp32 = Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json"
+cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=4, warmup_ratio=0.0, lr=3e-3, max_grad_norm=0.0,
+                batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2)
+plan = engine.PruningPlan.load(args.pruned)
+widths = [500, 700, 900]
+objective = objective_of(cfg)
+
+# Reference: unsharded, built before DeepSpeed switches ZeRO-3 on.
+teacher_ref = load_causal_lm(args.pruned).eval()
+reference = engine.Supernet(load_causal_lm(args.pruned), plan)
+named = list(reference.named_parameters())
+optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": 0.1},
+                               {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}],
+                              lr=cfg.lr, betas=BETAS, eps=EPS)
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+initial = {n: p.detach().clone() for n, p in named}
+
+stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
+teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, cfg, len(widths))
+blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+order = BatchOrder(blocks, seed=0)
+for step in range(2):
+    micro = [order.batch(step, a, cfg) for a in range(cfg.grad_accum)]
+    train_step(teacher, ds_engine, lambda s: distiller.student.set_width(plan.width(s)), micro, widths, objective)
+    # the same step, by hand: the whole global batch, each width 1/K
+    batch = torch.cat([blocks[[order._index(i) for i in range(step * 4, step * 4 + 4)]]])
+    optimizer.zero_grad()
+    t_out = teacher_outputs(teacher_ref, batch)
+    for s in widths:
+        reference.set_sparsity(s)
+        (width_loss(reference.model, t_out, batch, None, objective)["loss"] / len(widths)).backward()
+    optimizer.step()
+    schedule.step()
+
+import deepspeed  # noqa: E402
+
+error, moved, worst = 0.0, 0.0, ""
+for (name, param), (ref_name, ref_param) in zip(distiller.named_parameters(), named):
+    assert name == "student." + ref_name, (name, ref_name)
+    with deepspeed.zero.GatheredParameters([param]):
+        full = param.detach().clone()
+    diff = (full - ref_param.detach()).abs().max().item()
+    if diff > error:
+        error, worst = diff, ref_name
+    moved = max(moved, (ref_param.detach() - initial[ref_name]).abs().max().item())
+if dist.is_main():
+    Path(args.out).write_text(json.dumps({"world_size": dist.world_size(), "error": error, "worst": worst,
+                                           "moved": moved}))
+dist.barrier()
+torch.distributed.destroy_process_group()
