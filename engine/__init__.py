@@ -20,6 +20,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+source"
 
+from .compress import compress, distill, maxidisc  # noqa: E402
+from .config import RunConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .export import export, pruned_model  # noqa: E402
 from .families import count_parameters, family_for  # noqa: E402
@@ -28,5 +30,5 @@ from .plan import PruningPlan  # noqa: E402
 from .prune import prune, prune_teacher  # noqa: E402
 from .supernet import Supernet  # noqa: E402
 
-__all__ = ["DEFAULT_GRID", "PruningPlan", "Supernet", "UserError", "Width", "count_parameters", "export",
-           "family_for", "parse_sparsity", "prune", "prune_teacher", "pruned_model"]
+__all__ = ["DEFAULT_GRID", "PruningPlan", "RunConfig", "Supernet", "UserError", "Width", "compress", "count_parameters",
+           "distill", "export", "family_for", "maxidisc", "parse_sparsity", "prune", "prune_teacher", "pruned_model"]
