@@ -57,6 +57,12 @@ class Run:
                             f"({', '.join(format_sparsity(s) for s in self.plan.grid)}); re-prune with it included")
         self.family = family_for(load_config(self.teacher_dir))
         self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
+        if cfg.uniform:
+            for permille in self.candidates():
+                width = self.width_of(permille)
+                if 0 in width.attention or 0 in width.ffn:
+                    raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer, "
+                                    "which stock configs cannot describe: lower the sparsity or drop --uniform")
         self.data = self._data()
 
     # --- set-up --------------------------------------------------------------------------------------------

@@ -200,3 +200,24 @@ def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
     minidisc("distill", *args, "--resume")
     after = json.loads((tmp_path / "run" / "report.json").read_text())
     assert after["student"] == before["student"]
+
+
+def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, corpus, tmp_path):
+    out = tmp_path / "uniform"
+    minidisc("compress", *options(pruned_dirs["opt"], corpus, out, "--uniform", "--truncate", "0.7",
+                                  "--max-steps", "4", "--eval-every", "2"))
+    config = json.loads((out / "student" / "config.json").read_text())
+    assert config["model_type"] == "opt" and config["architectures"] == ["OPTForCausalLM"]
+    code = ("import sys, json; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "print(json.dumps([type(m).__name__, sum(p.numel() for p in m.parameters())]))")
+    from conftest import run_python
+
+    result = run_python(code, out / "student", env={"PYTHONPATH": ""})
+    name, parameters = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    assert name == "OPTForCausalLM" and parameters == report["student"]["parameters"]
+    refused = minidisc("compress", *options(trained_teacher, corpus, tmp_path / "u2", "--uniform",
+                                            "--grid", "0", "0.5", "0.99", "--target-sparsity", "0.99",
+                                            "--truncate", "0.99", "--ffn-multiple", "1"), check=False)
+    assert refused.returncode == 2 and "keeps no units in a layer" in refused.stderr
