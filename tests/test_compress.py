@@ -44,7 +44,9 @@ def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
 
 def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
     out = tmp_path / "run"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     result = minidisc("compress", *options(trained_teacher, corpus, out, "--lam", "0.05"))
+    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before  # no leaked 70 MB communication buffers
     report = json.loads((out / "report.json").read_text())
     assert "MiniDisc TA candidates" in result.stdout
     # the choice is the argmax of the numbers the report shows
