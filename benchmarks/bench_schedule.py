@@ -52,11 +52,14 @@ RESULTS = Path(__file__).with_name("results") / "schedule.csv"
 METHODS = ("distill", "compress", "maxidisc")
 LABEL = {"distill": "plain KD", "compress": "MiniDisc", "maxidisc": "MaxiDisc"}
 TIME_TARGET, ACCURACY_TARGET = 0.40, 0.01
+PRETRAIN_LR = 3e-3
 FIELDS = ["date", "device", "dtype", "row", "method", "mode", "pretrain_steps", "steps", "eval_every", "batch",
           "seq_len", "lam", "sandwich_sample", "lr", "teacher_params", "teacher_accuracy", "wall_s",
-          "phases_total_s", "cpu_s", "load_avg", "student_accuracy", "student_loss", "ta_sparsity", "sparsity", "p", "tradeoff",
+          "phases_total_s", "cpu_s", "load_avg", "student_accuracy", "student_loss", "ta_sparsity", "sparsity", "p",
+          "tradeoff",
           "minidisc_accuracy", "maxidisc_student_accuracy", "maxidisc_trial_wall_s", "pearson", "spearman",
-          "pearson_p", "spearman_p", "time_ratio", "time_target_met", "cpu_ratio", "accuracy_ratio", "accuracy_target_met",
+          "pearson_p", "spearman_p", "time_ratio", "time_target_met", "cpu_ratio", "accuracy_ratio",
+          "accuracy_target_met",
           "prune_s", "minidisc", "torch"]
 
 
@@ -107,6 +110,8 @@ def setup(args, log) -> dict:
         train_tokenizer(train, tok_dir, vocab_size=args.vocab)
 
     teacher = work / f"teacher-v{args.vocab}-p{args.pretrain_steps}-t{args.seq_len}-s{args.seed}"
+    if args.pretrain_lr != PRETRAIN_LR:
+        teacher = teacher.with_name(f"{teacher.name}-lr{args.pretrain_lr:g}")
     info_file = teacher / "bench_teacher.json"
     if not info_file.is_file():
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -300,7 +305,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "minidisc_bench_schedule"),
                         help="cache for corpus, tokenizer, teacher, pruned teacher; runs go to WORK/runs/<time>")
     parser.add_argument("--pretrain-steps", type=int, default=500, help="teacher pretraining steps (batch 16)")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=PRETRAIN_LR)
     parser.add_argument("--vocab", type=int, default=2000, help="SentencePiece vocabulary size")
     parser.add_argument("--steps", type=int, default=80, help="--max-steps of every distillation stage")
     parser.add_argument("--eval-every", type=int, default=20)
@@ -379,7 +384,8 @@ def main() -> None:
     teacher = any_report["teacher"]
     info = files["teacher_info"]
     print(f"\nsetup: teacher {teacher['parameters']:,} params (LLaMA 256h/4L/8H/4KV/688i, vocab {args.vocab}), "
-          f"pretrained {info['pretrain_steps']} steps (loss {fmt(info['first_loss'], '.2f')} -> "
+          f"pretrained {info['pretrain_steps']} steps in {info['seconds']:.0f} s "
+          f"(loss {fmt(info['first_loss'], '.2f')} -> "
           f"{fmt(info['last_loss'], '.2f')}), dev accuracy {teacher['accuracy']:.4f}; pruned once in "
           f"{fmt(files['prune_s'], '.1f')} s (not counted below)")
     print(f"runs: {args.steps} steps/stage, eval every {args.eval_every}, batch {args.batch_size}, seq {args.seq_len},"
@@ -396,7 +402,8 @@ def main() -> None:
                      "-" if ta is None else f"{ta['sparsity']:g}", fmt(r["student"]["accuracy"]),
                      fmt(r["student"]["loss"]), fmt(r["student"]["relative_accuracy"])])
     print_table("per method (student at the target sparsity: dev next-token accuracy and CE loss)",
-                ["method", "wall s", "phases s", "CPU/wall", "load1", "stages", "TA", "student acc", "student loss", "rel. to teacher"],
+                ["method", "wall s", "phases s", "CPU/wall", "load1", "stages", "TA", "student acc", "student loss",
+                 "rel. to teacher"],
                 rows)
     for method in args.methods:
         phases = reports[method]["phases"]
@@ -475,12 +482,15 @@ def main() -> None:
         out_rows.append({**base, "row": "method", "method": method, "wall_s": round(walls[method], 2),
                          "phases_total_s": r["phases"]["total"], "cpu_s": round(cpus[method], 1),
                          "load_avg": round(loads[method], 2), "student_accuracy": r5(r["student"]["accuracy"]),
-                         "student_loss": r5(r["student"]["loss"]), "ta_sparsity": None if ta is None else ta["sparsity"]})
+                         "student_loss": r5(r["student"]["loss"]),
+                         "ta_sparsity": None if ta is None else ta["sparsity"]})
     for c in candidates:
         out_rows.append({**base, "row": "candidate", "method": "compress+maxidisc", "sparsity": c["sparsity"],
-                         "p": r5(c["p"]), "tradeoff": r5(c["tradeoff"]), "minidisc_accuracy": r5(c["minidisc_accuracy"]),
+                         "p": r5(c["p"]), "tradeoff": r5(c["tradeoff"]),
+                         "minidisc_accuracy": r5(c["minidisc_accuracy"]),
                          "maxidisc_student_accuracy": r5(c["maxidisc_student_accuracy"]),
-                         "maxidisc_trial_wall_s": c["maxidisc_trial_wall_s"]})
+                         "maxidisc_trial_wall_s": None if c["maxidisc_trial_wall_s"] is None else
+                         round(c["maxidisc_trial_wall_s"], 2)})
     if summary:
         out_rows.append({**base, "row": "summary", "method": "compress/maxidisc",
                          **{k: (r5(v) if isinstance(v, float) else v) for k, v in summary.items()},
