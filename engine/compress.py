@@ -29,7 +29,7 @@ from .families import count_parameters, family_for
 from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
 from .plan import PLAN_FILE, PruningPlan
 from .sandwich import choose_ta, tradeoff
-from .trainer import Data, Stage, read_ds_config, run_stage
+from .trainer import Data, Stage, micro_batch, read_ds_config, run_stage
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -79,8 +79,6 @@ class Run:
         load_text_dataset(cfg.data, cfg.text_field)
         if cfg.dev_data:
             load_text_dataset(cfg.dev_data, cfg.text_field)
-        from .trainer import micro_batch
-
         micro_batch(cfg)
 
     def _claim_output(self) -> None:
