@@ -12,7 +12,6 @@ appends rows to benchmarks/results/distill_loss.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_csv import append_rows
 
 RESULTS = Path(__file__).with_name("results") / "distill_loss.csv"
 CPU_CASES = ["4096,32000,1024,1024", "2048,50272,2048,2048", "1024,128256,2048,4096"]
@@ -133,13 +133,7 @@ def main() -> None:
             r = rows[-1]
             print(f"{impl:>6}  N={n:<5} V={v:<6} H={hs}/{ht}  {r['seconds']:8.3f} s  {r['peak_extra_mb']:9.1f} MB  "
                   f"{r['tflops']:.3f} TFLOP/s", flush=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(RESULTS.name, rows)
 
 
 if __name__ == "__main__":

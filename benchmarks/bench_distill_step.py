@@ -30,7 +30,6 @@ Target: fused >= 1.2x naive tokens/s at V = 32000 (and a fraction of its peak me
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_csv import append_rows
 
 RESULTS = Path(__file__).with_name("results") / "distill_step.csv"
 # Defaults per device: a few seconds per step on 2 CPU cores; a fuller step on a GPU.
@@ -249,13 +249,7 @@ def main() -> None:
               f"{(str(r['speedup_vs_naive']) + 'x') if r['speedup_vs_naive'] != '' else '':>8}")
     if args.no_csv or not rows:
         return
-    RESULTS.parent.mkdir(exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(RESULTS.name, rows)
     print(f"\nappended {len(rows)} rows to {RESULTS}")
 
 

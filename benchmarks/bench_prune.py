@@ -9,7 +9,6 @@ benchmarks/results/prune.csv tagged with device, dtype and versions.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
@@ -17,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_csv import append_rows
 import transformers
 
 import engine
@@ -70,13 +70,7 @@ def main() -> None:
     }
     for key, value in row.items():
         print(f"{key:>14}: {value}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(RESULTS.name, [row])
 
 
 if __name__ == "__main__":

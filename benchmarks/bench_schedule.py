@@ -30,7 +30,6 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -44,6 +43,7 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from results_csv import append_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source tree too
@@ -497,13 +497,7 @@ def main() -> None:
                          "wall_s": round(walls["compress"], 2), "student_accuracy": r5(mini["student"]["accuracy"]),
                          "maxidisc_student_accuracy": r5(maxi["student"]["accuracy"]),
                          "ta_sparsity": mini["selected_ta"]["sparsity"] if mini["selected_ta"] else None})
-    RESULTS.parent.mkdir(exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(out_rows)
+    append_rows(RESULTS.name, out_rows, FIELDS)
     print(f"\nappended {len(out_rows)} rows to {RESULTS}")
 
 
