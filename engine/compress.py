@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -202,12 +203,16 @@ class Run:
                     (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
         return target
 
-    def parameters(self, permille: int) -> int:
-        with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
+    @cached_property
+    def _shape_model(self):
+        """The teacher's architecture on the meta device (no memory): what parameter counts are read from."""
+        from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_config(load_config(self.teacher_dir))
-        return count_parameters(model, self.family, self.width_of(permille))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(load_config(self.teacher_dir))
+
+    def parameters(self, permille: int) -> int:
+        return count_parameters(self._shape_model, self.family, self.width_of(permille))
 
     def model_metrics(self, permille: int, stats: dict, path=None, **extra) -> dict:
         return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille),
@@ -264,12 +269,10 @@ def compress(cfg: RunConfig) -> dict:
                   "no TA is needed, the student is distilled from the teacher directly")
         student_teacher, student_init, ta = run.teacher_dir, best_dir, None
     else:
-        best = max(p, key=lambda s: (tradeoff(p[s], s, cfg.lam), -s))
         reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
-                  f"({tradeoff(p[best], best, cfg.lam):.4f}) among the candidates below the target")
-        snapshot_step = sandwich["best_step"]
+                  f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
         ta = run.publish(best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
-                                          "step": snapshot_step})
+                                          "step": sandwich["best_step"]})
         student_teacher = ta
         student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
     run.phases["ta_export"] = round(time.perf_counter() - started, 2)

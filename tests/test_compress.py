@@ -223,3 +223,26 @@ def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, cor
                                             "--grid", "0", "0.5", "0.99", "--target-sparsity", "0.99",
                                             "--truncate", "0.99", "--ffn-multiple", "1"), check=False)
     assert refused.returncode == 2 and "keeps no units in a layer" in refused.stderr
+
+
+def test_python_api_and_early_stopping(pruned_dirs, corpus, tmp_path):
+    """engine.distill(RunConfig) as a user's script calls it; with a learning rate too small to change any
+    weight, dev accuracy never improves after the first evaluation and --patience 1 stops the stage there."""
+    from conftest import run_python
+
+    code = (
+        "import sys, json, engine\n"
+        "cfg = engine.RunConfig(teacher=sys.argv[1], data=sys.argv[2], dev_data=sys.argv[3], out=sys.argv[4],\n"
+        "    max_steps=8, eval_every=2, patience=1, lr=1e-30, batch_size=4, seq_len=32, eval_samples=8,\n"
+        "    deepspeed=sys.argv[5]).validate()\n"
+        "report = engine.distill(cfg)\n"
+        "print(json.dumps(report['student']))\n")
+    out = tmp_path / "api"
+    result = run_python(code, pruned_dirs["llama_gqa"], corpus["train"], corpus["dev"], out, FP32,
+                        env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    student = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    assert student == report["student"] and student["best_step"] == 2
+    steps = [point["step"] for point in report["curves"]["student"]["eval"]]
+    assert steps == [2, 4]  # stopped after one evaluation without improvement, not at step 8
