@@ -61,6 +61,39 @@ def _add_demo(sub):
     p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per block (default 128)")
 
 
+def _add_plan(sub):
+    from .memory_plan import PRESETS
+
+    p = sub.add_parser("plan", help="estimate per-GPU memory of a MiniDisc run and recommend a placement",
+                       description="Per-GPU memory of the sandwich stage (teacher, supernet parameters+gradients, "
+                       "optimizer states, activations of one width, loss buffers) for several placements of the "
+                       "teacher (ZeRO-3, replicated, int8, nf4) and of the trained supernet (AdamW, AdamW8bit, CPU "
+                       "offload), from the model config alone; recommends the first that fits with ~10%% headroom.")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, a config.json, or a preset: "
+                   + ", ".join(PRESETS))
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs per node (default 1)")
+    p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, "
+                   "e.g. 80 for an A100/H100 80GB")
+    p.add_argument("--cpu-memory", type=float, metavar="GIB", help="CPU memory per node in GiB; when given, "
+                   "offload placements must also fit it (default: not checked)")
+    p.add_argument("--target-sparsity", default="0.9", metavar="S", help="the student's sparsity (default 0.9)")
+    p.add_argument("--truncate", default="0.5", metavar="S", help="candidate TAs are the grid sparsities from this "
+                   "one up to the target (default 0.5)")
+    p.add_argument("--grid", nargs="+", metavar="S", help="sparsity grid (default 0 0.1 ... 0.9 0.85 0.95, plus "
+                   "the target)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="sequences per optimiser step over all GPUs and "
+                   "accumulation steps, as in `minidisc compress` (default: one per GPU per micro-step)")
+    p.add_argument("--seq-len", type=int, default=256, metavar="T", help="tokens per sequence (default 256)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimiser step "
+                   "(default 1)")
+    p.add_argument("--sandwich-sample", type=int, default=0, metavar="N", help="widths trained per step: 0 = "
+                   "every candidate, n > 0 = the largest, the smallest and n others (default 0)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward: "
+                   "keep only layer inputs")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
+
+
 RUN_COMMANDS = {
     "compress": ("MiniDisc: choose the teacher assistant in one trial and distil the student through it",
                  "Prunes the teacher (unless --teacher was written by `minidisc prune`), trains every candidate TA "
@@ -99,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_export(sub)
     _add_demo(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -143,6 +177,10 @@ def run(args) -> None:
 
         print_candidates(run_demo(args.out, calib_samples=args.calib_samples, seq_len=args.seq_len),
                          title="MiniDisc candidates of the demo teacher")
+    elif args.command == "plan":
+        from .memory_plan import run_plan
+
+        run_plan(args)
 
 
 def _quiet_libraries() -> None:
@@ -156,6 +194,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
+    from . import faults
+
+    faults.install_signal_handler()  # first: Slurm's pre-timeout signal must never kill us mid-write
     args = build_parser().parse_args(argv)
     from .progress import setup_logging
 
@@ -175,6 +216,17 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"minidisc: error: {e}", file=sys.stderr)
         return 2
+    except faults.Preempted as e:
+        print(f"minidisc: stopped: {e}", file=sys.stderr)
+        return faults.REQUEUE_EXIT
+    except Exception as e:
+        from . import distributed
+
+        if distributed.world_size() > 1 and faults.is_comm_failure(e):
+            print(f"minidisc: error: {faults.peer_lost(e, distributed.rank(), distributed.world_size())}",
+                  file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

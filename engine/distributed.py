@@ -5,14 +5,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import logging
 import os
 import socket
+import subprocess
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from . import faults
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -28,17 +34,44 @@ def init() -> None:
     if dist.is_available() and dist.is_initialized():
         return
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # srun: one task per GPU
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        _ranks_from_slurm()
     if "RANK" not in os.environ:  # a plain `minidisc ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise UserError(f"{name} is not set: the launcher (or your batch script) must export it on every "
+                            "process, e.g. MASTER_ADDR=<first node's address> MASTER_PORT=29500")
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())  # srun may bind 1 GPU per task
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
+                               auto_mpi_discovery=False, timeout=timedelta(seconds=faults.COMM_TIMEOUT_S))
     atexit.register(_remove_shm_buffers)
+    if world_size() > 1:
+        faults.start_heartbeat(rank())
+        if is_main():
+            log.info("%d processes (%s per node), %s, rendezvous %s:%s", world_size(), os.environ["LOCAL_SIZE"],
+                     dist.get_backend(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+
+
+def _ranks_from_slurm() -> None:
+    """Rank variables of a task started by srun. MASTER_ADDR defaults to the step's first node and
+    MASTER_PORT to one derived from the job id, so a bare `srun minidisc ...` works too."""
+    env = os.environ
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    # DeepSpeed's CPU communication op needs the tasks per node; srun writes "2(x3)" for 2 tasks on 3 nodes.
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "")
+    if per_node and "LOCAL_SIZE" not in env:
+        env["LOCAL_SIZE"] = per_node.split("(")[0].split(",")[0]
+    if "MASTER_ADDR" not in env and env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST")):
+        nodes = subprocess.run(["scontrol", "show", "hostnames", env.get("SLURM_STEP_NODELIST",
+                                                                         env.get("SLURM_JOB_NODELIST"))],
+                               capture_output=True, text=True).stdout.split()
+        if nodes:
+            env["MASTER_ADDR"] = nodes[0]
+    if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+        env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
 
 
 def _remove_shm_buffers() -> None:

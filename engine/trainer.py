@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import faults
 from .checkpoint import atomic_output_dir, load_causal_lm, load_tokenizer
 from .config import RunConfig
 from .errors import UserError
@@ -351,13 +352,16 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
             improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select)
             if improved:
                 _save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
-            engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
-                                   client_state={"minidisc": state.__dict__, "rng": torch.get_rng_state()})
-            _keep_latest_only(checkpoints)
+            _save_checkpoint(engine, checkpoints, state)
             if cfg.patience and state.stale_evals >= cfg.patience:
                 log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
                          cfg.patience, state.step)
                 break
+        if state.step < cfg.max_steps and faults.stop_requested():  # Slurm's pre-timeout signal, on any rank
+            if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
+                _save_checkpoint(engine, checkpoints, state)
+            raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
+                                   f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
     result = _finish(stage, state, stage_dir, time.perf_counter() - started)
     _release(engine, teacher)
     del keep_alive
@@ -436,6 +440,13 @@ def _save_best(stage, distiller, engine, train_config, out: Path, state: StageSt
                 (scratch / "minidisc_best.json").write_text(json.dumps(
                     {"stage": stage.name, "step": state.best_step, "sparsity": state.best_width / PERMILLE,
                      "objective": state.objective}) + "\n")
+
+
+def _save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:
+    """Weights, optimiser, scheduler, the stage's state and the RNG, as one DeepSpeed tag (collective)."""
+    engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
+                           client_state={"minidisc": state.__dict__, "rng": torch.get_rng_state()})
+    _keep_latest_only(checkpoints)
 
 
 def _keep_latest_only(checkpoints: Path) -> None:
