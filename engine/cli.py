@@ -68,7 +68,7 @@ def _add_plan(sub):
                        description="Per-GPU memory of the sandwich stage (teacher, supernet parameters+gradients, "
                        "optimizer states, activations of one width, loss buffers) for several placements of the "
                        "teacher (ZeRO-3, replicated, int8, nf4) and of the trained supernet (AdamW, AdamW8bit, CPU "
-                       "offload), from the model config alone; recommends the first that fits with ~10%% headroom.")
+                       "offload), from the model config alone; recommends the first that fits with ~10% headroom.")
     p.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, a config.json, or a preset: "
                    + ", ".join(PRESETS))
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes (default 1)")
