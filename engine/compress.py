@@ -30,7 +30,7 @@ from .families import count_parameters, family_for
 from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
 from .plan import PLAN_FILE, PruningPlan
 from .sandwich import choose_ta, tradeoff
-from .trainer import Data, Stage, micro_batch, read_ds_config, run_stage
+from .trainer import Data, Stage, read_ds_config, run_stage, train_ds_config
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -75,12 +75,11 @@ class Run:
         max_len = getattr(config, "max_position_embeddings", None)
         if max_len is not None and cfg.seq_len > max_len:
             raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
-        for path in (cfg.train_ds_config(), cfg.teacher_ds_config()):
-            read_ds_config(path)
+        read_ds_config(cfg.teacher_ds_config())
+        train_ds_config(cfg, widths_per_step=1)  # readable, and compatible with --optimizer
         load_text_dataset(cfg.data, cfg.text_field)
         if cfg.dev_data:
             load_text_dataset(cfg.dev_data, cfg.text_field)
-        micro_batch(cfg)
 
     def _claim_output(self) -> None:
         """A new run needs a fresh (or empty) --out; --resume needs the same options as the run it continues."""

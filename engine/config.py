@@ -79,11 +79,20 @@ class RunConfig:
     logit_weight: float = option(0.5, "weight of the logit divergence", metavar="W")
     hidden_weight: float = option(0.5, "weight of the hidden-state MSE (every ceil(L/6)-th layer)", metavar="W")
     ce_weight: float = option(0.0, "weight of the hard-label next-token cross-entropy", metavar="W")
-    # DeepSpeed
-    deepspeed: str | None = option(None, "DeepSpeed JSON for the trained model (default ds_configs/zero3_train.json);"
-                                   " its bf16 setting decides the precision of teacher and student", metavar="JSON")
-    teacher_deepspeed: str | None = option(None, "DeepSpeed JSON for frozen teachers (default "
-                                           "ds_configs/zero3_inference.json)", metavar="JSON")
+    # DeepSpeed and memory placement (`minidisc plan` says which fits)
+    deepspeed: str | None = option(None, "DeepSpeed JSON for the trained model (default ds_configs/zero3_train.json;"
+                                   " zero3_train_offload*.json offload to CPU); its bf16 setting decides the "
+                                   "precision of teacher and student", metavar="JSON")
+    teacher_deepspeed: str | None = option(None, "DeepSpeed JSON for frozen teachers under --teacher-placement zero3 "
+                                           "(default ds_configs/zero3_inference.json)", metavar="JSON")
+    teacher_placement: str = option("zero3", "frozen teachers: zero3 = sharded over all GPUs (least memory, "
+                                    "gathers every layer), replicated = a full copy per GPU (fastest), int8 / nf4 "
+                                    "= a bitsandbytes-quantised copy per GPU (1/2 or 1/4 of the weights' memory; "
+                                    "the teacher's outputs change slightly)",
+                                    choices=["zero3", "replicated", "int8", "nf4"])
+    optimizer: str = option("adamw", "optimiser of the trained model: adamw, or adamw8bit (bitsandbytes: 8-bit "
+                            "moments, 2 instead of 8 bytes per parameter; not with an optimizer block in the "
+                            "DeepSpeed JSON, e.g. CPU offload)", choices=["adamw", "adamw8bit"])
     # run control
     resume: bool = option(False, "continue the run in --out from its last checkpoint (after a kill or a requeue)")
 

@@ -134,6 +134,10 @@ def train_ds_config(cfg: RunConfig, widths_per_step: int) -> dict:
     _set_owned(config, "gradient_accumulation_steps", widths_per_step * cfg.grad_accum, path,
                "the widths per step x --grad-accum")
     _set_owned(config, "gradient_clipping", cfg.max_grad_norm, path, "--max-grad-norm")
+    if cfg.optimizer != "adamw" and "optimizer" in config:
+        raise UserError(f"--optimizer {cfg.optimizer} cannot replace the optimizer block of {path} "
+                        f"({config['optimizer'].get('type')}): use a DeepSpeed config without one (e.g. "
+                        "ds_configs/zero3_train.json) or --optimizer adamw")
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
@@ -189,16 +193,72 @@ def _lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     return factor
 
 
+class FrozenTeacher:
+    """A teacher held whole on this process's device (the non-ZeRO placements); `.module` as on an engine."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def quantization_config(placement: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if placement == "int8":  # LLM.int8(): int8 weights, outlier features in 16 bit; the LM head stays unquantised
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_teacher(directory: Path, cfg: RunConfig, frozen_config: dict):
+    """The frozen teacher placed as --teacher-placement says: (teacher, what must stay referenced)."""
+    import deepspeed
+
+    if cfg.teacher_placement == "zero3":
+        teacher, keep_alive = _load_model(directory, frozen_config)
+        teacher.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=teacher, config=frozen_config)
+        engine.module.eval()
+        return engine, keep_alive
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a whole copy: no ZeRO-3 partitioning while it loads
+    dtype = torch.bfloat16 if bf16_enabled(frozen_config) else torch.float32
+    if cfg.teacher_placement == "replicated":
+        teacher = load_causal_lm(directory, dtype=dtype).to(dist.device())
+    else:
+        teacher = load_causal_lm(directory, dtype=dtype, device_map={"": dist.device()},
+                                 quantization_config=quantization_config(cfg.teacher_placement, dtype))
+        _avoid_cpu_4bit_packing(teacher)
+    teacher.requires_grad_(False)
+    log.info("teacher %s: %s copy per process, %.1f MB", _short(directory), cfg.teacher_placement,
+             teacher.get_memory_footprint() / 2**20)
+    return FrozenTeacher(teacher.eval()), None
+
+
+def _avoid_cpu_4bit_packing(model: nn.Module) -> None:
+    """bitsandbytes' AVX512-bf16 CPU path for 4-bit inference repacks weights in blocks of 32 output rows and
+    asserts on any other count, which pruned widths (multiples of --ffn-multiple) often are: keep those layers
+    on its generic path. (GPUs are unaffected.)"""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+
+
+def make_optimizer(cfg: RunConfig, groups: list[dict]):
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
+
+
 def build_engines(stage: Stage, cfg: RunConfig, widths_per_step: int):
-    """(teacher engine, student engine, Distiller, configs kept alive) for a stage."""
+    """(teacher, student engine, Distiller, configs kept alive, train config) for a stage."""
     import deepspeed
 
     train_config = train_ds_config(cfg, widths_per_step)
     frozen_config = teacher_ds_config(cfg, train_config)
-    teacher, teacher_hf = _load_model(stage.teacher_dir, frozen_config)
-    teacher.requires_grad_(False)
-    teacher_engine, *_ = deepspeed.initialize(model=teacher, config=frozen_config)
-    teacher_engine.module.eval()
+    teacher_engine, teacher_hf = load_teacher(stage.teacher_dir, cfg, frozen_config)
 
     model, student_hf = _load_model(stage.student_dir, train_config)
     if stage.supernet:
@@ -218,9 +278,14 @@ def build_engines(stage: Stage, cfg: RunConfig, widths_per_step: int):
         engine, *_ = deepspeed.initialize(model=distiller, model_parameters=groups, config=train_config,
                                           lr_scheduler=schedule)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
+        optimizer = make_optimizer(cfg, groups)
         engine, *_ = deepspeed.initialize(model=distiller, optimizer=optimizer, config=train_config,
                                           lr_scheduler=schedule)
+    zero = train_config.get("zero_optimization", {})
+    offloaded = [what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"]
+    log.info("stage %s: trained with %s, ZeRO-%s%s, teacher %s", stage.name,
+             type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__, zero.get("stage", 0),
+             f", {' and '.join(offloaded)} offloaded to CPU" if offloaded else "", cfg.teacher_placement)
     return teacher_engine, engine, distiller, (teacher_hf, student_hf), train_config
 
 

@@ -26,7 +26,7 @@ def options(teacher, corpus, out, *extra):
 
 def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
     result = subprocess.run([MINIDISC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})  # unwrapped log lines
     if check:
         assert result.returncode == 0, result.stderr[-5000:]
     return result

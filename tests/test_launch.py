@@ -34,7 +34,7 @@ def write_recipe(path: Path, teacher, corpus, out: Path, **extra) -> Path:
 def script_env(**env) -> dict:
     """What a user's shell has after activating the environment."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-            **{k: str(v) for k, v in env.items()}}
+            "COLUMNS": "240", **{k: str(v) for k, v in env.items()}}
 
 
 def run_script(name: str, timeout=600, **env) -> subprocess.CompletedProcess:
