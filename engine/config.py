@@ -90,6 +90,9 @@ class RunConfig:
                                     "= a bitsandbytes-quantised copy per GPU (1/2 or 1/4 of the weights' memory; "
                                     "the teacher's outputs change slightly)",
                                     choices=["zero3", "replicated", "int8", "nf4"])
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                          "instead of keeping them (about a third slower; activations shrink to "
+                                          "one hidden state per layer)")
     optimizer: str = option("adamw", "optimiser of the trained model: adamw, or adamw8bit (bitsandbytes: 8-bit "
                             "moments, 2 instead of 8 bytes per parameter; not with an optimizer block in the "
                             "DeepSpeed JSON, e.g. CPU offload)", choices=["adamw", "adamw8bit"])

@@ -575,22 +575,17 @@ def recommend(rows: list[Placement]) -> tuple[Placement | None, str]:
 
 
 def ds_config_for(best: Placement) -> dict:
-    """Which files in ds_configs/ match a placement, and what is missing for it."""
+    """The `minidisc compress` options that run a placement."""
     train = {"adamw": "ds_configs/zero3_train.json", "adamw8bit": "ds_configs/zero3_train.json",
-             "offload-opt": "ds_configs/zero3_train_offload.json",
+             "offload-opt": "ds_configs/zero3_train_offload_optimizer.json",
              "offload-all": "ds_configs/zero3_train_offload.json"}[best.trained]
-    teacher = "ds_configs/zero3_inference.json" if best.teacher == "zero3" else None
-    notes = {
-        "adamw8bit": "the trainer builds torch AdamW; bitsandbytes AdamW8bit is not wired in yet",
-        "offload-opt": "zero3_train_offload.json also offloads parameters: drop its offload_param for "
-                       "optimiser-only offload",
-        "replicated": "no ds_configs/ file yet for a replicated (ZeRO stage 0) teacher; the trainer uses "
-                      "zero3_inference.json today",
-        "int8": "the trainer does not load bitsandbytes teachers yet",
-        "nf4": "the trainer does not load bitsandbytes teachers yet",
-    }
-    note = "; ".join(notes[key] for key in (best.trained, best.teacher) if key in notes)
-    return {"deepspeed": train, "teacher_deepspeed": teacher, "note": note}
+    options = [f"--deepspeed {train}", f"--teacher-placement {best.teacher}"]
+    if best.teacher == "zero3":
+        options.append("--teacher-deepspeed ds_configs/zero3_inference.json")
+    if best.trained == "adamw8bit":
+        options.append("--optimizer adamw8bit")
+    return {"deepspeed": train, "teacher_deepspeed": "ds_configs/zero3_inference.json" if best.teacher == "zero3"
+            else None, "options": " ".join(options)}
 
 
 MAX_NODES_FACTOR = 64  # how far `advice` looks for a node count that fits
@@ -708,8 +703,8 @@ def print_plan(report: dict) -> None:
     if report["recommended"]:
         ds = report["ds_config"]
         console.print(f"recommended: {report['reason']}")
-        teacher = f", --teacher-deepspeed {ds['teacher_deepspeed']}" if ds["teacher_deepspeed"] else ""
-        console.print(f"ds_config: --deepspeed {ds['deepspeed']}{teacher}" + (f" ({ds['note']})" if ds["note"] else ""))
+        console.print(f"run it with: minidisc compress {ds['options']}"
+                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''} ...")
     else:
         console.print(f"[bold red]{report['reason']}[/]; what to change:")
         for tip in report["advice"]:

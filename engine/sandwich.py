@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from .grid import PERMILLE
-from .objective import Objective, TeacherOutputs, width_loss
 
 
 def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], sparsities,

@@ -172,6 +172,12 @@ def _load_model(directory: Path, ds_config: dict):
     HfDeepSpeedConfig must stay referenced as long as the model lives."""
     from transformers.integrations import HfDeepSpeedConfig
 
+    if ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1:
+        # ZeRO++ hpZ: DeepSpeed builds its intra-node group in every zero.Init that asks for it and asserts on
+        # the second (the next model, the next stage); each model keeps the group it was built with.
+        from deepspeed.utils import groups
+
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
     keep_alive = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if bf16_enabled(ds_config) else torch.float32
     return load_causal_lm(directory, dtype=dtype), keep_alive
@@ -244,6 +250,23 @@ def _avoid_cpu_4bit_packing(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute every decoder layer's activations in the backward (--gradient-checkpointing). Hugging
+    Face's switch acts only in train() mode, which would also turn on OPT's dropout; the student trains
+    in eval mode (no dropout: deterministic and resumable), so the layers are wrapped here."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .families import family_for
+
+    for layer in family_for(model.config).layers(model):
+        def forward(*args, _forward=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
 def make_optimizer(cfg: RunConfig, groups: list[dict]):
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -261,6 +284,8 @@ def build_engines(stage: Stage, cfg: RunConfig, widths_per_step: int):
     teacher_engine, teacher_hf = load_teacher(stage.teacher_dir, cfg, frozen_config)
 
     model, student_hf = _load_model(stage.student_dir, train_config)
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(model)
     if stage.supernet:
         from .plan import PruningPlan
 

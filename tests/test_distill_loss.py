@@ -1,5 +1,4 @@
 """kernels.distill_loss and kernels.fused_linear_distill_loss against a plain, unfused reference."""
-import itertools
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import RunConfig
-from test_compress import MINIDISC, minidisc, options  # noqa: F401  (the console script and the tiny run)
+from test_compress import minidisc, options  # the console script and the tiny run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +94,23 @@ def test_cpu_offload_gives_the_same_student(zero3_run, pruned_dirs, corpus, tmp_
     reference = student_weights(zero3_run[0])
     for name, weight in student_weights(tmp_path / "run").items():
         torch.testing.assert_close(weight, reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(zero3_run, pruned_dirs, corpus, tmp_path):
+    from conftest import tiny_model
+    from engine.trainer import checkpoint_layers
+
+    def mlp_calls(checkpointed: bool) -> int:
+        model = tiny_model("opt")
+        if checkpointed:
+            checkpoint_layers(model)
+        calls = []
+        model.model.decoder.layers[0].fc1.register_forward_hook(lambda *_: calls.append(1))
+        model(torch.randint(3, 500, (2, 16))).logits.sum().backward()
+        return len(calls)
+
+    assert (mlp_calls(False), mlp_calls(True)) == (1, 2)  # recomputed in the backward
+    run_distill(pruned_dirs["llama_gqa"], corpus, tmp_path / "run", "--gradient-checkpointing")
+    reference = student_weights(zero3_run[0])
+    for name, weight in student_weights(tmp_path / "run").items():
+        assert torch.equal(weight, reference[name]), name

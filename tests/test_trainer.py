@@ -1,7 +1,6 @@
 """The DeepSpeed trainer's optimiser step equals a plain PyTorch reference, with 1 and 2 processes and with
 gradient accumulation; the run configuration (recipes and command line) and its errors."""
 import pytest
-from conftest import run_python
 from test_zero3 import launch_two_ranks
 
 import engine  # noqa: F401

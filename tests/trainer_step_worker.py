@@ -3,7 +3,6 @@ step, AdamW, linear decay, weight decay) against a plain PyTorch reference of th
 loss weighted 1/K over the global batch, one AdamW step per batch. Run alone (a world of one) or under the
 `deepspeed` launcher; rank 0 writes the largest parameter difference to --out."""
 import argparse
-import copy
 import json
 from pathlib import Path
 
