@@ -41,7 +41,8 @@ def srun_run(cluster, trained_teacher, corpus, tmp_path_factory):
     job = cluster.wait(submit(cluster, "slurm_srun.sbatch", recipe, root / "job.log"))
     wall = time.time() - started
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (root / "job.log").read_text()[-4000:]
-    print(f"\n2-task Slurm compress (srun): {wall:.1f} s from sbatch to COMPLETED")
+    phases = json.loads((root / "out" / "report.json").read_text())["phases"]
+    print(f"\n2-task Slurm compress (srun): {wall:.1f} s from sbatch to COMPLETED; phases (s): {phases}")
     return root / "out", root / "job.log", wall
 
 
