@@ -129,8 +129,6 @@ class Shapes:
     mlp_bias: bool
     norm_bias: bool  # LayerNorm (OPT) has a bias, RMSNorm (LLaMA) does not
     final_norm: bool
-    dropout: float  # residual dropout (OPT)
-    activation_dropout: float
 
     @classmethod
     def of(cls, config) -> "Shapes":
@@ -149,8 +147,6 @@ class Shapes:
             norm_bias=not llama and bool(get("layer_norm_elementwise_affine", True)),
             final_norm=llama or (bool(get("do_layer_norm_before", True))
                                  and not get("_remove_final_layer_norm", False)),
-            dropout=0.0 if llama else float(get("dropout", 0.0) or 0.0),
-            activation_dropout=0.0 if llama else float(get("activation_dropout", 0.0) or 0.0),
         )
 
     @property
@@ -405,15 +401,13 @@ def layer_activation_bytes(s: Shapes, q_dim: int, kv_dim: int, heads: int, neuro
         LLaMA: 16h + 8 + 4q + 4kv + 4 heads + 8i
     OPT, per LayerNorm (x2): input and output (2h each) and fp32 mean and rstd (8). Attention: q, k, v and
     the output (2 x (q + 2kv + q)). FFN: ReLU saves its output, which is also fc2's input (2i, not 2 x 2i).
-    Residual dropout (p > 0) keeps a 1-byte mask per element after attention and after fc2 (2h);
-    activation dropout adds its mask and output (3i).
-        OPT: 8h + 16 + 4q + 4kv + 4 heads + 2i (+ 2h with dropout)
+    No dropout masks: the trainer keeps the student in eval mode (deterministic, resumable).
+        OPT: 8h + 16 + 4q + 4kv + 4 heads + 2i
     h = hidden, q/kv = query/key-value dims kept, i = FFN neurons kept."""
     attention = 2 * (2 * q_dim + 2 * kv_dim) + 4 * heads
     if s.family == "llama":
         return 2 * (8 * s.hidden + 4) + attention + 8 * neurons
-    dropout = (2 * s.hidden if s.dropout > 0 else 0) + (3 * neurons if s.activation_dropout > 0 else 0)
-    return 2 * (4 * s.hidden + 8) + attention + 2 * neurons + dropout
+    return 2 * (4 * s.hidden + 8) + attention + 2 * neurons
 
 
 def _model_level_bytes(s: Shapes) -> int:
