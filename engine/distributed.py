@@ -2,9 +2,6 @@
 variables are set; run as a plain command we set them for a world of one. gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
-import atexit
-import contextlib
-import glob
 import logging
 import os
 import socket
@@ -45,9 +42,9 @@ def init() -> None:
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())  # srun may bind 1 GPU per task
+    _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, timeout=timedelta(seconds=faults.COMM_TIMEOUT_S))
-    atexit.register(_remove_shm_buffers)
     if world_size() > 1:
         faults.start_heartbeat(rank())
         if is_main():
@@ -74,13 +71,13 @@ def _ranks_from_slurm() -> None:
         env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
 
 
-def _remove_shm_buffers() -> None:
-    """DeepSpeed's CPU all-reduce op leaves a ~70 MB /dev/shm file per process behind; on a machine that runs
-    many jobs they fill the memory. Each process removes its own (peers keep their mappings)."""
-    suffix = f"_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{os.environ.get('RANK')}"
-    for path in glob.glob(f"/dev/shm/deepspeed_*{suffix}"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op (about a minute on first use) used only
+    by its inference all-reduce, which we never call; each process then leaves a ~70 MB /dev/shm file behind.
+    Marking the op incompatible makes DeepSpeed skip it (collectives go through torch.distributed)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def rank() -> int:

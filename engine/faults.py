@@ -11,6 +11,7 @@ the run fails with that one line instead of a stack trace or a hang.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -56,17 +57,27 @@ def _store(timeout_s: float):
 
 
 def start_heartbeat(rank: int) -> None:
-    """Count up `minidisc/alive/RANK` in the rendezvous store every HEARTBEAT_S seconds (a daemon thread)."""
+    """Count up `minidisc/alive/RANK` in the rendezvous store every HEARTBEAT_S seconds, in a thread that
+    stops at exit (before the interpreter tears down the store it holds)."""
+    stop = threading.Event()
+
     def beat():
         try:
             store = _store(60)
-            while True:
+            while not stop.is_set():
                 store.add(f"minidisc/alive/{rank}", 1)
-                time.sleep(HEARTBEAT_S)
+                stop.wait(HEARTBEAT_S)
         except Exception:  # the store's host (rank 0) is gone: nothing left to tell
             return
 
-    threading.Thread(target=beat, name="minidisc-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="minidisc-heartbeat", daemon=True)
+    thread.start()
+
+    def halt():
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(halt)
 
 
 def silent_ranks(world_size: int) -> list[int] | None:

@@ -141,5 +141,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         _run("scancel", *options, job_id, env=self.env)
 
     def release_requeued(self, job_id: int) -> None:
-        """A requeued job waits about two minutes before it is eligible again; start it now."""
+        """A requeued job waits about two minutes before it is eligible again; start it as soon as the node has
+        cleaned up the first run (a credential issued in the second its old one was revoked is refused)."""
+        deadline = time.time() + 60
+        while _run("sinfo", "-h", "-o", "%t", check=False, env=self.env).stdout.strip() != "idle":
+            assert time.time() < deadline, "the node never became idle after the requeue"
+            time.sleep(0.5)
+        time.sleep(2)
         _run("scontrol", "update", f"JobId={job_id}", "StartTime=now", env=self.env)
