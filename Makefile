@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/minidisc demo
+	$(BIN)/minidisc compress
 
 test: install
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) minidisc-demo

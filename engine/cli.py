@@ -52,13 +52,11 @@ def _add_export(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the exported checkpoint")
 
 
-def _add_demo(sub):
-    p = sub.add_parser("demo", help="run the built-in example: build a small LLaMA, prune it, print the candidates",
-                       description="Builds a small LLaMA teacher and a SentencePiece tokenizer on a corpus every "
-                       "Python ships (pydoc_data.topics), then runs `prune` on it. Needs no downloads.")
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="working directory (default ./demo_out)")
-    p.add_argument("--calib-samples", type=int, default=16, metavar="N", help="calibration blocks (default 16)")
-    p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per block (default 128)")
+def _add_report(sub):
+    p = sub.add_parser("report", help="re-render report.md and the plots of a finished run from its report.json",
+                       description="Reads OUT/report.json (written by compress, distill or maxidisc), writes "
+                       "OUT/report.md, tradeoff.png, models.png and curves.png again, and prints the summary.")
+    p.add_argument("out", metavar="OUT", help="output directory of a finished run")
 
 
 def _add_plan(sub):
@@ -96,7 +94,10 @@ def _add_plan(sub):
 
 RUN_COMMANDS = {
     "compress": ("MiniDisc: choose the teacher assistant in one trial and distil the student through it",
-                 "Prunes the teacher (unless --teacher was written by `minidisc prune`), trains every candidate TA "
+                 "With no --teacher and no --data (and no recipe naming them) it runs the built-in example: a "
+                 "small LLaMA pretrained on the Python docs (cached after the first run), compressed to 10%%, "
+                 "compared with plain KD and with no distillation, in ./minidisc-demo. Otherwise it prunes the "
+                 "teacher (unless --teacher was written by `minidisc prune`), trains every candidate TA "
                  "between --truncate and --target-sparsity at once (sandwich training on DeepSpeed), scores them "
                  "by p(s) + lambda * s, exports the chosen TA to OUT/ta, distils the student from it into "
                  "OUT/student, and writes OUT/report.json, report.md and plots."),
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_command(sub, name)
     _add_prune(sub)
     _add_export(sub)
-    _add_demo(sub)
+    _add_report(sub)
     _add_plan(sub)
     return parser
 
@@ -149,6 +150,23 @@ def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
     Console().print(table)  # results go to stdout; logs and progress to stderr
 
 
+def _builtin_defaults(args) -> dict | None:
+    """`minidisc compress` naming no teacher and no data runs the built-in example (built once, cached)."""
+    from .config import given
+
+    values = given(args)
+    if args.command != "compress" or values.get("teacher") or values.get("data"):
+        return None
+    from . import distributed
+    from .demo import builtin_options
+
+    distributed.init()
+    with distributed.main_first("building the built-in example") as main:
+        if main:
+            builtin_options()
+    return builtin_options()
+
+
 def run(args) -> None:
     from .grid import DEFAULT_GRID, parse_grid
 
@@ -158,7 +176,7 @@ def run(args) -> None:
         from .config import resolve
         from .report import print_summary
 
-        report = COMMANDS[args.command](resolve(args))
+        report = COMMANDS[args.command](resolve(args, _builtin_defaults(args)))
         if distributed.is_main():
             print_summary(report)
     elif args.command == "prune":
@@ -172,15 +190,10 @@ def run(args) -> None:
         from .export import export
 
         export(args.model, args.sparsity, args.out, uniform=args.uniform)
-    elif args.command == "demo":
-        from .demo import run_demo
+    elif args.command == "report":
+        from .report import rerender
 
-        print_candidates(run_demo(args.out, calib_samples=args.calib_samples, seq_len=args.seq_len),
-                         title="MiniDisc candidates of the demo teacher")
-    elif args.command == "plan":
-        from .memory_plan import run_plan
-
-        run_plan(args)
+        rerender(args.out)
 
 
 def _quiet_libraries() -> None:

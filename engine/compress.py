@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from .families import count_parameters, family_for
 from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
 from .plan import PLAN_FILE, PruningPlan
 from .sandwich import choose_ta, tradeoff
-from .trainer import Data, Stage, read_ds_config, run_stage, train_ds_config
+from .trainer import Data, Stage, objective_of, read_ds_config, run_stage, train_ds_config
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Options that may change between a run and its --resume (they do not change what is computed).
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed"}
+BASELINES = {"kd": "plain KD", "ce": "no distillation"}
 
 
 class Run:
@@ -165,10 +167,10 @@ class Run:
         truncate = parse_sparsity(self.cfg.truncate)
         return [s for s in self.plan.grid if truncate <= s <= self.target]
 
-    def stage(self, name, teacher_dir, student_dir, widths, supernet=False) -> dict:
+    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> dict:
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      export_dtype=self.export_dtype)
+                      export_dtype=self.export_dtype, objective=objective)
         result = run_stage(stage, self.cfg, self.data, self.work)
         self.phases[name] = result["wall_s"]
         return result
@@ -234,6 +236,21 @@ class Run:
                 log.info("wrote %s", self.out / "report.json")
         return report
 
+    def baseline(self, name: str, teacher_stats: dict) -> dict:
+        """A comparison student of the target size from the same slice of the pruned teacher, same budget:
+        `kd` distils it from the teacher (no TA), `ce` trains it on the next tokens alone (no distillation)."""
+        objective = objective_of(self.cfg)
+        if name == "ce":
+            objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
+        init = self.slice_model(self.target, self.work / "student_init-direct")
+        result = self.stage(f"baseline-{name}", self.teacher_dir, init, [self.target], objective=objective)
+        self.publish(Path(result["best_dir"]), f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
+                                                                    "sparsity": self.target / PERMILLE})
+        best = result["best"][str(self.target)]
+        return self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
+                                  best_step=best["step"], wall_time=result["wall_s"],
+                                  relative_accuracy=best["accuracy"] / max(teacher_stats["accuracy"], 1e-12))
+
     def teacher_metrics(self, stats: dict) -> dict:
         return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats)}
 
@@ -286,6 +303,8 @@ def compress(cfg: RunConfig) -> dict:
     teacher_params = run.parameters(0)
     for row in rows:
         row["parameter_fraction"] = row["parameters"] / teacher_params
+    summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher")
+    baselines = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
     return run.finish({
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
@@ -293,9 +312,19 @@ def compress(cfg: RunConfig) -> dict:
                                                     "path": "ta"},
         "ta_reason": reason,
         "ta": None if choice is None else run.model_metrics(choice, sandwich["best"][str(choice)], path=ta),
-        "student": run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher"),
+        "student": summary,
+        "baselines": baselines,
+        "student_vs_baselines": {name: _gain(summary, b) for name, b in baselines.items()},
         "curves": _curves(sandwich, student),
     })
+
+
+def _gain(student: dict, baseline: dict) -> dict:
+    """How much better the MiniDisc student is than a baseline (positive = better)."""
+    return {"accuracy": student["accuracy"] - baseline["accuracy"],
+            "relative_accuracy": student["accuracy"] / max(baseline["accuracy"], 1e-12) - 1,
+            "loss": baseline["loss"] - student["loss"],
+            "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
 
 
 def distill(cfg: RunConfig) -> dict:

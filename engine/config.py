@@ -45,6 +45,10 @@ class RunConfig:
     metric: str = option("relative_accuracy", "p(s): next-token accuracy divided by the teacher's "
                          "(relative_accuracy), raw accuracy, or exp(-dev loss) (exp_loss)",
                          choices=["relative_accuracy", "accuracy", "exp_loss"])
+    baselines: list[str] | None = option(None, "also train these students of the target size, with the same "
+                                         "budget, and compare them in the report: kd = plain KD from the teacher "
+                                         "(no TA), ce = the pruned teacher's slice trained on the data alone (no "
+                                         "distillation); `compress` only", nargs="+", choices=["kd", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
     uniform: bool = option(False, "keep the same units in every layer, so the TA and student are stock "
@@ -197,14 +201,29 @@ def _coerce(key: str, value):
         if kind == "float":
             return float(value)
         if kind.startswith("list"):
-            return [float(v) for v in (value if isinstance(value, list) else [value])]
+            items = value if isinstance(value, list) else [value]
+            if kind.startswith("list[str]"):
+                choices = FIELDS[key].metadata.get("choices")
+                if choices and any(str(v) not in choices for v in items):
+                    raise ValueError
+                return [str(v) for v in items]
+            return [float(v) for v in items]
         return str(value)
     except (TypeError, ValueError):
-        raise UserError(f"option '{key}' expects {kind.replace(' | None', '')}, got {value!r}") from None
+        choices = FIELDS[key].metadata.get("choices")
+        expected = f"a list of {', '.join(choices)}" if kind.startswith("list[str]") and choices else \
+            kind.replace(" | None", "")
+        raise UserError(f"option '{key}' expects {expected}, got {value!r}") from None
 
 
-def resolve(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the recipe, then what the command line set."""
+def given(args: argparse.Namespace) -> dict:
+    """The options a user set: the recipe's, overridden by the command line's."""
     values = load_recipe(args.config) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return values
+
+
+def resolve(args: argparse.Namespace, defaults: dict | None = None) -> RunConfig:
+    """Defaults (the dataclass's, then `defaults`), then the recipe, then what the command line set."""
+    values = {**(defaults or {}), **given(args)}
     return RunConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()

@@ -1,17 +1,117 @@
-"""The built-in example: a corpus every Python ships, a SentencePiece tokenizer, a small LLaMA teacher.
+"""The built-in example that `minidisc compress` runs when it is given no teacher and no data.
 
-Nothing is downloaded. The corpus is `pydoc_data.topics` (~465 KB of English from the Python docs),
-split into train/dev text files. The teacher is randomly initialised for now (a later step pretrains it).
+Nothing is downloaded. The corpus is `pydoc_data.topics` (~465 KB of English from the Python docs, in every
+Python), split into train/dev text files; a SentencePiece tokenizer is trained on it, and a small LLaMA
+teacher is pretrained on it for a few minutes. All three are cached (MINIDISC_CACHE, default
+~/.cache/minidisc), so only the first run pays for them. `MINIDISC_BUILTIN=test` selects a tiny variant
+for the test suite.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DEMO_TEACHER = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, max_position_embeddings=512)
+VERSION = 1  # bump when the setup changes, so stale caches are not reused
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """Sizes of the built-in teacher, its pretraining, and the options of the built-in compress run."""
+
+    teacher: dict
+    vocab_size: int
+    pretrain_steps: int
+    pretrain_batch: int
+    seq_len: int
+    run: dict = field(default_factory=dict)
+
+
+BUILTINS = {
+    # ~3.9M parameters; about 3 minutes of pretraining and 7 of compression on 2 CPU cores.
+    "default": Builtin(teacher=DEMO_TEACHER, vocab_size=2000, pretrain_steps=400, pretrain_batch=16, seq_len=128,
+                       run=dict(max_steps=150, eval_every=50, batch_size=8, seq_len=128, eval_samples=96,
+                                calib_samples=32, lr=1e-3, baselines=["kd", "ce"])),
+    "test": Builtin(teacher=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64),
+                    vocab_size=512, pretrain_steps=40, pretrain_batch=8, seq_len=32,
+                    run=dict(max_steps=6, eval_every=3, batch_size=4, seq_len=32, eval_samples=16, calib_samples=4,
+                             lr=2e-3, grid=[0, 0.5, 0.7, 0.9], baselines=["kd", "ce"])),
+}
+DEFAULT_OUT = "minidisc-demo"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MINIDISC_CACHE"):
+        return Path(os.environ["MINIDISC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minidisc"
+
+
+def builtin_options() -> dict:
+    """RunConfig values of the built-in run: its cached teacher and data (built on first use) and its sizes."""
+    import torch
+
+    from .config import REPO_CONFIGS
+
+    name = os.environ.get("MINIDISC_BUILTIN", "default")
+    if name not in BUILTINS:
+        from .errors import UserError
+
+        raise UserError(f"MINIDISC_BUILTIN={name} is not one of {', '.join(BUILTINS)}")
+    setup = builtin_setup(name)
+    options = dict(teacher=str(setup / "teacher"), data=str(setup / "train.txt"), dev_data=str(setup / "dev.txt"),
+                   out=DEFAULT_OUT, **BUILTINS[name].run)
+    if not torch.cuda.is_available():  # bf16 on a CPU is slower than fp32, and fp32 is exact
+        options["deepspeed"] = str(REPO_CONFIGS / "zero3_train_fp32.json")
+    return options
+
+
+def builtin_setup(name: str = "default") -> Path:
+    """The folder with train.txt, dev.txt and teacher/ (tokenizer included), built once and cached."""
+    from .checkpoint import atomic_output_dir, is_ours
+
+    directory = cache_dir() / f"builtin-{name}-v{VERSION}"
+    if is_ours(directory):
+        log.info("built-in example: reusing the pretrained teacher in %s", directory)
+        return directory
+    setup = BUILTINS[name]
+    log.info("built-in example: writing the corpus, training a tokenizer and pretraining a small LLaMA teacher "
+             "(cached in %s for later runs)", directory)
+    with atomic_output_dir(directory, kind="builtin-example") as scratch:
+        train, _ = write_corpus(scratch, dev_fraction=0.1)
+        tokenizer = train_tokenizer(train, scratch / "teacher", vocab_size=setup.vocab_size)
+        _pretrained_teacher(setup, tokenizer, train, scratch / "teacher")
+    return directory
+
+
+def _pretrained_teacher(setup: Builtin, tokenizer, train: Path, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .data import load_text_dataset, token_blocks
+
+    blocks = token_blocks(load_text_dataset(train), tokenizer, setup.seq_len, None, seed=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+                                         **setup.teacher))
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info("pretraining the teacher (LLaMA, %s parameters) for %d steps of %d x %d tokens", f"{parameters:,}",
+             setup.pretrain_steps, setup.pretrain_batch, setup.seq_len)
+    started = time.perf_counter()
+    losses = pretrain(model, blocks, steps=setup.pretrain_steps, batch_size=setup.pretrain_batch)
+    model.eval().save_pretrained(out)
+    (out / "pretraining.json").write_text(json.dumps({
+        "steps": setup.pretrain_steps, "batch": setup.pretrain_batch, "seq_len": setup.seq_len,
+        "parameters": parameters, "first_loss": losses[0], "last_loss": losses[-1],
+        "seconds": round(time.perf_counter() - started, 1)}, indent=1) + "\n")
+    log.info("teacher pretrained: loss %.2f -> %.2f in %.0f s", losses[0], losses[-1], time.perf_counter() - started)
 
 
 def write_corpus(directory: Path, dev_fraction: float = 0.05) -> tuple[Path, Path]:
@@ -41,30 +141,6 @@ def train_tokenizer(corpus: Path, directory: Path, vocab_size: int = 2000):
     (directory / "tokenizer.vocab").unlink(missing_ok=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
-
-
-def build_teacher(directory: Path, vocab_size: int, seed: int = 0) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **DEMO_TEACHER)
-    LlamaForCausalLM(config).save_pretrained(directory)
-
-
-def run_demo(out, calib_samples: int = 16, seq_len: int = 128):
-    from .prune import prune
-
-    out = Path(out)
-    work = out / "setup"
-    work.mkdir(parents=True, exist_ok=True)
-    train, _ = write_corpus(work)
-    teacher = work / "teacher"
-    if not (teacher / "config.json").is_file():
-        log.info("building the demo teacher (LLaMA, %s) and its tokenizer in %s", DEMO_TEACHER, teacher)
-        tokenizer = train_tokenizer(train, teacher)
-        build_teacher(teacher, len(tokenizer))
-    return prune(teacher, train, out / "pruned", calib_samples=calib_samples, seq_len=seq_len)
 
 
 def pretrain(model, blocks, steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> list[float]:

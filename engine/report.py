@@ -1,6 +1,6 @@
 """Human-readable views of a MiniDisc run report (the dict stored as OUT/report.json).
 
-`render` writes report.md plus PNG plots (the TA trade-off and the training curves);
+`render` writes report.md plus PNG plots (the TA trade-off, the models compared, the training curves);
 `print_summary` prints the candidates and the student's metrics to the console.
 """
 from __future__ import annotations
@@ -180,6 +180,29 @@ def _plot_curves(report: dict, path: Path) -> Path | None:
     return path
 
 
+def _plot_models(report: dict, path: Path) -> Path | None:
+    """Accuracy and perplexity of teacher, TA, student and baselines side by side, parameters on the labels."""
+    models = [(label, m) for label, _, m in _models(report) if m.get("accuracy") is not None]
+    if len(models) < 2:
+        return None
+    names = [f"{label}\n{_count(m.get('parameters'))}" for label, m in models]
+    colors = ["tab:grey" if label == "teacher" else "tab:orange" if label == "TA" else
+              "tab:green" if label.startswith("student") else "tab:blue" for label, _ in models]
+    fig = _figure(max(6.0, 1.6 * len(models) + 2), 4.0)
+    for index, (key, title) in enumerate((("accuracy", "next-token accuracy (dev)"),
+                                          ("perplexity", "perplexity (dev), lower is better"))):
+        ax = fig.add_subplot(1, 2, index + 1)
+        values = [m.get(key) if m.get(key) is not None and math.isfinite(m[key]) else math.nan for _, m in models]
+        bars = ax.bar(range(len(models)), values, color=colors)
+        ax.bar_label(bars, fmt="%.3f" if key == "accuracy" else "%.1f", fontsize="small")
+        ax.set_xticks(range(len(models)), names, fontsize="small")
+        ax.set_title(title)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------- markdown
 
 def _summary(report: dict) -> str:
@@ -216,6 +239,7 @@ def _summary(report: dict) -> str:
         if student.get("relative_accuracy") is not None:
             line += f" (relative accuracy {_num(student['relative_accuracy'])})"
         parts.append(line + ".")
+    parts += _gains(report)
     return " ".join(parts)
 
 
@@ -254,15 +278,32 @@ def _role_time(report: dict, role: str, metrics: dict):
     return sum(times) if times else None
 
 
-def _comparison_table(report: dict) -> list[str]:
+def _models(report: dict) -> list[tuple[str, str, dict]]:
+    """(label, role, metrics) of every model the run produced or compared, teacher first."""
     models = [("teacher", "teacher", report.get("teacher")), ("TA", "ta", report.get("ta")),
-              ("student", "student", report.get("student"))]
-    models += [(f"baseline: {name}", "baseline", m) for name, m in (report.get("baselines") or {}).items()]
+              ("student (MiniDisc)" if report.get("candidates") else "student", "student", report.get("student"))]
+    models += [(m.get("label", name), "baseline", m) for name, m in (report.get("baselines") or {}).items()]
+    return [(label, role, m) for label, role, m in models if m]
+
+
+def _gains(report: dict) -> list[str]:
+    """One sentence per baseline: how far the student is ahead of it (same size, same budget)."""
+    lines = []
+    for name, gain in (report.get("student_vs_baselines") or {}).items():
+        label = (report.get("baselines") or {}).get(name, {}).get("label", name)
+        side = "ahead of" if gain["accuracy"] > 0 else "behind" if gain["accuracy"] < 0 else "level with"
+        lines.append(f"The student is {side} the {label} student (same size, same budget) by "
+                     f"{100 * abs(gain['accuracy']):.2f} accuracy points ({100 * gain['relative_accuracy']:+.1f}% "
+                     f"relative); its dev loss differs by {-gain['loss']:+.3f} and its perplexity is "
+                     f"x{1 / gain['perplexity_ratio']:.3f} the baseline's.")
+    return lines
+
+
+def _comparison_table(report: dict) -> list[str]:
+    models = _models(report)
     teacher_params = (report.get("teacher") or {}).get("parameters")
     rows = []
     for label, role, m in models:
-        if not m:
-            continue
         fraction = m["parameters"] / teacher_params if m.get("parameters") and teacher_params else None
         rows.append([label, _num(m.get("sparsity", 0.0 if role == "teacher" else None)), _count(m.get("parameters")),
                      _pct(fraction), _fixed(m.get("loss")), _fixed(m.get("perplexity"), 2), _fixed(m.get("accuracy")),
@@ -292,6 +333,8 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
     comparison = _comparison_table(report)
     if comparison:
         lines += ["## Models", "", *comparison, ""]
+        if "models" in images:
+            lines += [f"![Accuracy and perplexity of every model]({images['models'].name})", ""]
     phases = _phase_table(report)
     if phases:
         lines += ["## Phases", "", *phases, ""]
@@ -307,7 +350,7 @@ def render(report: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
-    for name, plot in (("tradeoff", _plot_tradeoff), ("curves", _plot_curves)):
+    for name, plot in (("tradeoff", _plot_tradeoff), ("models", _plot_models), ("curves", _plot_curves)):
         path = plot(report, out_dir / f"{name}.png")
         if path is not None:
             images[name] = path
@@ -345,3 +388,26 @@ def print_summary(report: dict) -> None:
         console.print(f"student s={_num(get('sparsity'))}: {_count(get('parameters'))} params, "
                       f"accuracy {_fixed(get('accuracy'))} (relative {_fixed(get('relative_accuracy'))}), "
                       f"dev loss {_fixed(get('loss'))}, perplexity {_fixed(get('perplexity'), 2)}")
+    for line in _gains(report):
+        console.print(line)
+
+
+def rerender(out_dir) -> list[Path]:
+    """`minidisc report OUT`: report.md and the plots again from OUT/report.json, and the console summary."""
+    import json
+
+    from .errors import UserError
+
+    path = Path(out_dir) / "report.json"
+    if not path.is_file():
+        partial = "; the run has not finished (continue it with --resume)" if (Path(out_dir) / "run.json").is_file() \
+            else ""
+        raise UserError(f"{path} does not exist: give the output directory of a finished minidisc run{partial}")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    written = render(report, out_dir)
+    print_summary(report)
+    Console().print("wrote " + ", ".join(str(p) for p in written))
+    return written

@@ -71,6 +71,7 @@ class Stage:
     width_of: Callable[[int], Width] | None = None  # supernet only: the per-layer width of a sparsity
     uniform: bool = False  # supernet only: widths are uniform, snapshots are stock HF classes
     export_dtype: torch.dtype = torch.float32
+    objective: Objective | None = None  # default: the run's distillation objective (objective_of(cfg))
 
 
 @dataclass
@@ -411,7 +412,7 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
     started = time.perf_counter()
     widths_per_step = len(widths_at(stage, cfg, 0))
     teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, widths_per_step)
-    objective = objective_of(cfg)
+    objective = stage.objective or objective_of(cfg)
     select = (lambda s: distiller.student.set_width(stage.width_of(s))) if stage.supernet else (lambda s: None)
     checkpoints = stage_dir / "checkpoints"
     state = StageState()

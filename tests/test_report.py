@@ -61,7 +61,11 @@ def make_report(command: str = "compress", lam: float = 0.2) -> dict:
         report["selected_ta"] = {"sparsity": best["sparsity"], "step": best["best_step"], "path": "ta"}
         report["ta"] = metrics(best["sparsity"], best["accuracy"], best["loss"], "ta")
         report["ta_reason"] = f"p + lambda*s peaks at s={best['sparsity']:g}"
-    report["baselines"] = {"uniform": metrics(target, 0.25, 3.2, "uniform") | {"relative_accuracy": 0.5}}
+    if command == "compress":  # --baselines ce: the same-size student trained without distillation
+        report["baselines"] = {"ce": metrics(target, 0.25, 3.2, "baselines/ce") | {
+            "relative_accuracy": 0.5, "label": "no distillation", "wall_time": 12.5}}
+        report["student_vs_baselines"] = {"ce": {"accuracy": 0.31 - 0.25, "relative_accuracy": 0.31 / 0.25 - 1,
+                                                 "loss": 3.2 - 2.9, "perplexity_ratio": 2.718281828 ** 0.3}}
     return json.loads(json.dumps(report))  # exactly what report.json holds
 
 
@@ -86,9 +90,9 @@ def test_render_with_candidates(tmp_path, command):
     assert report["selected_ta"]["sparsity"] == 0.7  # argmax of p + lam * s, not the target
     written = render(report, tmp_path)
 
-    assert {p.name for p in written} == {"report.md", "tradeoff.png", "curves.png"}
+    assert {p.name for p in written} == {"report.md", "tradeoff.png", "models.png", "curves.png"}
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
-    for png in ("tradeoff.png", "curves.png"):
+    for png in ("tradeoff.png", "models.png", "curves.png"):
         assert_png(tmp_path / png)
 
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
@@ -99,7 +103,12 @@ def test_render_with_candidates(tmp_path, command):
     assert "no TA" not in md
     assert report["ta_reason"] in md
     assert "![" in md and "(tradeoff.png)" in md and "(curves.png)" in md
-    assert "baseline: uniform" in md and "| TA |" in md
+    assert "| TA |" in md and "| student (MiniDisc) |" in md and "(models.png)" in md
+    if command == "compress":  # the baseline's row, and by how much the student beats it
+        assert "| no distillation | 0.9 |" in md and "| 12.5 s |" in md
+        assert ("The student is ahead of the no distillation student (same size, same budget) by 6.00 accuracy "
+                "points (+24.0% relative); its dev loss differs by -0.300 and its perplexity is x0.741 the "
+                "baseline's.") in md
     assert "sandwich" in md and "30.2" in md  # phases table
     assert ("MaxiDisc student acc." in md) == (command == "maxidisc")
 
@@ -117,7 +126,7 @@ def test_render_no_ta_when_best_tradeoff_is_at_target(tmp_path):
 def test_render_distill_has_no_tradeoff_plot(tmp_path):
     report = make_report("distill")
     written = render(report, tmp_path)
-    assert {p.name for p in written} == {"report.md", "curves.png"}
+    assert {p.name for p in written} == {"report.md", "models.png", "curves.png"}  # teacher vs student
     assert not (tmp_path / "tradeoff.png").exists()
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "# MiniDisc report: distill" in md
@@ -140,6 +149,7 @@ def test_print_summary_names_selected(capsys, command):
     selected = [line for line in out.splitlines() if "✓" in line]
     assert len(selected) == 1 and "0.7" in selected[0]
     assert "student s=0.9" in out and "0.310" in out
+    assert ("ahead of the no distillation student" in out.replace("\n", " ")) == (command == "compress")
 
 
 def test_print_summary_distill(capsys):
