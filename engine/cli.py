@@ -118,6 +118,10 @@ def _add_run_command(sub, name: str) -> None:
     summary, description = RUN_COMMANDS[name]
     p = sub.add_parser(name, help=summary, description=description + " " + LAUNCH_NOTE.format(cmd=name))
     add_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="check the options (or recipe) against the teacher's "
+                   "config.json and tokenizer, the data paths and the DeepSpeed configs without reading weights or "
+                   "data, print the candidate widths, the stages and, with --cluster, the memory per GPU; exit 2 "
+                   "on the first problem")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +180,11 @@ def run(args) -> None:
         from .config import resolve
         from .report import print_summary
 
+        if args.dry_run:
+            from .dry_run import dry_run
+
+            dry_run(resolve(args), args.command)
+            return
         report = COMMANDS[args.command](resolve(args, _builtin_defaults(args)))
         if distributed.is_main():
             print_summary(report)

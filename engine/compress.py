@@ -36,7 +36,7 @@ from .trainer import Data, Stage, objective_of, read_ds_config, run_stage, train
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Options that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed"}
+RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster"}
 BASELINES = {"kd": "plain KD", "ce": "no distillation"}
 
 

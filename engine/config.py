@@ -25,13 +25,14 @@ def option(default, help: str, **argparse_kwargs):
 class RunConfig:
     # what to compress, on what
     teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA or OPT) with its tokenizer; a "
-                          "directory written by `minidisc prune` is used as is, any other is pruned first", metavar="DIR")
+                          "directory written by `minidisc prune` is used as is, any other is pruned first. `compress` "
+                          "with neither --teacher nor --data runs the built-in example", metavar="DIR")
     data: str = option(None, "training text: .txt, .jsonl/.json, .parquet, .csv, or a datasets save_to_disk folder",
                        metavar="FILE")
     dev_data: str | None = option(None, "dev text in the same formats (default: --eval-samples blocks held out of "
                                   "--data)", metavar="FILE")
-    out: str = option(None, "output directory: ta/, student/, report.json, report.md, plots, work/ (checkpoints)",
-                      metavar="DIR")
+    out: str = option(None, "output directory: ta/, student/, baselines/, report.json, report.md, plots, work/ "
+                      "(checkpoints); the built-in example writes ./minidisc-demo", metavar="DIR")
     text_field: str = option("text", "record field holding the text in json/jsonl/parquet/csv data", metavar="NAME")
     # the MiniDisc schedule
     target_sparsity: float = option(0.9, "fraction of attention units and FFN neurons the student removes (0.9 = a "
@@ -101,6 +102,9 @@ class RunConfig:
                             "moments, 2 instead of 8 bytes per parameter; not with an optimizer block in the "
                             "DeepSpeed JSON, e.g. CPU offload)", choices=["adamw", "adamw8bit"])
     # run control
+    cluster: str | None = option(None, "the cluster a recipe is meant for, NODESxGPUSxGIB (e.g. 4x8x80 = 4 nodes of 8 "
+                                 "GPUs with 80 GiB): --dry-run checks --batch-size and the memory against it",
+                                 metavar="NxGxM")
     resume: bool = option(False, "continue the run in --out from its last checkpoint (after a kill or a requeue)")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -127,18 +131,40 @@ class RunConfig:
             raise UserError("--lr and --temperature must be positive")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.jsd_beta <= 1:
             raise UserError("--warmup-ratio must be in [0, 1) and --jsd-beta in [0, 1]")
+        if self.cluster is not None:
+            self.cluster_shape()
         if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0:
             raise UserError("--sandwich-sample, --patience and --max-grad-norm cannot be negative")
         return self
 
+    def cluster_shape(self) -> tuple[int, int, float]:
+        """(nodes, GPUs per node, GiB per GPU) of --cluster."""
+        try:
+            nodes, gpus, memory = self.cluster.lower().split("x")
+            shape = int(nodes), int(gpus), float(memory)
+        except (AttributeError, ValueError):
+            shape = (0, 0, 0)
+        if min(shape) <= 0:
+            raise UserError(f"--cluster {self.cluster!r}: write NODESxGPUSxGIB, e.g. 1x8x80")
+        return shape
+
     def train_ds_config(self) -> Path:
-        return Path(self.deepspeed) if self.deepspeed else REPO_CONFIGS / "zero3_train.json"
+        return _shipped(self.deepspeed) if self.deepspeed else REPO_CONFIGS / "zero3_train.json"
 
     def teacher_ds_config(self) -> Path:
-        return Path(self.teacher_deepspeed) if self.teacher_deepspeed else REPO_CONFIGS / "zero3_inference.json"
+        return _shipped(self.teacher_deepspeed) if self.teacher_deepspeed else REPO_CONFIGS / "zero3_inference.json"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _shipped(path: str) -> Path:
+    """A DeepSpeed JSON as given or, when a relative path is not found from the working directory, the file
+    of that path in this repository (`ds_configs/...`), so recipes work from any directory."""
+    given = Path(path)
+    if not given.is_absolute() and not given.exists() and (REPO_CONFIGS.parent / given).is_file():
+        return REPO_CONFIGS.parent / given
+    return given
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}

@@ -17,13 +17,29 @@ log = logging.getLogger(__name__)
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def check_data_path(path) -> str:
+    """The cheap checks of a data path, without reading it: exists, a known format. Returns the format."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
+            raise UserError(f"{path} is a folder but not a dataset saved with save_to_disk")
+        return "save_to_disk"
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"data file {path}: unsupported extension '{path.suffix}'; use one of {sorted(BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty")
+    return builder
+
+
 def load_text_dataset(path, text_field: str = "text"):
     """A `datasets.Dataset` of records with a `text_field` column, from a local file or saved folder."""
     import datasets
 
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
+    builder = check_data_path(path)
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -34,11 +50,6 @@ def load_text_dataset(path, text_field: str = "text"):
                 raise UserError(f"{path} holds splits {list(ds)}; save the one to use as 'train'")
             ds = ds["train"]
     else:
-        builder = BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise UserError(f"data file {path}: unsupported extension '{path.suffix}'; use one of {sorted(BUILDERS)}")
-        if path.stat().st_size == 0:
-            raise UserError(f"data file {path} is empty")
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
@@ -72,6 +83,6 @@ def token_blocks(ds, tokenizer, seq_len: int, max_blocks: int | None = None, see
         raise UserError(f"the data holds fewer than {seq_len} tokens, not one block of --seq-len {seq_len}; "
                         "give more text or a smaller --seq-len")
     if max_blocks is not None and len(blocks) < max_blocks:
-        log.warning("the data yields only %d blocks of %d tokens (asked for %d); using them all",
-                    len(blocks), seq_len, max_blocks)
+        log.info("the data yields %d blocks of %d tokens, fewer than the %d asked for: training repeats them "
+                 "(%.1f epochs)", len(blocks), seq_len, max_blocks, max_blocks / len(blocks))
     return torch.tensor(blocks[:max_blocks], dtype=torch.long)

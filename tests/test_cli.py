@@ -132,3 +132,15 @@ def test_single_node_launch_script(teacher, corpus, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert [c["sparsity"] for c in json.loads((tmp_path / "p" / "pruning.json").read_text())["candidates"]] == [0, 0.5]
+
+
+def test_readme_documents_every_option():
+    """The configuration reference in the README covers every option of the run commands."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from engine.config import RunConfig
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in fields(RunConfig) if f"`--{f.name.replace('_', '-')}` (`{f.name}`)" not in text]
+    assert not missing, f"README's configuration reference lacks {missing}"

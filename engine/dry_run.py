@@ -1,0 +1,158 @@
+"""`minidisc compress|distill|maxidisc --dry-run`: check a recipe against the model's config and print what the
+run would do, without reading weights or data.
+
+Checked, with the same one-line errors as a real run: the teacher's config.json (a supported family) and its
+tokenizer, --seq-len against the positions, the data paths and formats, both DeepSpeed JSONs and --optimizer,
+the target on a pruned teacher's grid, and, with --cluster NODESxGPUSxGIB, that --batch-size splits over
+its GPUs and that the chosen placement fits their memory (`engine.memory_plan`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import memory_plan as mp
+from .checkpoint import load_config, load_tokenizer
+from .config import RunConfig
+from .data import check_data_path
+from .errors import UserError
+from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
+from .plan import PLAN_FILE, PruningPlan
+from .trainer import read_ds_config
+
+
+def dry_run(cfg: RunConfig, command: str) -> dict:
+    """Validate and describe the run; returns what it printed as data."""
+    config = load_config(cfg.teacher)
+    load_tokenizer(cfg.teacher, config)
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and cfg.seq_len > max_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+    data = {"data": check_data_path(cfg.data)}
+    if cfg.dev_data:
+        data["dev_data"] = check_data_path(cfg.dev_data)
+    candidates = _candidates(cfg, config)
+    widths_per_step = _widths_per_step(cfg, len(candidates)) if command == "compress" else 1
+    train, teacher = _ds_configs(cfg)
+    cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
+    gpus = cluster.gpus if cluster else 1
+    if cfg.batch_size % (gpus * cfg.grad_accum):
+        raise UserError(f"--batch-size {cfg.batch_size} cannot be split evenly over {gpus} GPUs x {cfg.grad_accum} "
+                        f"accumulation steps; use a multiple of {gpus * cfg.grad_accum}")
+    plan = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
+            "parameters": mp.parameter_count(config), "candidates": candidates, "data": data,
+            "stages": _stages(cfg, command, candidates, widths_per_step),
+            "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
+                          "micro_batch": cfg.batch_size // (gpus * cfg.grad_accum),
+                          "gradient_accumulation_steps": widths_per_step * cfg.grad_accum,
+                          "bf16": bool(train.get("bf16", {}).get("enabled", False))}}
+    if cluster:
+        plan["memory"] = _memory(cfg, config, cluster, train, candidates)
+    _print(plan, cfg)
+    if cluster and not plan["memory"]["fits"]:
+        m = plan["memory"]
+        raise UserError(f"the run needs {m['total_gib']:.1f} GiB per GPU but {cfg.cluster} leaves "
+                        f"{m['usable_gib']:.1f} usable: see `minidisc plan {cfg.teacher} --nodes {cluster.nodes} "
+                        f"--gpus-per-node {cluster.gpus_per_node} --gpu-memory {cluster.gpu_memory_gib:g}`")
+    return plan
+
+
+def _candidates(cfg: RunConfig, config) -> list[dict]:
+    """The grid (the pruned teacher's, or the one pruning would use) between --truncate and the target."""
+    target, truncate = parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.truncate)
+    if (Path(cfg.teacher) / PLAN_FILE).is_file():
+        grid = PruningPlan.load(Path(cfg.teacher)).grid
+        if target not in grid:
+            raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {cfg.teacher} "
+                            f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
+    else:
+        grid = sorted(set(parse_sparsity(s) for s in cfg.grid) if cfg.grid else set(DEFAULT_GRID)) + [target]
+    teacher = mp.parameter_count(config)
+    return [{"sparsity": s / PERMILLE, "parameters": mp.width_parameters(config, s),
+             "fraction": mp.width_parameters(config, s) / teacher}
+            for s in sorted(set(grid)) if truncate <= s <= target]
+
+
+def _widths_per_step(cfg: RunConfig, k: int) -> int:
+    return min(k, cfg.sandwich_sample + 2) if cfg.sandwich_sample else k
+
+
+def _ds_configs(cfg: RunConfig) -> tuple[dict, dict]:
+    train, teacher = read_ds_config(cfg.train_ds_config()), read_ds_config(cfg.teacher_ds_config())
+    if cfg.optimizer != "adamw" and "optimizer" in train:
+        raise UserError(f"--optimizer {cfg.optimizer} cannot replace the optimizer block of {cfg.train_ds_config()}:"
+                        " use a DeepSpeed config without one or --optimizer adamw")
+    return train, teacher
+
+
+def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:
+    sequences = cfg.max_steps * cfg.batch_size
+    target = candidates[-1]["sparsity"]
+    if command == "compress":
+        stages = [("sandwich", "teacher -> every candidate", widths_per_step),
+                  ("student", "chosen TA (or teacher) -> student", 1)]
+        stages += [(f"baseline-{b}", {"kd": "teacher -> student", "ce": "data -> student"}[b], 1)
+                   for b in cfg.baselines or []]
+    elif command == "distill":
+        stages = [("student", "teacher -> student", 1)]
+    else:
+        stages = [(f"ta-{c['sparsity']:g} + student", "teacher -> TA -> student", 1) for c in candidates
+                  if c["sparsity"] != target] + [("student-direct", "teacher -> student", 1)]
+    return [{"stage": name, "what": what, "widths_per_step": k, "steps": cfg.max_steps,
+             "tokens": sequences * cfg.seq_len} for name, what, k in stages]
+
+
+def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates: list[dict]) -> dict:
+    zero = train.get("zero_optimization", {})
+    offloaded = {what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"}
+    trained = ("offload-all" if "param" in offloaded else "offload-opt" if offloaded else
+               "adamw8bit" if cfg.optimizer == "adamw8bit" else "adamw")
+    options = mp.PlanOptions(target=round(candidates[-1]["sparsity"] * PERMILLE),
+                             truncate=round(candidates[0]["sparsity"] * PERMILLE),
+                             grid=tuple(round(c["sparsity"] * PERMILLE) for c in candidates),
+                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
+                             sandwich_sample=cfg.sandwich_sample,
+                             gradient_checkpointing=cfg.gradient_checkpointing).validate()
+    row = mp._placement(config, cluster, options, cfg.teacher_placement, trained)
+    gib = lambda n: round(n / mp.GIB, 2)  # noqa: E731
+    return {"placement": row.name, "teacher_gib": gib(row.teacher_bytes), "params_grads_gib":
+            gib(row.params_grads_bytes), "optimizer_gib": gib(row.optimizer_bytes),
+            "activations_gib": gib(row.activation_bytes), "loss_gib": gib(row.loss_bytes),
+            "total_gib": gib(row.total_bytes), "usable_gib": gib(row.usable_bytes),
+            "cpu_per_node_gib": gib(row.cpu_per_node_bytes), "fits": row.fits}
+
+
+def _print(plan: dict, cfg: RunConfig) -> None:
+    console = Console()
+    console.print(f"[bold]dry run[/]: minidisc {plan['command']}, teacher {plan['teacher']} ({plan['family']}, "
+                  f"{plan['parameters']:,} parameters), target sparsity {cfg.target_sparsity:g}, out {cfg.out}")
+    table = Table(title="candidate widths" if plan["command"] != "distill" else "widths")
+    for column in ("sparsity", "parameters", "of teacher"):
+        table.add_column(column, justify="right")
+    for c in plan["candidates"]:
+        table.add_row(f"{c['sparsity']:g}", f"{c['parameters']:,}", f"{c['fraction']:.1%}")
+    console.print(table)
+    stages = Table(title="stages (each --max-steps optimiser steps)")
+    for column in ("stage", "what", "widths per step", "steps", "tokens"):
+        stages.add_column(column, justify="left" if column in ("stage", "what") else "right")
+    for s in plan["stages"]:
+        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]), f"{s['tokens']:,}")
+    console.print(stages)
+    ds = plan["deepspeed"]
+    teacher = (f"{ds['teacher']} (frozen teachers)" if cfg.teacher_placement == "zero3" else
+               f"teachers: a {cfg.teacher_placement} copy per GPU")
+    console.print(f"DeepSpeed: {ds['train']} (trained, bf16 {ds['bf16']}), {teacher}; micro-batch "
+                  f"{ds['micro_batch']} per GPU, {ds['gradient_accumulation_steps']} micro-steps per optimiser step")
+    if "memory" in plan:
+        m = plan["memory"]
+        console.print(f"memory on {cfg.cluster} ({m['placement']}): teacher {m['teacher_gib']:.1f} + params/grads "
+                      f"{m['params_grads_gib']:.1f} + optimizer {m['optimizer_gib']:.1f} + activations "
+                      f"{m['activations_gib']:.1f} + loss {m['loss_gib']:.1f} = {m['total_gib']:.1f} GiB per GPU of "
+                      f"{m['usable_gib']:.1f} usable: {'fits' if m['fits'] else 'DOES NOT FIT'}; CPU "
+                      f"{m['cpu_per_node_gib']:.1f} GiB per node")
+    else:
+        console.print("memory: add cluster: NODESxGPUSxGIB to the recipe (or --cluster) to check it")
+    console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
+                  (", batch split and memory" if "memory" in plan else ""))

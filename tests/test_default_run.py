@@ -1,0 +1,82 @@
+"""`minidisc compress` with no arguments: the built-in example end to end, at its test size
+(MINIDISC_BUILTIN=test: a tiny teacher, a few steps), then `minidisc report` re-rendering it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from test_compress import MINIDISC, dev_accuracy
+
+
+def run(cwd, *args, cache, check=True) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MINIDISC_CACHE": str(cache), "MINIDISC_BUILTIN": "test", "OMP_NUM_THREADS": "1",
+           "COLUMNS": "240"}
+    result = subprocess.run([MINIDISC, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=900,
+                            env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default")
+    result = run(root / "first", "compress", cache=root / "cache")
+    return root, root / "first" / "minidisc-demo", result
+
+
+def test_default_run_writes_consistent_artifacts(default_run):
+    root, out, result = default_run
+    assert "pretraining the teacher" in result.stderr  # first run: built and cached
+    assert (root / "cache" / "builtin-test-v1" / "teacher" / "pretraining.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    for name in ("report.md", "tradeoff.png", "models.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert set(report["baselines"]) == {"kd", "ce"}
+    assert report["selected_ta"] is None or (out / "ta" / "config.json").is_file()
+
+    # every student on disk is the model the report describes (re-evaluated independently)
+    dev = torch.load(out / "work" / "data.pt")["dev"]
+    student = report["student"]
+    assert dev_accuracy(out / "student", dev) == pytest.approx(student["accuracy"], abs=1e-9)
+    for name, baseline in report["baselines"].items():
+        assert dev_accuracy(out / "baselines" / name, dev) == pytest.approx(baseline["accuracy"], abs=1e-9)
+        assert baseline["parameters"] == student["parameters"]  # same size
+        gain = report["student_vs_baselines"][name]
+        assert gain["accuracy"] == pytest.approx(student["accuracy"] - baseline["accuracy"])
+        assert gain["loss"] == pytest.approx(baseline["loss"] - student["loss"])
+    # same budget for every stage
+    steps = {stage: max(p["step"] for p in curves["train"]) for stage, curves in report["curves"].items()}
+    assert steps == {"sandwich": 6, "student": 6, "baseline-kd": 6, "baseline-ce": 6}
+
+    md = (out / "report.md").read_text()
+    assert "| plain KD |" in md and "| no distillation |" in md and "(models.png)" in md
+    assert "the plain KD student (same size, same budget)" in md
+    assert "the no distillation student (same size, same budget)" in md
+    assert "student s=0.9" in result.stdout  # the console summary
+
+
+def test_the_cached_teacher_is_reused(default_run):
+    root, _, _ = default_run
+    second = run(root / "first", "compress", "--out", "again", cache=root / "cache")
+    assert "reusing the pretrained teacher" in second.stderr and "pretraining the teacher" not in second.stderr
+    refused = run(root / "first", "compress", cache=root / "cache", check=False)  # the first output is kept
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+
+def test_report_command_rerenders(default_run, tmp_path):
+    _, out, _ = default_run
+    before = (out / "report.md").read_text()
+    for name in ("report.md", "tradeoff.png", "models.png", "curves.png"):
+        (out / name).unlink()
+    result = run(tmp_path, "report", out, cache=tmp_path)
+    assert (out / "report.md").read_text() == before
+    assert all((out / name).stat().st_size > 0 for name in ("tradeoff.png", "models.png", "curves.png"))
+    assert "student s=0.9" in result.stdout and "wrote" in result.stdout
+    missing = run(tmp_path, "report", tmp_path / "nothing", cache=tmp_path, check=False)
+    assert missing.returncode == 2 and "report.json does not exist" in missing.stderr

@@ -1,0 +1,98 @@
+"""The shipped recipes: `--dry-run` of each against a checkpoint folder holding its model's published config
+(no weights) and data in the recipe's format, and the dry run's own checks."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.memory_plan import preset_config
+from test_compress import minidisc
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
+    "llama-2-7b-10pct": ("llama-2-7b", "jsonl"),
+    "llama-3-8b-25pct": ("llama-3-8b", "parquet"),
+    "opt-13b-10pct": ("opt-13b", "save_to_disk"),
+    "opt-1.3b-10pct": ("opt-1.3b", "txt"),
+}
+
+
+def test_every_shipped_recipe_is_listed():
+    assert {p.stem for p in (REPO / "recipes").glob("*.yaml")} == set(RECIPES)
+
+
+def write_data(directory: Path, kind: str, corpus) -> Path:
+    import datasets
+
+    texts = [p for p in corpus["train"].read_text().split("\n\n") if p.strip()][:50]
+    directory.mkdir(parents=True, exist_ok=True)
+    if kind == "txt":
+        return corpus["train"]
+    if kind == "jsonl":
+        return corpus["jsonl"]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    if kind == "parquet":
+        ds.to_parquet(directory / "train.parquet")
+        return directory / "train.parquet"
+    ds.save_to_disk(directory / "saved")
+    return directory / "saved"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Folders with a preset's config.json and a tokenizer: everything a dry run reads of a checkpoint."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for preset, _ in RECIPES.values():
+        preset_config(preset).save_pretrained(root / preset)
+        tokenizer.save_pretrained(root / preset)
+        out[preset] = root / preset
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_dry_run(name, checkpoints, corpus, tmp_path):
+    preset, data_kind = RECIPES[name]
+    recipe_path = REPO / "recipes" / f"{name}.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    data = write_data(tmp_path, data_kind, corpus)
+    result = minidisc("compress", "--config", recipe_path, "--teacher", checkpoints[preset], "--data", data,
+                      "--dev-data", data, "--dry-run")
+    out = " ".join(result.stdout.split())
+    assert "checks passed: config, tokenizer, data paths, DeepSpeed configs, batch split and memory" in out
+    assert f"memory on {recipe['cluster']}" in out and ": fits;" in out
+    assert f"target sparsity {recipe['target_sparsity']:g}" in out
+    assert f"│ {recipe['target_sparsity']:g} │" in result.stdout  # the student is the last candidate
+    assert not (tmp_path / "runs").exists()  # nothing written
+    # what the recipe names exists: its DeepSpeed configs and its launch script
+    for key in ("deepspeed", "teacher_deepspeed"):
+        if key in recipe:
+            assert (REPO / recipe[key]).is_file(), recipe[key]
+    scripts = re.findall(r"launch_scripts/[\w.]+", recipe_path.read_text())
+    assert scripts and all((REPO / s).is_file() for s in scripts), scripts
+
+
+def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
+    recipe = REPO / "recipes" / "opt-13b-10pct.yaml"
+    base = ["compress", "--config", recipe, "--teacher", checkpoints["opt-13b"], "--data", corpus["jsonl"],
+            "--dev-data", corpus["jsonl"], "--dry-run"]
+
+    def error(*extra) -> str:
+        result = minidisc(*base, *extra, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert "exceeds the teacher's max_position_embeddings (2048)" in error("--seq-len", "4096")
+    assert "cannot be split evenly over 24 GPUs" in error("--cluster", "3x8x80")
+    assert "GiB per GPU but 1x1x16 leaves" in error("--cluster", "1x1x16", "--batch-size", "4", "--grad-accum", "1")
+    assert "write NODESxGPUSxGIB" in error("--cluster", "8 GPUs")
+    assert "data file" in error("--data", "/nonexistent/train.jsonl")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "baselines": ["distill"]}))
+    assert "expects a list of kd, ce" in error("--config", changed)
