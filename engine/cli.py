@@ -165,10 +165,11 @@ def _builtin_defaults(args) -> dict | None:
     from .demo import builtin_options
 
     distributed.init()
+    options = None
     with distributed.main_first("building the built-in example") as main:
         if main:
-            builtin_options()
-    return builtin_options()
+            options = builtin_options()
+    return options or builtin_options()  # the other ranks read what rank 0 built
 
 
 def run(args) -> None:

@@ -236,7 +236,7 @@ class Run:
                 log.info("wrote %s", self.out / "report.json")
         return report
 
-    def baseline(self, name: str, teacher_stats: dict) -> dict:
+    def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
         """A comparison student of the target size from the same slice of the pruned teacher, same budget:
         `kd` distils it from the teacher (no TA), `ce` trains it on the next tokens alone (no distillation)."""
         objective = objective_of(self.cfg)
@@ -247,9 +247,10 @@ class Run:
         self.publish(Path(result["best_dir"]), f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
                                                                     "sparsity": self.target / PERMILLE})
         best = result["best"][str(self.target)]
-        return self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
-                                  best_step=best["step"], wall_time=result["wall_s"],
-                                  relative_accuracy=best["accuracy"] / max(teacher_stats["accuracy"], 1e-12))
+        metrics = self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
+                                     best_step=best["step"], wall_time=result["wall_s"],
+                                     relative_accuracy=best["accuracy"] / max(teacher_stats["accuracy"], 1e-12))
+        return metrics, result
 
     def teacher_metrics(self, stats: dict) -> dict:
         return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats)}
@@ -304,7 +305,8 @@ def compress(cfg: RunConfig) -> dict:
     for row in rows:
         row["parameter_fraction"] = row["parameters"] / teacher_params
     summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher")
-    baselines = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
+    trained = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
+    baselines = {name: metrics for name, (metrics, _) in trained.items()}
     return run.finish({
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
@@ -315,7 +317,7 @@ def compress(cfg: RunConfig) -> dict:
         "student": summary,
         "baselines": baselines,
         "student_vs_baselines": {name: _gain(summary, b) for name, b in baselines.items()},
-        "curves": _curves(sandwich, student),
+        "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
     })
 
 

@@ -2,14 +2,16 @@
 (no weights) and data in the recipe's format, and the dry run's own checks."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from engine.memory_plan import preset_config
-from test_compress import minidisc
+from test_compress import MINIDISC, minidisc
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
@@ -62,13 +64,17 @@ def test_recipe_dry_run(name, checkpoints, corpus, tmp_path):
     recipe_path = REPO / "recipes" / f"{name}.yaml"
     recipe = yaml.safe_load(recipe_path.read_text())
     data = write_data(tmp_path, data_kind, corpus)
-    result = minidisc("compress", "--config", recipe_path, "--teacher", checkpoints[preset], "--data", data,
-                      "--dev-data", data, "--dry-run")
+    # from another directory: the recipe's relative ds_configs/ paths still resolve to this repository's
+    result = subprocess.run([MINIDISC, "compress", "--config", recipe_path, "--teacher", checkpoints[preset],
+                             "--data", data, "--dev-data", data, "--dry-run"], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "COLUMNS": "240"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     out = " ".join(result.stdout.split())
     assert "checks passed: config, tokenizer, data paths, DeepSpeed configs, batch split and memory" in out
     assert f"memory on {recipe['cluster']}" in out and ": fits;" in out
     assert f"target sparsity {recipe['target_sparsity']:g}" in out
-    assert f"│ {recipe['target_sparsity']:g} │" in result.stdout  # the student is the last candidate
+    widths = re.findall(r"│\s+([0-9.]+) │\s+[0-9,]+ │\s+[0-9.]+% │", result.stdout)  # candidate rows
+    assert widths[-1] == f"{recipe['target_sparsity']:g}" and widths[0] == "0.5"  # truncate .. the student
     assert not (tmp_path / "runs").exists()  # nothing written
     # what the recipe names exists: its DeepSpeed configs and its launch script
     for key in ("deepspeed", "teacher_deepspeed"):
