@@ -49,6 +49,9 @@ class Run:
         self.work = self.out / "work"
         self.phases: dict[str, float] = {}
         self.started = time.perf_counter()
+        if cfg.baselines and command != "compress":
+            raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
+                            "itself a baseline: drop the option")
         dist.init()
         self._check_inputs()
         self._claim_output()
