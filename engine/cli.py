@@ -204,6 +204,10 @@ def run(args) -> None:
         from .report import rerender
 
         rerender(args.out)
+    elif args.command == "plan":
+        from .memory_plan import run_plan
+
+        run_plan(args)
 
 
 def _quiet_libraries() -> None:

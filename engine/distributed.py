@@ -40,8 +40,8 @@ def init() -> None:
             raise UserError(f"{name} is not set: the launcher (or your batch script) must export it on every "
                             "process, e.g. MASTER_ADDR=<first node's address> MASTER_PORT=29500")
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())  # srun may bind 1 GPU per task
+    if torch.cuda.is_available():  # modulo: srun may bind a single GPU to each task
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, timeout=timedelta(seconds=faults.COMM_TIMEOUT_S))
@@ -57,7 +57,7 @@ def _ranks_from_slurm() -> None:
     MASTER_PORT to one derived from the job id, so a bare `srun minidisc ...` works too."""
     env = os.environ
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-    # DeepSpeed's CPU communication op needs the tasks per node; srun writes "2(x3)" for 2 tasks on 3 nodes.
+    # Tasks per node (LOCAL_SIZE, read by DeepSpeed); srun writes "2(x3)" for 2 tasks on each of 3 nodes.
     per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "")
     if per_node and "LOCAL_SIZE" not in env:
         env["LOCAL_SIZE"] = per_node.split("(")[0].split(",")[0]

@@ -461,9 +461,9 @@ def activation_bytes(config, tokens: int, permille: int = 0, checkpointing: bool
 def loss_buffer_bytes(config, tokens: int) -> dict[str, int]:
     """Bytes of the loss that do not scale with the trained width, for one micro-batch.
 
-    teacher_outputs: the teacher's hidden states, bf16, kept across all K widths. `engine.objective.
-        teacher_outputs` keeps every one of the L + 1 states HF returns, although the loss reads only the
-        last one and every ceil(L/6)-th (`hidden_layer_indices`); the plan counts what the code keeps.
+    teacher_outputs: the teacher's hidden states, bf16, kept across all K widths: the ones the loss reads,
+        every ceil(L/6)-th and the last (`hidden_layer_indices`; `engine.objective.teacher_outputs` drops
+        the others).
     kl_chunk: the fused KL's chunk working set: rows = `kernels.distill_loss.chunk_rows` on CUDA (2^26
         elements / vocab, at most the micro-batch's tokens) x vocab x fp32 x `CHUNK_FACTOR`.
     head_grad: `FusedLinearDistill` finishes the LM-head gradient in the forward: an fp32 [vocab, hidden]
@@ -472,10 +472,12 @@ def loss_buffer_bytes(config, tokens: int) -> dict[str, int]:
 
     from kernels.distill_loss import chunk_rows
 
+    from .objective import hidden_layer_indices
+
     s = Shapes.of(config)
     rows = min(tokens, chunk_rows(s.vocab, None, torch.device("cuda")))
     return {
-        "teacher_outputs": BF16 * (s.layers + 1) * s.hidden * tokens,
+        "teacher_outputs": BF16 * len(hidden_layer_indices(s.layers)) * s.hidden * tokens,
         "kl_chunk": int(rows * s.vocab * 4 * CHUNK_FACTOR),
         "head_grad": (4 + BF16) * s.vocab * s.embed_dim + BF16 * s.embed_dim * tokens,
     }

@@ -38,16 +38,21 @@ def hidden_layer_indices(num_layers: int) -> list[int]:
 class TeacherOutputs:
     """What every width of a batch is distilled against (computed once per batch, without gradients)."""
 
-    hidden_states: tuple[torch.Tensor, ...]  # HF hidden_states: embeddings, every layer (last one normed)
+    hidden_states: tuple[torch.Tensor | None, ...]  # HF's (embeddings, every layer; the last normed), None
+    # where the hidden-state MSE does not read it
     lm_head_weight: torch.Tensor
     lm_head_bias: torch.Tensor | None
 
 
 @torch.no_grad()
 def teacher_outputs(teacher, input_ids, attention_mask=None) -> TeacherOutputs:
+    """The teacher's side of every width's loss. Only the hidden states the loss reads are kept (None for the
+    others): they live across all K widths of a step, and the rest would cost (L + 1 - L/6) x tokens x H."""
     out = teacher.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    read = set(hidden_layer_indices(len(out.hidden_states) - 1))
+    hidden = tuple(h if i in read else None for i, h in enumerate(out.hidden_states))
     head = teacher.get_output_embeddings()
-    return TeacherOutputs(out.hidden_states, head.weight, head.bias)
+    return TeacherOutputs(hidden, head.weight, head.bias)
 
 
 def width_loss(student, teacher_out: TeacherOutputs, input_ids, attention_mask=None,

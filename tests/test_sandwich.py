@@ -89,3 +89,21 @@ def test_choose_ta_by_the_tradeoff():
     assert choose_ta(performance, 0.05, target=900) == 500  # a small lambda favours performance
     assert choose_ta(performance, 2.0, target=900) is None  # the best is the target itself: no TA needed
     assert choose_ta(performance, 0.2, target=900, current=800) is None
+
+
+def test_teacher_outputs_keep_only_the_states_the_loss_reads():
+    """With 8 layers the hidden MSE reads states 0, 2, 4, 6, 8: the others are dropped (they would stay alive
+    across all widths of a step) and the loss is what the full states give."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=8,
+                         num_attention_heads=2, num_key_value_heads=2)
+    teacher, student = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    kept = teacher_outputs(teacher, ids)
+    assert [i for i, h in enumerate(kept.hidden_states) if h is not None] == [0, 2, 4, 6, 8]
+    with torch.no_grad():
+        full = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
+    reference = width_loss(student, type(kept)(full, kept.lm_head_weight, kept.lm_head_bias), ids)
+    assert torch.equal(width_loss(student, kept, ids)["loss"], reference["loss"])
