@@ -40,6 +40,25 @@ RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster"}
 BASELINES = {"kd": "plain KD", "ce": "no distillation"}
 
 
+def check_teacher(cfg: RunConfig):
+    """The teacher's config (a supported family) and tokenizer, and --seq-len within its positions."""
+    config = load_config(cfg.teacher)
+    load_tokenizer(cfg.teacher, config)
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and cfg.seq_len > max_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+    return config
+
+
+def check_target_on_grid(cfg: RunConfig, grid, teacher_dir) -> int:
+    """The target (per-mille), which a pruned teacher's fixed grid must contain."""
+    target = parse_sparsity(cfg.target_sparsity)
+    if target not in grid:
+        raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {teacher_dir} "
+                        f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
+    return target
+
+
 class Run:
     """Shared set-up of the three commands: checked inputs, the output folder, the pruned teacher, the data."""
 
@@ -57,10 +76,7 @@ class Run:
         self._claim_output()
         self.teacher_dir = self._pruned_teacher()
         self.plan = PruningPlan.load(self.teacher_dir)
-        self.target = parse_sparsity(cfg.target_sparsity)
-        if self.target not in self.plan.grid:
-            raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {self.teacher_dir} "
-                            f"({', '.join(format_sparsity(s) for s in self.plan.grid)}); re-prune with it included")
+        self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
         self.family = family_for(load_config(self.teacher_dir))
         self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
         if cfg.uniform:
@@ -75,11 +91,7 @@ class Run:
     def _check_inputs(self) -> None:
         """Everything cheap, on every rank, before any weights are read (same errors everywhere)."""
         cfg = self.cfg
-        config = load_config(cfg.teacher)
-        load_tokenizer(cfg.teacher, config)
-        max_len = getattr(config, "max_position_embeddings", None)
-        if max_len is not None and cfg.seq_len > max_len:
-            raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+        check_teacher(cfg)
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(cfg, widths_per_step=1)  # readable, and compatible with --optimizer
         load_text_dataset(cfg.data, cfg.text_field)

@@ -158,6 +158,15 @@ class RunConfig:
         return asdict(self)
 
 
+def split_batch(batch_size: int, processes: int, grad_accum: int, what: str = "processes") -> int:
+    """Sequences per process per micro-step of a global --batch-size (it must split evenly)."""
+    per_step = processes * grad_accum
+    if batch_size % per_step:
+        raise UserError(f"--batch-size {batch_size} cannot be split evenly over {processes} {what} x {grad_accum} "
+                        f"accumulation steps; use a multiple of {per_step}")
+    return batch_size // per_step
+
+
 def _shipped(path: str) -> Path:
     """A DeepSpeed JSON as given or, when a relative path is not found from the working directory, the file
     of that path in this repository (`ds_configs/...`), so recipes work from any directory."""

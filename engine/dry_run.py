@@ -14,38 +14,33 @@ from rich.console import Console
 from rich.table import Table
 
 from . import memory_plan as mp
-from .checkpoint import load_config, load_tokenizer
-from .config import RunConfig
+from .compress import check_target_on_grid, check_teacher
+from .config import RunConfig, split_batch
 from .data import check_data_path
 from .errors import UserError
-from .grid import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
+from .grid import DEFAULT_GRID, PERMILLE, parse_sparsity
 from .plan import PLAN_FILE, PruningPlan
-from .trainer import read_ds_config
+from .trainer import read_ds_config, train_ds_config
 
 
 def dry_run(cfg: RunConfig, command: str) -> dict:
     """Validate and describe the run; returns what it printed as data."""
-    config = load_config(cfg.teacher)
-    load_tokenizer(cfg.teacher, config)
-    max_len = getattr(config, "max_position_embeddings", None)
-    if max_len is not None and cfg.seq_len > max_len:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+    config = check_teacher(cfg)
     data = {"data": check_data_path(cfg.data)}
     if cfg.dev_data:
         data["dev_data"] = check_data_path(cfg.dev_data)
     candidates = _candidates(cfg, config)
     widths_per_step = _widths_per_step(cfg, len(candidates)) if command == "compress" else 1
-    train, teacher = _ds_configs(cfg)
+    read_ds_config(cfg.teacher_ds_config())
+    train = train_ds_config(cfg, widths_per_step)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
     gpus = cluster.gpus if cluster else 1
-    if cfg.batch_size % (gpus * cfg.grad_accum):
-        raise UserError(f"--batch-size {cfg.batch_size} cannot be split evenly over {gpus} GPUs x {cfg.grad_accum} "
-                        f"accumulation steps; use a multiple of {gpus * cfg.grad_accum}")
+    micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
     plan = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
             "parameters": mp.parameter_count(config), "candidates": candidates, "data": data,
             "stages": _stages(cfg, command, candidates, widths_per_step),
             "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
-                          "micro_batch": cfg.batch_size // (gpus * cfg.grad_accum),
+                          "micro_batch": micro,
                           "gradient_accumulation_steps": widths_per_step * cfg.grad_accum,
                           "bf16": bool(train.get("bf16", {}).get("enabled", False))}}
     if cluster:
@@ -64,9 +59,7 @@ def _candidates(cfg: RunConfig, config) -> list[dict]:
     target, truncate = parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.truncate)
     if (Path(cfg.teacher) / PLAN_FILE).is_file():
         grid = PruningPlan.load(Path(cfg.teacher)).grid
-        if target not in grid:
-            raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {cfg.teacher} "
-                            f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
+        check_target_on_grid(cfg, grid, cfg.teacher)
     else:
         grid = sorted(set(parse_sparsity(s) for s in cfg.grid) if cfg.grid else set(DEFAULT_GRID)) + [target]
     teacher = mp.parameter_count(config)
@@ -77,14 +70,6 @@ def _candidates(cfg: RunConfig, config) -> list[dict]:
 
 def _widths_per_step(cfg: RunConfig, k: int) -> int:
     return min(k, cfg.sandwich_sample + 2) if cfg.sandwich_sample else k
-
-
-def _ds_configs(cfg: RunConfig) -> tuple[dict, dict]:
-    train, teacher = read_ds_config(cfg.train_ds_config()), read_ds_config(cfg.teacher_ds_config())
-    if cfg.optimizer != "adamw" and "optimizer" in train:
-        raise UserError(f"--optimizer {cfg.optimizer} cannot replace the optimizer block of {cfg.train_ds_config()}:"
-                        " use a DeepSpeed config without one or --optimizer adamw")
-    return train, teacher
 
 
 def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:

@@ -305,13 +305,11 @@ class PlanOptions:
 
     def micro_batch(self, cluster: Cluster) -> int:
         """Sequences per GPU per forward (as `engine.trainer.micro_batch`)."""
-        per_step = cluster.gpus * self.grad_accum
+        from .config import split_batch
+
         if self.batch_size is None:
             return 1
-        if self.batch_size % per_step:
-            raise UserError(f"--batch-size {self.batch_size} cannot be split evenly over {cluster.gpus} GPUs x "
-                            f"{self.grad_accum} accumulation steps; use a multiple of {per_step}")
-        return self.batch_size // per_step
+        return split_batch(self.batch_size, cluster.gpus, self.grad_accum, "GPUs")
 
 
 # --- byte accounting --------------------------------------------------------------------------------------------

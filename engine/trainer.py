@@ -34,7 +34,7 @@ from torch import nn
 from . import distributed as dist
 from . import faults
 from .checkpoint import atomic_output_dir, load_causal_lm, load_tokenizer
-from .config import RunConfig
+from .config import RunConfig, split_batch
 from .errors import UserError
 from .export import materialize, pruned_model
 from .grid import PERMILLE, Width, format_sparsity
@@ -161,11 +161,7 @@ def is_zero3(config: dict) -> bool:
 
 
 def micro_batch(cfg: RunConfig) -> int:
-    per_step = dist.world_size() * cfg.grad_accum
-    if cfg.batch_size % per_step:
-        raise UserError(f"--batch-size {cfg.batch_size} cannot be split evenly over {dist.world_size()} processes x "
-                        f"{cfg.grad_accum} accumulation steps; use a multiple of {per_step}")
-    return cfg.batch_size // per_step
+    return split_batch(cfg.batch_size, dist.world_size(), cfg.grad_accum)
 
 
 def _load_model(directory: Path, ds_config: dict):
