@@ -131,6 +131,11 @@ class RunConfig:
             raise UserError("--lr and --temperature must be positive")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.jsd_beta <= 1:
             raise UserError("--warmup-ratio must be in [0, 1) and --jsd-beta in [0, 1]")
+        for f in fields(self):  # recipes and the Python API bypass argparse's choices
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            values = value if isinstance(value, list) else [value]
+            if choices and value is not None and any(v not in choices for v in values):
+                raise UserError(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(choices)}")
         if self.cluster is not None:
             self.cluster_shape()
         if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0:

@@ -63,6 +63,9 @@ def test_recipe_and_command_line_mean_the_same(tmp_path):
     ("teacher: t\nlamda: 0.2\n", "unknown option 'lamda' (did you mean 'lam'?)"),
     ("teacher: t\ndata: d\nout: o\nmax_steps: 2.5\n", "option 'max_steps' expects int, got 2.5"),
     ("teacher: t\ndata: d\nout: o\nuniform: 'yes'\n", "option 'uniform' expects bool"),
+    ("teacher: t\ndata: d\nout: o\nteacher_placement: int4\n",
+     "--teacher-placement 'int4': choose from zero3, replicated, int8, nf4"),
+    ("teacher: t\ndata: d\nout: o\noptimizer: adam\n", "--optimizer 'adam': choose from adamw, adamw8bit"),
     ("- a\n- b\n", "must be a mapping"),
     ("teacher: [unclosed\n", "cannot parse recipe"),
 ])
