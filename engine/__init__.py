@@ -1,17 +1,13 @@
 """MiniDisc engine: structured pruning + distillation of LLaMA/OPT with one-trial TA scheduling.
 
-Importing the package registers the per-layer-width model classes with transformers' Auto classes.
+Importing the package marks the per-layer-width classes for `save_pretrained`, which then copies their code
+into every per-layer export and lists it in the config's `auto_map` (loaded with trust_remote_code=True).
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from .modeling_minidisc import PER_LAYER_CLASSES
 
-from .modeling_minidisc import MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM, MiniDiscOPTConfig, MiniDiscOPTForCausalLM
-
-for _config, _model in ((MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM), (MiniDiscOPTConfig, MiniDiscOPTForCausalLM)):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
-    # save_pretrained then copies modeling_minidisc.py next to the weights (trust_remote_code loading).
+for _config, _model in PER_LAYER_CLASSES.values():
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModelForCausalLM")
 
@@ -20,6 +16,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+source"
 
+from .checkpoint import load_causal_lm  # noqa: E402
 from .compress import compress, distill, maxidisc  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -31,4 +28,4 @@ from .prune import prune, prune_teacher  # noqa: E402
 from .supernet import Supernet  # noqa: E402
 
 __all__ = ["DEFAULT_GRID", "PruningPlan", "RunConfig", "Supernet", "UserError", "Width", "compress", "count_parameters",
-           "distill", "export", "family_for", "maxidisc", "parse_sparsity", "prune", "prune_teacher", "pruned_model"]
+           "distill", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune", "prune_teacher", "pruned_model"]

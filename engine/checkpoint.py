@@ -16,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .families import family_for
+from .modeling_minidisc import PER_LAYER_CLASSES
 
 MARKER = ".minidisc"
 
@@ -29,12 +30,15 @@ def _check_model_dir(directory: Path) -> None:
 
 
 def load_config(directory):
+    """The checkpoint's config: a per-layer MiniDisc config when its architectures name one, else AutoConfig's."""
     from transformers import AutoConfig
 
     directory = Path(directory)
     _check_model_dir(directory)
     try:
-        config = AutoConfig.from_pretrained(directory)
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or [None]
+        config_class = PER_LAYER_CLASSES.get(architectures[0], (AutoConfig,))[0]
+        config = config_class.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {directory}/config.json: {first_line}") from None
@@ -51,7 +55,7 @@ def checkpoint_dtype(config) -> torch.dtype:
 
 
 def load_causal_lm(directory, dtype=torch.float32, **kwargs):
-    """A supported causal LM from a local checkpoint directory (fp32 by default)."""
+    """A supported causal LM from a local checkpoint directory (fp32 by default), per-layer exports included."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -59,7 +63,8 @@ def load_causal_lm(directory, dtype=torch.float32, **kwargs):
     if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
         raise UserError(f"{directory} has a config.json but no weights (*.safetensors or *.bin)")
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **kwargs)
+        model_class = next((m for c, m in PER_LAYER_CLASSES.values() if type(config) is c), AutoModelForCausalLM)
+        return model_class.from_pretrained(directory, config=config, dtype=dtype, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load the weights in {directory}: {str(e).strip().splitlines()[0]}") from None
 
@@ -86,6 +91,15 @@ def is_ours(directory: Path) -> bool:
     return (directory / MARKER).is_file()
 
 
+def _apply_umask(directory: Path) -> None:
+    """Give every file the mode the user's umask asks for (0644 under umask 022). safetensors writes 0600
+    whatever the umask, and copies keep that mode: a teammate or a serving account could not read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(out, kind: str):
     """Yield a scratch directory; on success it replaces `out` in one rename, on failure it is removed."""
@@ -99,6 +113,7 @@ def atomic_output_dir(out, kind: str):
     try:
         yield scratch
         (scratch / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        _apply_umask(scratch)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

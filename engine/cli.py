@@ -47,8 +47,8 @@ def _add_export(sub):
                    "LlamaForCausalLM/OPTForCausalLM that plain transformers loads. LLaMA head counts are rounded "
                    "to the nearest count dividing hidden_size (transformers requires it); OPT keeps all heads "
                    "(its config ties head_dim to hidden_size) and prunes FFN neurons only. Without --uniform the "
-                   "per-layer widths of the global ranking are kept, in a MiniDisc model class that loads after "
-                   "`import engine` or with trust_remote_code=True")
+                   "per-layer widths of the global ranking are kept, in a MiniDisc model class that loads with "
+                   "trust_remote_code=True (or engine.load_causal_lm)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the exported checkpoint")
 
 

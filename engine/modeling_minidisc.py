@@ -1,8 +1,13 @@
 """Hugging Face classes for pruned LLaMA/OPT checkpoints whose layers keep different numbers of units.
 
 This file imports only torch and transformers: `save_pretrained` copies it next to the weights, so a
-checkpoint loads with `trust_remote_code=True` on a machine without the minidisc package. With the
-package installed, `import engine` registers the same classes with AutoConfig/AutoModelForCausalLM.
+checkpoint loads with `trust_remote_code=True` on a machine without the minidisc package (inside the
+package, `engine.load_causal_lm` picks these classes by the config's `architectures`).
+
+The configs keep the stock `model_type` ("llama", "opt"): each is the stock config plus two per-layer
+lists, so AutoConfig and AutoTokenizer (which reads the model config first in transformers 5) load an
+exported folder with no custom code, no prompt and no warning. Only the model needs this file, through
+`auto_map` and `trust_remote_code=True`.
 
 Per layer i the config lists `kv_heads_per_layer[i]` key/value heads (each with
 num_attention_heads // num_key_value_heads query heads; for plain multi-head attention that is one
@@ -11,6 +16,8 @@ without heads, or an FFN without neurons, outputs its output projection's bias (
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
@@ -18,11 +25,22 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.opt.modeling_opt import OPTAttention
 
 
-def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_states, past_key_values, head_dim):
+def _cache_argument(forward, hidden_states, args, kwargs):
+    """The KV cache passed to an attention forward, by keyword or position, under either of its names
+    (transformers 5.24 renamed `past_key_values` to `cache`)."""
+    bound = inspect.signature(forward).bind_partial(hidden_states, *args, **kwargs).arguments
+    for arguments in (bound, bound.get("kwargs", {})):
+        for name in ("cache", "past_key_values"):
+            if arguments.get(name) is not None:
+                return arguments[name]
+    return None
+
+
+def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_states, cache, head_dim):
     """Attention with no heads: the output projection applied to an empty input (its bias, or zeros)."""
-    if past_key_values is not None:  # keep the cache's length right for generation
+    if cache is not None:  # keep the cache's length right for generation
         empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], head_dim)
-        past_key_values.update(empty, empty, attention.layer_idx)
+        cache.update(empty, empty, attention.layer_idx)
     out = out_proj(hidden_states[..., :0])
     # Exact zeros that keep q/k/v in the autograd graph: under DeepSpeed ZeRO-3 every parameter needs a
     # gradient each step (a parameter that misses one gets its stale gradient applied again).
@@ -31,22 +49,26 @@ def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_st
     return out, None
 
 
+# Both subclasses pass every argument through untouched (the parent's signature changes between
+# transformers releases) and only take over when the layer has no heads.
 class PrunableLlamaAttention(LlamaAttention):
     """LlamaAttention that also runs with no heads; `num_heads` is the number of query heads it has."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         if self.num_heads == 0:
-            return empty_attention_forward(self, self.o_proj, hidden_states, past_key_values, self.head_dim)
-        return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            cache = _cache_argument(super().forward, hidden_states, args, kwargs)
+            return empty_attention_forward(self, self.o_proj, hidden_states, cache, self.head_dim)
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 class PrunableOPTAttention(OPTAttention):
     """OPTAttention that also runs with no heads."""
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         if self.num_heads == 0:
-            return empty_attention_forward(self, self.out_proj, hidden_states, past_key_values, self.head_dim)
-        return super().forward(hidden_states, past_key_values, attention_mask, output_attentions, **kwargs)
+            cache = _cache_argument(super().forward, hidden_states, args, kwargs)
+            return empty_attention_forward(self, self.out_proj, hidden_states, cache, self.head_dim)
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 class EmptyLinear(nn.Module):
@@ -86,7 +108,7 @@ def _check_layers(config, name: str, values) -> list[int]:
 
 
 class MiniDiscLlamaConfig(LlamaConfig):
-    model_type = "minidisc_llama"
+    model_type = "llama"  # the stock type: see the module docstring
     kv_heads_per_layer: list[int] | None = None
     intermediate_sizes: list[int] | None = None
 
@@ -107,7 +129,8 @@ class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
         head_dim, hidden = config.head_dim, config.hidden_size
         for layer, kv_heads, neurons in zip(self.model.layers, config.kv_heads_per_layer, config.intermediate_sizes):
             attn, mlp = layer.self_attn, layer.mlp
-            attn.__class__ = PrunableLlamaAttention
+            if kv_heads == 0:  # the only layers that need more than the stock module
+                attn.__class__ = PrunableLlamaAttention
             attn.num_heads = kv_heads * n_rep
             attn.q_proj = _resized(attn.q_proj, hidden, kv_heads * n_rep * head_dim)
             attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
@@ -121,7 +144,7 @@ class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
 
 
 class MiniDiscOPTConfig(OPTConfig):
-    model_type = "minidisc_opt"
+    model_type = "opt"
     heads_per_layer: list[int] | None = None
     ffn_dims: list[int] | None = None
 
@@ -140,7 +163,8 @@ class MiniDiscOPTForCausalLM(OPTForCausalLM):
         head_dim, hidden = config.hidden_size // config.num_attention_heads, config.hidden_size
         for layer, heads, neurons in zip(self.model.decoder.layers, config.heads_per_layer, config.ffn_dims):
             attn = layer.self_attn
-            attn.__class__ = PrunableOPTAttention
+            if heads == 0:
+                attn.__class__ = PrunableOPTAttention
             attn.num_heads = heads
             attn.q_proj = _resized(attn.q_proj, hidden, heads * head_dim)
             attn.k_proj = _resized(attn.k_proj, hidden, heads * head_dim)
@@ -149,3 +173,8 @@ class MiniDiscOPTForCausalLM(OPTForCausalLM):
             layer.fc1 = _resized(layer.fc1, hidden, neurons)
             layer.fc2 = _resized(layer.fc2, neurons, hidden)
         self.post_init()
+
+
+# Per-layer classes by the architecture name that exported configs list.
+PER_LAYER_CLASSES = {model.__name__: (model.config_class, model)
+                     for model in (MiniDiscLlamaForCausalLM, MiniDiscOPTForCausalLM)}

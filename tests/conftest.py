@@ -92,7 +92,7 @@ def pruned_dirs(corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
 def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter (for loading checkpoints the way a user's process would)."""
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd="/")
+                          stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})}, cwd="/")
 
 
 @pytest.fixture(scope="session")

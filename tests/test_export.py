@@ -1,5 +1,7 @@
 """Exported checkpoints reload in a fresh process and reproduce the supernet's logits (fp32, 1e-5)."""
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,23 @@ import torch
 from transformers import AutoModelForCausalLM
 results = []
 for case in json.load(open(sys.argv[1])):
-    model = AutoModelForCausalLM.from_pretrained(case["dir"], trust_remote_code=case["trust_remote_code"]).eval()
+    if sys.argv[2] == "block-engine":
+        model = AutoModelForCausalLM.from_pretrained(case["dir"], trust_remote_code=case["trust_remote_code"])
+    else:
+        model = engine.load_causal_lm(case["dir"])
+    model.eval()
     data = torch.load(case["io"])
     with torch.no_grad():
         logits = model(input_ids=data["input_ids"]).logits
+        # greedy decoding with the KV cache (layers without heads must keep its length) vs without it
+        prompt, ids = data["input_ids"][:1], data["input_ids"][:1]
+        cached = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True,
+                                pad_token_id=0)
+        for _ in range(4):
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     results.append({"class": type(model).__module__ + "." + type(model).__name__,
                     "max_error": (logits - data["logits"]).abs().max().item(),
+                    "generate_matches": torch.equal(cached, ids),
                     "parameters": sum(p.numel() for p in model.parameters())})
 print(json.dumps(results))
 """
@@ -76,6 +89,7 @@ def test_per_layer_export_from_checkpoint_alone(exported, tmp_path):
     for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=True, trust_remote_code=True)):
         assert result["class"].startswith("transformers_modules."), result  # code came from the checkpoint
         assert result["max_error"] <= 1e-5, (case["name"], case["sparsity"], result)
+        assert result["generate_matches"], (case["name"], case["sparsity"], result)
 
 
 def test_uniform_export_is_stock_transformers(exported, tmp_path):
@@ -89,9 +103,41 @@ def test_uniform_export_is_stock_transformers(exported, tmp_path):
         assert config["model_type"] in ("llama", "opt") and "auto_map" not in config
 
 
+TOKENIZER_LOADER = r"""
+import json, sys, warnings
+sys.modules["engine"] = None
+warnings.simplefilter("always")  # any warning reaches stderr
+from transformers import AutoConfig, AutoTokenizer
+from pathlib import Path
+for directory in json.loads(Path(sys.argv[1]).read_text()):
+    assert AutoTokenizer.from_pretrained(directory)("hello world")["input_ids"], directory
+    AutoConfig.from_pretrained(directory)
+print("ok")
+"""
+
+
+def test_exports_load_tokenizer_and_config_without_prompt_or_warning(exported, tmp_path):
+    """A tokenizer needs no model code: AutoTokenizer (which reads config.json first) neither asks to run the
+    checkpoint's code nor warns, for per-layer and uniform exports alike."""
+    spec = tmp_path / "dirs.json"
+    spec.write_text(json.dumps([c["dir"] for c in exported]))
+    result = run_python(TOKENIZER_LOADER, spec)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert result.stderr.strip() == "", result.stderr[-3000:]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_exported_files(exported):
     for case in exported:
-        files = {p.name for p in Path(case["dir"]).iterdir()}
+        readable = 0o666 & ~_umask()  # what any other tool's files get: a teammate can read them
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(case["dir"]).iterdir()}
+        assert set(modes.values()) == {readable}, modes
+        files = set(modes)
         assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json"} <= files
         assert ("modeling_minidisc.py" in files) == (not case["uniform"])
 
