@@ -5,7 +5,14 @@ BIN := $(VENV)/bin
 export PIP_CONSTRAINT := $(abspath constraints.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install clean
+# The transformers releases pyproject allows at its two ends: `make test` also runs the export round trip and
+# the built-in example on each, in a small venv layered over $(VENV) (only transformers and its needs differ).
+# Change them together with pyproject's bounds.
+TRANSFORMERS_ENDS := 5.0.0 5.24.0
+ENDS_TESTS := tests/test_export.py tests/test_default_run.py
+ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
+
+.PHONY: demo test test-transformers-ends install clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +25,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/minidisc compress
 
-test: install
+.venv-transformers-%/.installed: $(VENV)/.installed
+	rm -rf .venv-transformers-$*
+	$(PYTHON) -m venv .venv-transformers-$*
+	$(BIN)/python -c 'import site; print(site.getsitepackages()[0])' > \
+	  "$$(.venv-transformers-$*/bin/python -c 'import site; print(site.getsitepackages()[0])')/base-venv.pth"
+	grep -v '^transformers==' constraints.txt > .venv-transformers-$*/constraints.txt
+	PIP_CONSTRAINT=$(abspath .venv-transformers-$*/constraints.txt) .venv-transformers-$*/bin/pip install -q \
+	  transformers==$*
+	.venv-transformers-$*/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-transformers-ends: $(ENDS_VENVS:%=%/.installed)
+	for venv in $(ENDS_VENVS); do echo "== $$venv"; $$venv/bin/python -m pytest -q $(ENDS_TESTS) || exit 1; done
+
+test: install test-transformers-ends
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) minidisc-demo
+	rm -rf $(VENV) $(ENDS_VENVS) minidisc-demo

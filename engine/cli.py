@@ -124,13 +124,29 @@ def _add_run_command(sub, name: str) -> None:
                    "on the first problem")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("minidisc")
+    except PackageNotFoundError:  # a source tree that was not pip-installed
+        return "0.0.0+source"
+
+
+def _add_common(parser, default) -> None:
+    """Options accepted before and after the command (`minidisc --log-level DEBUG compress` and
+    `minidisc compress --log-level DEBUG`); after it they override, so their default there is 'not given'."""
+    parser.add_argument("--log-level", default=default("INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much to log (default INFO; processes other than rank 0 log warnings only)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=default(None),
+                        help="set by the deepspeed launcher; not for users")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
                                      "and distillation, choosing the teacher assistant in one trial (MiniDisc).")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="how much to log (default INFO; processes other than rank 0 log warnings only)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; not for users")
+    parser.add_argument("--version", action="version", version=f"minidisc {_version()}")
+    _add_common(parser, lambda value: value)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in RUN_COMMANDS:
         _add_run_command(sub, name)
@@ -138,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_report(sub)
     _add_plan(sub)
+    for command in sub.choices.values():
+        _add_common(command, lambda value: argparse.SUPPRESS)
     return parser
 
 

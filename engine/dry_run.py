@@ -55,17 +55,28 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
 
 
 def _candidates(cfg: RunConfig, config) -> list[dict]:
-    """The grid (the pruned teacher's, or the one pruning would use) between --truncate and the target."""
+    """The grid (the pruned teacher's, or the one pruning would use) between --truncate and the target, with
+    parameter counts: a pruned teacher's exact ones (pruning.json holds what `minidisc prune` counted on the
+    model); before pruning, the global share removed, which is exact with --ffn-multiple 1 and otherwise moves
+    by the per-layer rounding of FFN removals (under --ffn-multiple / 2 neurons per layer)."""
     target, truncate = parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.truncate)
+    exact = {}
     if (Path(cfg.teacher) / PLAN_FILE).is_file():
-        grid = PruningPlan.load(Path(cfg.teacher)).grid
+        plan = PruningPlan.load(Path(cfg.teacher))
+        grid = plan.grid
         check_target_on_grid(cfg, grid, cfg.teacher)
+        if not cfg.uniform:  # the plan counted the per-layer widths
+            exact = {parse_sparsity(row["sparsity"]): row["parameters"] for row in plan.candidates}
     else:
         grid = sorted(set(parse_sparsity(s) for s in cfg.grid) if cfg.grid else set(DEFAULT_GRID)) + [target]
     teacher = mp.parameter_count(config)
-    return [{"sparsity": s / PERMILLE, "parameters": mp.width_parameters(config, s),
-             "fraction": mp.width_parameters(config, s) / teacher}
-            for s in sorted(set(grid)) if truncate <= s <= target]
+    rows = []
+    for s in sorted(set(grid)):
+        if truncate <= s <= target:
+            parameters = exact.get(s, mp.width_parameters(config, s))
+            rows.append({"sparsity": s / PERMILLE, "parameters": parameters, "fraction": parameters / teacher,
+                         "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform)})
+    return rows
 
 
 def _widths_per_step(cfg: RunConfig, k: int) -> int:
@@ -117,7 +128,12 @@ def _print(plan: dict, cfg: RunConfig) -> None:
     for column in ("sparsity", "parameters", "of teacher"):
         table.add_column(column, justify="right")
     for c in plan["candidates"]:
-        table.add_row(f"{c['sparsity']:g}", f"{c['parameters']:,}", f"{c['fraction']:.1%}")
+        approx = "" if c["exact"] else "~"
+        table.add_row(f"{c['sparsity']:g}", f"{approx}{c['parameters']:,}", f"{approx}{c['fraction']:.1%}")
+    if not all(c["exact"] for c in plan["candidates"]):
+        table.caption = ("~: before pruning; each layer's FFN removals are then rounded to a multiple of "
+                         "--ffn-multiple. `minidisc prune` prints the exact counts, and a dry run on its output "
+                         "shows them")
     console.print(table)
     stages = Table(title="stages (each --max-steps optimiser steps)")
     for column in ("stage", "what", "widths per step", "steps", "tokens"):

@@ -55,6 +55,22 @@ def test_help_explains_every_option(capsys):
         assert all(a.option_strings[0] in shown for a in command._actions if a.option_strings)
 
 
+def test_version_and_log_level_after_the_command(capsys):
+    from importlib.metadata import version
+
+    from engine.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"minidisc {version('minidisc')}"
+    parser = build_parser()
+    assert parser.parse_args(["plan", "llama-2-7b", "--gpu-memory", "80"]).log_level == "INFO"
+    assert parser.parse_args(["--log-level", "ERROR", "plan", "llama-2-7b", "--gpu-memory", "80"]).log_level == "ERROR"
+    assert parser.parse_args(["plan", "llama-2-7b", "--gpu-memory", "80", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "ERROR", "export", "--model", "m", "--sparsity", "0.5", "--out", "o",
+                              "--log-level", "WARNING"]).log_level == "WARNING"  # the later one wins
+
+
 def _error(capsys, argv) -> str:
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -37,7 +37,7 @@ def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
     """Next-token accuracy of a saved checkpoint on dev blocks, computed independently of the engine."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
     logits = model(input_ids=dev).logits[:, :-1]
     return (logits.argmax(-1) == dev[:, 1:]).double().mean().item()
 
@@ -70,7 +70,7 @@ def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
     assert dev_accuracy(out / "student", dev) == pytest.approx(student["accuracy"], abs=1e-9)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    model = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == student["parameters"]
     assert student["parameters"] < report["teacher"]["parameters"]
     for name in ("report.md", "tradeoff.png", "curves.png"):

@@ -80,3 +80,22 @@ def test_report_command_rerenders(default_run, tmp_path):
     assert "student s=0.9" in result.stdout and "wrote" in result.stdout
     missing = run(tmp_path, "report", tmp_path / "nothing", cache=tmp_path, check=False)
     assert missing.returncode == 2 and "report.json does not exist" in missing.stderr
+
+
+def test_the_student_loads_and_generates_without_the_engine(default_run):
+    """What a user does with the output on another machine: plain transformers, the checkpoint's own code."""
+    from conftest import run_python
+
+    _, out, _ = default_run
+    code = ("import sys, json; sys.modules['engine'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "ids = tokenizer('The Python', return_tensors='pt').input_ids\n"
+            "new = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, ids.shape[1]:]\n"
+            "print(json.dumps([sum(p.numel() for p in model.parameters()), len(new)]))\n")
+    result = run_python(code, out / "student")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parameters, generated = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    assert parameters == report["student"]["parameters"] and generated == 5

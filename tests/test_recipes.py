@@ -102,3 +102,28 @@ def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "baselines": ["distill"]}))
     assert "expects a list of kd, ce" in error("--config", changed)
+
+
+@pytest.mark.parametrize("ffn_multiple", [1, 8])
+def test_dry_run_parameter_counts_are_the_exported_models(pruned_dirs, corpus, tmp_path, ffn_multiple):
+    """One counting rule: a dry run on a pruned teacher prints what `minidisc export` then writes; before
+    pruning its counts are exact when FFN removals are not rounded (--ffn-multiple 1), and marked ~ otherwise."""
+    import engine
+    from engine.dry_run import dry_run
+
+    teacher = pruned_dirs["llama_gqa_bias"].parent / "teacher"
+    pruned = tmp_path / "pruned"
+    engine.prune(teacher, corpus["jsonl"], pruned, calib_samples=4, seq_len=32, batch_size=2,
+                 ffn_multiple=ffn_multiple)
+    for directory in (teacher, pruned):
+        cfg = engine.RunConfig(teacher=str(directory), data=str(corpus["jsonl"]), out=str(tmp_path / "run"),
+                               target_sparsity=0.9, truncate=0.0, seq_len=32, ffn_multiple=ffn_multiple).validate()
+        candidates = dry_run(cfg, "compress")["candidates"]
+        assert len(candidates) == len(engine.DEFAULT_GRID) - 1  # 0 ... 0.9 without 0.95
+        for row in candidates:
+            assert row["exact"] == (directory == pruned or ffn_multiple == 1), row
+            exported = engine.export(pruned, row["sparsity"], tmp_path / "export")["parameters"]
+            if row["exact"]:
+                assert row["parameters"] == exported, row
+            else:  # off by under ffn_multiple / 2 neurons per layer (3 layers, 48 + 48 + 48 + 1 weights each)
+                assert abs(row["parameters"] - exported) <= 3 * 4 * (3 * 48 + 1), row
