@@ -91,13 +91,18 @@ def is_ours(directory: Path) -> bool:
     return (directory / MARKER).is_file()
 
 
-def _apply_umask(directory: Path) -> None:
-    """Give every file the mode the user's umask asks for (0644 under umask 022). safetensors writes 0600
-    whatever the umask, and copies keep that mode: a teammate or a serving account could not read the model."""
+def umask_mode(is_dir: bool = False) -> int:
+    """The mode a new file (0644 under umask 022) or folder gets from the user's umask."""
     umask = os.umask(0)
     os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give every file the mode the user's umask asks for. safetensors writes 0600 whatever the umask, and copies
+    keep that mode: a teammate or a serving account could not read the model."""
     for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(umask_mode(path.is_dir()))
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from .trainer import Data, Stage, objective_of, read_ds_config, run_stage, train
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Options that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster"}
+RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens"}
 BASELINES = {"kd": "plain KD", "ce": "no distillation"}
 
 
@@ -236,20 +236,59 @@ class Run:
                 **({"path": str(path)} if path else {}), **extra}
 
     def finish(self, report: dict) -> dict:
-        self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
         report = {"format": "minidisc-report/1", "command": self.command,
                   "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
-                  **report, "phases": self.phases, "config": self.cfg.to_dict()}
+                  **report}
         with dist.main_first("writing the report") as main:
             if main:
                 from .report import render
 
+                started = time.perf_counter()
+                report["samples"] = self.samples(report)
+                self.phases["samples"] = round(time.perf_counter() - started, 2)
+                self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
+                report.update(phases=self.phases, config=self.cfg.to_dict())
+                self.write_cards(report)
                 tmp = self.out / ".report.json.partial"
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
                 render(report, self.out)
                 tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
                 log.info("wrote %s", self.out / "report.json")
         return report
+
+    def samples(self, report: dict) -> dict | None:
+        """Every model's greedy continuation of the sample prompts (rank 0, one model in memory at a time)."""
+        from .report import models_of
+        from .samples import continuations, default_prompts, encode_prompts
+
+        if not self.cfg.sample_tokens:
+            return None
+        tokenizer = load_tokenizer(self.teacher_dir)
+        prompts = (encode_prompts(tokenizer, self.cfg.sample_prompts) if self.cfg.sample_prompts
+                   else default_prompts(self.data.dev))
+        log.info("generating samples: %d prompts x %d tokens per model", len(prompts), self.cfg.sample_tokens)
+        return {"new_tokens": self.cfg.sample_tokens,
+                "prompts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
+                "models": {label: continuations(m["path"], prompts, self.cfg.sample_tokens, dist.device())
+                           for label, _, m in models_of(report)}}
+
+    def write_cards(self, report: dict) -> None:
+        """A model card in every model published under --out, with the report's numbers (before report.json,
+        so a run killed here writes them again when resumed)."""
+        from .model_card import write_model_card
+
+        via = (report.get("selected_ta") or {}).get("sparsity")
+        published = [("teacher assistant", "ta", report.get("ta"), None),
+                     ("student", "student", report.get("student"), via)]
+        published += [(f"baseline student ({m['label']})", f"baselines/{name}", m, None)
+                      for name, m in (report.get("baselines") or {}).items()]
+        for role, folder, metrics, via_ta in published:
+            if metrics and (self.out / folder).is_dir():
+                write_model_card(self.out / folder, role=role, teacher=str(self.cfg.teacher),
+                                 sparsity=metrics["sparsity"], width=self.width_of(parse_sparsity(metrics["sparsity"])),
+                                 parameters=metrics["parameters"], teacher_parameters=report["teacher"]["parameters"],
+                                 uniform=self.cfg.uniform, via_ta=via_ta, metrics=metrics,
+                                 query_heads_per_unit=self.family.query_heads_per_unit)
 
     def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
         """A comparison student of the target size from the same slice of the pruned teacher, same budget:

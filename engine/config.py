@@ -101,6 +101,11 @@ class RunConfig:
     optimizer: str = option("adamw", "optimiser of the trained model: adamw, or adamw8bit (bitsandbytes: 8-bit "
                             "moments, 2 instead of 8 bytes per parameter; not with an optimizer block in the "
                             "DeepSpeed JSON, e.g. CPU offload)", choices=["adamw", "adamw8bit"])
+    # what the report shows of every model (no effect on training, so --resume accepts changes)
+    sample_prompts: list[str] | None = option(None, "prompts whose greedy continuations report.md shows for every "
+                                              "model (default: the first 16 tokens of 3 dev sequences)", nargs="+",
+                                              metavar="TEXT")
+    sample_tokens: int = option(32, "tokens each model generates per sample prompt (0 = no samples)", metavar="N")
     # run control
     cluster: str | None = option(None, "the cluster a recipe is meant for, NODESxGPUSxGIB (e.g. 4x8x80 = 4 nodes of 8 "
                                  "GPUs with 80 GiB): --dry-run checks --batch-size and the memory against it",
@@ -138,8 +143,8 @@ class RunConfig:
                 raise UserError(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(choices)}")
         if self.cluster is not None:
             self.cluster_shape()
-        if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0:
-            raise UserError("--sandwich-sample, --patience and --max-grad-norm cannot be negative")
+        if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0 or self.sample_tokens < 0:
+            raise UserError("--sandwich-sample, --patience, --max-grad-norm and --sample-tokens cannot be negative")
         return self
 
     def cluster_shape(self) -> tuple[int, int, float]:

@@ -18,6 +18,7 @@ from .checkpoint import atomic_output_dir, checkpoint_dtype, load_causal_lm, loa
 from .errors import UserError
 from .families import count_parameters, family_for
 from .grid import Width, format_sparsity, parse_sparsity
+from .model_card import write_model_card
 from .modeling_minidisc import MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM, MiniDiscOPTConfig, MiniDiscOPTForCausalLM
 from .plan import PruningPlan
 
@@ -127,6 +128,10 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
         pruned.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_model_card(scratch, role="exported slice", teacher=str(model_dir), sparsity=summary["sparsity"],
+                         width=width, parameters=summary["parameters"],
+                         teacher_parameters=summary["teacher_parameters"], uniform=uniform,
+                         query_heads_per_unit=family.query_heads_per_unit)
     log.info("exported sparsity %s (%s, %d parameters) to %s", format_sparsity(permille),
              "uniform, stock class" if uniform else "per-layer widths", summary["parameters"], out)
     return summary

@@ -182,7 +182,7 @@ def _plot_curves(report: dict, path: Path) -> Path | None:
 
 def _plot_models(report: dict, path: Path) -> Path | None:
     """Accuracy and perplexity of teacher, TA, student and baselines side by side, parameters on the labels."""
-    models = [(label, m) for label, _, m in _models(report) if m.get("accuracy") is not None]
+    models = [(label, m) for label, _, m in models_of(report) if m.get("accuracy") is not None]
     if len(models) < 2:
         return None
     names = [f"{label}\n{_count(m.get('parameters'))}" for label, m in models]
@@ -278,7 +278,7 @@ def _role_time(report: dict, role: str, metrics: dict):
     return sum(times) if times else None
 
 
-def _models(report: dict) -> list[tuple[str, str, dict]]:
+def models_of(report: dict) -> list[tuple[str, str, dict]]:
     """(label, role, metrics) of every model the run produced or compared, teacher first."""
     models = [("teacher", "teacher", report.get("teacher")), ("TA", "ta", report.get("ta")),
               ("student (MiniDisc)" if report.get("candidates") else "student", "student", report.get("student"))]
@@ -300,7 +300,7 @@ def _gains(report: dict) -> list[str]:
 
 
 def _comparison_table(report: dict) -> list[str]:
-    models = _models(report)
+    models = models_of(report)
     teacher_params = (report.get("teacher") or {}).get("parameters")
     rows = []
     for label, role, m in models:
@@ -324,6 +324,23 @@ def _phase_table(report: dict) -> list[str]:
     return _table(["phase", "wall time (s)", "share"], rows)
 
 
+def _cell(text: str) -> str:
+    """Generated text inside a markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+
+def _samples(report: dict) -> list[str]:
+    samples = report.get("samples")
+    if not samples or not samples.get("models"):
+        return []
+    lines = [f"Greedy continuations ({samples['new_tokens']} new tokens) of the same prompts by every model.", ""]
+    for i, prompt in enumerate(samples["prompts"]):
+        lines += [f"**Prompt {i + 1}:** {_cell(prompt)}", "",
+                  *_table(["model", "continuation"], [[label, _cell(texts[i])]
+                                                      for label, texts in samples["models"].items()]), ""]
+    return lines
+
+
 def _markdown(report: dict, images: dict[str, Path]) -> str:
     lines = [f"# MiniDisc report: {report.get('command', 'run')}", "", _summary(report), ""]
     if report.get("candidates"):
@@ -335,6 +352,9 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
         lines += ["## Models", "", *comparison, ""]
         if "models" in images:
             lines += [f"![Accuracy and perplexity of every model]({images['models'].name})", ""]
+    samples = _samples(report)
+    if samples:
+        lines += ["## Samples", "", *samples]
     phases = _phase_table(report)
     if phases:
         lines += ["## Phases", "", *phases, ""]

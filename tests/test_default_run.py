@@ -60,6 +60,16 @@ def test_default_run_writes_consistent_artifacts(default_run):
     assert "the no distillation student (same size, same budget)" in md
     assert "student s=0.9" in result.stdout  # the console summary
 
+    # every model's greedy continuation of the same prompts, and a model card in every published model
+    samples = report["samples"]
+    assert len(samples["prompts"]) == 3 and samples["new_tokens"] == 32
+    assert set(samples["models"]) == {"teacher", "student (MiniDisc)", "plain KD", "no distillation"} | (
+        {"TA"} if report["ta"] else set())
+    assert "## Samples" in md and all(f"| {label} |" in md for label in samples["models"])
+    for folder in ["student", "baselines/kd", "baselines/ce"] + (["ta"] if report["ta"] else []):
+        card = (out / folder / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers") and "## Quality" in card, folder
+
 
 def test_the_cached_teacher_is_reused(default_run):
     root, _, _ = default_run

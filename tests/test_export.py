@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from conftest import CONFIGS, run_python
 
 import engine
@@ -138,7 +139,10 @@ def test_exported_files(exported):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(case["dir"]).iterdir()}
         assert set(modes.values()) == {readable}, modes
         files = set(modes)
-        assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json"} <= files
+        assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json", "README.md"} <= files
+        card = ModelCard.load(Path(case["dir"], "README.md"))
+        assert card.data.library_name == "transformers" and "minidisc" in card.data.tags
+        assert f"{case['parameters']:,}" in card.text and ("trust_remote_code=True" in card.text) != case["uniform"]
         assert ("modeling_minidisc.py" in files) == (not case["uniform"])
 
 
