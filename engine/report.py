@@ -325,8 +325,8 @@ def _phase_table(report: dict) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """Generated text inside a markdown table cell: one line, pipes escaped."""
-    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+    """Generated text inside a markdown table cell: one line, pipes escaped, an empty or blank output named."""
+    return " ".join(text.split()).replace("|", "\\|") or ("(whitespace only)" if text else "(nothing: it stopped)")
 
 
 def _samples(report: dict) -> list[str]:
