@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -50,6 +51,35 @@ def _add_export(sub):
                    "per-layer widths of the global ranking are kept, in a MiniDisc model class that loads with "
                    "trust_remote_code=True (or engine.load_causal_lm)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the exported checkpoint")
+
+
+def _add_eval(sub):
+    from .harness import BUILTIN_TASKS
+
+    p = sub.add_parser("eval", help="score models on lm-evaluation-harness tasks (local tasks built in)",
+                       description="Runs lm-evaluation-harness (its Hugging Face backend, trust_remote_code=True so "
+                       "per-layer exports load their own class) on every MODEL and prints one table; the numbers "
+                       "equal `lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True` on the same "
+                       "tasks. Needs `pip install 'minidisc[eval]'`.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="Hugging Face checkpoint folders (a run's ta/, "
+                   "student/, baselines/*/, the teacher, or any other)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help=f"task names: {BUILTIN_TASKS[0]} "
+                   f"(rolling perplexity) and {BUILTIN_TASKS[1]} (4-way choice of a passage's true continuation), "
+                   "built from --text; tasks defined by YAMLs in --include; or lm_eval's registry (which needs "
+                   "its datasets locally or from the Hub)")
+    p.add_argument("--text", metavar="FILE", help="text the built-in tasks are made of, one document per record "
+                   "or paragraph: .txt, .jsonl/.json, .parquet, .csv or a save_to_disk folder (held-out text, "
+                   "not the training data)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text (default "
+                   "'text')")
+    p.add_argument("--include", metavar="DIR", help="folder of lm-eval task YAMLs, e.g. copies of standard tasks "
+                   "with dataset_path/data_files pointing at local files")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward pass (default 8)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N documents of each task (a quick look)")
+    p.add_argument("--device", metavar="DEV", help="cpu or cuda (default: cuda when available); float32 on the "
+                   "CPU, the checkpoint's dtype on a GPU")
+    p.add_argument("--out", metavar="FILE", help="also write the scores as JSON: {tasks, models: {MODEL: {task: "
+                   "{metric: value}}}}")
 
 
 def _add_report(sub):
@@ -152,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_command(sub, name)
     _add_prune(sub)
     _add_export(sub)
+    _add_eval(sub)
     _add_report(sub)
     _add_plan(sub)
     for command in sub.choices.values():
@@ -218,6 +249,8 @@ def run(args) -> None:
         from .export import export
 
         export(args.model, args.sparsity, args.out, uniform=args.uniform)
+    elif args.command == "eval":
+        run_eval(args)
     elif args.command == "report":
         from .report import rerender
 
@@ -226,6 +259,44 @@ def run(args) -> None:
         from .memory_plan import run_plan
 
         run_plan(args)
+
+
+def run_eval(args) -> None:
+    """`minidisc eval`: lm_eval on every model, one table, optionally a JSON file."""
+    import json
+
+    from .data import load_text_dataset
+    from .harness import evaluate
+    from .report import benchmark_rows
+
+    texts = list(load_text_dataset(args.text, args.text_field)[args.text_field]) if args.text else None
+    for model in args.models:
+        if not (Path(model) / "config.json").is_file():
+            raise UserError(f"{model} is not a Hugging Face checkpoint folder (no config.json)")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--batch-size and --limit must be at least 1")
+    results = evaluate({model: model for model in args.models}, args.tasks, texts=texts, include=args.include,
+                       batch_size=args.batch_size, device=args.device, limit=args.limit)
+    header, rows = benchmark_rows({m: {"benchmarks": scores} for m, scores in results["models"].items()})
+    columns = list(zip(*rows))  # one row per task and metric, one column per model: fits a terminal
+    _print_table("lm-eval scores", ["task metric", *columns[0]], [[h, *c] for h, c in zip(header[1:], columns[1:])])
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out)
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def _quiet_libraries() -> None:

@@ -36,7 +36,8 @@ from .trainer import Data, Stage, objective_of, read_ds_config, run_stage, train
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Options that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens"}
+RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
+             "eval_include", "eval_text"}
 BASELINES = {"kd": "plain KD", "ce": "no distillation"}
 
 
@@ -97,6 +98,12 @@ class Run:
         load_text_dataset(cfg.data, cfg.text_field)
         if cfg.dev_data:
             load_text_dataset(cfg.dev_data, cfg.text_field)
+        if cfg.eval_tasks:
+            from .harness import check_tasks
+
+            check_tasks(cfg.eval_tasks, cfg.eval_include)
+            if cfg.eval_text:
+                load_text_dataset(cfg.eval_text, cfg.text_field)
 
     def _claim_output(self) -> None:
         """A new run needs a fresh (or empty) --out; --resume needs the same options as the run it continues."""
@@ -246,6 +253,10 @@ class Run:
                 started = time.perf_counter()
                 report["samples"] = self.samples(report)
                 self.phases["samples"] = round(time.perf_counter() - started, 2)
+                if self.cfg.eval_tasks:
+                    started = time.perf_counter()
+                    report["benchmarks"] = self.benchmarks(report)
+                    self.phases["benchmarks"] = round(time.perf_counter() - started, 2)
                 self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
                 report.update(phases=self.phases, config=self.cfg.to_dict())
                 self.write_cards(report)
@@ -272,6 +283,25 @@ class Run:
                 "models": {label: continuations(m["path"], prompts, self.cfg.sample_tokens, dist.device())
                            for label, _, m in models_of(report)}}
 
+    def benchmarks(self, report: dict) -> dict:
+        """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
+        from .harness import evaluate
+        from .report import models_of
+
+        cfg = self.cfg
+        source = cfg.eval_text or cfg.dev_data
+        if source:
+            texts = list(load_text_dataset(source, cfg.text_field)[cfg.text_field])
+        else:  # the held-out dev sequences, as text
+            tokenizer = load_tokenizer(self.teacher_dir)
+            texts = [tokenizer.decode(block, skip_special_tokens=True) for block in self.data.dev]
+        models = {label: m for label, _, m in models_of(report)}
+        results = evaluate({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
+                           include=cfg.eval_include, device=str(dist.device()), seed=cfg.seed)
+        for label, m in models.items():
+            m["benchmarks"] = results["models"][label]
+        return {"tasks": results["tasks"], "text": str(source) if source else "the dev sequences"}
+
     def write_cards(self, report: dict) -> None:
         """A model card in every model published under --out, with the report's numbers (before report.json,
         so a run killed here writes them again when resumed)."""
@@ -288,7 +318,7 @@ class Run:
                                  sparsity=metrics["sparsity"], width=self.width_of(parse_sparsity(metrics["sparsity"])),
                                  parameters=metrics["parameters"], teacher_parameters=report["teacher"]["parameters"],
                                  uniform=self.cfg.uniform, via_ta=via_ta, metrics=metrics,
-                                 query_heads_per_unit=self.family.query_heads_per_unit)
+                                 benchmarks=metrics.get("benchmarks"), query_heads_per_unit=self.family.query_heads_per_unit)
 
     def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
         """A comparison student of the target size from the same slice of the pruned teacher, same budget:

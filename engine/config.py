@@ -106,6 +106,13 @@ class RunConfig:
                                               "model (default: the first 16 tokens of 3 dev sequences)", nargs="+",
                                               metavar="TEXT")
     sample_tokens: int = option(32, "tokens each model generates per sample prompt (0 = no samples)", metavar="N")
+    eval_tasks: list[str] | None = option(None, "lm-evaluation-harness tasks run at the end on teacher, TA, student "
+                                          "and baselines, shown in report.md and the model cards: minidisc_ppl, "
+                                          "minidisc_cloze or any task `minidisc eval` takes (needs minidisc[eval])",
+                                          nargs="+", metavar="TASK")
+    eval_include: str | None = option(None, "folder of lm-eval task YAMLs for --eval-tasks", metavar="DIR")
+    eval_text: str | None = option(None, "text the built-in tasks are made of (default: --dev-data, else the "
+                                   "held-out dev sequences)", metavar="FILE")
     # run control
     cluster: str | None = option(None, "the cluster a recipe is meant for, NODESxGPUSxGIB (e.g. 4x8x80 = 4 nodes of 8 "
                                  "GPUs with 80 GiB): --dry-run checks --batch-size and the memory against it",

@@ -8,6 +8,7 @@ for the test suite.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -70,6 +71,10 @@ def builtin_options() -> dict:
                    out=DEFAULT_OUT, **BUILTINS[name].run)
     if not torch.cuda.is_available():  # bf16 on a CPU is slower than fp32, and fp32 is exact
         options["deepspeed"] = str(REPO_CONFIGS / "zero3_train_fp32.json")
+    if importlib.util.find_spec("lm_eval"):  # minidisc[eval]: the report gets a benchmark table
+        from .harness import BUILTIN_TASKS
+
+        options["eval_tasks"] = list(BUILTIN_TASKS)
     return options
 
 

@@ -324,6 +324,27 @@ def _phase_table(report: dict) -> list[str]:
     return _table(["phase", "wall time (s)", "share"], rows)
 
 
+def benchmark_rows(models: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the benchmark table: one row per model (label -> metrics holding "benchmarks"),
+    one column per task and metric."""
+    columns = []
+    for metrics in models.values():
+        for task, scores in (metrics.get("benchmarks") or {}).items():
+            columns += [(task, metric) for metric in scores if (task, metric) not in columns]
+    rows = [[label, *(_num((m["benchmarks"].get(task) or {}).get(metric)) for task, metric in columns)]
+            for label, m in models.items() if m.get("benchmarks")]
+    return ["model", *(f"{task} {metric}" for task, metric in columns)], rows
+
+
+def _benchmarks(report: dict) -> list[str]:
+    header, rows = benchmark_rows({label: m for label, _, m in models_of(report)})
+    if not rows:
+        return []
+    text = (report.get("benchmarks") or {}).get("text", "")
+    return [f"lm-evaluation-harness scores{' on ' + text if text else ''} (acc: higher is better; perplexity "
+            "and bits per byte: lower is better).", "", *_table(header, rows), ""]
+
+
 def _cell(text: str) -> str:
     """Generated text inside a markdown table cell: one line, pipes escaped, an empty or blank output named."""
     return " ".join(text.split()).replace("|", "\\|") or ("(whitespace only)" if text else "(nothing: it stopped)")
@@ -352,6 +373,9 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
         lines += ["## Models", "", *comparison, ""]
         if "models" in images:
             lines += [f"![Accuracy and perplexity of every model]({images['models'].name})", ""]
+    benchmarks = _benchmarks(report)
+    if benchmarks:
+        lines += ["## Benchmarks", "", *benchmarks]
     samples = _samples(report)
     if samples:
         lines += ["## Samples", "", *samples]

@@ -11,6 +11,8 @@ import torch
 
 from test_compress import MINIDISC, dev_accuracy
 
+from engine.report import models_of
+
 
 def run(cwd, *args, cache, check=True) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,15 @@ def test_default_run_writes_consistent_artifacts(default_run):
     for folder in ["student", "baselines/kd", "baselines/ce"] + (["ta"] if report["ta"] else []):
         card = (out / folder / "README.md").read_text()
         assert card.startswith("---\nlibrary_name: transformers") and "## Quality" in card, folder
+        assert "minidisc_cloze | acc |" in card, folder  # the benchmark scores of that model
+
+    # lm-eval's local tasks on every model, in the report and its table
+    assert report["benchmarks"]["tasks"] == ["minidisc_ppl", "minidisc_cloze"]
+    for label, _, metrics in models_of(report):
+        assert set(metrics["benchmarks"]) == {"minidisc_ppl", "minidisc_cloze"}, label
+        assert 0 <= metrics["benchmarks"]["minidisc_cloze"]["acc"] <= 1
+        assert metrics["benchmarks"]["minidisc_ppl"]["byte_perplexity"] > 1
+    assert "## Benchmarks" in md and "minidisc_cloze acc" in md
 
 
 def test_the_cached_teacher_is_reused(default_run):

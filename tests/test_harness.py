@@ -1,0 +1,66 @@
+"""`minidisc eval` (lm-evaluation-harness): the built-in local tasks, and equal numbers to the `lm_eval` command
+line on the same per-layer export and tasks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_compress import MINIDISC
+
+import engine
+from engine.harness import CLOZE_CHOICE, CLOZE_CONTEXT, scores, write_builtin_tasks
+
+pytest.importorskip("lm_eval")
+LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
+
+
+def _paragraphs(corpus) -> list[str]:
+    return [p for p in corpus["dev"].read_text().split("\n\n") if p.strip()]
+
+
+def test_cloze_items_hold_the_true_continuation(corpus, tmp_path):
+    texts = _paragraphs(corpus)
+    folder = write_builtin_tasks(texts, tmp_path / "tasks")
+    items = [json.loads(line) for line in (folder / "minidisc_cloze.jsonl").read_text().splitlines()]
+    long_docs = [" ".join(t.split()).split() for t in texts if len(t.split()) >= CLOZE_CONTEXT + CLOZE_CHOICE]
+    assert len(items) == min(len(long_docs), 200) >= 4
+    for item, words in zip(items, long_docs):
+        assert item["context"] == " ".join(words[:CLOZE_CONTEXT])
+        assert item["choices"][item["answer"]] == " ".join(words[CLOZE_CONTEXT:CLOZE_CONTEXT + CLOZE_CHOICE])
+        assert len(item["choices"]) == 4
+    assert {item["answer"] for item in items} == {0, 1, 2, 3}  # the answer's position is shuffled
+    again = write_builtin_tasks(texts, tmp_path / "again")
+    assert (again / "minidisc_cloze.jsonl").read_text() == (folder / "minidisc_cloze.jsonl").read_text()
+
+
+def test_minidisc_eval_equals_the_lm_eval_command_line(pruned_dirs, corpus, tmp_path):
+    model = tmp_path / "student"
+    engine.export(pruned_dirs["llama_gqa"], 0.5, model)  # per-layer widths: the checkpoint's own model class
+    tasks = write_builtin_tasks(_paragraphs(corpus), tmp_path / "tasks")
+    ours = subprocess.run([MINIDISC, "eval", model, "--tasks", "minidisc_ppl", "minidisc_cloze", "--include", tasks,
+                           "--limit", "20", "--out", tmp_path / "ours.json"], capture_output=True, text=True,
+                          timeout=600)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert "minidisc_cloze acc" in ours.stdout
+    theirs = subprocess.run([LM_EVAL, "--model", "hf", "--model_args",
+                             f"pretrained={model},dtype=float32,trust_remote_code=True", "--tasks",
+                             "minidisc_ppl,minidisc_cloze", "--include_path", tasks, "--limit", "20", "--device",
+                             "cpu", "--batch_size", "8", "--output_path", tmp_path / "theirs"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    results = json.loads(next((tmp_path / "theirs").glob("*/results_*.json")).read_text())["results"]
+    mine = json.loads((tmp_path / "ours.json").read_text())["models"][str(model)]
+    assert mine == scores(results)
+    assert set(mine["minidisc_ppl"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert 0 <= mine["minidisc_cloze"]["acc"] <= 1
+
+
+def test_eval_errors_are_one_line(pruned_dirs, tmp_path):
+    for args, message in (([pruned_dirs["opt"], "--tasks", "no_such_task"], "unknown lm-eval task(s) no_such_task"),
+                          ([tmp_path, "--tasks", "minidisc_ppl"], "not a Hugging Face checkpoint folder"),
+                          ([pruned_dirs["opt"], "--tasks", "minidisc_ppl"], "minidisc_ppl: use minidisc_ppl or "
+                                                                            "minidisc_cloze (made of --text FILE)")):
+        result = subprocess.run([MINIDISC, "eval", *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("minidisc: error: ")
+        assert message in result.stderr, result.stderr[-2000:]
