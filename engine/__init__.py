@@ -28,4 +28,5 @@ from .prune import prune, prune_teacher  # noqa: E402
 from .supernet import Supernet  # noqa: E402
 
 __all__ = ["DEFAULT_GRID", "PruningPlan", "RunConfig", "Supernet", "UserError", "Width", "compress", "count_parameters",
-           "distill", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune", "prune_teacher", "pruned_model"]
+           "distill", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune", "prune_teacher",
+           "pruned_model"]

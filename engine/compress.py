@@ -243,22 +243,18 @@ class Run:
                 **({"path": str(path)} if path else {}), **extra}
 
     def finish(self, report: dict) -> dict:
+        self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
         report = {"format": "minidisc-report/1", "command": self.command,
                   "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
-                  **report}
+                  **report, "phases": self.phases, "config": self.cfg.to_dict()}
         with dist.main_first("writing the report") as main:
             if main:
                 from .report import render
 
-                started = time.perf_counter()
-                report["samples"] = self.samples(report)
-                self.phases["samples"] = round(time.perf_counter() - started, 2)
+                report["samples"] = self._timed("samples", self.samples, report)
                 if self.cfg.eval_tasks:
-                    started = time.perf_counter()
-                    report["benchmarks"] = self.benchmarks(report)
-                    self.phases["benchmarks"] = round(time.perf_counter() - started, 2)
+                    report["benchmarks"] = self._timed("benchmarks", self.benchmarks, report)
                 self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
-                report.update(phases=self.phases, config=self.cfg.to_dict())
                 self.write_cards(report)
                 tmp = self.out / ".report.json.partial"
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -266,6 +262,12 @@ class Run:
                 tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
                 log.info("wrote %s", self.out / "report.json")
         return report
+
+    def _timed(self, phase: str, work, *args):
+        started = time.perf_counter()
+        result = work(*args)
+        self.phases[phase] = round(time.perf_counter() - started, 2)
+        return result
 
     def samples(self, report: dict) -> dict | None:
         """Every model's greedy continuation of the sample prompts (rank 0, one model in memory at a time)."""
@@ -314,11 +316,12 @@ class Run:
                       for name, m in (report.get("baselines") or {}).items()]
         for role, folder, metrics, via_ta in published:
             if metrics and (self.out / folder).is_dir():
-                write_model_card(self.out / folder, role=role, teacher=str(self.cfg.teacher),
-                                 sparsity=metrics["sparsity"], width=self.width_of(parse_sparsity(metrics["sparsity"])),
-                                 parameters=metrics["parameters"], teacher_parameters=report["teacher"]["parameters"],
-                                 uniform=self.cfg.uniform, via_ta=via_ta, metrics=metrics,
-                                 benchmarks=metrics.get("benchmarks"), query_heads_per_unit=self.family.query_heads_per_unit)
+                sparsity = metrics["sparsity"]
+                write_model_card(self.out / folder, role=role, teacher=str(self.cfg.teacher), sparsity=sparsity,
+                                 width=self.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
+                                 teacher_parameters=report["teacher"]["parameters"], uniform=self.cfg.uniform,
+                                 via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
+                                 query_heads_per_unit=self.family.query_heads_per_unit)
 
     def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
         """A comparison student of the target size from the same slice of the pruned teacher, same budget:

@@ -135,9 +135,9 @@ def evaluate(models: dict[str, str], tasks: list[str], *, texts: list[str] | Non
         table = {}
         for label, path in models.items():
             log.info("lm-eval: %s on %s", ", ".join(tasks), label)
+            dtype = "float32" if device.startswith("cpu") else "auto"  # a GPU keeps the checkpoint's dtype
             result = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": str(path), "dtype": "float32" if device.startswith("cpu") else "auto",
-                                        "trust_remote_code": True},
+                model="hf", model_args={"pretrained": str(path), "dtype": dtype, "trust_remote_code": True},
                 tasks=list(tasks), task_manager=manager, batch_size=batch_size, device=device, limit=limit,
                 log_samples=False)  # lm_eval's default seeds, as its command line uses
             table[label] = scores(result["results"])

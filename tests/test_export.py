@@ -139,7 +139,8 @@ def test_exported_files(exported):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(case["dir"]).iterdir()}
         assert set(modes.values()) == {readable}, modes
         files = set(modes)
-        assert {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json", "README.md"} <= files
+        expected = {"config.json", "model.safetensors", "tokenizer_config.json", "minidisc_export.json", "README.md"}
+        assert expected <= files
         card = ModelCard.load(Path(case["dir"], "README.md"))
         assert card.data.library_name == "transformers" and "minidisc" in card.data.tags
         assert f"{case['parameters']:,}" in card.text and ("trust_remote_code=True" in card.text) != case["uniform"]

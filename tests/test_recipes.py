@@ -73,7 +73,8 @@ def test_recipe_dry_run(name, checkpoints, corpus, tmp_path):
     assert "checks passed: config, tokenizer, data paths, DeepSpeed configs, batch split and memory" in out
     assert f"memory on {recipe['cluster']}" in out and ": fits;" in out
     assert f"target sparsity {recipe['target_sparsity']:g}" in out
-    widths = re.findall(r"│\s+([0-9.]+) │\s+~?[0-9,]+ │\s+~?[0-9.]+% │", result.stdout)  # candidate rows (~: estimate)
+    # candidate rows (~ marks a count estimated before pruning)
+    widths = re.findall(r"│\s+([0-9.]+) │\s+~?[0-9,]+ │\s+~?[0-9.]+% │", result.stdout)
     assert widths[-1] == f"{recipe['target_sparsity']:g}" and widths[0] == "0.5"  # truncate .. the student
     assert not (tmp_path / "runs").exists()  # nothing written
     # what the recipe names exists: its DeepSpeed configs and its launch script
