@@ -22,11 +22,12 @@ from .config import RunConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .export import export, pruned_model  # noqa: E402
 from .families import count_parameters, family_for  # noqa: E402
+from .harness import evaluate_tasks  # noqa: E402
 from .grid import DEFAULT_GRID, Width, parse_sparsity  # noqa: E402
 from .plan import PruningPlan  # noqa: E402
 from .prune import prune, prune_teacher  # noqa: E402
 from .supernet import Supernet  # noqa: E402
 
 __all__ = ["DEFAULT_GRID", "PruningPlan", "RunConfig", "Supernet", "UserError", "Width", "compress", "count_parameters",
-           "distill", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune", "prune_teacher",
-           "pruned_model"]
+           "distill", "evaluate_tasks", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune",
+           "prune_teacher", "pruned_model"]

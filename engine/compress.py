@@ -287,7 +287,7 @@ class Run:
 
     def benchmarks(self, report: dict) -> dict:
         """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
-        from .harness import evaluate
+        from .harness import evaluate_tasks
         from .report import models_of
 
         cfg = self.cfg
@@ -298,7 +298,7 @@ class Run:
             tokenizer = load_tokenizer(self.teacher_dir)
             texts = [tokenizer.decode(block, skip_special_tokens=True) for block in self.data.dev]
         models = {label: m for label, _, m in models_of(report)}
-        results = evaluate({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
+        results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
                            include=cfg.eval_include, device=str(dist.device()), seed=cfg.seed)
         for label, m in models.items():
             m["benchmarks"] = results["models"][label]

@@ -22,7 +22,6 @@ from pathlib import Path
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per truncated document otherwise
 BUILTIN_TASKS = ("minidisc_ppl", "minidisc_cloze")
 MAX_DOCUMENTS = 200  # per built-in task: enough for stable numbers, minutes not hours on a GPU
 CLOZE_CONTEXT, CLOZE_CHOICE = 24, 12  # words of context and of each candidate continuation
@@ -118,7 +117,7 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return table
 
 
-def evaluate(models: dict[str, str], tasks: list[str], *, texts: list[str] | None = None, include=None,
+def evaluate_tasks(models: dict[str, str], tasks: list[str], *, texts: list[str] | None = None, include=None,
              batch_size: int = 8, device: str | None = None, limit: int | None = None, seed: int = 0) -> dict:
     """Run lm_eval on every model (label -> checkpoint folder). Returns {"tasks", "models": {label: scores}}.
     `seed` only shuffles the cloze distractors; lm_eval runs with its own default seeds, as its command line."""
@@ -126,6 +125,7 @@ def evaluate(models: dict[str, str], tasks: list[str], *, texts: list[str] | Non
     import lm_eval
     import torch
 
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per truncated document otherwise
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="minidisc-tasks-") as scratch:
         folders = [Path(include)] if include else []

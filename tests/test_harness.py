@@ -52,6 +52,8 @@ def test_minidisc_eval_equals_the_lm_eval_command_line(pruned_dirs, corpus, tmp_
     results = json.loads(next((tmp_path / "theirs").glob("*/results_*.json")).read_text())["results"]
     mine = json.loads((tmp_path / "ours.json").read_text())["models"][str(model)]
     assert mine == scores(results)
+    api = engine.evaluate_tasks({"student": model}, ["minidisc_ppl", "minidisc_cloze"], include=tasks, limit=20)
+    assert api == {"tasks": ["minidisc_ppl", "minidisc_cloze"], "models": {"student": mine}}  # the Python API
     assert set(mine["minidisc_ppl"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert 0 <= mine["minidisc_cloze"]["acc"] <= 1
 
