@@ -12,7 +12,7 @@ TRANSFORMERS_ENDS := 5.0.0 5.24.0
 ENDS_TESTS := tests/test_export.py tests/test_default_run.py
 ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
-.PHONY: demo test test-transformers-ends install clean
+.PHONY: demo test test-transformers-ends install gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test-transformers-ends: $(ENDS_VENVS:%=%/.installed)
 
 test: install test-transformers-ends
 	$(BIN)/python -m pytest tests
+
+# On a machine with an NVIDIA GPU, in the Python environment that holds its CUDA build of torch (not .venv,
+# whose torch is the CPU build): kernels' tests on CUDA, the GPU benchmarks, the built-in example in bf16.
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(ENDS_VENVS) minidisc-demo

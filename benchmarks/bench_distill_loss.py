@@ -50,10 +50,10 @@ def ours(h_s, w_s, h_t, w_t, kind):
 
 
 def liger(h_s, w_s, h_t, w_t, kind):
-    from liger_kernel.transformers import LigerFusedLinearJSDLoss
+    from liger_kernel.transformers import LigerFusedLinearJSD  # Liger-Kernel >= 0.5 (earlier: ...JSDLoss)
 
-    beta = 0.0 if kind == "forward_kl" else 1.0
-    LigerFusedLinearJSDLoss(jsd_beta=beta)(h_s, w_s, h_t, w_t).backward()
+    beta = 0.0 if kind == "forward_kl" else 1.0  # Liger's generalised JSD: 0 is forward KL, 1 reverse KL
+    LigerFusedLinearJSD(jsd_beta=beta)(h_s, w_s, h_t, w_t, None).backward()
 
 
 def measure_one(impl, n, v, hs, ht, dtype, device, kind) -> dict:
@@ -114,7 +114,7 @@ def main() -> None:
     impls = args.impls or (["naive", "ours", "liger"] if args.device == "cuda" else ["naive", "ours"])
     cases = args.cases or (GPU_CASES if args.device == "cuda" else CPU_CASES)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
-    rows = []
+    rows, failures = [], 0
     for case in cases:
         n, v, hs, ht = map(int, case.split(","))
         for impl in impls:
@@ -123,6 +123,7 @@ def main() -> None:
                                    capture_output=True, text=True)
             if child.returncode != 0:
                 print(f"{impl} N={n} V={v}: failed: {child.stderr.strip().splitlines()[-1]}")
+                failures += 1
                 continue
             result = json.loads(child.stdout.strip().splitlines()[-1])
             rows.append({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": device_name,
@@ -133,7 +134,10 @@ def main() -> None:
             r = rows[-1]
             print(f"{impl:>6}  N={n:<5} V={v:<6} H={hs}/{ht}  {r['seconds']:8.3f} s  {r['peak_extra_mb']:9.1f} MB  "
                   f"{r['tflops']:.3f} TFLOP/s", flush=True)
-    append_rows(RESULTS.name, rows)
+    if rows:
+        append_rows(RESULTS.name, rows)
+    if failures:
+        sys.exit(f"{failures} measurement(s) failed; the others were recorded")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything this project checks on a machine with an NVIDIA GPU, in one command.
+#   1. installs the package with Triton and Liger-Kernel into $PYTHON's environment (GPU_CHECK_INSTALL=0 skips:
+#      for a machine without internet, where they were installed beforehand), without constraints.txt, whose
+#      torch pin is the CPU build;
+#   2. the Triton kernels' tests on CUDA against the torch references (tests/test_distill_loss.py and
+#      tests/test_masked_pruning.py pick CUDA by themselves);
+#   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel) and bench_distill_step.py;
+#   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py).
+# Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
+# the later ones (GPU time is scarce); the exit status is 1 if any failed, and the failures are listed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+failed=()
+step() { echo; echo "== $1"; shift; "$@" || failed+=("$*"); }
+
+command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi here; run it on a machine with an NVIDIA GPU" >&2; exit 2; }
+if [ "${GPU_CHECK_INSTALL:-1}" = 1 ]; then
+  env -u PIP_CONSTRAINT "$PYTHON" -m pip install -q -e '.[triton]' liger-kernel || exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PYTHON" -c 'import torch, triton, transformers, deepspeed; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}),",
+  f"triton {triton.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")'
+"$PYTHON" -c 'assert __import__("torch").cuda.is_available(), "torch sees no GPU: install its CUDA build"' || exit 1
+
+step "Triton kernels on CUDA against the torch references" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_distill_loss.py tests/test_masked_pruning.py
+step "KD loss: naive vs ours vs Liger-Kernel (benchmarks/results/distill_loss.csv)" "$PYTHON" benchmarks/bench_distill_loss.py
+step "one distillation step (benchmarks/results/distill_step.csv)" "$PYTHON" benchmarks/bench_distill_step.py --device cuda
+step "the built-in example, bf16, NCCL, one GPU (benchmarks/results/builtin.csv)" "$PYTHON" benchmarks/bench_builtin.py
+
+[ ${#failed[@]} -eq 0 ] && { echo; echo "gpu-check: all steps passed"; exit 0; }
+echo; echo "gpu-check: ${#failed[@]} step(s) failed:"; printf '  %s\n' "${failed[@]}"; exit 1
