@@ -16,11 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from results_csv import append_rows
 import transformers
+from results_csv import append_rows
 
 import engine
-from engine.demo import train_tokenizer, write_corpus
+from engine.tools.demo import train_tokenizer, write_corpus
 
 RESULTS = Path(__file__).with_name("results") / "prune.csv"
 

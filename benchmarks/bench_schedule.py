@@ -1,11 +1,11 @@
 """MiniDisc vs MaxiDisc vs plain KD on one small setup: wall time, student quality, and how well MiniDisc's
 one-trial TA score predicts the student each TA actually yields.
 
-Setup (cached under --work, so reruns reuse it): the pydoc corpus (engine.demo.write_corpus), a SentencePiece
-tokenizer (engine.demo.train_tokenizer), a LLaMA teacher (hidden 256, 4 layers, 8 heads / 4 KV heads,
-intermediate 688) pretrained with engine.demo.pretrain, and that teacher pruned ONCE on the default grid
-(engine.prune). The pruned teacher dir (it holds pruning.json, so the engine uses it as is) is given to all three
-runs, so pruning is not timed three times. Then, sequentially and in this process (`--mode subprocess` runs the
+Setup (cached under --work, so reruns reuse it): the pydoc corpus (engine.tools.demo.write_corpus), a SentencePiece
+tokenizer (engine.tools.demo.train_tokenizer), a LLaMA teacher (hidden 256, 4 layers, 8 heads / 4 KV heads,
+intermediate 688) pretrained with engine.tools.demo.pretrain, and that teacher pruned ONCE on the default grid
+(engine.pruning.prune). The pruned teacher dir (it holds pruning.json, so the engine uses it as is) is given to all
+three runs, so pruning is not timed three times. Then, sequentially and in this process (`--mode subprocess` runs the
 `minidisc` console script instead and reads OUT/report.json), each into a fresh OUT dir:
 
     distill    plain KD, teacher -> student at --target-sparsity            (1 stage)
@@ -96,7 +96,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 # --- setup: corpus, tokenizer, pretrained teacher, pruned teacher (all cached) ----------------------------------
 def setup(args, log) -> dict:
     from engine.data import load_text_dataset, token_blocks
-    from engine.demo import DEMO_TEACHER, pretrain, train_tokenizer, write_corpus
+    from engine.tools.demo import DEMO_TEACHER, pretrain, train_tokenizer, write_corpus
 
     work = Path(args.work)
     data_dir = work / "data"
@@ -136,7 +136,7 @@ def setup(args, log) -> dict:
         del model
     teacher_info = json.loads(info_file.read_text())
 
-    from engine.grid import DEFAULT_GRID, parse_sparsity
+    from engine.pruning.widths import DEFAULT_GRID, parse_sparsity
 
     grid = tuple(sorted(set(DEFAULT_GRID) | {parse_sparsity(args.target_sparsity)}))
     pruned = work / f"{teacher.name}-pruned-c{args.calib_samples}"
@@ -157,20 +157,20 @@ def setup(args, log) -> dict:
 
 # --- where the time goes (in-process only): wrap the trainer's pieces, restore afterwards -------------------------
 class Profile:
-    """Accumulated seconds of the trainer's parts, by wrapping module-level functions of engine.trainer (and
+    """Accumulated seconds of the trainer's parts, by wrapping module-level functions of engine.training.trainer (and
     DeepSpeed's save_checkpoint). Names missing from the current engine are skipped."""
 
-    PARTS = {  # name in engine.trainer -> label; nested ones are shown indented
+    PARTS = {  # name in engine.training.trainer -> label; nested ones are shown indented
         "build_engines": "build engines (load + deepspeed.initialize)",
         "train_step": "training steps",
         "teacher_outputs": "  teacher forwards",
         "sandwich_step": "  student fwd+bwd+optimizer",
         "_evaluate": "evaluation (teacher + widths on dev)",
-        "_save_best": "best-snapshot export",
-        "_finish": "stage finish",
-        "_release": "engine release",
+        "save_best": "best-snapshot export",
+        "write_result": "stage finish",
+        "release": "engine release",
     }
-    TOP = ("build_engines", "train_step", "_evaluate", "_save_best", "_finish", "_release")
+    TOP = ("build_engines", "train_step", "_evaluate", "save_best", "write_result", "release")
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -200,7 +200,7 @@ class Profile:
         self._restore.append((owner, name, original))
 
     def __enter__(self):
-        import engine.trainer as trainer
+        import engine.training.trainer as trainer
 
         for name in self.PARTS:
             self._wrap(trainer, name, name)
@@ -247,7 +247,7 @@ def cpu_seconds() -> float:
 
 
 def run_inprocess(method: str, cfg) -> tuple[dict, float, Profile]:
-    from engine.compress import COMMANDS
+    from engine.schedule.pipelines import COMMANDS
 
     gc.collect()
     with Profile() as profile:
@@ -325,7 +325,7 @@ def main() -> None:
                         "zero3_train_fp32.json (CUDA only)")
     parser.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]), help="torch threads")
     parser.add_argument("--mode", choices=["inprocess", "subprocess"], default="inprocess",
-                        help="call engine.compress.* here, or run the minidisc console script per method")
+                        help="call engine.schedule.pipelines.* here, or run the minidisc console script per method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--log-level", default="WARNING", help="engine logging (on stderr)")
     parser.add_argument("--no-csv", action="store_true", help="do not append to " + str(RESULTS))

@@ -5,7 +5,7 @@ into every per-layer export and lists it in the config's `auto_map` (loaded with
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from .modeling_minidisc import PER_LAYER_CLASSES
+from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 
 for _config, _model in PER_LAYER_CLASSES.values():
     _config.register_for_auto_class()
@@ -16,17 +16,17 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+source"
 
-from .checkpoint import load_causal_lm  # noqa: E402
-from .compress import compress, distill, maxidisc  # noqa: E402
-from .config import RunConfig  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .export import export, pruned_model  # noqa: E402
-from .families import count_parameters, family_for  # noqa: E402
-from .harness import evaluate_tasks  # noqa: E402
-from .grid import DEFAULT_GRID, Width, parse_sparsity  # noqa: E402
-from .plan import PruningPlan  # noqa: E402
-from .prune import prune, prune_teacher  # noqa: E402
-from .supernet import Supernet  # noqa: E402
+from engine.config import RunConfig  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.models.export import export, pruned_model  # noqa: E402
+from engine.models.loading import load_causal_lm  # noqa: E402
+from engine.models.supernet import Supernet  # noqa: E402
+from engine.pruning.families import count_parameters, family_for  # noqa: E402
+from engine.pruning.plan import PruningPlan  # noqa: E402
+from engine.pruning.prune import prune, prune_teacher  # noqa: E402
+from engine.pruning.widths import DEFAULT_GRID, Width, parse_sparsity  # noqa: E402
+from engine.schedule.pipelines import compress, distill, maxidisc  # noqa: E402
+from engine.tools.harness import evaluate_tasks  # noqa: E402
 
 __all__ = ["DEFAULT_GRID", "PruningPlan", "RunConfig", "Supernet", "UserError", "Width", "compress", "count_parameters",
            "distill", "evaluate_tasks", "export", "family_for", "load_causal_lm", "maxidisc", "parse_sparsity", "prune",

@@ -12,7 +12,8 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
+from engine.errors import UserError
+from engine.pruning.widths import parse_sparsity
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -121,8 +122,6 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        from .grid import parse_sparsity
-
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")

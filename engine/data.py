@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 

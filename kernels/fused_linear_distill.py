@@ -16,8 +16,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .distill_loss import (check_options, chunk_rows, common_vocab, divergence_and_grad, flatten_mask,
-                           reduce_losses, use_triton)
+from .distill_loss import (
+    check_options,
+    chunk_rows,
+    common_vocab,
+    divergence_and_grad,
+    flatten_mask,
+    reduce_losses,
+    use_triton,
+)
 
 
 def _mm_fp32(a, b):
@@ -70,7 +77,8 @@ def _chunk_losses(o: Options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights=No
 
 def _zero_grads(h_s, w_s, b_s):
     fp32 = dict(dtype=torch.float32, device=w_s.device)
-    return (torch.empty_like(h_s), torch.zeros(w_s.shape, **fp32), None if b_s is None else torch.zeros(b_s.shape, **fp32))
+    grad_b = None if b_s is None else torch.zeros(b_s.shape, **fp32)
+    return torch.empty_like(h_s), torch.zeros(w_s.shape, **fp32), grad_b
 
 
 class FusedLinearDistill(torch.autograd.Function):

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import engine  # noqa: E402  (registers the MiniDisc model classes)
-from engine.demo import train_tokenizer, write_corpus  # noqa: E402
+from engine.tools.demo import train_tokenizer, write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -101,7 +101,7 @@ def trained_teacher(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from engine.data import load_text_dataset, token_blocks
-    from engine.demo import pretrain
+    from engine.tools.demo import pretrain
 
     directory = tmp_path_factory.mktemp("trained") / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -116,8 +116,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # --- jobs --------------------------------------------------------------------------------------------------
     def sbatch(self, script, *options, env=None) -> int:
-        result = _run("sbatch", "--parsable", *options, script, env={**(env or os.environ), "SLURM_CONF": str(self.conf)},
-                      check=False)
+        env = {**(env or os.environ), "SLURM_CONF": str(self.conf)}
+        result = _run("sbatch", "--parsable", *options, script, env=env, check=False)
         assert result.returncode == 0, result.stderr
         return int(result.stdout.strip().split(";")[0])
 

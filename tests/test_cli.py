@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import save_teacher
 
-from engine.cli import main
+from engine.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_prune_and_export_through_the_console_command(teacher, corpus, tmp_path)
 def test_help_explains_every_option(capsys):
     import argparse
 
-    from engine.cli import build_parser
+    from engine.tools.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -58,7 +58,7 @@ def test_help_explains_every_option(capsys):
 def test_version_and_log_level_after_the_command(capsys):
     from importlib.metadata import version
 
-    from engine.cli import build_parser
+    from engine.tools.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

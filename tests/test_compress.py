@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.sandwich import tradeoff
+from engine.distill.selection import tradeoff
 
 MINIDISC = str(Path(sys.executable).parent / "minidisc")
 FP32 = str(Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json")

@@ -8,10 +8,9 @@ import subprocess
 
 import pytest
 import torch
-
 from test_compress import MINIDISC, dev_accuracy
 
-from engine.report import models_of
+from engine.tools.report_format import models_of
 
 
 def run(cwd, *args, cache, check=True) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 The ZeRO++ configs are also run for real on 2 CPU processes as far as CPU allows: hierarchical partitioning
 (hpZ) of the frozen teacher and of the trained student, and the optimiser-only offload (DeepSpeedCPUAdam),
-through `engine.trainer.build_engines` against the unsharded models. qwZ and qgZ need DeepSpeed's quantizer
+through `engine.training.engines.build_engines` against the unsharded models. qwZ and qgZ need DeepSpeed's quantizer
 kernels, which exist only for CUDA: on CPU the test checks that DeepSpeed says so.
 """
 import copy
@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_model
 from test_zero3 import launch_two_ranks
 
@@ -33,7 +32,7 @@ PROMISES = {
 }
 TRAINED = sorted(name for name, promise in PROMISES.items() if promise["trained"])
 FROZEN = sorted(name for name, promise in PROMISES.items() if not promise["trained"])
-# "auto" is allowed only where the engine replaces it (engine.trainer.train_ds_config and build_engines).
+# "auto" is allowed only where the engine replaces it (training.deepspeed_config.train_ds_config, build_engines).
 FILLED_AUTO = {("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("gradient_clipping",),
                *(("optimizer", "params", key) for key in ("lr", "betas", "eps", "weight_decay"))}
 
@@ -50,7 +49,7 @@ def deepspeed_config(config: dict):
 
 
 def as_engine_fills(config: dict) -> dict:
-    """The batch keys the engine sets (engine.trainer.train_ds_config / teacher_ds_config)."""
+    """The batch keys the engine sets (engine.training.deepspeed_config.train_ds_config / teacher_ds_config)."""
     config = copy.deepcopy(config)
     config.pop("train_batch_size", None)
     config.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=3)
@@ -108,7 +107,7 @@ def test_deepspeed_rejects_unknown_keys_inside_zero_optimization():
 @pytest.mark.parametrize("teacher", FROZEN)
 def test_engine_configs_are_accepted(train, teacher):
     from engine.config import RunConfig
-    from engine.trainer import bf16_enabled, teacher_ds_config, train_ds_config
+    from engine.training.deepspeed_config import bf16_enabled, teacher_ds_config, train_ds_config
 
     cfg = RunConfig(teacher="x", data="x", out="x", batch_size=8, grad_accum=2, max_grad_norm=0.5,
                     deepspeed=str(DS_CONFIGS / train), teacher_deepspeed=str(DS_CONFIGS / teacher))

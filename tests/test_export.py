@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
 from conftest import CONFIGS, run_python
+from huggingface_hub import ModelCard
 
 import engine
-from engine.families import family_for
+from engine.pruning.families import family_for
 
 # Loads each case's checkpoint the way a user would and reports its class and the logits' error.
 LOADER = r"""
@@ -80,7 +80,7 @@ def test_per_layer_export_after_import_engine(exported, tmp_path):
     cases = [c for c in exported if not c["uniform"]]
     assert any(0 in c["width"].attention + c["width"].ffn for c in cases)  # empty layers are exercised
     for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=False, trust_remote_code=False)):
-        assert result["class"].startswith("engine.modeling_minidisc.MiniDisc"), result
+        assert result["class"].startswith("engine.models.modeling_minidisc.MiniDisc"), result
         assert result["max_error"] <= 1e-5, (case["name"], case["sparsity"], result)
         assert result["parameters"] == case["parameters"]
 

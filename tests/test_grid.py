@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.grid import DEFAULT_GRID, Width, keep_counts, parse_grid, parse_sparsity, removal_order, round_removal
+from engine.pruning.widths import (
+    DEFAULT_GRID,
+    Width,
+    keep_counts,
+    parse_grid,
+    parse_sparsity,
+    removal_order,
+    round_removal,
+)
 
 
 def test_parse_sparsity_is_exact():

@@ -9,7 +9,7 @@ import pytest
 from test_compress import MINIDISC
 
 import engine
-from engine.harness import CLOZE_CHOICE, CLOZE_CONTEXT, scores, write_builtin_tasks
+from engine.tools.harness import CLOZE_CHOICE, CLOZE_CONTEXT, scores, write_builtin_tasks
 
 pytest.importorskip("lm_eval")
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")

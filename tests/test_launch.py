@@ -13,7 +13,6 @@ import psutil
 import pytest
 import torch
 import yaml
-
 from test_zero3 import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def test_a_dead_rank_fails_the_job_with_its_name(dead, trained_teacher, corpus, 
     latest = out / "work" / "sandwich" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.is_file():
-        assert time.time() < deadline and all(l.poll() is None for l in launchers), logs[0].read_text()[-3000:]
+        assert time.time() < deadline and all(p.poll() is None for p in launchers), logs[0].read_text()[-3000:]
         time.sleep(0.2)
     _worker_of_rank(launchers, dead).kill()
     survivor = 1 - dead

@@ -6,11 +6,27 @@ from functools import lru_cache
 import pytest
 import torch
 
-from engine.cli import main
-from engine.grid import Width
-from engine.memory_plan import (GIB, PRESETS, Cluster, PlanOptions, Shapes, activation_bytes, largest_layer_parameters,
-                                layer_activation_bytes, mse_bytes, parameter_count, plan_memory, preset_config,
-                                recommend, trained_model_states, width_parameters)
+from engine.pruning.widths import Width
+from engine.tools.cli import main
+from engine.tools.memory_plan.advice import recommend
+from engine.tools.memory_plan.estimate import (
+    GIB,
+    Cluster,
+    PlanOptions,
+    activation_bytes,
+    layer_activation_bytes,
+    mse_bytes,
+    plan_memory,
+    trained_model_states,
+)
+from engine.tools.memory_plan.shapes import (
+    PRESETS,
+    Shapes,
+    largest_layer_parameters,
+    parameter_count,
+    preset_config,
+    width_parameters,
+)
 
 
 @lru_cache(maxsize=None)
@@ -79,9 +95,9 @@ def test_counts_of_unusual_configs(name):
 
 @pytest.mark.parametrize("name", ["llama-2-70b", "opt-1.3b", "llama-3-8b"])
 def test_width_counts_equal_count_parameters_on_any_layer_split(name):
-    """The candidate counts depend only on the total units kept: check against engine.families.count_parameters
+    """The candidate counts depend only on the total units kept: check against engine.pruning.families.count_parameters
     with the kept units spread unevenly over the layers (as a global ranking does)."""
-    from engine.families import count_parameters, family_for
+    from engine.pruning.families import count_parameters, family_for
 
     config, model = preset_config(name), meta_model(name)
     s = Shapes.of(config)

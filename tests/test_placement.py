@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_compress import minidisc, options  # the console script and the tiny run
 
 from engine.config import RunConfig
-from test_compress import minidisc, options  # the console script and the tiny run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def test_replicated_teacher_gives_the_same_student_as_sharded(zero3_run, pruned_
 def test_quantised_teacher_is_smaller_and_close(placement, linear, max_error, trained_teacher, corpus):
     """The quantised copy (bitsandbytes) replaces every decoder linear, keeps the LM head exact, takes less
     memory, and its logits stay near the full-precision teacher's."""
-    from engine.checkpoint import load_causal_lm
-    from engine.trainer import load_teacher
+    from engine.models.loading import load_causal_lm
+    from engine.training.engines import load_teacher
 
     cfg = RunConfig(teacher=str(trained_teacher), data="-", out="-", teacher_placement=placement)
     teacher, _ = load_teacher(trained_teacher, cfg, {"bf16": {"enabled": False}})
@@ -98,7 +98,8 @@ def test_cpu_offload_gives_the_same_student(zero3_run, pruned_dirs, corpus, tmp_
 
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(zero3_run, pruned_dirs, corpus, tmp_path):
     from conftest import tiny_model
-    from engine.trainer import checkpoint_layers
+
+    from engine.training.engines import checkpoint_layers
 
     def mlp_calls(checkpointed: bool) -> int:
         model = tiny_model("opt")

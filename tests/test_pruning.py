@@ -6,10 +6,10 @@ import torch
 from conftest import CONFIGS, tiny_model
 
 import engine
-from engine.families import family_for
-from engine.grid import Width
-from engine.importance import unit_importance
-from engine.masks import masked, width_masks
+from engine.pruning.families import family_for
+from engine.pruning.importance import unit_importance
+from engine.pruning.masks import masked, width_masks
+from engine.pruning.widths import Width
 
 FAMILIES = list(CONFIGS)
 

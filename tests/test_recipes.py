@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from engine.memory_plan import preset_config
 from test_compress import MINIDISC, minidisc
+
+from engine.tools.memory_plan import preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
@@ -110,7 +110,7 @@ def test_dry_run_parameter_counts_are_the_exported_models(pruned_dirs, corpus, t
     """One counting rule: a dry run on a pruned teacher prints what `minidisc export` then writes; before
     pruning its counts are exact when FFN removals are not rounded (--ffn-multiple 1), and marked ~ otherwise."""
     import engine
-    from engine.dry_run import dry_run
+    from engine.tools.dry_run import dry_run
 
     teacher = pruned_dirs["llama_gqa_bias"].parent / "teacher"
     pruned = tmp_path / "pruned"

@@ -1,11 +1,11 @@
-"""engine.report: report.md and the PNG plots from synthetic run reports, and the console summary."""
+"""engine.tools.report: report.md and the PNG plots from synthetic run reports, and the console summary."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from engine.report import print_summary, render
+from engine.tools.report import print_summary, render
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEACHER_PARAMS = 1_250_000

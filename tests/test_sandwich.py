@@ -7,8 +7,9 @@ from conftest import tiny_model
 
 import engine
 import kernels
-from engine.objective import Objective, hidden_layer_indices, teacher_outputs, width_loss
-from engine.sandwich import choose_ta, evaluate_widths, sandwich_step, tradeoff
+from engine.distill.loss import Objective, hidden_layer_indices, teacher_outputs, width_loss
+from engine.distill.sandwich import evaluate_widths, sandwich_step
+from engine.distill.selection import choose_ta, tradeoff
 
 
 @pytest.fixture(params=["llama_gqa", "opt"])

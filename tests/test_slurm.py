@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-
 from slurm_cluster import SlurmCluster, missing
 from test_launch import SCRIPTS, assert_same_student, script_env, write_recipe
 

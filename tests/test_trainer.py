@@ -37,8 +37,8 @@ def test_trainer_step_matches_pytorch_two_processes(grad_accum, pruned_dirs, tmp
 
 # --- configuration ------------------------------------------------------------------------------------------------
 def parse(*argv):
-    from engine.cli import build_parser
     from engine.config import resolve
+    from engine.tools.cli import build_parser
 
     return resolve(build_parser().parse_args(["compress", *map(str, argv)]))
 
@@ -93,7 +93,7 @@ def test_bad_options_are_refused_clearly(argv, message):
 
 
 def test_lam_must_be_a_number(capsys):
-    from engine.cli import main
+    from engine.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["compress", *REQUIRED, "--lam", "abc"])

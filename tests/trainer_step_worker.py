@@ -9,12 +9,15 @@ from pathlib import Path
 import torch
 
 import engine
-from engine import distributed as dist
-from engine.checkpoint import load_causal_lm
 from engine.config import RunConfig
-from engine.objective import teacher_outputs, width_loss
-from engine import trainer
-from engine.trainer import BETAS, BatchOrder, Stage, _lr_lambda, _no_decay, build_engines, objective_of, train_step
+from engine.distill.loss import teacher_outputs, width_loss
+from engine.models.loading import load_causal_lm
+from engine.training import distributed as dist
+from engine.training import engines
+from engine.training.batches import BatchOrder
+from engine.training.engines import BETAS, _lr_lambda, _no_decay, build_engines
+from engine.training.stage import Stage
+from engine.training.trainer import objective_of, train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)
@@ -26,7 +29,7 @@ args = parser.parse_args()
 dist.init()
 # Adam divides by sqrt(v) + eps: with the usual eps = 1e-8 a gradient entry near 1e-8 turns float noise from a
 # different reduction order into lr-sized differences. A larger eps keeps the comparison about the maths.
-EPS = trainer.EPS = 1e-3
+EPS = engines.EPS = 1e-3
 fp32 = Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json"
 cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=4, warmup_ratio=0.0, lr=3e-3, max_grad_norm=0.0,
                 batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2)

@@ -1,6 +1,6 @@
 """Worker for test_ds_configs.py, started by the `deepspeed` launcher with 2 CPU processes (gloo).
 
-Runs the engine's own set-up (`engine.trainer.build_engines` and `train_step`) with the shipped configs,
+Runs the engine's own set-up (`engine.training.engines.build_engines` and `train_step`) with the shipped configs,
 reduced to what runs on CPU (fp32, no quantisation, hpZ over the 2 ranks), against the unsharded models:
 
 - the frozen teacher under zero3_inference_zeropp.json gives the unsharded logits, and its parameters hold
@@ -25,10 +25,11 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from engine import trainer
-from engine.checkpoint import load_causal_lm
 from engine.config import RunConfig
-from engine.objective import Objective, teacher_outputs, width_loss
+from engine.distill.loss import Objective, teacher_outputs, width_loss
+from engine.models.loading import load_causal_lm
+from engine.training import engines, trainer
+from engine.training import stage as stages
 
 REPO = Path(__file__).resolve().parents[1]
 parser = argparse.ArgumentParser()
@@ -90,7 +91,7 @@ def run_config(train: str, **train_zero) -> RunConfig:
                      teacher_deepspeed=write("teacher", teacher))
 
 
-stage = trainer.Stage(name="s", teacher_dir=Path(args.teacher), student_dir=Path(args.student), widths=[0])
+stage = stages.Stage(name="s", teacher_dir=Path(args.teacher), student_dir=Path(args.student), widths=[0])
 objective = Objective()
 all_ids = [torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(1 + r)) for r in range(world)]
 ids = all_ids[rank]  # each rank its own batch
@@ -104,7 +105,7 @@ def check_stage(cfg: RunConfig) -> dict:
     """build_engines, the teacher's logits and one trainer step, against the unsharded models."""
     ref_student = load_causal_lm(args.student)
     t0 = time.perf_counter()
-    teacher, student, distiller, keep_alive, _ = trainer.build_engines(stage, cfg, 1)
+    teacher, student, distiller, keep_alive, _ = engines.build_engines(stage, cfg, 1)
     out = {"build_s": round(time.perf_counter() - t0, 1)}
     params = list(teacher.module.parameters())
     out["teacher_partitioned"] = all(p.ds_tensor.numel() < p.ds_numel for p in params if p.ds_numel > 1)
@@ -126,9 +127,9 @@ def check_stage(cfg: RunConfig) -> dict:
     # DeepSpeed averages gradients over ranks: the reference steps on the mean loss of every rank's batch.
     named = list(ref_student.named_parameters())
     initial = [p.detach().clone() for _, p in named]
-    groups_ = [{"params": [p for n, p in named if not trainer._no_decay(n, p)], "weight_decay": cfg.weight_decay},
-               {"params": [p for n, p in named if trainer._no_decay(n, p)], "weight_decay": 0.0}]
-    ref_opt = torch.optim.AdamW(groups_, lr=cfg.lr, betas=trainer.BETAS, eps=trainer.EPS)
+    groups_ = [{"params": [p for n, p in named if not engines._no_decay(n, p)], "weight_decay": cfg.weight_decay},
+               {"params": [p for n, p in named if engines._no_decay(n, p)], "weight_decay": 0.0}]
+    ref_opt = torch.optim.AdamW(groups_, lr=cfg.lr, betas=engines.BETAS, eps=engines.EPS)
     mean_loss = sum(width_loss(ref_student, teacher_outputs(ref_teacher, x), x, None, objective)["loss"]
                     for x in all_ids) / world
     out["student_loss"] = mean_loss.item()
@@ -142,7 +143,7 @@ def check_stage(cfg: RunConfig) -> dict:
     out["student_update_error"] = update_error
     out["student_update_size"] = max((ref.detach() - before).abs().max().item()
                                      for (_, ref), before in zip(named, initial))
-    trainer._release(teacher, student)
+    engines.release(teacher, student)
     del teacher, student, distiller, keep_alive
     return out
 
@@ -173,12 +174,12 @@ def frozen(**zero) -> dict:
     deepspeed.initialize without an optimiser), compared with the unsharded one."""
     config = cpu_variant(shipped("zero3_inference_zeropp.json"), zero_hpz_partition_size=1, **zero)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    model, keep_alive = trainer._load_model(Path(args.teacher), config)
+    model, keep_alive = engines._load_model(Path(args.teacher), config)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     with torch.no_grad():
         error = (engine.module(input_ids=ids).logits - ref_logits).abs().max().item()
-    trainer._release(engine)
+    engines.release(engine)
     return {"teacher_logit_error": error}
 
 
@@ -188,13 +189,13 @@ def trained(**zero) -> dict:
                          zero_quantized_gradients=False)
     config["zero_optimization"].update(zero)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0)
-    model, keep_alive = trainer._load_model(Path(args.student), config)
+    model, keep_alive = engines._load_model(Path(args.student), config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=config)
     out = engine(input_ids=ids, labels=ids)
     engine.backward(out.loss)
     engine.step()
-    trainer._release(engine)
+    engines.release(engine)
     return {"loss": out.loss.item()}
 
 

@@ -1,0 +1,61 @@
+"""MiniDisc step 2: train every candidate width against one teacher pass (the sandwich step), and evaluate
+every width in one pass over the dev data."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], sparsities,
+                  backward: Callable = torch.Tensor.backward) -> dict:
+    """Forward and backward every width against the same teacher outputs (which `forward` closes over),
+    each loss weighted 1/K and back-propagated at once, so one width's activations are freed before the
+    next. `select(permille)` activates a width; `forward()` returns its losses ({"loss", ...});
+    `backward` is `Tensor.backward` or a DeepSpeed engine's. The caller steps the optimizer once after."""
+    metrics = {}
+    for permille in sparsities:
+        select(permille)
+        losses = forward()
+        backward(losses["loss"] / len(sparsities))
+        metrics[permille] = {name: value.detach() for name, value in losses.items()}
+    return metrics
+
+
+def _next_token_stats(logits, input_ids, attention_mask):
+    """(correct top-1 predictions, summed CE, counted tokens) over non-padding next tokens."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    keep = keep[:, :-1] & keep[:, 1:]
+    targets = input_ids[:, 1:]
+    logits = logits[:, :-1].float()
+    correct = ((logits.argmax(-1) == targets) & keep).sum()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return correct, (ce * keep).sum(), keep.sum()
+
+
+@torch.no_grad()
+def evaluate_widths(student, teacher, batches, sparsities, select: Callable | None = None,
+                    reduce: Callable = lambda totals: totals) -> dict:
+    """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
+
+    Each batch (input_ids, attention_mask or None) is loaded and run through the teacher once; then every
+    width sees the same batch. `select(permille)` activates a width (default `student.set_sparsity`; a
+    no-op for a plain model); `reduce` sums the [correct, loss, tokens] totals over processes.
+    Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy", "loss", "tokens"}.
+    """
+    select = select or student.set_sparsity
+    totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
+    was_training = student.training
+    student.eval()
+    for input_ids, attention_mask in batches:
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        totals[0] += torch.stack(_next_token_stats(teacher_logits, input_ids, attention_mask)).double().cpu()
+        for i, permille in enumerate(sparsities, start=1):
+            select(permille)
+            logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+            totals[i] += torch.stack(_next_token_stats(logits, input_ids, attention_mask)).double().cpu()
+    student.train(was_training)
+    totals = dict(zip(["teacher", *sparsities], reduce(totals)))
+    return {key: {"accuracy": (t[0] / t[2].clamp(min=1)).item(), "loss": (t[1] / t[2].clamp(min=1)).item(),
+                  "tokens": int(t[2].item())} for key, t in totals.items()}

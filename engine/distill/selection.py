@@ -1,0 +1,34 @@
+"""MiniDisc step 3: score each candidate width (its performance p relative to the teacher) and choose the
+teacher assistant by the lambda-trade-off p(s) + lambda * s."""
+from __future__ import annotations
+
+import math
+
+from engine.pruning.widths import PERMILLE
+
+
+def tradeoff(performance: float, permille: int, lam: float) -> float:
+    """MiniDisc's lambda-tradeoff p(s) + lambda * s (s as a fraction)."""
+    return performance + lam * permille / PERMILLE
+
+
+def choose_ta(performance: dict[int, float], lam: float, target: int, current: int = 0) -> int | None:
+    """The candidate sparsity with the best tradeoff among those >= `current` (the current teacher's), or
+    None when that best is at or beyond the target: then no TA is needed."""
+    eligible = {s: p for s, p in performance.items() if s >= current}
+    if not eligible:
+        raise ValueError(f"no candidate at or above the teacher's sparsity {current / PERMILLE:g}")
+    best = max(eligible, key=lambda s: (tradeoff(eligible[s], s, lam), -s))
+    return None if best >= target else best
+
+
+def performance(stats: dict, teacher_stats: dict, metric: str = "relative_accuracy") -> float:
+    """p(s) in [0, 1], higher is better: accuracy relative to the teacher's (the default), raw accuracy,
+    or exp(-dev loss)."""
+    if metric == "relative_accuracy":
+        return stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+    if metric == "accuracy":
+        return stats["accuracy"]
+    if metric == "exp_loss":
+        return math.exp(-stats["loss"])
+    raise ValueError(f"unknown metric {metric!r}")

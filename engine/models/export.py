@@ -1,0 +1,144 @@
+"""Export any width of a reordered model as a real, smaller Hugging Face checkpoint.
+
+Per-layer widths use the MiniDisc config/model classes (registered with the Auto classes, and loadable
+with trust_remote_code from the checkpoint alone); `uniform=True` keeps the same units in every layer and
+writes a stock LlamaForCausalLM/OPTForCausalLM checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from engine.errors import UserError
+from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.modeling_minidisc import (
+    MiniDiscLlamaConfig,
+    MiniDiscLlamaForCausalLM,
+    MiniDiscOPTConfig,
+    MiniDiscOPTForCausalLM,
+)
+from engine.outputs import atomic_output_dir
+from engine.pruning.families import count_parameters, family_for
+from engine.pruning.plan import PruningPlan
+from engine.pruning.widths import Width, format_sparsity, parse_sparsity
+from engine.tools.model_card import write_model_card
+
+log = logging.getLogger(__name__)
+
+_DROP = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
+         "kv_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")
+
+
+def _is_uniform(width: Width) -> bool:
+    return len(set(width.attention)) == 1 and len(set(width.ffn)) == 1
+
+
+def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtype = torch.float32):
+    """The config of the model sliced to `width`: stock when uniform, MiniDisc per-layer otherwise."""
+    base = {k: v for k, v in config.to_dict().items() if k not in _DROP}
+    base["dtype"] = str(dtype).removeprefix("torch.")
+    n_rep = family.query_heads_per_unit
+    if family.name == "llama":
+        base.update(num_key_value_heads=family.num_kv_heads, head_dim=family.head_dim)
+        if uniform:
+            base.update(num_attention_heads=width.attention[0] * n_rep, num_key_value_heads=width.attention[0],
+                        intermediate_size=width.ffn[0])
+            return LlamaForCausalLM, LlamaConfig(**base, architectures=["LlamaForCausalLM"])
+        return MiniDiscLlamaForCausalLM, MiniDiscLlamaConfig(
+            **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
+            architectures=["MiniDiscLlamaForCausalLM"])
+    if uniform:
+        if width.attention[0] != family.num_kv_heads:
+            raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
+        return OPTForCausalLM, OPTConfig(**{**base, "ffn_dim": width.ffn[0]}, architectures=["OPTForCausalLM"])
+    return MiniDiscOPTForCausalLM, MiniDiscOPTConfig(
+        **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn),
+        architectures=["MiniDiscOPTForCausalLM"])
+
+
+@torch.no_grad()
+def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32,
+                      state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The full model's tensors with every prunable linear cut to the width's prefix (new storage).
+
+    `state` (default `model.state_dict()`) may be a consolidated copy of the weights, e.g. gathered from a
+    ZeRO-3 engine; `model` then only supplies the structure (which linears, how many rows per unit)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    state = dict(model.state_dict() if state is None else state)
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        for group, kept in zip(groups, (kept_attn, kept_ffn)):
+            for linear, per_unit in group.rows:
+                prefix = names[id(linear)]
+                state[f"{prefix}.weight"] = state[f"{prefix}.weight"][: kept * per_unit]
+                if linear.bias is not None:
+                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"][: kept * per_unit]
+            for linear, per_unit in group.cols:
+                state[f"{names[id(linear)]}.weight"] = state[f"{names[id(linear)]}.weight"][:, : kept * per_unit]
+    return {name: tensor.detach().to(dtype, copy=True).contiguous() for name, tensor in state.items()}
+
+
+def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
+                 state: dict | None = None):
+    """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full),
+    its weights stored in `dtype`. `state`: the weights to use instead of `model.state_dict()`."""
+    family = family_for(model.config)
+    if uniform and not _is_uniform(width):
+        raise ValueError("uniform export needs the same width in every layer")
+    model_class, config = pruned_config(model.config, family, width, uniform, dtype)
+    return materialize(model_class, config, sliced_state_dict(model, family, width, dtype, state), model)
+
+
+def materialize(model_class, config, state: dict, buffers_from):
+    """`model_class(config)` holding the tensors of `state` (no random init, no copy), with the
+    non-persistent buffers (rotary inv_freq, not in state dicts) taken from the model `buffers_from`."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # layers kept at 0 units
+        model = model_class(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            model.get_submodule(module_name).register_buffer(
+                buffer_name, buffers_from.get_buffer(name).detach().clone().float(), persistent=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
+    """`minidisc export`: write the width at `sparsity` of a pruned teacher directory to `out`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist")
+    plan = PruningPlan.load(model_dir)
+    permille = parse_sparsity(sparsity)
+    config = load_config(model_dir)
+    family = family_for(config)
+    width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
+    if uniform and (0 in width.attention or 0 in width.ffn):
+        raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer; "
+                        "stock configs cannot describe that: lower the sparsity or drop --uniform")
+    tokenizer = load_tokenizer(model_dir, config)
+    model = load_causal_lm(model_dir)
+    pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
+    summary = {
+        "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
+        "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),
+        "parameters": count_parameters(model, family, width),
+        "teacher_parameters": count_parameters(model, family, plan.full_width),
+    }
+    with atomic_output_dir(out, kind="exported-model") as scratch:
+        pruned.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_model_card(scratch, role="exported slice", teacher=str(model_dir), sparsity=summary["sparsity"],
+                         width=width, parameters=summary["parameters"],
+                         teacher_parameters=summary["teacher_parameters"], uniform=uniform,
+                         query_heads_per_unit=family.query_heads_per_unit)
+    log.info("exported sparsity %s (%s, %d parameters) to %s", format_sparsity(permille),
+             "uniform, stock class" if uniform else "per-layer widths", summary["parameters"], out)
+    return summary

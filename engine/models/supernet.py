@@ -1,0 +1,101 @@
+"""The width-switchable model (supernet): one set of full-size weights, any candidate width active.
+
+Each prunable linear becomes a `SliceableLinear` (same parameters, so state dicts and DeepSpeed ZeRO-3
+partitions are untouched) that slices a prefix of its rows/columns inside its own forward, i.e. after
+DeepSpeed's pre-forward hook has gathered the full weight. Gradients flow into the shared full weights.
+At width w the forward equals the teacher masked to w (see `engine.pruning.masks`), including layers that keep
+no heads or no neurons.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.loading import load_causal_lm
+from engine.pruning.families import family_for
+from engine.pruning.plan import PruningPlan
+from engine.pruning.widths import Width
+
+
+class SliceableLinear(nn.Linear):
+    """nn.Linear that uses only its first `active_out` rows and `active_in` columns (None = all)."""
+
+    active_out: int | None = None
+    active_in: int | None = None
+
+    def forward(self, x):
+        if self.active_out == 0 or self.active_in == 0:
+            return self._empty_forward(x)
+        weight, bias = self.weight, self.bias
+        if self.active_out is not None:
+            weight = weight[: self.active_out]
+            bias = None if bias is None else bias[: self.active_out]
+        if self.active_in is not None:
+            weight = weight[:, : self.active_in]
+        return F.linear(x, weight, bias)
+
+    def _empty_forward(self, x):
+        """Output of a slice with no rows or no columns, without a matmul (ZeRO-3's linear cannot
+        backpropagate through empty shapes). `anchor` is an exact zero that keeps the input and every
+        parameter in the autograd graph, so each gets a (zero) gradient: DeepSpeed ZeRO-3 otherwise keeps
+        the stale gradient of a parameter that missed a step and applies it again."""
+        anchor = x[..., :0].sum(-1, keepdim=True) + self.weight[:0].sum()
+        if self.bias is not None:
+            anchor = anchor + self.bias[:0].sum()
+        if self.active_out == 0:
+            return x[..., :0] + anchor
+        out = self.out_features if self.active_out is None else self.active_out
+        return anchor.expand(*x.shape[:-1], out) if self.bias is None else anchor + self.bias[:out]
+
+
+class Supernet(nn.Module):
+    """A reordered causal LM whose active width is switchable by sparsity (`set_sparsity`)."""
+
+    def __init__(self, model: nn.Module, plan: PruningPlan):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.family = family_for(model.config)
+        for layer, (attn_group, ffn_group) in zip(self.family.layers(model), self.family.groups(model)):
+            self.family.attention(layer).__class__ = self.family.prunable_attention
+            for group in (attn_group, ffn_group):
+                for linear, _ in group.rows + group.cols:
+                    linear.__class__ = SliceableLinear
+        self.set_width(plan.full_width)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "Supernet":
+        """Load a pruned (reordered) teacher written by `minidisc prune`; kwargs go to from_pretrained."""
+        plan = PruningPlan.load(directory)
+        return cls(load_causal_lm(Path(directory), **kwargs), plan)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def set_sparsity(self, sparsity) -> Width:
+        """Activate the grid candidate at `sparsity` (fraction removed, e.g. 0.9; or int per-mille)."""
+        width = self.plan.width(sparsity)
+        self.set_width(width)
+        return width
+
+    def set_width(self, width: Width) -> None:
+        """Activate any per-layer width (kept attention units and FFN neurons per layer)."""
+        n_rep = self.family.query_heads_per_unit
+        for layer, groups, kept_attn, kept_ffn in zip(
+            self.family.layers(self.model), self.family.groups(self.model), width.attention, width.ffn
+        ):
+            for group, kept in zip(groups, (kept_attn, kept_ffn)):
+                if not 0 <= kept <= group.num_units:
+                    raise ValueError(f"width keeps {kept} units of a layer that has {group.num_units}")
+                for linear, per_unit in group.rows:
+                    linear.active_out = kept * per_unit
+                for linear, per_unit in group.cols:
+                    linear.active_in = kept * per_unit
+            self.family.set_active_heads(self.family.attention(layer), kept_attn * n_rep)
+        self.width = width
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)

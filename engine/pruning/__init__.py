@@ -1,0 +1,2 @@
+"""Pruning: which units exist per family, masks and importance, reordering, widths, the pruning plan, and
+`minidisc prune`."""

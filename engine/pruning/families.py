@@ -1,0 +1,220 @@
+"""Model-family adapters: which units of a decoder layer are prunable and which linears they couple.
+
+Every family is described by the same two coupled groups per layer:
+
+- attention units: a KV group (its `n_rep` query heads plus its key/value head; for multi-head attention
+  n_rep = 1, i.e. one head). Rows of q/k/v and columns of the output projection move together.
+- FFN neurons: rows of the up-side linears (gate+up for LLaMA, fc1 for OPT) and columns of the down-side
+  linear (down_proj, fc2).
+
+Masking, reordering, slicing, parameter counting and export are written once against `UnitGroup`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+import kernels
+from engine.errors import UserError
+from engine.models.modeling_minidisc import PrunableLlamaAttention, PrunableOPTAttention
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Linears of one layer coupled through one kind of prunable unit.
+
+    `rows`: (linear, output rows per unit) whose outputs (and biases) belong to units.
+    `cols`: (linear, input columns per unit) whose inputs belong to units; the first one is where the
+    unit mask is applied (its input is the per-unit activation).
+    """
+
+    rows: tuple[tuple[nn.Linear, int], ...]
+    cols: tuple[tuple[nn.Linear, int], ...]
+    num_units: int
+
+    @property
+    def mask_site(self) -> nn.Linear:
+        return self.cols[0][0]
+
+    @property
+    def cols_per_unit(self) -> int:
+        return self.cols[0][1]
+
+
+class Family:
+    """Base adapter. Subclasses name the modules of one Hugging Face architecture."""
+
+    name: str
+    architectures: tuple[str, ...]
+    attention_proj_name: str  # name of the attention output projection inside the attention module
+    prunable_attention: type  # attention subclass that also runs with zero heads
+
+    def __init__(self, config):
+        self.config = config
+
+    # --- shapes -----------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def query_heads_per_unit(self) -> int:
+        return self.config.num_attention_heads // self.num_kv_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        raise NotImplementedError
+
+    # --- modules ----------------------------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def attention_group(self, layer: nn.Module) -> UnitGroup:
+        attn, d, n_rep = layer.self_attn, self.head_dim, self.query_heads_per_unit
+        out_proj = getattr(attn, self.attention_proj_name)
+        return UnitGroup(
+            rows=((attn.q_proj, n_rep * d), (attn.k_proj, d), (attn.v_proj, d)),
+            cols=((out_proj, n_rep * d),),
+            num_units=attn.k_proj.out_features // d,
+        )
+
+    def ffn_group(self, layer: nn.Module) -> UnitGroup:
+        raise NotImplementedError
+
+    def groups(self, model: nn.Module) -> list[tuple[UnitGroup, UnitGroup]]:
+        """(attention group, FFN group) for every decoder layer."""
+        return [(self.attention_group(layer), self.ffn_group(layer)) for layer in self.layers(model)]
+
+    def set_active_heads(self, attention: nn.Module, num_query_heads: int) -> None:
+        """Tell an attention module how many query heads its (sliced) projections now produce."""
+        attention.num_heads = num_query_heads
+
+    def stock_attention_units(self, wanted: int) -> int:
+        """The attention-unit count nearest to `wanted` that the family's stock config can describe."""
+        raise NotImplementedError
+
+    def mask_ffn_activation(self, layer: nn.Module, mask):
+        """Apply an FFN neuron mask inside the activation with a fused kernel; returns an undo callable,
+        or None when the layer's activation has no fused kernel."""
+        return None
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    architectures = ("LlamaForCausalLM",)
+    attention_proj_name = "o_proj"
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads or self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.config.intermediate_size
+
+    prunable_attention = PrunableLlamaAttention
+
+    def layers(self, model):
+        return model.model.layers
+
+    def mask_ffn_activation(self, layer, mask):
+        mlp = layer.mlp
+        if self.config.hidden_act not in ("silu", "swish"):
+            return None
+        mlp.forward = lambda x: mlp.down_proj(kernels.masked_swiglu(mlp.gate_proj(x), mlp.up_proj(x), mask))
+        return lambda: delattr(mlp, "forward")
+
+    def stock_attention_units(self, wanted):
+        # LlamaConfig (transformers 5) requires hidden_size % num_attention_heads == 0, head_dim or not.
+        valid = [k for k in range(1, self.num_kv_heads + 1) if self.hidden_size % (k * self.query_heads_per_unit) == 0]
+        return min(valid, key=lambda k: (abs(k - wanted), -k))
+
+    def ffn_group(self, layer):
+        mlp = layer.mlp
+        return UnitGroup(rows=((mlp.gate_proj, 1), (mlp.up_proj, 1)), cols=((mlp.down_proj, 1),),
+                         num_units=mlp.gate_proj.out_features)
+
+
+class OPTFamily(Family):
+    name = "opt"
+    architectures = ("OPTForCausalLM",)
+    attention_proj_name = "out_proj"
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.config.ffn_dim
+
+    def layers(self, model):
+        return model.model.decoder.layers
+
+    def ffn_group(self, layer):
+        return UnitGroup(rows=((layer.fc1, 1),), cols=((layer.fc2, 1),), num_units=layer.fc1.out_features)
+
+    prunable_attention = PrunableOPTAttention
+
+    def mask_ffn_activation(self, layer, mask):
+        if self.config.activation_function != "relu":
+            return None
+        original = layer.activation_fn
+        layer.activation_fn = _MaskedReLU(mask)
+        return lambda: setattr(layer, "activation_fn", original)
+
+    def stock_attention_units(self, wanted):
+        # OPTConfig fixes head_dim = hidden_size // num_attention_heads: a stock OPT keeps every head.
+        return self.num_kv_heads
+
+
+class _MaskedReLU(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return kernels.masked_relu(x, self.mask)
+
+
+FAMILIES = {"llama": LlamaFamily, "minidisc_llama": LlamaFamily, "opt": OPTFamily, "minidisc_opt": OPTFamily}
+SUPPORTED = "LlamaForCausalLM (model_type 'llama', MHA or grouped-query attention) and OPTForCausalLM ('opt')"
+
+
+def family_for(config) -> Family:
+    """The adapter for a Hugging Face config, or a UserError naming the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+        raise UserError(f"unsupported model family '{model_type}' ({archs}); MiniDisc supports {SUPPORTED}")
+    return FAMILIES[model_type](config)
+
+
+def count_parameters(model, family: Family, width) -> int:
+    """Parameters of `model` restricted to `width` (tied weights counted once; works under ZeRO-3)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in unique)
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        for group, kept in zip(groups, (kept_attn, kept_ffn)):
+            removed = group.num_units - kept
+            for linear, per_unit in group.rows:
+                total -= removed * per_unit * (linear.in_features + (linear.bias is not None))
+            for linear, per_unit in group.cols:
+                total -= removed * per_unit * linear.out_features
+    return total

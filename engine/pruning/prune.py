@@ -1,0 +1,97 @@
+"""`minidisc prune`: importance on calibration data, reordering, and the candidate grid (step 1)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.data import load_text_dataset, token_blocks
+from engine.errors import UserError
+from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.outputs import atomic_output_dir
+from engine.pruning.families import count_parameters, family_for
+from engine.pruning.importance import normalize_per_layer, unit_importance
+from engine.pruning.plan import PruningPlan
+from engine.pruning.reorder import reorder
+from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
+    """One row per grid sparsity: kept units per layer and in total, parameters, scale."""
+    full = count_parameters(model, family, plan.full_width)
+    rows = []
+    for permille in plan.grid:
+        width = plan.width(permille)
+        params = count_parameters(model, family, width)
+        rows.append({
+            "sparsity": float(format_sparsity(permille)),
+            "scale": (PERMILLE - permille) / PERMILLE,
+            "attention_units": list(width.attention),
+            "ffn_neurons": list(width.ffn),
+            "kept_heads": sum(width.attention) * plan.query_heads_per_unit,
+            "kept_kv_heads": sum(width.attention),
+            "kept_neurons": sum(width.ffn),
+            "parameters": params,
+            "parameter_fraction": params / full,
+        })
+    return rows
+
+
+def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_GRID, ffn_multiple: int = 8,
+                  batch_size: int = 4) -> PruningPlan:
+    """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan."""
+    family = family_for(model.config)
+    raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
+    attention, ffn = normalize_per_layer(raw_attention), normalize_per_layer(raw_ffn)
+    attention_orders = [torch.sort(s, descending=True, stable=True).indices for s in attention]
+    ffn_orders = [torch.sort(s, descending=True, stable=True).indices for s in ffn]
+    reorder(model, family, attention_orders, ffn_orders)
+    plan = PruningPlan(
+        family=family.name,
+        attention_scores=[s[o].tolist() for s, o in zip(attention, attention_orders)],
+        ffn_scores=[s[o].tolist() for s, o in zip(ffn, ffn_orders)],
+        query_heads_per_unit=family.query_heads_per_unit,
+        grid=tuple(grid),
+        ffn_multiple=ffn_multiple,
+    )
+    plan.candidates = candidate_rows(plan, model, family)
+    plan.extra["original_index"] = {"attention": [o.tolist() for o in attention_orders],
+                                    "ffn": [o.tolist() for o in ffn_orders]}
+    return plan
+
+
+def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
+          seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
+          device: str = "cpu") -> PruningPlan:
+    """Prune a teacher checkpoint directory on a data file and write the reordered teacher to `out`."""
+    if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
+        raise UserError("--calib-samples, --batch-size and --ffn-multiple must be >= 1 and --seq-len >= 2")
+    started = time.perf_counter()
+    # Check everything cheap (config, tokenizer, data) before reading the weights.
+    config = load_config(teacher)
+    tokenizer = load_tokenizer(teacher, config)
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_len})")
+    calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
+                               text_field)
+    model = load_causal_lm(teacher).to(device)
+    loaded = time.perf_counter()
+    log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, data)
+    plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size)
+    scored = time.perf_counter()
+    plan.extra["calibration"] = {"data": str(data), "samples": len(calibration), "seq_len": seq_len, "seed": seed,
+                                 "text_field": text_field}
+    with atomic_output_dir(out, kind="pruned-teacher") as scratch:
+        model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        plan.extra["timing"] = {"load": round(loaded - started, 2), "importance": round(scored - loaded, 2),
+                                "save": round(time.perf_counter() - scored, 2)}
+        plan.save(scratch)
+    log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
+             plan.extra["timing"]["importance"])
+    return plan

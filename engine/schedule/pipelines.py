@@ -1,0 +1,144 @@
+"""`minidisc compress | distill | maxidisc`: the MiniDisc schedule and its two baselines, end to end.
+
+    compress   prune (unless given a pruned teacher) -> sandwich training of every candidate TA -> the
+               lambda-tradeoff choice -> TA export -> TA -> student -> export + report      (2 stages)
+    distill    plain KD: teacher -> student at the target sparsity                            (1 stage)
+    maxidisc   for every candidate TA: teacher -> TA -> student; the best student is kept     (2K-1 stages)
+
+All three share the trainer, the data, and the per-stage budget (--max-steps), so they compare honestly.
+Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report appear only when complete.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.config import RunConfig
+from engine.distill.selection import choose_ta, tradeoff
+from engine.pruning.widths import PERMILLE, format_sparsity
+from engine.schedule.run import Run
+
+
+def _curves(*results) -> dict:
+    return {r["stage"]: r["curves"] for r in results}
+
+
+def compress(cfg: RunConfig) -> dict:
+    """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
+    run = Run(cfg, "compress")
+    candidates = run.candidates()
+    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True)
+    teacher_stats = sandwich["teacher_stats"]
+    p = {s: sandwich["best"][str(s)]["p"] for s in candidates}
+    choice = choose_ta(p, cfg.lam, run.target)
+    best_dir = Path(sandwich["best_dir"])
+    started = time.perf_counter()
+    if choice is None:
+        reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
+                  "no TA is needed, the student is distilled from the teacher directly")
+        student_teacher, student_init, ta = run.teacher_dir, best_dir, None
+    else:
+        reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
+                  f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
+        ta = run.publish(best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
+                                          "step": sandwich["best_step"]})
+        student_teacher = ta
+        student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
+    run.phases["ta_export"] = round(time.perf_counter() - started, 2)
+    student = run.stage("student", student_teacher, student_init, [run.target])
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None if choice is None else choice / PERMILLE})
+    rows = []
+    for s in candidates:
+        best = sandwich["best"][str(s)]
+        rows.append({**run.model_metrics(s, best), "scale": (PERMILLE - s) / PERMILLE, "p": best["p"],
+                     "tradeoff": tradeoff(best["p"], s, cfg.lam), "best_step": best["step"]})
+    teacher_params = run.parameters(0)
+    for row in rows:
+        row["parameter_fraction"] = row["parameters"] / teacher_params
+    summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher")
+    trained = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
+    baselines = {name: metrics for name, (metrics, _) in trained.items()}
+    return run.finish({
+        "teacher": run.teacher_metrics(teacher_stats),
+        "candidates": rows,
+        "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich["best_step"],
+                                                    "path": "ta"},
+        "ta_reason": reason,
+        "ta": None if choice is None else run.model_metrics(choice, sandwich["best"][str(choice)], path=ta),
+        "student": summary,
+        "baselines": baselines,
+        "student_vs_baselines": {name: _gain(summary, b) for name, b in baselines.items()},
+        "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
+    })
+
+
+def _gain(student: dict, baseline: dict) -> dict:
+    """How much better the MiniDisc student is than a baseline (positive = better)."""
+    return {"accuracy": student["accuracy"] - baseline["accuracy"],
+            "relative_accuracy": student["accuracy"] / max(baseline["accuracy"], 1e-12) - 1,
+            "loss": baseline["loss"] - student["loss"],
+            "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
+
+
+def distill(cfg: RunConfig) -> dict:
+    """Plain KD baseline: the pruned teacher's target slice distilled from the teacher, no TA."""
+    run = Run(cfg, "distill")
+    init = run.slice_model(run.target, run.work / "student_init")
+    student = run.stage("student", run.teacher_dir, init, [run.target])
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None})
+    return run.finish({"teacher": run.teacher_metrics(student["teacher_stats"]),
+                       "student": run.student_summary(student, student["teacher_stats"], "teacher"),
+                       "curves": _curves(student)})
+
+
+def maxidisc(cfg: RunConfig) -> dict:
+    """MaxiDisc baseline: teacher -> TA -> student for every candidate TA (and teacher -> student for the
+    no-TA option); the student with the best dev accuracy is kept."""
+    run = Run(cfg, "maxidisc")
+    trials, results = {}, []
+    for s in run.candidates():
+        if s == run.target:  # the no-TA option: plain KD
+            init = run.slice_model(run.target, run.work / "student_init-direct")
+            student = run.stage("student-direct", run.teacher_dir, init, [run.target])
+            trials[s] = (None, student)
+            results.append(student)
+            continue
+        name = format_sparsity(s)
+        ta = run.stage(f"ta-{name}", run.teacher_dir, run.slice_model(s, run.work / f"ta_init-{name}"), [s])
+        init = run.slice_model(run.target, run.work / f"student_init-{name}", source=Path(ta["best_dir"]))
+        student = run.stage(f"student-via-{name}", ta["best_dir"], init, [run.target])
+        trials[s] = (ta, student)
+        results += [ta, student]
+    score = {s: student["best"][str(run.target)]["accuracy"] for s, (_, student) in trials.items()}
+    winner = max(score, key=lambda s: (score[s], s))
+    ta, student = trials[winner]
+    teacher_stats = (ta or student)["teacher_stats"]
+    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                                       "via_ta": None if ta is None else winner / PERMILLE})
+    teacher_params = run.parameters(0)
+    rows = []
+    for s, (trial_ta, trial_student) in trials.items():
+        stats = (trial_ta or trial_student)["best"][str(s)]
+        p = stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+        final = trial_student["best"][str(run.target)]
+        rows.append({**run.model_metrics(s, stats), "scale": (PERMILLE - s) / PERMILLE, "p": p,
+                     "tradeoff": tradeoff(p, s, cfg.lam), "best_step": stats["step"],
+                     "student_accuracy": final["accuracy"], "student_loss": final["loss"],
+                     "wall_s": (trial_ta["wall_s"] if trial_ta else 0) + trial_student["wall_s"]})
+        rows[-1]["parameter_fraction"] = rows[-1]["parameters"] / teacher_params
+    return run.finish({
+        "teacher": run.teacher_metrics(teacher_stats),
+        "candidates": rows,
+        "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta["best_step"],
+                                                "path": ta["best_dir"]},
+        "ta_reason": f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy"
+                     f" ({score[winner]:.4f}) of {len(trials)} trials",
+        "ta": None if ta is None else run.model_metrics(winner, ta["best"][str(winner)], path=ta["best_dir"]),
+        "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher"),
+        "curves": _curves(*results),
+    })
+
+
+COMMANDS = {"compress": compress, "distill": distill, "maxidisc": maxidisc}

@@ -1,0 +1,343 @@
+"""The run set-up the three schedules share: input checks, claiming --out (and resume checks), the pruned
+teacher, the token blocks, slicing and publishing models, parameter counts and metric rows."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from engine.config import RunConfig
+from engine.data import load_text_dataset, token_blocks
+from engine.errors import UserError
+from engine.models.export import pruned_model
+from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.outputs import atomic_output_dir, is_ours
+from engine.pruning.families import count_parameters, family_for
+from engine.pruning.plan import PLAN_FILE, PruningPlan
+from engine.pruning.prune import prune
+from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
+from engine.tools.harness import check_tasks, evaluate_tasks
+from engine.tools.model_card import write_model_card
+from engine.tools.report import render
+from engine.tools.report_format import models_of
+from engine.tools.samples import continuations, default_prompts, encode_prompts
+from engine.training import distributed as dist
+from engine.training.deepspeed_config import read_ds_config, train_ds_config
+from engine.training.stage import Data, Stage
+from engine.training.trainer import objective_of, run_stage
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+# Options that may change between a run and its --resume (they do not change what is computed).
+
+
+RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
+             "eval_include", "eval_text"}
+
+
+BASELINES = {"kd": "plain KD", "ce": "no distillation"}
+
+
+def check_teacher(cfg: RunConfig):
+    """The teacher's config (a supported family) and tokenizer, and --seq-len within its positions."""
+    config = load_config(cfg.teacher)
+    load_tokenizer(cfg.teacher, config)
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and cfg.seq_len > max_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+    return config
+
+
+def check_target_on_grid(cfg: RunConfig, grid, teacher_dir) -> int:
+    """The target (per-mille), which a pruned teacher's fixed grid must contain."""
+    target = parse_sparsity(cfg.target_sparsity)
+    if target not in grid:
+        raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {teacher_dir} "
+                        f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
+    return target
+
+
+class Run:
+    """Shared set-up of the three commands: checked inputs, the output folder, the pruned teacher, the data."""
+
+    def __init__(self, cfg: RunConfig, command: str):
+        self.cfg, self.command = cfg, command
+        self.out = Path(cfg.out)
+        self.work = self.out / "work"
+        self.phases: dict[str, float] = {}
+        self.started = time.perf_counter()
+        if cfg.baselines and command != "compress":
+            raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
+                            "itself a baseline: drop the option")
+        dist.init()
+        self._check_inputs()
+        self._claim_output()
+        self.teacher_dir = self._pruned_teacher()
+        self.plan = PruningPlan.load(self.teacher_dir)
+        self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
+        self.family = family_for(load_config(self.teacher_dir))
+        self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
+        if cfg.uniform:
+            for permille in self.candidates():
+                width = self.width_of(permille)
+                if 0 in width.attention or 0 in width.ffn:
+                    raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer, "
+                                    "which stock configs cannot describe: lower the sparsity or drop --uniform")
+        self.data = self._data()
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        """Everything cheap, on every rank, before any weights are read (same errors everywhere)."""
+        cfg = self.cfg
+        check_teacher(cfg)
+        read_ds_config(cfg.teacher_ds_config())
+        train_ds_config(cfg, widths_per_step=1)  # readable, and compatible with --optimizer
+        load_text_dataset(cfg.data, cfg.text_field)
+        if cfg.dev_data:
+            load_text_dataset(cfg.dev_data, cfg.text_field)
+        if cfg.eval_tasks:
+            check_tasks(cfg.eval_tasks, cfg.eval_include)
+            if cfg.eval_text:
+                load_text_dataset(cfg.eval_text, cfg.text_field)
+
+    def _claim_output(self) -> None:
+        """A new run needs a fresh (or empty) --out; --resume needs the same options as the run it continues."""
+        run_file = self.out / RUN_FILE
+        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+        current = {"command": self.command, "config": self.cfg.to_dict()}
+        if saved and not self.cfg.resume:
+            raise UserError(f"{self.out} already holds a `minidisc {saved['command']}` run: pass --resume to "
+                            "continue it, or choose a new --out")
+        if saved:
+            changed = [k for k, v in current["config"].items()
+                       if k not in RESUMABLE and saved["config"].get(k) != v]
+            if saved["command"] != self.command or changed:
+                what = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {current['config'][k]!r}" for k in changed)
+                raise UserError(f"--resume: {self.out} was started as `minidisc {saved['command']}` with other "
+                                f"options ({what or 'command ' + saved['command']}); resume with the same options")
+            log.info("resuming the run in %s", self.out)
+        elif self.out.exists() and any(self.out.iterdir()) and not is_ours(self.out):
+            raise UserError(f"output {self.out} exists and is not empty: choose a new --out or remove it")
+        dist.barrier()
+        with dist.main_first("creating the output folder") as main:
+            if main and not saved:
+                self.work.mkdir(parents=True, exist_ok=True)
+                (self.out / ".minidisc").write_text(json.dumps({"kind": f"{self.command}-run"}) + "\n")
+                (self.out / RUN_FILE).write_text(json.dumps(current, indent=1) + "\n")
+
+    def _pruned_teacher(self) -> Path:
+        teacher = Path(self.cfg.teacher)
+        if (teacher / PLAN_FILE).is_file():
+            return teacher
+        pruned = self.work / "pruned"
+        started = time.perf_counter()
+        with dist.main_first("pruning the teacher") as main:
+            if main and not is_ours(pruned):
+                grid = sorted(set(parse_sparsity(s) for s in self.cfg.grid) if self.cfg.grid else set(DEFAULT_GRID))
+                grid = tuple(sorted(set(grid) | {parse_sparsity(self.cfg.target_sparsity)}))
+                log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
+                prune(teacher, self.cfg.data, pruned, grid=grid, calib_samples=self.cfg.calib_samples,
+                      seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
+                      ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
+                      device=str(dist.device()))
+        self.phases["prune"] = round(time.perf_counter() - started, 2)
+        return pruned
+
+    def _data(self) -> Data:
+        """Token blocks, tokenised once by rank 0 into work/data.pt (so every rank and every resumed run
+        trains on the very same blocks)."""
+        cfg, cache = self.cfg, self.work / "data.pt"
+        started = time.perf_counter()
+        with dist.main_first("tokenising the data") as main:
+            if main and not cache.is_file():
+                tokenizer = load_tokenizer(self.teacher_dir)
+                needed = cfg.max_steps * cfg.batch_size
+                train_ds = load_text_dataset(cfg.data, cfg.text_field)
+                if cfg.dev_data:
+                    train = token_blocks(train_ds, tokenizer, cfg.seq_len, needed, cfg.seed, cfg.text_field)
+                    dev = token_blocks(load_text_dataset(cfg.dev_data, cfg.text_field), tokenizer, cfg.seq_len,
+                                       cfg.eval_samples, None, cfg.text_field)
+                else:  # hold the dev blocks out of the training text
+                    blocks = token_blocks(train_ds, tokenizer, cfg.seq_len, needed + cfg.eval_samples, cfg.seed,
+                                          cfg.text_field)
+                    if len(blocks) < 2:
+                        raise UserError("the data yields a single block of --seq-len tokens: nothing is left to "
+                                        "hold out for dev; give more text, --dev-data, or a smaller --seq-len")
+                    n_dev = min(cfg.eval_samples, max(1, len(blocks) // 10))
+                    train, dev = blocks[:-n_dev], blocks[-n_dev:]
+                if len(dev) < dist.world_size():
+                    raise UserError(f"the dev split has {len(dev)} blocks, fewer than the {dist.world_size()} "
+                                    "processes; give more dev text or a smaller --seq-len")
+                torch.save({"train": train, "dev": dev}, cache)
+                log.info("data: %d training blocks, %d dev blocks of %d tokens", len(train), len(dev), cfg.seq_len)
+        blocks = torch.load(cache)
+        self.phases["data"] = round(time.perf_counter() - started, 2)
+        return Data(blocks["train"], blocks["dev"])
+
+    # --- pieces used by the commands ---------------------------------------------------------------------------
+    def width_of(self, permille: int):
+        return self.plan.uniform_width(permille, self.family) if self.cfg.uniform else self.plan.width(permille)
+
+    def candidates(self) -> list[int]:
+        truncate = parse_sparsity(self.cfg.truncate)
+        return [s for s in self.plan.grid if truncate <= s <= self.target]
+
+    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> dict:
+        stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
+                      width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
+                      export_dtype=self.export_dtype, objective=objective)
+        result = run_stage(stage, self.cfg, self.data, self.work)
+        self.phases[name] = result["wall_s"]
+        return result
+
+    def slice_model(self, permille: int, out: Path, source: Path | None = None) -> Path:
+        """The width at `permille` as a real model in `out`: a prefix slice of `source` (a trained TA, itself a
+        prefix of the reordered teacher), or of the reordered teacher itself."""
+        with dist.main_first(f"slicing sparsity {format_sparsity(permille)}") as main:
+            if main and not is_ours(out):
+                full = load_causal_lm(self.teacher_dir)
+                state = full.state_dict()
+                if source is not None:  # write the trained weights into the prefixes they came from
+                    state = {k: v.clone() for k, v in state.items()}
+                    for name, tensor in load_causal_lm(source).state_dict().items():
+                        state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+                model = pruned_model(full, self.width_of(permille), self.cfg.uniform, self.export_dtype, state=state)
+                with atomic_output_dir(out, kind="sliced-model") as scratch:
+                    model.save_pretrained(scratch)
+                    load_tokenizer(self.teacher_dir).save_pretrained(scratch)
+        return out
+
+    def publish(self, source: Path, name: str, summary: dict) -> Path:
+        """Copy a finished snapshot to OUT/name (atomically) with a summary of what it is."""
+        target = self.out / name
+        with dist.main_first(f"writing {target}") as main:
+            if main:
+                with atomic_output_dir(target, kind=f"{name}-model") as scratch:
+                    for item in Path(source).iterdir():
+                        if item.is_file() and item.name not in (".minidisc", "minidisc_best.json"):
+                            shutil.copy2(item, scratch / item.name)
+                    (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return target
+
+    @cached_property
+    def _shape_model(self):
+        """The teacher's architecture on the meta device (no memory): what parameter counts are read from."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(load_config(self.teacher_dir))
+
+    def parameters(self, permille: int) -> int:
+        return count_parameters(self._shape_model, self.family, self.width_of(permille))
+
+    def model_metrics(self, permille: int, stats: dict, path=None, **extra) -> dict:
+        return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille),
+                "accuracy": stats["accuracy"], "loss": stats["loss"], "perplexity": _perplexity(stats["loss"]),
+                **({"path": str(path)} if path else {}), **extra}
+
+    def finish(self, report: dict) -> dict:
+        self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
+        report = {"format": "minidisc-report/1", "command": self.command,
+                  "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
+                  **report, "phases": self.phases, "config": self.cfg.to_dict()}
+        with dist.main_first("writing the report") as main:
+            if main:
+                report["samples"] = self._timed("samples", self.samples, report)
+                if self.cfg.eval_tasks:
+                    report["benchmarks"] = self._timed("benchmarks", self.benchmarks, report)
+                self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
+                self.write_cards(report)
+                tmp = self.out / ".report.json.partial"
+                tmp.write_text(json.dumps(report, indent=1) + "\n")
+                render(report, self.out)
+                tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
+                log.info("wrote %s", self.out / "report.json")
+        return report
+
+    def _timed(self, phase: str, work, *args):
+        started = time.perf_counter()
+        result = work(*args)
+        self.phases[phase] = round(time.perf_counter() - started, 2)
+        return result
+
+    def samples(self, report: dict) -> dict | None:
+        """Every model's greedy continuation of the sample prompts (rank 0, one model in memory at a time)."""
+        if not self.cfg.sample_tokens:
+            return None
+        tokenizer = load_tokenizer(self.teacher_dir)
+        prompts = (encode_prompts(tokenizer, self.cfg.sample_prompts) if self.cfg.sample_prompts
+                   else default_prompts(self.data.dev))
+        log.info("generating samples: %d prompts x %d tokens per model", len(prompts), self.cfg.sample_tokens)
+        return {"new_tokens": self.cfg.sample_tokens,
+                "prompts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
+                "models": {label: continuations(m["path"], prompts, self.cfg.sample_tokens, dist.device())
+                           for label, _, m in models_of(report)}}
+
+    def benchmarks(self, report: dict) -> dict:
+        """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
+        cfg = self.cfg
+        source = cfg.eval_text or cfg.dev_data
+        if source:
+            texts = list(load_text_dataset(source, cfg.text_field)[cfg.text_field])
+        else:  # the held-out dev sequences, as text
+            tokenizer = load_tokenizer(self.teacher_dir)
+            texts = [tokenizer.decode(block, skip_special_tokens=True) for block in self.data.dev]
+        models = {label: m for label, _, m in models_of(report)}
+        results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
+                           include=cfg.eval_include, device=str(dist.device()), seed=cfg.seed)
+        for label, m in models.items():
+            m["benchmarks"] = results["models"][label]
+        return {"tasks": results["tasks"], "text": str(source) if source else "the dev sequences"}
+
+    def write_cards(self, report: dict) -> None:
+        """A model card in every model published under --out, with the report's numbers (before report.json,
+        so a run killed here writes them again when resumed)."""
+        via = (report.get("selected_ta") or {}).get("sparsity")
+        published = [("teacher assistant", "ta", report.get("ta"), None),
+                     ("student", "student", report.get("student"), via)]
+        published += [(f"baseline student ({m['label']})", f"baselines/{name}", m, None)
+                      for name, m in (report.get("baselines") or {}).items()]
+        for role, folder, metrics, via_ta in published:
+            if metrics and (self.out / folder).is_dir():
+                sparsity = metrics["sparsity"]
+                write_model_card(self.out / folder, role=role, teacher=str(self.cfg.teacher), sparsity=sparsity,
+                                 width=self.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
+                                 teacher_parameters=report["teacher"]["parameters"], uniform=self.cfg.uniform,
+                                 via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
+                                 query_heads_per_unit=self.family.query_heads_per_unit)
+
+    def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
+        """A comparison student of the target size from the same slice of the pruned teacher, same budget:
+        `kd` distils it from the teacher (no TA), `ce` trains it on the next tokens alone (no distillation)."""
+        objective = objective_of(self.cfg)
+        if name == "ce":
+            objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
+        init = self.slice_model(self.target, self.work / "student_init-direct")
+        result = self.stage(f"baseline-{name}", self.teacher_dir, init, [self.target], objective=objective)
+        self.publish(Path(result["best_dir"]), f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
+                                                                    "sparsity": self.target / PERMILLE})
+        best = result["best"][str(self.target)]
+        metrics = self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
+                                     best_step=best["step"], wall_time=result["wall_s"],
+                                     relative_accuracy=best["accuracy"] / max(teacher_stats["accuracy"], 1e-12))
+        return metrics, result
+
+    def teacher_metrics(self, stats: dict) -> dict:
+        return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats)}
+
+    def student_summary(self, result: dict, teacher_stats: dict, via: str) -> dict:
+        best = result["best"][str(self.target)]
+        return self.model_metrics(self.target, best, path=self.out / "student", uniform=self.cfg.uniform,
+                                  best_step=best["step"], relative_accuracy=best["accuracy"] /
+                                  max(teacher_stats["accuracy"], 1e-12), via=via)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,160 @@
+"""`minidisc compress|distill|maxidisc --dry-run`: check a recipe against the model's config and print what the
+run would do, without reading weights or data.
+
+Checked, with the same one-line errors as a real run: the teacher's config.json (a supported family) and its
+tokenizer, --seq-len against the positions, the data paths and formats, both DeepSpeed JSONs and --optimizer,
+the target on a pruned teacher's grid, and, with --cluster NODESxGPUSxGIB, that --batch-size splits over
+its GPUs and that the chosen placement fits their memory (`engine.tools.memory_plan`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from engine.config import RunConfig, split_batch
+from engine.data import check_data_path
+from engine.errors import UserError
+from engine.pruning.plan import PLAN_FILE, PruningPlan
+from engine.pruning.widths import DEFAULT_GRID, PERMILLE, parse_sparsity
+from engine.schedule.run import check_target_on_grid, check_teacher
+from engine.tools.memory_plan import estimate as mp
+from engine.tools.memory_plan.shapes import parameter_count, width_parameters
+from engine.training.deepspeed_config import read_ds_config, train_ds_config
+
+
+def dry_run(cfg: RunConfig, command: str) -> dict:
+    """Validate and describe the run; returns what it printed as data."""
+    config = check_teacher(cfg)
+    data = {"data": check_data_path(cfg.data)}
+    if cfg.dev_data:
+        data["dev_data"] = check_data_path(cfg.dev_data)
+    candidates = _candidates(cfg, config)
+    widths_per_step = _widths_per_step(cfg, len(candidates)) if command == "compress" else 1
+    read_ds_config(cfg.teacher_ds_config())
+    train = train_ds_config(cfg, widths_per_step)  # readable, and compatible with --optimizer
+    cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
+    gpus = cluster.gpus if cluster else 1
+    micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
+    plan = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
+            "parameters": parameter_count(config), "candidates": candidates, "data": data,
+            "stages": _stages(cfg, command, candidates, widths_per_step),
+            "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
+                          "micro_batch": micro,
+                          "gradient_accumulation_steps": widths_per_step * cfg.grad_accum,
+                          "bf16": bool(train.get("bf16", {}).get("enabled", False))}}
+    if cluster:
+        plan["memory"] = _memory(cfg, config, cluster, train, candidates)
+    _print(plan, cfg)
+    if cluster and not plan["memory"]["fits"]:
+        m = plan["memory"]
+        raise UserError(f"the run needs {m['total_gib']:.1f} GiB per GPU but {cfg.cluster} leaves "
+                        f"{m['usable_gib']:.1f} usable: see `minidisc plan {cfg.teacher} --nodes {cluster.nodes} "
+                        f"--gpus-per-node {cluster.gpus_per_node} --gpu-memory {cluster.gpu_memory_gib:g}`")
+    return plan
+
+
+def _candidates(cfg: RunConfig, config) -> list[dict]:
+    """The grid (the pruned teacher's, or the one pruning would use) between --truncate and the target, with
+    parameter counts: a pruned teacher's exact ones (pruning.json holds what `minidisc prune` counted on the
+    model); before pruning, the global share removed, which is exact with --ffn-multiple 1 and otherwise moves
+    by the per-layer rounding of FFN removals (under --ffn-multiple / 2 neurons per layer)."""
+    target, truncate = parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.truncate)
+    exact = {}
+    if (Path(cfg.teacher) / PLAN_FILE).is_file():
+        plan = PruningPlan.load(Path(cfg.teacher))
+        grid = plan.grid
+        check_target_on_grid(cfg, grid, cfg.teacher)
+        if not cfg.uniform:  # the plan counted the per-layer widths
+            exact = {parse_sparsity(row["sparsity"]): row["parameters"] for row in plan.candidates}
+    else:
+        grid = sorted(set(parse_sparsity(s) for s in cfg.grid) if cfg.grid else set(DEFAULT_GRID)) + [target]
+    teacher = parameter_count(config)
+    rows = []
+    for s in sorted(set(grid)):
+        if truncate <= s <= target:
+            parameters = exact.get(s, width_parameters(config, s))
+            rows.append({"sparsity": s / PERMILLE, "parameters": parameters, "fraction": parameters / teacher,
+                         "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform)})
+    return rows
+
+
+def _widths_per_step(cfg: RunConfig, k: int) -> int:
+    return min(k, cfg.sandwich_sample + 2) if cfg.sandwich_sample else k
+
+
+def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:
+    sequences = cfg.max_steps * cfg.batch_size
+    target = candidates[-1]["sparsity"]
+    if command == "compress":
+        stages = [("sandwich", "teacher -> every candidate", widths_per_step),
+                  ("student", "chosen TA (or teacher) -> student", 1)]
+        stages += [(f"baseline-{b}", {"kd": "teacher -> student", "ce": "data -> student"}[b], 1)
+                   for b in cfg.baselines or []]
+    elif command == "distill":
+        stages = [("student", "teacher -> student", 1)]
+    else:
+        stages = [(f"ta-{c['sparsity']:g} + student", "teacher -> TA -> student", 1) for c in candidates
+                  if c["sparsity"] != target] + [("student-direct", "teacher -> student", 1)]
+    return [{"stage": name, "what": what, "widths_per_step": k, "steps": cfg.max_steps,
+             "tokens": sequences * cfg.seq_len} for name, what, k in stages]
+
+
+def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates: list[dict]) -> dict:
+    zero = train.get("zero_optimization", {})
+    offloaded = {what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"}
+    trained = ("offload-all" if "param" in offloaded else "offload-opt" if offloaded else
+               "adamw8bit" if cfg.optimizer == "adamw8bit" else "adamw")
+    options = mp.PlanOptions(target=round(candidates[-1]["sparsity"] * PERMILLE),
+                             truncate=round(candidates[0]["sparsity"] * PERMILLE),
+                             grid=tuple(round(c["sparsity"] * PERMILLE) for c in candidates),
+                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
+                             sandwich_sample=cfg.sandwich_sample,
+                             gradient_checkpointing=cfg.gradient_checkpointing).validate()
+    row = mp._placement(config, cluster, options, cfg.teacher_placement, trained)
+    gib = lambda n: round(n / mp.GIB, 2)  # noqa: E731
+    return {"placement": row.name, "teacher_gib": gib(row.teacher_bytes), "params_grads_gib":
+            gib(row.params_grads_bytes), "optimizer_gib": gib(row.optimizer_bytes),
+            "activations_gib": gib(row.activation_bytes), "loss_gib": gib(row.loss_bytes),
+            "total_gib": gib(row.total_bytes), "usable_gib": gib(row.usable_bytes),
+            "cpu_per_node_gib": gib(row.cpu_per_node_bytes), "fits": row.fits}
+
+
+def _print(plan: dict, cfg: RunConfig) -> None:
+    console = Console()
+    console.print(f"[bold]dry run[/]: minidisc {plan['command']}, teacher {plan['teacher']} ({plan['family']}, "
+                  f"{plan['parameters']:,} parameters), target sparsity {cfg.target_sparsity:g}, out {cfg.out}")
+    table = Table(title="candidate widths" if plan["command"] != "distill" else "widths")
+    for column in ("sparsity", "parameters", "of teacher"):
+        table.add_column(column, justify="right")
+    for c in plan["candidates"]:
+        approx = "" if c["exact"] else "~"
+        table.add_row(f"{c['sparsity']:g}", f"{approx}{c['parameters']:,}", f"{approx}{c['fraction']:.1%}")
+    if not all(c["exact"] for c in plan["candidates"]):
+        table.caption = ("~: before pruning; each layer's FFN removals are then rounded to a multiple of "
+                         "--ffn-multiple. `minidisc prune` prints the exact counts, and a dry run on its output "
+                         "shows them")
+    console.print(table)
+    stages = Table(title="stages (each --max-steps optimiser steps)")
+    for column in ("stage", "what", "widths per step", "steps", "tokens"):
+        stages.add_column(column, justify="left" if column in ("stage", "what") else "right")
+    for s in plan["stages"]:
+        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]), f"{s['tokens']:,}")
+    console.print(stages)
+    ds = plan["deepspeed"]
+    teacher = (f"{ds['teacher']} (frozen teachers)" if cfg.teacher_placement == "zero3" else
+               f"teachers: a {cfg.teacher_placement} copy per GPU")
+    console.print(f"DeepSpeed: {ds['train']} (trained, bf16 {ds['bf16']}), {teacher}; micro-batch "
+                  f"{ds['micro_batch']} per GPU, {ds['gradient_accumulation_steps']} micro-steps per optimiser step")
+    if "memory" in plan:
+        m = plan["memory"]
+        console.print(f"memory on {cfg.cluster} ({m['placement']}): teacher {m['teacher_gib']:.1f} + params/grads "
+                      f"{m['params_grads_gib']:.1f} + optimizer {m['optimizer_gib']:.1f} + activations "
+                      f"{m['activations_gib']:.1f} + loss {m['loss_gib']:.1f} = {m['total_gib']:.1f} GiB per GPU of "
+                      f"{m['usable_gib']:.1f} usable: {'fits' if m['fits'] else 'DOES NOT FIT'}; CPU "
+                      f"{m['cpu_per_node_gib']:.1f} GiB per node")
+    else:
+        console.print("memory: add cluster: NODESxGPUSxGIB to the recipe (or --cluster) to check it")
+    console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
+                  (", batch split and memory" if "memory" in plan else ""))

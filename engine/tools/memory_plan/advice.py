@@ -1,0 +1,204 @@
+"""Choosing and printing a placement: the recommendation, its DeepSpeed config, what to change when nothing
+fits, `minidisc plan`'s output."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity, parse_grid, parse_sparsity
+from engine.tools.memory_plan.estimate import (
+    GIB,
+    HEADROOM,
+    Cluster,
+    Placement,
+    PlanOptions,
+    loss_buffer_bytes,
+    plan_memory,
+)
+from engine.tools.memory_plan.shapes import (
+    Shapes,
+    largest_layer_parameters,
+    load_model_config,
+    parameter_count,
+    width_parameters,
+)
+
+WHY_TEACHER = {"replicated": "an exact teacher without ZeRO-3 gathers", "zero3": "an exact teacher (sharded)",
+               "int8": "an int8 teacher (quantised: its outputs differ slightly)",
+               "nf4": "an nf4 teacher (quantised: its outputs differ slightly)"}
+
+
+WHY_TRAINED = {"adamw": "full-precision AdamW, nothing offloaded", "adamw8bit": "8-bit AdamW moments, nothing "
+               "offloaded", "offload-opt": "the optimiser offloaded to the CPU (slower steps)",
+               "offload-all": "parameters and optimiser offloaded to the CPU (slowest)"}
+
+
+def recommend(rows: list[Placement]) -> tuple[Placement | None, str]:
+    """The most preferred placement that fits, and why in one line (None when nothing fits)."""
+    fitting = sorted((row for row in rows if row.fits), key=lambda row: row.preference)
+    if not fitting:
+        smallest = min(rows, key=lambda row: row.total_bytes)
+        return None, (f"nothing fits: the smallest placement ({smallest.name}) needs "
+                      f"{smallest.total_bytes / GIB:.1f} GiB per GPU, {smallest.usable_bytes / GIB:.1f} GiB usable")
+    best = fitting[0]
+    skipped = [row.name for row in rows if row.preference < best.preference and not row.fits]
+    reason = (f"{best.name}: {WHY_TEACHER[best.teacher]} and {WHY_TRAINED[best.trained]}; uses "
+              f"{best.total_bytes / GIB:.1f} of {best.usable_bytes / GIB:.1f} usable GiB per GPU")
+    verb = "does" if len(skipped) == 1 else "do"
+    return best, reason + (f" ({', '.join(skipped)} {verb} not fit)" if skipped else "")
+
+
+def ds_config_for(best: Placement) -> dict:
+    """The `minidisc compress` options that run a placement."""
+    train = {"adamw": "ds_configs/zero3_train.json", "adamw8bit": "ds_configs/zero3_train.json",
+             "offload-opt": "ds_configs/zero3_train_offload_optimizer.json",
+             "offload-all": "ds_configs/zero3_train_offload.json"}[best.trained]
+    options = [f"--deepspeed {train}", f"--teacher-placement {best.teacher}"]
+    if best.teacher == "zero3":
+        options.append("--teacher-deepspeed ds_configs/zero3_inference.json")
+    if best.trained == "adamw8bit":
+        options.append("--optimizer adamw8bit")
+    return {"deepspeed": train, "teacher_deepspeed": "ds_configs/zero3_inference.json" if best.teacher == "zero3"
+            else None, "options": " ".join(options)}
+
+
+MAX_NODES_FACTOR = 64  # how far `advice` looks for a node count that fits
+
+
+def _smallest(config, cluster: Cluster, options: PlanOptions) -> Placement:
+    """The recommended placement, or the one needing the least memory when nothing fits."""
+    rows = plan_memory(config, cluster, options)
+    return recommend(rows)[0] or min(rows, key=lambda row: row.total_bytes)
+
+
+def _more_nodes(config, cluster: Cluster, options: PlanOptions) -> tuple[Cluster, Placement]:
+    """The fewest nodes (up to MAX_NODES_FACTOR x) at which something fits, keeping the micro-batch."""
+    micro = options.micro_batch(cluster)
+    for nodes in range(cluster.nodes + 1, MAX_NODES_FACTOR * cluster.nodes + 1):
+        more = replace(cluster, nodes=nodes)
+        row = _smallest(config, more, replace(options, batch_size=micro * more.gpus * options.grad_accum))
+        if row.fits:
+            break
+    return more, row
+
+
+def _verdict(row: Placement) -> str:
+    return f"fits ({row.name})" if row.fits else f"still needs {row.total_bytes / GIB:.1f} GiB"
+
+
+def advice(config, cluster: Cluster, options: PlanOptions) -> list[str]:
+    """What to change when nothing fits: each remedy alone, then all together, with whether it is enough.
+    More GPUs keep the micro-batch (the global batch grows with them)."""
+    tips = []
+    more, row = _more_nodes(config, cluster, options)
+    tips.append(f"more GPUs: {_verdict(row)} at {more.nodes} nodes x {cluster.gpus_per_node} GPUs")
+    lean = options
+    if options.micro_batch(cluster) > 1:
+        lean = replace(lean, batch_size=cluster.gpus * options.grad_accum)
+        tips.append(f"--batch-size {lean.batch_size} (micro-batch 1): {_verdict(_smallest(config, cluster, lean))}")
+    if not options.gradient_checkpointing:
+        checkpointed = replace(options, gradient_checkpointing=True)
+        tips.append(f"--gradient-checkpointing: {_verdict(_smallest(config, cluster, checkpointed))}")
+        lean = replace(lean, gradient_checkpointing=True)
+    if lean != options and not any(tip.split(": ", 1)[1].startswith("fits") for tip in tips):
+        more, row = _more_nodes(config, cluster, lean)
+        tips.append(f"micro-batch 1 with gradient checkpointing and more GPUs: {_verdict(row)} at {more.nodes} "
+                    f"nodes x {cluster.gpus_per_node} GPUs")
+    return tips
+
+
+def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> dict:
+    """Everything `minidisc plan` shows, as JSON-friendly data."""
+    rows = plan_memory(config, cluster, options)
+    best, reason = recommend(rows)
+    tokens = options.micro_batch(cluster) * options.seq_len
+    total = parameter_count(config)
+    return {
+        "model": model,
+        "family": Shapes.of(config).family,
+        "cluster": {**asdict(cluster), "gpus": cluster.gpus, "usable_bytes": cluster.usable_bytes,
+                    "headroom": HEADROOM},
+        "run": {"micro_batch": options.micro_batch(cluster), "seq_len": options.seq_len,
+                "grad_accum": options.grad_accum, "gradient_checkpointing": options.gradient_checkpointing,
+                "candidates": [format_sparsity(s) for s in options.candidates],
+                "widths_per_step": options.widths_per_step, "tokens_per_micro_batch": tokens},
+        "parameters": {"teacher": total, "supernet": total, "largest_layer": largest_layer_parameters(config),
+                       "candidates": [{"sparsity": s / PERMILLE, "parameters": width_parameters(config, s),
+                                       "fraction": width_parameters(config, s) / total}
+                                      for s in options.candidates]},
+        "loss_buffers": loss_buffer_bytes(config, tokens),
+        "placements": [row.to_dict() for row in rows],
+        "recommended": best.name if best else None,
+        "reason": reason,
+        "ds_config": ds_config_for(best) if best else None,
+        "advice": [] if best else advice(config, cluster, options),
+    }
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f}"
+
+
+def print_plan(report: dict) -> None:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    # Results go to stdout (logs to stderr); piped output gets room for every column.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    cluster, run = report["cluster"], report["run"]
+    params = Table(title=f"Parameters of {report['model']} ({report['family']})")
+    for column in ("model", "sparsity", "parameters", "of teacher"):
+        params.add_column(column, justify="right")
+    params.add_row("teacher = supernet", "0", f"{report['parameters']['teacher']:,}", "100.0%")
+    for row in report["parameters"]["candidates"]:
+        params.add_row("candidate", f"{row['sparsity']:g}", f"{row['parameters']:,}", f"{row['fraction']:.1%}")
+    console.print(params)
+    table = Table(title=f"Per-GPU memory (GiB) on {cluster['nodes']} x {cluster['gpus_per_node']} GPUs of "
+                  f"{cluster['gpu_memory_gib']:g} GiB ({cluster['usable_bytes'] / GIB:.1f} usable)")
+    columns = ("teacher / trained", "teacher", "params+grads", "optimizer", "activations", "loss bufs", "total",
+               "fits", "CPU/node")  # CPU per node, not per GPU
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    for row in report["placements"]:
+        mark = " *" if row["name"] == report["recommended"] else ""
+        table.add_row(row["name"] + mark, *(_gib(row[key]) for key in ("teacher_bytes", "params_grads_bytes",
+                      "optimizer_bytes", "activation_bytes", "loss_bytes", "total_bytes")),
+                      "yes" if row["fits"] else "no", _gib(row["cpu_per_node_bytes"]),
+                      style="bold green" if mark else None)
+    console.print(table)
+    console.print("offload-opt: optimizer states and fp32 gradients in CPU memory; offload-all: the bf16 parameters "
+                  "too; CPU/node includes DeepSpeed's 1.5x pinned-buffer factor")
+    console.print(f"micro-batch {run['micro_batch']} x {run['seq_len']} tokens, {len(run['candidates'])} candidate "
+                  f"widths ({', '.join(run['candidates'])}), {run['widths_per_step']} trained per step"
+                  f"{', gradient checkpointing' if run['gradient_checkpointing'] else ''}")
+    if report["recommended"]:
+        ds = report["ds_config"]
+        console.print(f"recommended: {report['reason']}")
+        console.print(f"run it with: minidisc compress {ds['options']}"
+                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''} ...")
+    else:
+        console.print(f"[bold red]{report['reason']}[/]; what to change:")
+        for tip in report["advice"]:
+            console.print(f"  - {tip}")
+
+
+def options_from_args(args) -> tuple[Cluster, PlanOptions]:
+    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.cpu_memory)
+    options = PlanOptions(target=parse_sparsity(args.target_sparsity), truncate=parse_sparsity(args.truncate),
+                          grid=grid, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                          sandwich_sample=args.sandwich_sample, gradient_checkpointing=args.gradient_checkpointing)
+    return cluster.validate(), options.validate()
+
+
+def run_plan(args) -> dict:
+    """`minidisc plan`: print the plan (a table, or JSON with --json) and return it."""
+    cluster, options = options_from_args(args)
+    report = plan_report(load_model_config(args.model), cluster, options, args.model)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_plan(report)
+    return report

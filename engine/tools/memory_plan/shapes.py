@@ -1,0 +1,209 @@
+"""Model shapes for the memory plan: published presets, configs from JSON, parameter counts per width (from the
+config alone, no weights)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.models.loading import load_config
+from engine.pruning.families import family_for
+from engine.pruning.widths import PERMILLE
+
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
+_OPT = dict(vocab_size=50272, max_position_embeddings=2048, dropout=0.1, attention_dropout=0.0)
+
+
+PRESETS = {  # published shapes: hidden, FFN, layers, query heads, KV heads
+    "llama-2-7b": ("llama", dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32)),
+    "llama-2-13b": ("llama", dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                  num_attention_heads=40, num_key_value_heads=40)),
+    "llama-2-70b": ("llama", dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8)),
+    "llama-3-8b": ("llama", dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8)),
+    "llama-3-70b": ("llama", dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8)),
+    "opt-1.3b": ("opt", dict(_OPT, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32)),
+    "opt-6.7b": ("opt", dict(_OPT, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32)),
+    "opt-13b": ("opt", dict(_OPT, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40)),
+    "opt-30b": ("opt", dict(_OPT, hidden_size=7168, num_hidden_layers=48, num_attention_heads=56)),
+}
+
+
+def preset_config(name: str):
+    """A transformers LlamaConfig/OPTConfig with a published model's shapes (no weights, no download)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}")
+    family, shape = PRESETS[name]
+    if family == "llama":
+        return LlamaConfig(tie_word_embeddings=False, **shape)
+    # OPT ties its LM head to the input embeddings; its FFN is 4 x hidden.
+    return OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
+                     tie_word_embeddings=True, **shape)
+
+
+def _config_from_json(path: Path):
+    from transformers import CONFIG_MAPPING
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"{path} has model_type {model_type!r}, which transformers does not know; give the "
+                        "config.json of a LLaMA or OPT checkpoint")
+    return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+def load_model_config(spec: str):
+    """The config of MODEL: a preset name, a checkpoint directory or a config.json file."""
+    path = Path(spec)
+    if spec in PRESETS:
+        config = preset_config(spec)
+    elif path.is_dir():
+        config = load_config(path)
+    elif path.is_file():
+        config = _config_from_json(path)
+    elif "/" in spec or spec.endswith(".json") or spec.startswith("."):
+        raise UserError(f"{spec} does not exist: give a checkpoint directory, a config.json or a preset "
+                        f"({', '.join(PRESETS)})")
+    else:
+        raise UserError(f"unknown preset '{spec}' and no such path; presets: {', '.join(PRESETS)}")
+    family_for(config)  # LLaMA and OPT only
+    if config.model_type.startswith("minidisc_"):
+        raise UserError(f"{spec} is an exported MiniDisc model with per-layer widths; plan the compression of a "
+                        "stock LLaMA/OPT teacher")
+    return config
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the byte accounting needs from a config (LLaMA and OPT decoders)."""
+
+    family: str
+    layers: int
+    hidden: int
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    embed_dim: int  # width of the token embeddings and LM head (OPT's word_embed_proj_dim)
+    positions: int  # learned position embeddings (OPT), 0 for rotary
+    tied: bool
+    attn_bias: bool  # q/k/v/o biases
+    mlp_bias: bool
+    norm_bias: bool  # LayerNorm (OPT) has a bias, RMSNorm (LLaMA) does not
+    final_norm: bool
+
+    @classmethod
+    def of(cls, config) -> "Shapes":
+        family = family_for(config)
+        llama = family.name == "llama"
+        get = lambda name, default: getattr(config, name, default)  # noqa: E731
+        return cls(
+            family=family.name, layers=family.num_layers, hidden=family.hidden_size,
+            heads=config.num_attention_heads, kv_heads=family.num_kv_heads, head_dim=family.head_dim,
+            intermediate=family.intermediate_size, vocab=config.vocab_size,
+            embed_dim=family.hidden_size if llama else get("word_embed_proj_dim", None) or family.hidden_size,
+            positions=0 if llama else config.max_position_embeddings + 2,  # OPT offsets positions by 2
+            tied=bool(get("tie_word_embeddings", not llama)),
+            attn_bias=bool(get("attention_bias", False)) if llama else bool(get("enable_bias", True)),
+            mlp_bias=bool(get("mlp_bias", False)) if llama else bool(get("enable_bias", True)),
+            norm_bias=not llama and bool(get("layer_norm_elementwise_affine", True)),
+            final_norm=llama or (bool(get("do_layer_norm_before", True))
+                                 and not get("_remove_final_layer_norm", False)),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def up_linears(self) -> int:
+        """Linears producing FFN neurons: gate+up (SwiGLU) or fc1."""
+        return 2 if self.family == "llama" else 1
+
+    @property
+    def norm_params(self) -> int:
+        return self.hidden * (2 if self.norm_bias else 1) if self.family == "opt" else self.hidden
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def decoder_linears(s: Shapes) -> list[int]:
+    """Parameter counts of one decoder layer's linears (weights + biases), the ones int8/nf4 quantise."""
+    attention = [_linear(s.hidden, s.q_dim, s.attn_bias), _linear(s.hidden, s.kv_dim, s.attn_bias),
+                 _linear(s.hidden, s.kv_dim, s.attn_bias), _linear(s.q_dim, s.hidden, s.attn_bias)]
+    ffn = [_linear(s.hidden, s.intermediate, s.mlp_bias)] * s.up_linears + [
+        _linear(s.intermediate, s.hidden, s.mlp_bias)]
+    return attention + ffn
+
+
+def _projections(s: Shapes) -> list[int]:
+    """OPT-350m style project_in/project_out between embed_dim and hidden (no bias)."""
+    return [] if s.embed_dim == s.hidden else [s.embed_dim * s.hidden] * 2
+
+
+def _embeddings(s: Shapes) -> list[int]:
+    """Token embeddings, learned positions and an untied LM head (a tied head is the embedding)."""
+    return [s.vocab * s.embed_dim] + ([s.positions * s.hidden] if s.positions else []) + (
+        [] if s.tied else [s.vocab * s.embed_dim])
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model, tied weights counted once, from the config alone (no instantiation)."""
+    s = Shapes.of(config)
+    per_layer = sum(decoder_linears(s)) + 2 * s.norm_params
+    return (s.layers * per_layer + sum(_embeddings(s)) + sum(_projections(s))
+            + (s.norm_params if s.final_norm else 0))
+
+
+def largest_layer_parameters(config) -> int:
+    """The largest single module's own parameters: what ZeRO-3 gathers at once (DeepSpeed's `model_to_params`
+    takes the same maximum over modules). For LLaMA/OPT it is the embedding or the LM head."""
+    s = Shapes.of(config)
+    return max(decoder_linears(s) + _embeddings(s) + _projections(s))
+
+
+def unit_parameters(config) -> tuple[int, int]:
+    """(parameters of one attention unit, of one FFN neuron). An attention unit is a KV group: its n_rep
+    query heads' q rows and o columns plus one head's k and v rows (biases of q/k/v rows included; the o
+    bias belongs to the hidden size, which is never pruned). Every unit of a kind costs the same in every
+    layer, so a width's count depends only on how many units it keeps in total."""
+    s = Shapes.of(config)
+    q_rows, kv_rows = s.q_dim // s.kv_heads, s.head_dim
+    bias = int(s.attn_bias)
+    attention = q_rows * (s.hidden + bias) + 2 * kv_rows * (s.hidden + bias) + q_rows * s.hidden
+    neuron = s.up_linears * (s.hidden + int(s.mlp_bias)) + s.hidden
+    return attention, neuron
+
+
+def kept_units(total: int, permille: int) -> int:
+    """Units kept when `permille`/1000 of `total` are removed (same rounding as `engine.pruning.widths.keep_counts`)."""
+    return total - (permille * total + PERMILLE // 2) // PERMILLE
+
+
+def width_parameters(config, permille: int) -> int:
+    """Parameters of the candidate at `permille`: the global ranking removes that share of all attention
+    units and of all FFN neurons. `minidisc prune` rounds each layer's FFN removals to a multiple of
+    --ffn-multiple, which moves the count by less than that many neurons per layer."""
+    s = Shapes.of(config)
+    attention, neuron = unit_parameters(config)
+    units, neurons = s.layers * s.kv_heads, s.layers * s.intermediate
+    removed_units = units - kept_units(units, permille)
+    removed_neurons = neurons - kept_units(neurons, permille)
+    return parameter_count(config) - removed_units * attention - removed_neurons * neuron

@@ -1,0 +1,143 @@
+"""The report's plots (matplotlib, Agg): the trade-off per candidate, training and dev curves, the models compared."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from engine.tools.report_format import count, has_student_score, is_selected, models_of, pct, sorted_candidates, values
+
+DPI = 120
+
+
+def _figure(width: float, height: float):
+    """A figure drawn by Agg directly: no pyplot, so the caller's global backend and state stay untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_tradeoff(report: dict, path: Path) -> Path | None:
+    candidates = sorted_candidates(report)
+    if not candidates:
+        return None
+    lam = report.get("lam")
+    scale = [100 * (1 - c["sparsity"]) for c in candidates]
+
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(scale, values(candidates, "p"), "o-", color="tab:blue", label=f"p ({report.get('metric', 'score')})")
+    ax.plot(scale, values(candidates, "tradeoff"), "s-", color="tab:orange", label="trade-off p + λ·s")
+    handles, labels = ax.get_legend_handles_labels()
+
+    if has_student_score(candidates):
+        # The student score lives on its own axis: it is an absolute accuracy, not a ratio like p.
+        ax2 = ax.twinx()
+        ax2.plot(scale, values(candidates, "student_accuracy"), "^--", color="tab:green",
+                 label="MaxiDisc student accuracy")
+        ax2.set_ylabel("student accuracy (via this TA)", color="tab:green")
+        ax2.tick_params(axis="y", labelcolor="tab:green")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+
+    target = report.get("target_sparsity")
+    if target is not None:
+        line = ax.axvline(100 * (1 - target), color="grey", linestyle="--", linewidth=1,
+                          label=f"target scale {pct(1 - target, 0)}")
+        handles.append(line)
+        labels.append(line.get_label())
+
+    selected = report.get("selected_ta")
+    chosen = next((c for c in candidates if is_selected(c, selected)), None)
+    if chosen is not None and chosen.get("tradeoff") is not None:
+        x, y = 100 * (1 - chosen["sparsity"]), chosen["tradeoff"]
+        star = ax.plot([x], [y], "*", color="crimson", markersize=18, zorder=5, label="selected TA")[0]
+        ax.annotate(f"TA s={chosen['sparsity']:g}", (x, y), xytext=(8, 10), textcoords="offset points",
+                    color="crimson", fontweight="bold")
+        handles.append(star)
+        labels.append("selected TA")
+
+    ax.margins(y=0.15)  # head-room so the star's annotation stays clear of the title
+    ax.set_xlabel("scale = 1 − sparsity (% of prunable units kept)")
+    ax.set_ylabel("p / trade-off")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Teacher-assistant trade-off (λ = {lam:g})" if lam is not None else "Teacher-assistant trade-off")
+    ax.legend(handles, labels, loc="best", fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def _series(points: list[dict], value: str) -> dict[float, tuple[list, list]]:
+    """{width: (steps, values)} for the points that carry `value`, in step order."""
+    out: dict[float, tuple[list, list]] = {}
+    for point in sorted(points, key=lambda p: p["step"]):
+        if point.get(value) is None:
+            continue
+        steps, values = out.setdefault(point.get("width", 0.0), ([], []))
+        steps.append(point["step"])
+        values.append(point[value])
+    return dict(sorted(out.items()))
+
+
+def _plot_lines(ax, series: dict, ylabel: str, title: str, marker: str | None) -> None:
+    if not series:
+        # Keep the grid of subplots regular but say plainly that nothing was logged.
+        ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_axis_off()
+        ax.set_title(title)
+        return
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    # Colour by sparsity on a sequential map, so the ordering of widths reads off the colours.
+    cmap = matplotlib.colormaps["viridis"]
+    widths = list(series)
+    for i, width in enumerate(widths):
+        steps, values = series[width]
+        ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2,
+                color=cmap(i / max(1, len(widths) - 1) * 0.9), label=f"s={width:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps, never 0.5
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncols=2 if len(widths) > 5 else 1)
+
+
+def plot_curves(report: dict, path: Path) -> Path | None:
+    stages = {name: curves for name, curves in (report.get("curves") or {}).items()
+              if (curves or {}).get("train") or (curves or {}).get("eval")}
+    if not stages:
+        return None
+    fig = _figure(11, 3.4 * len(stages))
+    axes = fig.subplots(len(stages), 2, squeeze=False)
+    for row, (name, curves) in zip(axes, stages.items()):
+        _plot_lines(row[0], _series(curves.get("train") or [], "loss"), "training loss", f"{name}: training loss", None)
+        _plot_lines(row[1], _series(curves.get("eval") or [], "accuracy"), "dev accuracy", f"{name}: dev accuracy", "o")
+    fig.savefig(path)
+    return path
+
+
+def plot_models(report: dict, path: Path) -> Path | None:
+    """Accuracy and perplexity of teacher, TA, student and baselines side by side, parameters on the labels."""
+    models = [(label, m) for label, _, m in models_of(report) if m.get("accuracy") is not None]
+    if len(models) < 2:
+        return None
+    names = [f"{label}\n{count(m.get('parameters'))}" for label, m in models]
+    colors = ["tab:grey" if label == "teacher" else "tab:orange" if label == "TA" else
+              "tab:green" if label.startswith("student") else "tab:blue" for label, _ in models]
+    fig = _figure(max(6.0, 1.6 * len(models) + 2), 4.0)
+    for index, (key, title) in enumerate((("accuracy", "next-token accuracy (dev)"),
+                                          ("perplexity", "perplexity (dev), lower is better"))):
+        ax = fig.add_subplot(1, 2, index + 1)
+        values = [m.get(key) if m.get(key) is not None and math.isfinite(m[key]) else math.nan for _, m in models]
+        bars = ax.bar(range(len(models)), values, color=colors)
+        ax.bar_label(bars, fmt="%.3f" if key == "accuracy" else "%.1f", fontsize="small")
+        ax.set_xticks(range(len(models)), names, fontsize="small")
+        ax.set_title(title)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,278 @@
+"""Human-readable views of a MiniDisc run report (the dict stored as OUT/report.json).
+
+`render` writes report.md plus PNG plots (the TA trade-off, the models compared, the training curves);
+`print_summary` prints the candidates and the student's metrics to the console.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import UserError
+from engine.tools.plots import plot_curves, plot_models, plot_tradeoff
+from engine.tools.report_format import (
+    count,
+    fixed,
+    has_student_score,
+    is_selected,
+    models_of,
+    num,
+    pct,
+    seconds,
+    sorted_candidates,
+)
+
+NO_TA = "no TA: the best trade-off is at the target, the student is distilled directly"
+# Which phases produced each model, for the comparison table's wall-time column when the metric dict
+# carries no time of its own (the TA comes out of the sandwich training, the student out of its own run).
+ROLE_PHASES = {"ta": ("sandwich", "ta_export"), "student": ("student",)}
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+def _summary(report: dict) -> str:
+    teacher = report.get("teacher") or {}
+    student = report.get("student") or {}
+    parts = []
+    if teacher.get("parameters") and student.get("parameters"):
+        parts.append(f"The teacher (`{teacher.get('path', '?')}`, {count(teacher['parameters'])} parameters) was "
+                     f"compressed to a student of {count(student['parameters'])} parameters "
+                     f"({pct(student['parameters'] / teacher['parameters'])} of the teacher).")
+    settings = [f"target sparsity {num(report.get('target_sparsity'))}"]
+    if report.get("lam") is not None:
+        settings.append(f"λ = {report['lam']:g}")
+    if report.get("metric"):
+        settings.append(f"metric `{report['metric']}`")
+    parts.append("Settings: " + ", ".join(settings) + ".")
+
+    selected = report.get("selected_ta")
+    if selected is not None:
+        parts.append(f"Selected TA: sparsity {selected['sparsity']:g} (step {selected.get('step', '?')}, "
+                     f"`{selected.get('path', '?')}`).")
+    elif report.get("candidates"):
+        parts.append(NO_TA[0].upper() + NO_TA[1:] + ".")
+    else:
+        parts.append("No TA search in this run: the student is distilled directly from the teacher.")
+    if report.get("ta_reason"):
+        reason = report["ta_reason"].rstrip()
+        parts.append(f"Reason: {reason}" + ("" if reason.endswith((".", "!", "?")) else "."))
+
+    if student.get("accuracy") is not None:
+        line = f"Student accuracy {num(student['accuracy'])}"
+        if teacher.get("accuracy") is not None:
+            line += f" vs teacher {num(teacher['accuracy'])}"
+        if student.get("relative_accuracy") is not None:
+            line += f" (relative accuracy {num(student['relative_accuracy'])})"
+        parts.append(line + ".")
+    parts += _gains(report)
+    return " ".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _candidate_table(report: dict) -> list[str]:
+    candidates = sorted_candidates(report)
+    with_student = has_student_score(candidates)
+    header = ["TA", "sparsity", "scale", "parameters", "% of teacher", "p", "accuracy", "dev loss", "tradeoff",
+              "best step"]
+    if with_student:
+        header.append("MaxiDisc student acc.")
+    rows = []
+    for c in candidates:
+        chosen = is_selected(c, report.get("selected_ta"))
+        row = ["✓" if chosen else "", f"{c['sparsity']:g}", pct(c.get("scale", 1 - c["sparsity"])),
+               count(c.get("parameters")), pct(c.get("parameter_fraction")), fixed(c.get("p")),
+               fixed(c.get("accuracy")), fixed(c.get("loss")), fixed(c.get("tradeoff")),
+               str(c.get("best_step", "—"))]
+        if with_student:
+            row.append(fixed(c.get("student_accuracy")))
+        if chosen:  # bold as well as ✓: the ✓ survives copy-paste into plain text
+            row = [f"**{cell}**" if cell else cell for cell in row]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _role_time(report: dict, role: str, metrics: dict):
+    if metrics.get("wall_time") is not None:
+        return metrics["wall_time"]
+    phases = report.get("phases") or {}
+    times = [phases[name] for name in ROLE_PHASES.get(role, ()) if phases.get(name) is not None]
+    return sum(times) if times else None
+
+
+def _gains(report: dict) -> list[str]:
+    """One sentence per baseline: how far the student is ahead of it (same size, same budget)."""
+    lines = []
+    for name, gain in (report.get("student_vs_baselines") or {}).items():
+        label = (report.get("baselines") or {}).get(name, {}).get("label", name)
+        side = "ahead of" if gain["accuracy"] > 0 else "behind" if gain["accuracy"] < 0 else "level with"
+        lines.append(f"The student is {side} the {label} student (same size, same budget) by "
+                     f"{100 * abs(gain['accuracy']):.2f} accuracy points ({100 * gain['relative_accuracy']:+.1f}% "
+                     f"relative); its dev loss differs by {-gain['loss']:+.3f} and its perplexity is "
+                     f"x{1 / gain['perplexity_ratio']:.3f} the baseline's.")
+    return lines
+
+
+def _comparison_table(report: dict) -> list[str]:
+    models = models_of(report)
+    teacher_params = (report.get("teacher") or {}).get("parameters")
+    rows = []
+    for label, role, m in models:
+        fraction = m["parameters"] / teacher_params if m.get("parameters") and teacher_params else None
+        rows.append([label, num(m.get("sparsity", 0.0 if role == "teacher" else None)), count(m.get("parameters")),
+                     pct(fraction), fixed(m.get("loss")), fixed(m.get("perplexity"), 2), fixed(m.get("accuracy")),
+                     seconds(_role_time(report, role, m))])
+    header = ["model", "sparsity", "parameters", "% of teacher", "dev loss", "perplexity", "accuracy", "wall time"]
+    return _table(header, rows) if rows else []
+
+
+def _phase_table(report: dict) -> list[str]:
+    phases = report.get("phases") or {}
+    if not phases:
+        return []
+    total = phases.get("total")
+    # "total" goes last whatever order the engine recorded the phases in.
+    names = [n for n in phases if n != "total"] + (["total"] if "total" in phases else [])
+    rows = [[f"**{n}**" if n == "total" else n, fixed(phases[n], 1),
+             pct(phases[n] / total) if total else "—"] for n in names]
+    return _table(["phase", "wall time (s)", "share"], rows)
+
+
+def benchmark_rows(models: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the benchmark table: one row per model (label -> metrics holding "benchmarks"),
+    one column per task and metric."""
+    columns = []
+    for metrics in models.values():
+        for task, scores in (metrics.get("benchmarks") or {}).items():
+            columns += [(task, metric) for metric in scores if (task, metric) not in columns]
+    rows = [[label, *(num((m["benchmarks"].get(task) or {}).get(metric)) for task, metric in columns)]
+            for label, m in models.items() if m.get("benchmarks")]
+    return ["model", *(f"{task} {metric}" for task, metric in columns)], rows
+
+
+def _benchmarks(report: dict) -> list[str]:
+    header, rows = benchmark_rows({label: m for label, _, m in models_of(report)})
+    if not rows:
+        return []
+    text = (report.get("benchmarks") or {}).get("text", "")
+    return [f"lm-evaluation-harness scores{' on ' + text if text else ''} (acc: higher is better; perplexity "
+            "and bits per byte: lower is better).", "", *_table(header, rows), ""]
+
+
+def _cell(text: str) -> str:
+    """Generated text inside a markdown table cell: one line, pipes escaped, an empty or blank output named."""
+    return " ".join(text.split()).replace("|", "\\|") or ("(whitespace only)" if text else "(nothing: it stopped)")
+
+
+def _samples(report: dict) -> list[str]:
+    samples = report.get("samples")
+    if not samples or not samples.get("models"):
+        return []
+    lines = [f"Greedy continuations ({samples['new_tokens']} new tokens) of the same prompts by every model.", ""]
+    for i, prompt in enumerate(samples["prompts"]):
+        lines += [f"**Prompt {i + 1}:** {_cell(prompt)}", "",
+                  *_table(["model", "continuation"], [[label, _cell(texts[i])]
+                                                      for label, texts in samples["models"].items()]), ""]
+    return lines
+
+
+def _markdown(report: dict, images: dict[str, Path]) -> str:
+    lines = [f"# MiniDisc report: {report.get('command', 'run')}", "", _summary(report), ""]
+    if report.get("candidates"):
+        lines += ["## Teacher-assistant candidates", "", *_candidate_table(report), ""]
+        if "tradeoff" in images:
+            lines += [f"![TA trade-off: p and p + λ·s against scale]({images['tradeoff'].name})", ""]
+    comparison = _comparison_table(report)
+    if comparison:
+        lines += ["## Models", "", *comparison, ""]
+        if "models" in images:
+            lines += [f"![Accuracy and perplexity of every model]({images['models'].name})", ""]
+    benchmarks = _benchmarks(report)
+    if benchmarks:
+        lines += ["## Benchmarks", "", *benchmarks]
+    samples = _samples(report)
+    if samples:
+        lines += ["## Samples", "", *samples]
+    phases = _phase_table(report)
+    if phases:
+        lines += ["## Phases", "", *phases, ""]
+    if "curves" in images:
+        lines += ["## Training curves", "", f"![Training loss and dev accuracy per width]({images['curves'].name})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def render(report: dict, out_dir) -> list[Path]:
+    """Write out_dir/report.md and the plots that have data; return the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for name, plot in (("tradeoff", plot_tradeoff), ("models", plot_models), ("curves", plot_curves)):
+        path = plot(report, out_dir / f"{name}.png")
+        if path is not None:
+            images[name] = path
+    md = out_dir / "report.md"
+    md.write_text(_markdown(report, images), encoding="utf-8")
+    return [md, *images.values()]
+
+
+def print_summary(report: dict) -> None:
+    """The candidate table (selected TA highlighted) and one line of student metrics, on stdout."""
+    console = Console()
+    candidates = sorted_candidates(report)
+    if candidates:
+        with_student = has_student_score(candidates)
+        lam = report.get("lam")
+        title = "MiniDisc TA candidates" + (f" (λ = {lam:g})" if lam is not None else "")
+        table = Table(title=title)
+        columns = ["TA", "sparsity", "params", "p", "acc", "loss", "tradeoff"]
+        columns += ["student acc"] if with_student else []
+        for column in columns:
+            table.add_column(column, justify="left" if column == "TA" else "right")
+        for c in candidates:
+            chosen = is_selected(c, report.get("selected_ta"))
+            row = ["✓" if chosen else "", f"{c['sparsity']:g}", count(c.get("parameters")), fixed(c.get("p")),
+                   fixed(c.get("accuracy")), fixed(c.get("loss")), fixed(c.get("tradeoff"))]
+            if with_student:
+                row.append(fixed(c.get("student_accuracy")))
+            table.add_row(*row, style="bold green" if chosen else None)
+        console.print(table)
+        if report.get("selected_ta") is None:
+            console.print(NO_TA)
+    student = report.get("student")
+    if student:
+        get = student.get
+        console.print(f"student s={num(get('sparsity'))}: {count(get('parameters'))} params, "
+                      f"accuracy {fixed(get('accuracy'))} (relative {fixed(get('relative_accuracy'))}), "
+                      f"dev loss {fixed(get('loss'))}, perplexity {fixed(get('perplexity'), 2)}")
+    for line in _gains(report):
+        console.print(line)
+
+
+def rerender(out_dir) -> list[Path]:
+    """`minidisc report OUT`: report.md and the plots again from OUT/report.json, and the console summary."""
+    import json
+
+    path = Path(out_dir) / "report.json"
+    if not path.is_file():
+        partial = "; the run has not finished (continue it with --resume)" if (Path(out_dir) / "run.json").is_file() \
+            else ""
+        raise UserError(f"{path} does not exist: give the output directory of a finished minidisc run{partial}")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    written = render(report, out_dir)
+    print_summary(report)
+    Console().print("wrote " + ", ".join(str(p) for p in written))
+    return written

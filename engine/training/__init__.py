@@ -1,0 +1,2 @@
+"""The DeepSpeed runtime: the stage loop, engines and placements, DeepSpeed configs, batches, snapshots,
+process groups and faults."""

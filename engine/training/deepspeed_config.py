@@ -1,0 +1,69 @@
+"""DeepSpeed JSON for a stage: the user's file with the batch keys, clipping and precision our options own."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from engine.config import RunConfig, split_batch
+from engine.errors import UserError
+from engine.training import distributed as dist
+
+log = logging.getLogger(__name__)
+
+def read_ds_config(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"DeepSpeed config {path} must be a JSON object")
+    return config
+
+
+def _set_owned(config: dict, key: str, value, path: Path, option: str) -> None:
+    """Batch keys and clipping come from our options; a conflicting explicit value in the JSON is reported."""
+    old = config.get(key, "auto")
+    if old != "auto" and old != value:
+        log.debug("%s: %s=%s replaced by %s (set from %s)", path.name, key, old, value, option)
+    config[key] = value
+
+
+def train_ds_config(cfg: RunConfig, widths_per_step: int) -> dict:
+    path = cfg.train_ds_config()
+    config = read_ds_config(path)
+    config.pop("train_batch_size", None)
+    _set_owned(config, "train_micro_batch_size_per_gpu", micro_batch(cfg), path, "--batch-size")
+    # Each width's backward is one DeepSpeed micro-step, so it steps once per global batch.
+    _set_owned(config, "gradient_accumulation_steps", widths_per_step * cfg.grad_accum, path,
+               "the widths per step x --grad-accum")
+    _set_owned(config, "gradient_clipping", cfg.max_grad_norm, path, "--max-grad-norm")
+    if cfg.optimizer != "adamw" and "optimizer" in config:
+        raise UserError(f"--optimizer {cfg.optimizer} cannot replace the optimizer block of {path} "
+                        f"({config['optimizer'].get('type')}): use a DeepSpeed config without one (e.g. "
+                        "ds_configs/zero3_train.json) or --optimizer adamw")
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+def teacher_ds_config(cfg: RunConfig, train_config: dict) -> dict:
+    config = read_ds_config(cfg.teacher_ds_config())
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        config.pop(key, None)
+    config.update(train_micro_batch_size_per_gpu=micro_batch(cfg), gradient_accumulation_steps=1)
+    config["bf16"] = {"enabled": bf16_enabled(train_config)}  # the teacher computes in the student's precision
+    return config
+
+
+def bf16_enabled(config: dict) -> bool:
+    return bool(config.get("bf16", {}).get("enabled", False))
+
+
+def is_zero3(config: dict) -> bool:
+    return config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def micro_batch(cfg: RunConfig) -> int:
+    return split_batch(cfg.batch_size, dist.world_size(), cfg.grad_accum)

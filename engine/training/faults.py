@@ -1,0 +1,118 @@
+"""How a run ends when the cluster interrupts it.
+
+Pre-timeout signal (Slurm's `--signal=USR1@SECONDS`, or `kill -USR1`): every rank finishes its current step,
+they agree at the step boundary, write a checkpoint together and exit with REQUEUE_EXIT, so a batch script
+can `scontrol requeue` the job and the next run continues with `--resume`.
+
+A dead peer (killed, out of memory, node lost): the survivors' next collective fails (gloo: at once when the
+peer's sockets close; NCCL or a hung peer: after the process-group timeout, MINIDISC_COMM_TIMEOUT seconds).
+Every rank beats a counter in the rendezvous store; a survivor names the ranks whose counter stopped, and
+the run fails with that one line instead of a stack trace or a hang.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as torch_dist
+
+REQUEUE_SIGNAL = signal.SIGUSR1
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the checkpoint is written, run again with --resume
+HEARTBEAT_S = 2.0
+COMM_TIMEOUT_S = float(os.environ.get("MINIDISC_COMM_TIMEOUT", 1800))
+
+_requested = threading.Event()
+
+
+class Preempted(Exception):
+    """The run checkpointed on the requeue signal and stopped; `--resume` continues it."""
+
+
+class PeerLost(Exception):
+    """Another rank of the job died; the message names it."""
+
+
+# --- the pre-timeout signal ---------------------------------------------------------------------------------------
+def install_signal_handler() -> None:
+    """Record the signal; the training loop acts on it at the next step boundary (never mid-collective)."""
+    signal.signal(REQUEUE_SIGNAL, lambda signum, frame: _requested.set())
+
+
+def signal_received() -> bool:
+    """Whether this process got the signal (the trainer asks every rank, so all stop at the same step)."""
+    return _requested.is_set()
+
+
+# --- dead peers ---------------------------------------------------------------------------------------------------
+def _store(timeout_s: float):
+    return torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def start_heartbeat(rank: int) -> None:
+    """Count up `minidisc/alive/RANK` in the rendezvous store every HEARTBEAT_S seconds, in a thread that
+    stops at exit (before the interpreter tears down the store it holds)."""
+    stop = threading.Event()
+
+    def beat():
+        try:
+            store = _store(60)
+            while not stop.is_set():
+                store.add(f"minidisc/alive/{rank}", 1)
+                stop.wait(HEARTBEAT_S)
+        except Exception:  # the store's host (rank 0) is gone: nothing left to tell
+            return
+
+    thread = threading.Thread(target=beat, name="minidisc-heartbeat", daemon=True)
+    thread.start()
+
+    def halt():
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(halt)
+
+
+def silent_ranks(world_size: int) -> list[int] | None:
+    """Ranks whose heartbeat did not move over three beats; None when the store itself is unreachable, which
+    means rank 0 (its host) is gone."""
+    try:
+        store = _store(5)
+        before = [store.add(f"minidisc/alive/{r}", 0) for r in range(world_size)]
+        time.sleep(3 * HEARTBEAT_S)
+        after = [store.add(f"minidisc/alive/{r}", 0) for r in range(world_size)]
+    except Exception:
+        return None
+    return [r for r in range(world_size) if after[r] == before[r]]
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    """A collective failed because a peer went away (gloo/NCCL errors surface as these)."""
+    if isinstance(error, getattr(torch_dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        key in text for key in ("gloo", "Gloo", "NCCL", "Connection reset by peer", "Connection closed by peer",
+                                "Socket Timeout", "timed out"))
+
+
+def peer_lost(error: BaseException, rank: int, world_size: int) -> PeerLost:
+    """Turn a failed collective into a message that names the rank(s) that died."""
+    silent = silent_ranks(world_size)
+    if silent is None:
+        who = "rank 0 (it hosted the rendezvous store at MASTER_ADDR) is gone"
+    elif silent:
+        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding"
+    else:
+        who = (f"every rank is alive, but a collective failed or waited longer than {COMM_TIMEOUT_S:g} s "
+               "(MINIDISC_COMM_TIMEOUT)")
+    text = str(error).strip()
+    # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:32157. This is typically ..."
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0][:160] if text else type(error).__name__
+    return PeerLost(f"rank {rank} of {world_size}: {who} ({detail}); see that rank's log for why. "
+                    "The job stops here; the last evaluation's checkpoint is kept, so run again with --resume")

@@ -1,0 +1,92 @@
+"""What a stage writes: the best weights as an HF checkpoint, DeepSpeed checkpoints to resume from, the result."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+from engine.models.export import materialize, pruned_model
+from engine.models.loading import load_tokenizer
+from engine.outputs import atomic_output_dir
+from engine.pruning.widths import PERMILLE
+from engine.training import distributed as dist
+from engine.training.deepspeed_config import is_zero3
+from engine.training.stage import Stage, StageState
+
+
+def consolidated_state(engine, train_config: dict) -> dict | None:
+    """The trained module's full state dict on rank 0 (gathered layer by layer under ZeRO-3), None elsewhere."""
+    if is_zero3(train_config):
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if dist.is_main() else None
+
+
+def save_best(stage, distiller, engine, train_config, out: Path, state: StageState) -> None:
+    """Write the current weights at the best width as a real HF checkpoint (atomically replacing the last)."""
+    full = consolidated_state(engine, train_config)  # collective
+    with dist.main_first(f"saving the best {stage.name} weights") as main:
+        if main:
+            if stage.supernet:
+                prefix = "student.model."
+                weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+                lm = distiller.student.model
+                model = pruned_model(lm, stage.width_of(state.best_width), uniform=stage.uniform,
+                                     dtype=stage.export_dtype, state=weights)
+            else:
+                prefix = "student."
+                weights = {k[len(prefix):]: v.to(stage.export_dtype) for k, v in full.items()
+                           if k.startswith(prefix)}
+                lm = distiller.student
+                lm.config.dtype = str(stage.export_dtype).removeprefix("torch.")
+                model = materialize(type(lm), lm.config, weights, lm)
+            with atomic_output_dir(out, kind="best-snapshot") as scratch:
+                model.save_pretrained(scratch)
+                load_tokenizer(stage.student_dir).save_pretrained(scratch)
+                (scratch / "minidisc_best.json").write_text(json.dumps(
+                    {"stage": stage.name, "step": state.best_step, "sparsity": state.best_width / PERMILLE,
+                     "objective": state.objective}) + "\n")
+
+
+def save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:
+    """Weights, optimiser, scheduler, the stage's state and the RNG, as one DeepSpeed tag (collective)."""
+    engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
+                           client_state={"minidisc": state.__dict__, "rng": torch.get_rng_state()})
+    _keep_latest_only(checkpoints)
+
+
+def _keep_latest_only(checkpoints: Path) -> None:
+    """Old checkpoint tags go once the new one is complete (DeepSpeed writes `latest` last)."""
+    dist.barrier()
+    if dist.is_main():
+        latest = (checkpoints / "latest").read_text().strip()
+        for old in checkpoints.iterdir():
+            if old.is_dir() and old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float) -> dict:
+    result = {
+        "stage": stage.name, "teacher": str(stage.teacher_dir), "student": str(stage.student_dir),
+        "widths": [w / PERMILLE for w in stage.widths], "steps": state.step, "best_step": state.best_step,
+        "best_width": None if state.best_width is None else state.best_width / PERMILLE,
+        "objective": state.objective, "teacher_stats": state.teacher, "best": state.best,
+        "best_dir": str(stage_dir / "best"), "wall_s": round(wall, 2),
+        "curves": {"train": state.train_curve, "eval": state.eval_curve},
+    }
+    with dist.main_first(f"finishing stage {stage.name}") as main:
+        if main:
+            snapshot = json.loads((stage_dir / "best" / "minidisc_best.json").read_text())
+            if snapshot["step"] != state.best_step:
+                raise UserError(f"stage {stage.name}: the best snapshot is from step {snapshot['step']} but the "
+                                f"checkpointed state says {state.best_step}; the resumed run diverged from the "
+                                "interrupted one (non-deterministic kernels?). Remove --out and run again")
+            tmp = stage_dir / f".result.json.{os.getpid()}"
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(tmp, stage_dir / "result.json")
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # optimiser states are large
+    return result

@@ -1,0 +1,173 @@
+"""The DeepSpeed distillation trainer: one stage = a frozen teacher engine and a trained student engine.
+
+The student is either the supernet (the reordered teacher, trained at every candidate width per step: the
+sandwich) or a plain pruned model (a TA or a student, one width). Both run the same loop:
+
+    for every step:                          one optimiser step per global batch
+        teacher forward once (no grad)       hidden states + gathered LM head
+        for every width (1/K each):          forward, distillation loss, backward at once
+        DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum
+        every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
+                                             snapshot of the best, atomic DeepSpeed checkpoint
+
+Models are built with `HfDeepSpeedConfig` + `from_pretrained`, so ZeRO-3 partitions them while they load.
+A stage killed at any point resumes from its last checkpoint (`resume=True`) and ends where an
+uninterrupted run ends: the data order and the sampled widths are functions of the step, and the RNG state
+travels with the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.config import RunConfig
+from engine.distill.loss import Objective, teacher_outputs
+from engine.distill.sandwich import evaluate_widths, sandwich_step
+from engine.distill.selection import performance, tradeoff
+from engine.progress import progress
+from engine.pruning.widths import PERMILLE, format_sparsity
+from engine.training import distributed as dist
+from engine.training import faults
+from engine.training.batches import BatchOrder, dev_batches, widths_at
+from engine.training.engines import build_engines, release, short_path
+from engine.training.snapshots import save_best, save_checkpoint, write_result
+from engine.training.stage import Data, Diverged, Stage, StageState
+
+log = logging.getLogger(__name__)
+
+
+def objective_of(cfg: RunConfig) -> Objective:
+    return Objective(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.jsd_beta, logit_weight=cfg.logit_weight,
+                     hidden_weight=cfg.hidden_weight, ce_weight=cfg.ce_weight)
+
+
+def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
+               check: Callable = lambda loss: None) -> torch.Tensor:
+    """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
+    1/(K x micro-batches)) back-propagated at once. Returns each width's loss, averaged over processes."""
+    import deepspeed
+
+    head = teacher.module.get_output_embeddings()
+    head_params = [p for p in (head.weight, head.bias) if p is not None]
+    accum = len(micro_batches)
+    step_losses = torch.zeros(len(widths), dtype=torch.float64)
+
+    def backward(loss):
+        engine.backward(loss / accum, scale_wrt_gas=False)
+        engine.step()  # a real optimiser step only at the accumulation boundary
+
+    for ids in micro_batches:
+        ids = ids.to(dist.device())
+        t_out = teacher_outputs(teacher.module, ids)
+        # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
+        # (after the teacher forward, which re-partitions a head tied to the input embeddings).
+        with deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id")):
+            def forward():
+                losses = engine(ids, None, t_out, objective)
+                check(losses["loss"])
+                return losses
+
+            metrics = sandwich_step(forward, select, widths, backward)
+        step_losses += torch.tensor([metrics[w]["loss"].item() for w in widths], dtype=torch.float64) / accum
+    return dist.all_sum(step_losses) / dist.world_size()
+
+
+def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
+    """Train a stage to its end (or early stop) and return its result; a finished stage is read back."""
+    stage_dir = work / stage.name
+    result_file = stage_dir / "result.json"
+    if result_file.is_file():
+        log.info("stage %s: already finished, reusing %s", stage.name, result_file)
+        return json.loads(result_file.read_text())
+    started = time.perf_counter()
+    widths_per_step = len(widths_at(stage, cfg, 0))
+    teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, widths_per_step)
+    objective = stage.objective or objective_of(cfg)
+    select = (lambda s: distiller.student.set_width(stage.width_of(s))) if stage.supernet else (lambda s: None)
+    checkpoints = stage_dir / "checkpoints"
+    state = StageState()
+    torch.manual_seed(cfg.seed + dist.rank())
+    if cfg.resume and (checkpoints / "latest").is_file():
+        _, client = engine.load_checkpoint(str(checkpoints))
+        state = StageState(**client["minidisc"])
+        torch.set_rng_state(client["rng"])
+        log.info("stage %s: resumed at step %d from %s", stage.name, state.step, checkpoints)
+    order = BatchOrder(data.train, cfg.seed)
+    dev = dev_batches(data.dev, cfg)
+    log.info("stage %s: %s -> %s, widths %s, %d steps from step %d", stage.name, short_path(stage.teacher_dir),
+             short_path(stage.student_dir), ", ".join(format_sparsity(w) for w in stage.widths), cfg.max_steps,
+             state.step)
+
+    def check(loss, step):
+        _check_finite(loss, stage, step, checkpoints)
+
+    steps = range(state.step, cfg.max_steps)
+    for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
+        widths = widths_at(stage, cfg, step)
+        micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
+        step_losses = train_step(teacher, engine, select, micro_batches, widths, objective,
+                                 check=lambda loss, step=step: check(loss, step))
+        state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(float(loss), 6)}
+                              for w, loss in zip(widths, step_losses)]
+        state.step = step + 1
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select)
+            if improved:
+                save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
+            save_checkpoint(engine, checkpoints, state)
+            if cfg.patience and state.stale_evals >= cfg.patience:
+                log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
+                         cfg.patience, state.step)
+                break
+        if state.step < cfg.max_steps and dist.any_rank(faults.signal_received()):  # Slurm's pre-timeout signal
+            if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
+                save_checkpoint(engine, checkpoints, state)
+            raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
+                                   f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
+    result = write_result(stage, state, stage_dir, time.perf_counter() - started)
+    release(engine, teacher)
+    del keep_alive
+    return result
+
+
+def _check_finite(loss, stage, step, checkpoints) -> None:
+    if dist.any_rank(not torch.isfinite(loss).item()):
+        latest = checkpoints / "latest"
+        kept = (f"the last good checkpoint is kept in {checkpoints} ({latest.read_text().strip()})"
+                if latest.is_file() else "no checkpoint had been written yet")
+        raise Diverged(f"stage {stage.name}: the distillation loss became {loss.item()} at step {step + 1}; "
+                       f"{kept}. Lower --lr, raise --warmup-ratio or lower --max-grad-norm, then run again "
+                       "(with --resume to start from that checkpoint)")
+
+
+def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) -> bool:
+    """Evaluate every width in one pass; update best-so-far p(s) and the trade-off objective. Returns whether
+    the objective improved (then the current weights are the stage's best)."""
+    student = distiller.student
+    stats = evaluate_widths(student, teacher, dev, stage.widths, select=select, reduce=dist.all_sum)
+    if not all(math.isfinite(s["loss"]) for s in stats.values()):
+        raise Diverged(f"stage {stage.name}: the dev loss is not finite at step {state.step}; the previous "
+                       f"checkpoint in {stage.name}/checkpoints is kept. Lower --lr and run again")
+    state.teacher = stats["teacher"]
+    for permille in stage.widths:
+        p = performance(stats[permille], stats["teacher"], cfg.metric)
+        state.eval_curve.append({"step": state.step, "width": permille / PERMILLE, "p": p, **stats[permille]})
+        best = state.best.get(str(permille))
+        if best is None or p > best["p"]:
+            state.best[str(permille)] = {"p": p, "accuracy": stats[permille]["accuracy"],
+                                         "loss": stats[permille]["loss"], "step": state.step}
+    scores = {int(s): tradeoff(b["p"], int(s), cfg.lam) for s, b in state.best.items()}
+    argmax = max(scores, key=lambda s: (scores[s], -s))
+    log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(
+        f"s={format_sparsity(s)} acc={stats[s]['accuracy']:.4f} loss={stats[s]['loss']:.4f}" for s in stage.widths))
+    if scores[argmax] > state.objective:
+        state.objective, state.best_step, state.best_width, state.stale_evals = scores[argmax], state.step, argmax, 0
+        return True
+    state.stale_evals += 1
+    return False
