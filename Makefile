@@ -9,10 +9,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the built-in example on each, in a small venv layered over $(VENV) (only transformers and its needs differ).
 # Change them together with pyproject's bounds.
 TRANSFORMERS_ENDS := 5.0.0 5.24.0
-ENDS_TESTS := tests/test_export.py tests/test_default_run.py
+ENDS_TESTS := tests/models/test_export.py tests/tools/test_default_run.py
 ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
-.PHONY: demo test test-transformers-ends install gpu-check clean
+.PHONY: demo test test-fast lint test-transformers-ends install gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,7 +39,14 @@ demo: install
 test-transformers-ends: $(ENDS_VENVS:%=%/.installed)
 	for venv in $(ENDS_VENVS); do echo "== $$venv"; $$venv/bin/python -m pytest -q $(ENDS_TESTS) || exit 1; done
 
-test: install test-transformers-ends
+lint: install
+	$(BIN)/ruff check .
+
+# The unit tests: no end-to-end runs, no second process, no Slurm (about 2 minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not multiprocess and not slurm" tests
+
+test: install lint test-transformers-ends
 	$(BIN)/python -m pytest tests
 
 # On a machine with an NVIDIA GPU, in the Python environment that holds its CUDA build of torch (not .venv,

@@ -3,8 +3,7 @@
 #   1. installs the package with Triton and Liger-Kernel into $PYTHON's environment (GPU_CHECK_INSTALL=0 skips:
 #      for a machine without internet, where they were installed beforehand), without constraints.txt, whose
 #      torch pin is the CPU build;
-#   2. the Triton kernels' tests on CUDA against the torch references (tests/test_distill_loss.py and
-#      tests/test_masked_pruning.py pick CUDA by themselves);
+#   2. the kernels' tests on CUDA against the torch references (the `gpu` marker: they pick CUDA by themselves);
 #   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel) and bench_distill_step.py;
 #   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py).
 # Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
@@ -24,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   f"triton {triton.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")'
 "$PYTHON" -c 'assert __import__("torch").cuda.is_available(), "torch sees no GPU: install its CUDA build"' || exit 1
 
-step "Triton kernels on CUDA against the torch references" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_distill_loss.py tests/test_masked_pruning.py
+step "Triton kernels on CUDA against the torch references" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
 step "KD loss: naive vs ours vs Liger-Kernel (benchmarks/results/distill_loss.csv)" "$PYTHON" benchmarks/bench_distill_loss.py
 step "one distillation step (benchmarks/results/distill_step.csv)" "$PYTHON" benchmarks/bench_distill_step.py --device cuda
 step "the built-in example, bf16, NCCL, one GPU (benchmarks/results/builtin.csv)" "$PYTHON" benchmarks/bench_builtin.py

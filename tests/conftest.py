@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,42 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import CONFIGS, VOCAB, save_teacher  # noqa: E402
+
 import engine  # noqa: E402  (registers the MiniDisc model classes)
 from engine.tools.demo import train_tokenizer, write_corpus  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-VOCAB = 512
-
-# Odd sizes on purpose: intermediate 37 is not a multiple of 8, GQA has 3 query heads per KV group.
-CONFIGS = {
-    "llama_mha": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=6,
-                      head_dim=8, intermediate_size=37, num_hidden_layers=3),
-    "llama_gqa": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                      head_dim=8, intermediate_size=37, num_hidden_layers=3),
-    "llama_gqa_bias": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
-                           head_dim=8, intermediate_size=37, num_hidden_layers=3, attention_bias=True, mlp_bias=True),
-    "opt": dict(model_type="opt", hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
-                dropout=0.0, word_embed_proj_dim=48),
-}
-
-
-def tiny_model(name: str, seed: int = 0, vocab_size: int = VOCAB):
-    """A randomly initialised tiny causal LM (weights large enough that every unit matters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
-
-    options = dict(CONFIGS[name])
-    model_type = options.pop("model_type")
-    torch.manual_seed(seed)
-    if model_type == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **options))
-    else:
-        model = OPTForCausalLM(OPTConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                         **options))
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if "norm" not in name_:
-                p.normal_(0, 0.15)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +35,6 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     return directory
 
 
-def save_teacher(name: str, directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer
-
-    tiny_model(name, seed).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def pruned_dirs(corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     """`minidisc prune` output for every tiny family (session-wide: several test files read them)."""
@@ -87,12 +45,6 @@ def pruned_dirs(corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
         engine.prune(teacher, corpus["jsonl"], root / "pruned", calib_samples=4, seq_len=32, batch_size=2)
         out[name] = root / "pruned"
     return out
-
-
-def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh interpreter (for loading checkpoints the way a user's process would)."""
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})}, cwd="/")
 
 
 @pytest.fixture(scope="session")

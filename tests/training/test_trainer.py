@@ -1,23 +1,24 @@
 """The DeepSpeed trainer's optimiser step equals a plain PyTorch reference, with 1 and 2 processes and with
 gradient accumulation; the run configuration (recipes and command line) and its errors."""
+import json
+import subprocess
+import sys
+
 import pytest
-from test_zero3 import launch_two_ranks
+from helpers import WORKERS, launch_two_ranks
 
 import engine  # noqa: F401
 
-WORKER = str(__import__("pathlib").Path(__file__).parent / "trainer_step_worker.py")
-
 
 def one_process(out, *args):
-    import json
-    import sys
-
-    result = __import__("subprocess").run([sys.executable, WORKER, "--out", str(out), *map(str, args)],
-                                          capture_output=True, text=True, timeout=600)
+    worker = WORKERS / "trainer_step_worker.py"
+    result = subprocess.run([sys.executable, worker, "--out", str(out), *map(str, args)], capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_trainer_step_matches_pytorch_one_process(grad_accum, pruned_dirs, tmp_path):
     report = one_process(tmp_path / "r.json", "--pruned", pruned_dirs["llama_gqa"], "--grad-accum", grad_accum)
@@ -26,6 +27,8 @@ def test_trainer_step_matches_pytorch_one_process(grad_accum, pruned_dirs, tmp_p
     assert report["error"] <= 1e-5, report
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_trainer_step_matches_pytorch_two_processes(grad_accum, pruned_dirs, tmp_path):
     report = launch_two_ranks("trainer_step_worker.py", tmp_path / "r.json", "--pruned", pruned_dirs["opt"],

@@ -10,36 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FP32, MINIDISC, dev_accuracy, free_port, minidisc, options, run_python
 
 from engine.distill.selection import tradeoff
 
-MINIDISC = str(Path(sys.executable).parent / "minidisc")
-FP32 = str(Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json")
-
-
-def options(teacher, corpus, out, *extra):
-    return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
-            "--grid", "0", "0.5", "0.7", "0.9", "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
-            "--seq-len", "32", "--eval-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
-            "--deepspeed", FP32, *extra]
-
-
-def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([MINIDISC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})  # unwrapped log lines
-    if check:
-        assert result.returncode == 0, result.stderr[-5000:]
-    return result
-
-
-@torch.no_grad()
-def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
-    """Next-token accuracy of a saved checkpoint on dev blocks, computed independently of the engine."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
-    logits = model(input_ids=dev).logits[:, :-1]
-    return (logits.argmax(-1) == dev[:, 1:]).double().mean().item()
+pytestmark = [pytest.mark.slow]
 
 
 def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
@@ -145,11 +120,10 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, t
     assert not (out / "student").exists() and not (out / "report.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(trained_teacher, corpus, tmp_path):
     """The same run under the `deepspeed` launcher with 2 ZeRO-3 processes (gloo): same global batches, so
     the same selection and the same student up to float reduction order."""
-    from test_zero3 import free_port
-
     minidisc("compress", *options(trained_teacher, corpus, tmp_path / "one", "--lam", "0.05"))
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [launcher, "--num_gpus", "2", "--master_port", free_port(), MINIDISC, "compress",
@@ -213,8 +187,6 @@ def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, cor
     code = ("import sys, json; from transformers import AutoModelForCausalLM; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
             "print(json.dumps([type(m).__name__, sum(p.numel() for p in m.parameters())]))")
-    from conftest import run_python
-
     result = run_python(code, out / "student", env={"PYTHONPATH": ""})
     name, parameters = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "report.json").read_text())
@@ -228,8 +200,6 @@ def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, cor
 def test_python_api_and_early_stopping(pruned_dirs, corpus, tmp_path):
     """engine.distill(RunConfig) as a user's script calls it; with a learning rate too small to change any
     weight, dev accuracy never improves after the first evaluation and --patience 1 stops the stage there."""
-    from conftest import run_python
-
     code = (
         "import sys, json, engine\n"
         "cfg = engine.RunConfig(teacher=sys.argv[1], data=sys.argv[2], dev_data=sys.argv[3], out=sys.argv[4],\n"

@@ -2,54 +2,13 @@
 (the no-ssh multi-node form), a rank that dies, and the scripts' own input checks."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import yaml
-from test_zero3 import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "launch_scripts"
-FP32 = REPO / "ds_configs" / "zero3_train_fp32.json"
-
-
-def write_recipe(path: Path, teacher, corpus, out: Path, **extra) -> Path:
-    """The tiny compress run every launch test shares (the same as test_compress's, as a recipe)."""
-    recipe = {"teacher": str(teacher), "data": str(corpus["train"]), "dev_data": str(corpus["dev"]),
-              "out": str(out), "grid": [0, 0.5, 0.7, 0.9], "max_steps": 8, "eval_every": 4, "batch_size": 4,
-              "seq_len": 32, "eval_samples": 16, "calib_samples": 4, "lr": 2e-3, "lam": 0.05,
-              "deepspeed": str(FP32), **extra}
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def script_env(**env) -> dict:
-    """What a user's shell has after activating the environment."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-            "COLUMNS": "240", **{k: str(v) for k, v in env.items()}}
-
-
-def run_script(name: str, timeout=600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", SCRIPTS / name], capture_output=True, text=True, timeout=timeout,
-                          env=script_env(**env))
-
-
-def assert_same_student(a: Path, b: Path) -> None:
-    from safetensors.torch import load_file
-
-    first, second = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
-    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
-    assert ra["selected_ta"] == rb["selected_ta"] and ra["student"]["loss"] == rb["student"]["loss"]
+from helpers import SCRIPTS, assert_same_student, free_port, run_script, script_env, write_recipe
 
 
 def start_two_nodes(recipe: Path, tmp_path: Path) -> tuple[list[subprocess.Popen], list[Path]]:
@@ -67,6 +26,8 @@ def start_two_nodes(recipe: Path, tmp_path: Path) -> tuple[list[subprocess.Popen
     return launchers, logs
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_nodes_give_the_same_student_as_one_node(trained_teacher, corpus, tmp_path):
     one = run_script("single_node.sh", NUM_GPUS=2, MASTER_PORT=free_port(),
                      RECIPE=write_recipe(tmp_path / "one.yaml", trained_teacher, corpus, tmp_path / "one"))
@@ -95,6 +56,8 @@ def _worker_of_rank(launchers, rank: int, timeout: float = 60) -> psutil.Process
     raise AssertionError(f"no worker process with RANK={rank}")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("dead", [1, 0])
 def test_a_dead_rank_fails_the_job_with_its_name(dead, trained_teacher, corpus, tmp_path):
     """No launcher kills the other node's ranks in the no-ssh form: the survivor must notice by itself."""

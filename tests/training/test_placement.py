@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compress import minidisc, options  # the console script and the tiny run
+from helpers import REPO, minidisc, options, tiny_model  # the console script and the tiny run
 
 from engine.config import RunConfig
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow]
 
 
 def student_weights(out: Path) -> dict:
@@ -97,8 +97,6 @@ def test_cpu_offload_gives_the_same_student(zero3_run, pruned_dirs, corpus, tmp_
 
 
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(zero3_run, pruned_dirs, corpus, tmp_path):
-    from conftest import tiny_model
-
     from engine.training.engines import checkpoint_layers
 
     def mlp_calls(checkpointed: bool) -> int:

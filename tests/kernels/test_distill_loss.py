@@ -5,6 +5,8 @@ import torch
 
 import kernels
 
+pytestmark = [pytest.mark.gpu]
+
 try:
     import triton  # noqa: F401
 

@@ -1,32 +1,9 @@
 """The supernet under DeepSpeed ZeRO-3 with 2 processes (gloo) matches the unsharded model."""
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import launch_two_ranks
 
-HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_ranks(worker: str, out: Path, *args) -> dict:
-    """Run a worker with the `deepspeed` launcher on 2 CPU processes; returns rank 0's JSON report."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), HERE / worker, "--out", out, *args]
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = out.with_suffix(".log")
-    log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0 and out.exists(), f"full log: {log}\n" + (result.stdout + result.stderr)[-4000:]
-    return json.loads(out.read_text())
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "opt"])

@@ -9,8 +9,10 @@ import os
 import time
 
 import pytest
+from helpers import SCRIPTS, assert_same_student, script_env, write_recipe
 from slurm_cluster import SlurmCluster, missing
-from test_launch import SCRIPTS, assert_same_student, script_env, write_recipe
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
 
 TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]  # CPU-only node
 

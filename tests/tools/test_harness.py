@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_compress import MINIDISC
+from helpers import MINIDISC
 
 import engine
 from engine.tools.harness import CLOZE_CHOICE, CLOZE_CONTEXT, scores, write_builtin_tasks
@@ -34,6 +34,7 @@ def test_cloze_items_hold_the_true_continuation(corpus, tmp_path):
     assert (again / "minidisc_cloze.jsonl").read_text() == (folder / "minidisc_cloze.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_minidisc_eval_equals_the_lm_eval_command_line(pruned_dirs, corpus, tmp_path):
     model = tmp_path / "student"
     engine.export(pruned_dirs["llama_gqa"], 0.5, model)  # per-layer widths: the checkpoint's own model class
@@ -58,6 +59,7 @@ def test_minidisc_eval_equals_the_lm_eval_command_line(pruned_dirs, corpus, tmp_
     assert 0 <= mine["minidisc_cloze"]["acc"] <= 1
 
 
+@pytest.mark.slow
 def test_eval_errors_are_one_line(pruned_dirs, tmp_path):
     for args, message in (([pruned_dirs["opt"], "--tasks", "no_such_task"], "unknown lm-eval task(s) no_such_task"),
                           ([tmp_path, "--tasks", "minidisc_ppl"], "not a Hugging Face checkpoint folder"),

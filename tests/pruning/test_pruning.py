@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_model
+from helpers import CONFIGS, tiny_model
 
 import engine
 from engine.pruning.families import family_for

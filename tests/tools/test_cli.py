@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_teacher
+from helpers import REPO, SCRIPTS, save_teacher
 
 from engine.tools.cli import main
 
@@ -16,6 +16,7 @@ def teacher(tokenizer_dir, tmp_path_factory):
     return save_teacher("llama_gqa", tmp_path_factory.mktemp("cli") / "teacher", tokenizer_dir)
 
 
+@pytest.mark.slow
 def test_prune_and_export_through_the_console_command(teacher, corpus, tmp_path):
     minidisc = Path(sys.executable).parent / "minidisc"
     pruned, exported = tmp_path / "pruned", tmp_path / "student"
@@ -137,8 +138,10 @@ def test_rerun_replaces_our_own_output(teacher, corpus, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no scratch directories left behind
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_single_node_launch_script(teacher, corpus, tmp_path):
-    script = Path(__file__).parents[1] / "launch_scripts" / "prune_single_node.sh"
+    script = SCRIPTS / "prune_single_node.sh"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     missing = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "set TEACHER" in missing.stderr
@@ -153,10 +156,9 @@ def test_single_node_launch_script(teacher, corpus, tmp_path):
 def test_readme_documents_every_option():
     """The configuration reference in the README covers every option of the run commands."""
     from dataclasses import fields
-    from pathlib import Path
 
     from engine.config import RunConfig
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (REPO / "README.md").read_text()
     missing = [f.name for f in fields(RunConfig) if f"`--{f.name.replace('_', '-')}` (`{f.name}`)" not in text]
     assert not missing, f"README's configuration reference lacks {missing}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, run_python
+from helpers import CONFIGS, run_python, tiny_model
 from huggingface_hub import ModelCard
 
 import engine
@@ -149,7 +149,6 @@ def test_exported_files(exported):
 
 def test_bf16_teacher_stays_bf16(corpus, tokenizer_dir, tmp_path):
     """Scores are computed in fp32, but a bf16 checkpoint comes back in bf16 (not twice its size)."""
-    from conftest import tiny_model
     from safetensors import safe_open
     from transformers import AutoTokenizer
 

@@ -25,7 +25,7 @@ args = parser.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
 # The shipped ZeRO-3 training config, in fp32 for an exact comparison, with every parameter partitioned.
-ds_config = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3_train.json").read_text())
+ds_config = json.loads((Path(__file__).parents[2] / "ds_configs" / "zero3_train.json").read_text())
 ds_config.update(train_micro_batch_size_per_gpu=2, bf16={"enabled": False}, gradient_clipping=0.0)
 ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 plan = engine.PruningPlan.load(args.pruned)

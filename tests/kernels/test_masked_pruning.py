@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 import kernels
 
+pytestmark = [pytest.mark.gpu]
+
 BACKENDS = ["torch"]
 try:
     import triton  # noqa: F401

@@ -31,7 +31,7 @@ from engine.models.loading import load_causal_lm
 from engine.training import engines, trainer
 from engine.training import stage as stages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 parser = argparse.ArgumentParser()
 parser.add_argument("--teacher", required=True)
 parser.add_argument("--student", required=True)

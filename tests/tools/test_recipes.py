@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_compress import MINIDISC, minidisc
+from helpers import MINIDISC, REPO, minidisc
 
 from engine.tools.memory_plan import preset_config
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
     "llama-2-7b-10pct": ("llama-2-7b", "jsonl"),
     "llama-3-8b-25pct": ("llama-3-8b", "parquet"),
@@ -58,6 +57,7 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_dry_run(name, checkpoints, corpus, tmp_path):
     preset, data_kind = RECIPES[name]
@@ -85,6 +85,7 @@ def test_recipe_dry_run(name, checkpoints, corpus, tmp_path):
     assert scripts and all((REPO / s).is_file() for s in scripts), scripts
 
 
+@pytest.mark.slow
 def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     recipe = REPO / "recipes" / "opt-13b-10pct.yaml"
     base = ["compress", "--config", recipe, "--teacher", checkpoints["opt-13b"], "--data", corpus["jsonl"],

@@ -30,7 +30,7 @@ dist.init()
 # Adam divides by sqrt(v) + eps: with the usual eps = 1e-8 a gradient entry near 1e-8 turns float noise from a
 # different reduction order into lr-sized differences. A larger eps keeps the comparison about the maths.
 EPS = engines.EPS = 1e-3
-fp32 = Path(__file__).parents[1] / "ds_configs" / "zero3_train_fp32.json"
+fp32 = Path(__file__).parents[2] / "ds_configs" / "zero3_train_fp32.json"
 cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=4, warmup_ratio=0.0, lr=3e-3, max_grad_norm=0.0,
                 batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2)
 plan = engine.PruningPlan.load(args.pruned)

@@ -8,9 +8,11 @@ import subprocess
 
 import pytest
 import torch
-from test_compress import MINIDISC, dev_accuracy
+from helpers import MINIDISC, dev_accuracy, run_python
 
 from engine.tools.report_format import models_of
+
+pytestmark = [pytest.mark.slow]
 
 
 def run(cwd, *args, cache, check=True) -> subprocess.CompletedProcess:
@@ -104,8 +106,6 @@ def test_report_command_rerenders(default_run, tmp_path):
 
 def test_the_student_loads_and_generates_without_the_engine(default_run):
     """What a user does with the output on another machine: plain transformers, the checkpoint's own code."""
-    from conftest import run_python
-
     _, out, _ = default_run
     code = ("import sys, json; sys.modules['engine'] = None\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"

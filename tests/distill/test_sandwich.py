@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 import engine
 import kernels

@@ -7,13 +7,10 @@ kernels, which exist only for CUDA: on CPU the test checks that DeepSpeed says s
 """
 import copy
 import json
-from pathlib import Path
 
 import pytest
-from conftest import tiny_model
-from test_zero3 import launch_two_ranks
+from helpers import REPO, launch_two_ranks, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = REPO / "ds_configs"
 
 # What each file promises: trained (has the batch/clipping keys, may carry an optimizer) or frozen, bf16,
@@ -144,6 +141,8 @@ def assert_stage_matches(row: dict, student_hpz: int):
     assert row["student_update_size"] > 5e-3 and row["student_update_error"] <= 1e-4, row
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_hpz_teacher_and_optimizer_offload(zeropp_report):
     """zero3_inference_zeropp.json (hpZ only) + zero3_train_offload_optimizer.json through build_engines."""
     row = zeropp_report["hpz_teacher_offload_optimizer"]
@@ -152,6 +151,8 @@ def test_hpz_teacher_and_optimizer_offload(zeropp_report):
     assert not row["student_offload_param"]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_hpz_on_teacher_and_student(zeropp_report):
     """Both engines under hpZ (zero3_train_zeropp.json without quantisation)."""
     row = zeropp_report["hpz_teacher_hpz_student"]
@@ -159,6 +160,8 @@ def test_hpz_on_teacher_and_student(zeropp_report):
     assert row["student_optimizer"] == "AdamW"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_hpz_second_stage_in_the_same_process(zeropp_report):
     """`minidisc compress` builds its stages in one process: the next stage's hpZ models load too."""
     row = zeropp_report["second_stage"]
@@ -170,6 +173,8 @@ def cpu_kernel_missing(row: dict) -> bool:
     return not row["ok"] and "not been implemented on CPU" in row["error"]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_qwz_teacher(zeropp_report):
     """qwZ (int8 weights in the all-gather): DeepSpeed's quantizer op has no CPU implementation."""
     row = zeropp_report["qwz_teacher"]
@@ -179,6 +184,8 @@ def test_qwz_teacher(zeropp_report):
     assert row["teacher_logit_error"] < 0.5, row  # int8 block quantisation: close, not exact
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_qgz(zeropp_report):
     """qgZ on one node falls back to the plain reduce-scatter; across nodes it needs the quantizer op."""
     assert zeropp_report["qgz_one_node"]["ok"], zeropp_report["qgz_one_node"]

@@ -1,0 +1,144 @@
+"""What the test modules share: tiny models and teachers, the console script, 2-process launches, recipes.
+
+Test modules import from here (never from each other); fixtures live in conftest.py."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).parent / "workers"
+SCRIPTS = REPO / "launch_scripts"
+FP32 = str(REPO / "ds_configs" / "zero3_train_fp32.json")  # the CPU runs' DeepSpeed config
+VOCAB = 512
+MINIDISC = str(Path(sys.executable).parent / "minidisc")
+
+
+# Odd sizes on purpose: intermediate 37 is not a multiple of 8, GQA has 3 query heads per KV group.
+
+
+CONFIGS = {
+    "llama_mha": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=6,
+                      head_dim=8, intermediate_size=37, num_hidden_layers=3),
+    "llama_gqa": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=37, num_hidden_layers=3),
+    "llama_gqa_bias": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                           head_dim=8, intermediate_size=37, num_hidden_layers=3, attention_bias=True, mlp_bias=True),
+    "opt": dict(model_type="opt", hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
+                dropout=0.0, word_embed_proj_dim=48),
+}
+
+
+def tiny_model(name: str, seed: int = 0, vocab_size: int = VOCAB):
+    """A randomly initialised tiny causal LM (weights large enough that every unit matters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    options = dict(CONFIGS[name])
+    model_type = options.pop("model_type")
+    torch.manual_seed(seed)
+    if model_type == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **options))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                         **options))
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "norm" not in name_:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def save_teacher(name: str, directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer
+
+    tiny_model(name, seed).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory
+
+
+def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter (for loading checkpoints the way a user's process would)."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})}, cwd="/")
+
+
+def options(teacher, corpus, out, *extra):
+    return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
+            "--grid", "0", "0.5", "0.7", "0.9", "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
+            "--seq-len", "32", "--eval-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
+            "--deepspeed", FP32, *extra]
+
+
+def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([MINIDISC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})  # unwrapped log lines
+    if check:
+        assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+@torch.no_grad()
+def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
+    """Next-token accuracy of a saved checkpoint on dev blocks, computed independently of the engine."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
+    logits = model(input_ids=dev).logits[:, :-1]
+    return (logits.argmax(-1) == dev[:, 1:]).double().mean().item()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(worker: str, out: Path, *args) -> dict:
+    """Run a worker with the `deepspeed` launcher on 2 CPU processes; returns rank 0's JSON report."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), WORKERS / worker, "--out", out, *args]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out.with_suffix(".log")
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0 and out.exists(), f"full log: {log}\n" + (result.stdout + result.stderr)[-4000:]
+    return json.loads(out.read_text())
+
+
+def write_recipe(path: Path, teacher, corpus, out: Path, **extra) -> Path:
+    """The tiny compress run every launch test shares (the same as test_compress's, as a recipe)."""
+    recipe = {"teacher": str(teacher), "data": str(corpus["train"]), "dev_data": str(corpus["dev"]),
+              "out": str(out), "grid": [0, 0.5, 0.7, 0.9], "max_steps": 8, "eval_every": 4, "batch_size": 4,
+              "seq_len": 32, "eval_samples": 16, "calib_samples": 4, "lr": 2e-3, "lam": 0.05,
+              "deepspeed": FP32, **extra}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def script_env(**env) -> dict:
+    """What a user's shell has after activating the environment."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "COLUMNS": "240", **{k: str(v) for k, v in env.items()}}
+
+
+def run_script(name: str, timeout=600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", SCRIPTS / name], capture_output=True, text=True, timeout=timeout,
+                          env=script_env(**env))
+
+
+def assert_same_student(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert ra["selected_ta"] == rb["selected_ta"] and ra["student"]["loss"] == rb["student"]["loss"]
