@@ -12,16 +12,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from engine.errors import UserError
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
-from engine.models.modeling_minidisc import (
-    MiniDiscLlamaConfig,
-    MiniDiscLlamaForCausalLM,
-    MiniDiscOPTConfig,
-    MiniDiscOPTForCausalLM,
-)
 from engine.outputs import atomic_output_dir
 from engine.pruning.families import count_parameters, family_for
 from engine.pruning.plan import PruningPlan
@@ -42,23 +35,7 @@ def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtyp
     """The config of the model sliced to `width`: stock when uniform, MiniDisc per-layer otherwise."""
     base = {k: v for k, v in config.to_dict().items() if k not in _DROP}
     base["dtype"] = str(dtype).removeprefix("torch.")
-    n_rep = family.query_heads_per_unit
-    if family.name == "llama":
-        base.update(num_key_value_heads=family.num_kv_heads, head_dim=family.head_dim)
-        if uniform:
-            base.update(num_attention_heads=width.attention[0] * n_rep, num_key_value_heads=width.attention[0],
-                        intermediate_size=width.ffn[0])
-            return LlamaForCausalLM, LlamaConfig(**base, architectures=["LlamaForCausalLM"])
-        return MiniDiscLlamaForCausalLM, MiniDiscLlamaConfig(
-            **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
-            architectures=["MiniDiscLlamaForCausalLM"])
-    if uniform:
-        if width.attention[0] != family.num_kv_heads:
-            raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
-        return OPTForCausalLM, OPTConfig(**{**base, "ffn_dim": width.ffn[0]}, architectures=["OPTForCausalLM"])
-    return MiniDiscOPTForCausalLM, MiniDiscOPTConfig(
-        **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn),
-        architectures=["MiniDiscOPTForCausalLM"])
+    return family.pruned_config(base, width, uniform)
 
 
 @torch.no_grad()

@@ -36,6 +36,12 @@ def load_config(directory):
     return config
 
 
+def is_per_layer(config) -> bool:
+    """Whether a config describes a MiniDisc per-layer-width export (its architectures name our class)."""
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    return architecture in PER_LAYER_CLASSES or config.model_type.startswith("minidisc_")  # (older exports)
+
+
 def checkpoint_dtype(config) -> torch.dtype:
     """The floating dtype a checkpoint declares (float32 when it declares none). We compute in fp32 and
     write outputs back in this dtype, so a bf16 teacher does not come back twice its size."""

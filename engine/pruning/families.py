@@ -7,17 +7,27 @@ Every family is described by the same two coupled groups per layer:
 - FFN neurons: rows of the up-side linears (gate+up for LLaMA, fc1 for OPT) and columns of the down-side
   linear (down_proj, fc2).
 
-Masking, reordering, slicing, parameter counting and export are written once against `UnitGroup`.
+Masking, reordering, slicing, parameter counting and export are written once against `UnitGroup`; what
+else differs between families (the configs of exported widths, the shapes and saved activations the memory
+plan counts) is a property of the adapter, so this is the only module that knows LLaMA from OPT.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import kernels
 from engine.errors import UserError
-from engine.models.modeling_minidisc import PrunableLlamaAttention, PrunableOPTAttention
+from engine.models.modeling_minidisc import (
+    MiniDiscLlamaConfig,
+    MiniDiscLlamaForCausalLM,
+    MiniDiscOPTConfig,
+    MiniDiscOPTForCausalLM,
+    PrunableLlamaAttention,
+    PrunableOPTAttention,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,18 @@ class UnitGroup:
         return self.cols[0][1]
 
 
+@dataclass(frozen=True)
+class SavedBytes:
+    """Bytes autograd saves per token outside attention (bf16 compute), as coefficients of the hidden size h
+    and the kept FFN neurons i, for the memory plan. Each family's docstring derives its numbers."""
+
+    norms: tuple[int, int]  # one decoder layer's two norms: (bytes per h, constant)
+    ffn_per_neuron: int
+    ids: int  # input ids (and position ids), int64
+    final_norm: tuple[int, int]  # (bytes per h, constant)
+    all_hidden_states: bool  # output_hidden_states keeps all L + 1 states alive (else only the final normed one)
+
+
 class Family:
     """Base adapter. Subclasses name the modules of one Hugging Face architecture."""
 
@@ -49,6 +71,8 @@ class Family:
     architectures: tuple[str, ...]
     attention_proj_name: str  # name of the attention output projection inside the attention module
     prunable_attention: type  # attention subclass that also runs with zero heads
+    up_linears: int  # linears producing FFN neurons: gate+up (SwiGLU) or fc1
+    saved_bytes: SavedBytes
 
     def __init__(self, config):
         self.config = config
@@ -114,11 +138,36 @@ class Family:
         or None when the layer's activation has no fused kernel."""
         return None
 
+    # --- configs --------------------------------------------------------------------------------
+    @classmethod
+    def preset_config(cls, shape: dict):
+        """A stock config with a published model's shapes (`minidisc plan`'s presets)."""
+        raise NotImplementedError
+
+    def pruned_config(self, base: dict, width, uniform: bool):
+        """(model class, config) of the model sliced to `width`: stock when uniform, per-layer otherwise.
+        `base` is the teacher's config as a dict, without the keys that name a class or a width."""
+        raise NotImplementedError
+
+    def shape_traits(self) -> dict:
+        """What the memory plan's `Shapes` needs beyond the unit counts: embedding width, learned positions,
+        tying, biases, the final norm."""
+        raise NotImplementedError
+
 
 class LlamaFamily(Family):
+    """LLaMA. Saved per token: per RMSNorm (x2) the fp32 upcast of its input (4h; HF computes the norm in
+    fp32), the normalised bf16 tensor the weight multiplies (2h), its output, saved by the next linears (2h),
+    and the fp32 rsqrt (4) = 8h + 4; SwiGLU saves gate (SiLU's input), SiLU's output, up and their product
+    (down_proj's input) = 4 x 2 bytes per neuron. Outside the layers: the input ids (8) and the final norm
+    (fp32 input copy, normalised tensor, rsqrt: 6h + 4). The norms save an fp32 copy of their input, not the
+    bf16 input, so all L + 1 hidden states that `output_hidden_states` keeps are extra."""
+
     name = "llama"
     architectures = ("LlamaForCausalLM",)
     attention_proj_name = "o_proj"
+    up_linears = 2
+    saved_bytes = SavedBytes(norms=(16, 8), ffn_per_neuron=8, ids=8, final_norm=(6, 4), all_hidden_states=True)
 
     @property
     def num_kv_heads(self) -> int:
@@ -154,11 +203,39 @@ class LlamaFamily(Family):
         return UnitGroup(rows=((mlp.gate_proj, 1), (mlp.up_proj, 1)), cols=((mlp.down_proj, 1),),
                          num_units=mlp.gate_proj.out_features)
 
+    @classmethod
+    def preset_config(cls, shape):
+        return LlamaConfig(tie_word_embeddings=False, **shape)
+
+    def pruned_config(self, base, width, uniform):
+        base = {**base, "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        if uniform:
+            base.update(num_attention_heads=width.attention[0] * self.query_heads_per_unit,
+                        num_key_value_heads=width.attention[0], intermediate_size=width.ffn[0])
+            return LlamaForCausalLM, LlamaConfig(**base, architectures=["LlamaForCausalLM"])
+        return MiniDiscLlamaForCausalLM, MiniDiscLlamaConfig(
+            **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
+            architectures=["MiniDiscLlamaForCausalLM"])
+
+    def shape_traits(self):
+        get = lambda name, default: getattr(self.config, name, default)  # noqa: E731
+        return dict(embed_dim=self.hidden_size, positions=0, tied=bool(get("tie_word_embeddings", False)),
+                    attn_bias=bool(get("attention_bias", False)), mlp_bias=bool(get("mlp_bias", False)),
+                    norm_bias=False, final_norm=True)
+
 
 class OPTFamily(Family):
+    """OPT. Saved per token: per LayerNorm (x2) its input and output (2h each) and the fp32 mean and rstd
+    (8) = 4h + 8; ReLU saves its output, which is also fc2's input (2 bytes per neuron, not 2 x 2). No
+    dropout masks: the trainer keeps the student in eval mode. Outside the layers: input and position ids
+    (int64: 16) and the final LayerNorm (its input and statistics: 2h + 8). The LayerNorms save their bf16
+    input, which is the previous layer's output, so of the hidden states only the final normed one is extra."""
+
     name = "opt"
     architectures = ("OPTForCausalLM",)
     attention_proj_name = "out_proj"
+    up_linears = 1
+    saved_bytes = SavedBytes(norms=(8, 16), ffn_per_neuron=2, ids=16, final_norm=(2, 8), all_hidden_states=False)
 
     @property
     def intermediate_size(self) -> int:
@@ -182,6 +259,30 @@ class OPTFamily(Family):
     def stock_attention_units(self, wanted):
         # OPTConfig fixes head_dim = hidden_size // num_attention_heads: a stock OPT keeps every head.
         return self.num_kv_heads
+
+    @classmethod
+    def preset_config(cls, shape):
+        # OPT ties its LM head to the input embeddings; its FFN is 4 x hidden.
+        return OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
+                         tie_word_embeddings=True, **shape)
+
+    def pruned_config(self, base, width, uniform):
+        if uniform:
+            if width.attention[0] != self.num_kv_heads:
+                raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
+            return OPTForCausalLM, OPTConfig(**{**base, "ffn_dim": width.ffn[0]}, architectures=["OPTForCausalLM"])
+        return MiniDiscOPTForCausalLM, MiniDiscOPTConfig(
+            **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn),
+            architectures=["MiniDiscOPTForCausalLM"])
+
+    def shape_traits(self):
+        get = lambda name, default: getattr(self.config, name, default)  # noqa: E731
+        bias = bool(get("enable_bias", True))
+        return dict(embed_dim=get("word_embed_proj_dim", None) or self.hidden_size,
+                    positions=self.config.max_position_embeddings + 2,  # OPT offsets positions by 2
+                    tied=bool(get("tie_word_embeddings", True)), attn_bias=bias, mlp_bias=bias,
+                    norm_bias=bool(get("layer_norm_elementwise_affine", True)),
+                    final_norm=bool(get("do_layer_norm_before", True)) and not get("_remove_final_layer_norm", False))
 
 
 class _MaskedReLU(nn.Module):

@@ -368,3 +368,14 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
     assert "cannot be split evenly" in _error(capsys, "llama-2-7b", "--gpu-memory", 80, "--gpus-per-node", 8,
                                               "--batch-size", 12)
     assert "is above --target-sparsity" in _error(capsys, "llama-2-7b", "--gpu-memory", 80, "--truncate", 0.95)
+
+
+def test_a_per_layer_export_is_refused(pruned_dirs, tmp_path, capsys):
+    """A per-layer export keeps the stock model_type, so only its architectures tell it apart: plan the teacher."""
+    import engine
+
+    exported = tmp_path / "student"
+    engine.export(pruned_dirs["llama_gqa"], 0.7, exported, uniform=False)
+    capsys.readouterr()  # the export's log
+    for spec in (exported, exported / "config.json"):
+        assert "an exported MiniDisc model with per-layer widths" in _error(capsys, spec, "--gpu-memory", 80)

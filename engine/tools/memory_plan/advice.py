@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+from engine.pruning.families import family_for
 from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity, parse_grid, parse_sparsity
 from engine.tools.memory_plan.estimate import (
     GIB,
@@ -16,7 +17,6 @@ from engine.tools.memory_plan.estimate import (
     plan_memory,
 )
 from engine.tools.memory_plan.shapes import (
-    Shapes,
     largest_layer_parameters,
     load_model_config,
     parameter_count,
@@ -115,7 +115,7 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
     total = parameter_count(config)
     return {
         "model": model,
-        "family": Shapes.of(config).family,
+        "family": family_for(config).name,
         "cluster": {**asdict(cluster), "gpus": cluster.gpus, "usable_bytes": cluster.usable_bytes,
                     "headroom": HEADROOM},
         "run": {"micro_batch": options.micro_batch(cluster), "seq_len": options.seq_len,

@@ -193,40 +193,28 @@ def _quantised_weights(s: Shapes) -> tuple[int, int]:
 
 def layer_activation_bytes(s: Shapes, q_dim: int, kv_dim: int, heads: int, neurons: int) -> int:
     """Bytes autograd saves per token in one decoder layer (bf16 compute, SDPA/flash attention: no
-    [seq, seq] scores are kept), counted from what each op saves for its backward:
-    LLaMA, per RMSNorm (x2): the fp32 upcast of its input (4h; HF computes the norm in fp32), the
-    normalised bf16 tensor the weight multiplies (2h), its output, saved by the next linears (2h), and
-    the fp32 rsqrt (4) = 8h + 4. Attention: rotated q and k, v and the output kept by flash attention
-    (2 x (2q + 2kv)); o_proj's input is a view of that output; RoPE multiplies by constant cos/sin, which
-    saves nothing of q's size; the log-sum-exp (4 bytes per head). SwiGLU: gate (SiLU's input), SiLU's
-    output, up, and their product (down_proj's input) = 4 x intermediate x 2 bytes.
-        LLaMA: 16h + 8 + 4q + 4kv + 4 heads + 8i
-    OPT, per LayerNorm (x2): input and output (2h each) and fp32 mean and rstd (8). Attention: q, k, v and
-    the output (2 x (q + 2kv + q)). FFN: ReLU saves its output, which is also fc2's input (2i, not 2 x 2i).
-    No dropout masks: the trainer keeps the student in eval mode (deterministic, resumable).
-        OPT: 8h + 16 + 4q + 4kv + 4 heads + 2i
+    [seq, seq] scores are kept), counted from what each op saves for its backward. Attention, in every
+    family: q and k (rotated under RoPE, which multiplies by constant cos/sin and saves nothing of q's size),
+    v and the output kept by flash attention (2 x (2q + 2kv)), whose view is the output projection's input,
+    and the log-sum-exp (4 bytes per head). The norms and the FFN are the family's (`SavedBytes`):
+        LLaMA: 16h + 8 + 4q + 4kv + 4 heads + 8i        OPT: 8h + 16 + 4q + 4kv + 4 heads + 2i
     h = hidden, q/kv = query/key-value dims kept, i = FFN neurons kept."""
+    per_hidden, constant = s.saved.norms
     attention = 2 * (2 * q_dim + 2 * kv_dim) + 4 * heads
-    if s.family == "llama":
-        return 2 * (8 * s.hidden + 4) + attention + 8 * neurons
-    return 2 * (4 * s.hidden + 8) + attention + 2 * neurons
+    return per_hidden * s.hidden + constant + attention + s.saved.ffn_per_neuron * neurons
 
 
 def _model_level_bytes(s: Shapes) -> int:
-    """Per token outside the layers: input ids (and OPT's position ids, int64) and the final norm
-    (LLaMA: fp32 input copy, normalised tensor, rsqrt; OPT: its input and statistics). The fused loss
-    saves no input of the final norm's output: its gradient is finished in the forward."""
-    ids = 8 if s.family == "llama" else 16
-    final = (6 * s.hidden + 4 if s.family == "llama" else 2 * s.hidden + 8) if s.final_norm else 0
-    return ids + final
+    """Per token outside the layers: the ids and the final norm (`SavedBytes`). The fused loss saves no
+    input of the final norm's output: its gradient is finished in the forward."""
+    per_hidden, constant = s.saved.final_norm
+    return s.saved.ids + (per_hidden * s.hidden + constant if s.final_norm else 0)
 
 
 def hidden_state_bytes(s: Shapes) -> int:
-    """Per token: layer outputs that only `output_hidden_states=True` keeps alive while the loss is computed.
-    LLaMA's norms save an fp32 copy of their input, not the bf16 input, so all L + 1 entries are extra;
-    OPT's LayerNorms save their bf16 input, which is the previous layer's output, so only the final normed
-    state is extra."""
-    return BF16 * s.hidden * ((s.layers + 1) if s.family == "llama" else 1)
+    """Per token: layer outputs that only `output_hidden_states=True` keeps alive while the loss is computed
+    (all L + 1 where the norms save an fp32 copy of their input, else only the final normed state)."""
+    return BF16 * s.hidden * ((s.layers + 1) if s.saved.all_hidden_states else 1)
 
 
 def mse_bytes(s: Shapes) -> int:

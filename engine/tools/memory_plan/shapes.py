@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.models.loading import load_config
-from engine.pruning.families import family_for
+from engine.models.loading import is_per_layer, load_config
+from engine.pruning.families import FAMILIES, SavedBytes, family_for
 from engine.pruning.widths import PERMILLE
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -36,16 +36,10 @@ PRESETS = {  # published shapes: hidden, FFN, layers, query heads, KV heads
 
 def preset_config(name: str):
     """A transformers LlamaConfig/OPTConfig with a published model's shapes (no weights, no download)."""
-    from transformers import LlamaConfig, OPTConfig
-
     if name not in PRESETS:
         raise UserError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}")
     family, shape = PRESETS[name]
-    if family == "llama":
-        return LlamaConfig(tie_word_embeddings=False, **shape)
-    # OPT ties its LM head to the input embeddings; its FFN is 4 x hidden.
-    return OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
-                     tie_word_embeddings=True, **shape)
+    return FAMILIES[family].preset_config(shape)
 
 
 def _config_from_json(path: Path):
@@ -77,7 +71,7 @@ def load_model_config(spec: str):
     else:
         raise UserError(f"unknown preset '{spec}' and no such path; presets: {', '.join(PRESETS)}")
     family_for(config)  # LLaMA and OPT only
-    if config.model_type.startswith("minidisc_"):
+    if is_per_layer(config):
         raise UserError(f"{spec} is an exported MiniDisc model with per-layer widths; plan the compression of a "
                         "stock LLaMA/OPT teacher")
     return config
@@ -85,9 +79,10 @@ def load_model_config(spec: str):
 
 @dataclass(frozen=True)
 class Shapes:
-    """What the byte accounting needs from a config (LLaMA and OPT decoders)."""
+    """What the byte accounting needs from a config (any family's decoder)."""
 
-    family: str
+    up_linears: int  # linears producing FFN neurons: gate+up (SwiGLU) or fc1
+    saved: SavedBytes  # what autograd saves outside attention
     layers: int
     hidden: int
     heads: int  # query heads
@@ -106,21 +101,10 @@ class Shapes:
     @classmethod
     def of(cls, config) -> "Shapes":
         family = family_for(config)
-        llama = family.name == "llama"
-        get = lambda name, default: getattr(config, name, default)  # noqa: E731
-        return cls(
-            family=family.name, layers=family.num_layers, hidden=family.hidden_size,
-            heads=config.num_attention_heads, kv_heads=family.num_kv_heads, head_dim=family.head_dim,
-            intermediate=family.intermediate_size, vocab=config.vocab_size,
-            embed_dim=family.hidden_size if llama else get("word_embed_proj_dim", None) or family.hidden_size,
-            positions=0 if llama else config.max_position_embeddings + 2,  # OPT offsets positions by 2
-            tied=bool(get("tie_word_embeddings", not llama)),
-            attn_bias=bool(get("attention_bias", False)) if llama else bool(get("enable_bias", True)),
-            mlp_bias=bool(get("mlp_bias", False)) if llama else bool(get("enable_bias", True)),
-            norm_bias=not llama and bool(get("layer_norm_elementwise_affine", True)),
-            final_norm=llama or (bool(get("do_layer_norm_before", True))
-                                 and not get("_remove_final_layer_norm", False)),
-        )
+        return cls(up_linears=family.up_linears, saved=family.saved_bytes, layers=family.num_layers,
+                   hidden=family.hidden_size, heads=config.num_attention_heads, kv_heads=family.num_kv_heads,
+                   head_dim=family.head_dim, intermediate=family.intermediate_size, vocab=config.vocab_size,
+                   **family.shape_traits())
 
     @property
     def q_dim(self) -> int:
@@ -131,13 +115,8 @@ class Shapes:
         return self.kv_heads * self.head_dim
 
     @property
-    def up_linears(self) -> int:
-        """Linears producing FFN neurons: gate+up (SwiGLU) or fc1."""
-        return 2 if self.family == "llama" else 1
-
-    @property
     def norm_params(self) -> int:
-        return self.hidden * (2 if self.norm_bias else 1) if self.family == "opt" else self.hidden
+        return self.hidden * (2 if self.norm_bias else 1)
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> int:
