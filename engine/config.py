@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.pruning.widths import parse_sparsity
+from engine.pruning.widths import check_target_and_truncate, parse_sparsity
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -125,12 +125,7 @@ class RunConfig:
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
-        target, truncate = parse_sparsity(self.target_sparsity), parse_sparsity(self.truncate)
-        if target == 0:
-            raise UserError("--target-sparsity must be above 0: a student at sparsity 0 is the teacher")
-        if truncate > target:
-            raise UserError(f"--truncate {self.truncate} is above --target-sparsity {self.target_sparsity}: the "
-                            "candidate TAs lie between them")
+        check_target_and_truncate(parse_sparsity(self.target_sparsity), parse_sparsity(self.truncate))
         positive = ("max_steps", "eval_every", "batch_size", "grad_accum", "seq_len", "eval_samples",
                     "calib_samples", "ffn_multiple")
         for name in positive:

@@ -12,21 +12,31 @@ def tradeoff(performance: float, permille: int, lam: float) -> float:
     return performance + lam * permille / PERMILLE
 
 
+def best_tradeoff(performance: dict[int, float], lam: float) -> int:
+    """The sparsity whose p(s) + lambda * s is highest; a tie goes to the smaller sparsity (the larger model)."""
+    return max(performance, key=lambda s: (tradeoff(performance[s], s, lam), -s))
+
+
 def choose_ta(performance: dict[int, float], lam: float, target: int, current: int = 0) -> int | None:
     """The candidate sparsity with the best tradeoff among those >= `current` (the current teacher's), or
     None when that best is at or beyond the target: then no TA is needed."""
     eligible = {s: p for s, p in performance.items() if s >= current}
     if not eligible:
         raise ValueError(f"no candidate at or above the teacher's sparsity {current / PERMILLE:g}")
-    best = max(eligible, key=lambda s: (tradeoff(eligible[s], s, lam), -s))
+    best = best_tradeoff(eligible, lam)
     return None if best >= target else best
+
+
+def relative(accuracy: float, reference: float) -> float:
+    """An accuracy as a fraction of a reference accuracy (the teacher's, a baseline's)."""
+    return accuracy / max(reference, 1e-12)
 
 
 def performance(stats: dict, teacher_stats: dict, metric: str = "relative_accuracy") -> float:
     """p(s) in [0, 1], higher is better: accuracy relative to the teacher's (the default), raw accuracy,
     or exp(-dev loss)."""
     if metric == "relative_accuracy":
-        return stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+        return relative(stats["accuracy"], teacher_stats["accuracy"])
     if metric == "accuracy":
         return stats["accuracy"]
     if metric == "exp_loss":

@@ -96,9 +96,6 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     config = load_config(model_dir)
     family = family_for(config)
     width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
-    if uniform and (0 in width.attention or 0 in width.ffn):
-        raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer; "
-                        "stock configs cannot describe that: lower the sparsity or drop --uniform")
     tokenizer = load_tokenizer(model_dir, config)
     model = load_causal_lm(model_dir)
     pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype

@@ -36,6 +36,13 @@ def load_config(directory):
     return config
 
 
+def check_seq_len(config, seq_len: int, whose: str = "model's") -> None:
+    """Blocks of --seq-len tokens must fit the model's positions."""
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the {whose} max_position_embeddings ({max_len})")
+
+
 def is_per_layer(config) -> bool:
     """Whether a config describes a MiniDisc per-layer-width export (its architectures name our class)."""
     architecture = (getattr(config, "architectures", None) or [None])[0]

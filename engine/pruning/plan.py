@@ -72,6 +72,9 @@ class PruningPlan:
         permille = sparsity if isinstance(sparsity, int) else parse_sparsity(sparsity)
         heads = [family.stock_attention_units(uniform_keep(n, permille)) for n in self.attention_sizes]
         neurons = [uniform_keep(n, permille, self.ffn_multiple) for n in self.ffn_sizes]
+        if 0 in heads or 0 in neurons:
+            raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer, which "
+                            "stock configs cannot describe: lower the sparsity or drop --uniform")
         return Width(tuple(heads), tuple(neurons))
 
     # --- persistence ---------------------------------------------------------------------------------

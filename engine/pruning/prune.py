@@ -9,7 +9,7 @@ import torch
 
 from engine.data import load_text_dataset, token_blocks
 from engine.errors import UserError
-from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.outputs import atomic_output_dir
 from engine.pruning.families import count_parameters, family_for
 from engine.pruning.importance import normalize_per_layer, unit_importance
@@ -74,9 +74,7 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config = load_config(teacher)
     tokenizer = load_tokenizer(teacher, config)
-    max_len = getattr(config, "max_position_embeddings", None)
-    if max_len is not None and seq_len > max_len:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_len})")
+    check_seq_len(config, seq_len)
     calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
                                text_field)
     model = load_causal_lm(teacher).to(device)

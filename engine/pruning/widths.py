@@ -41,6 +41,29 @@ def parse_grid(values) -> tuple[int, ...]:
     return tuple(grid)
 
 
+def grid_with_target(grid, target: int) -> tuple[int, ...]:
+    """The sparsities to prune for: the given grid (per-mille; the default when empty) and the target."""
+    return tuple(sorted(set(grid or DEFAULT_GRID) | {target}))
+
+
+def check_target_and_truncate(target: int, truncate: int) -> None:
+    if target == 0:
+        raise UserError("--target-sparsity must be above 0: a student at sparsity 0 is the teacher")
+    if truncate > target:
+        raise UserError(f"--truncate {format_sparsity(truncate)} is above --target-sparsity "
+                        f"{format_sparsity(target)}: the candidate TAs lie between them")
+
+
+def candidate_widths(grid, truncate: int, target: int) -> list[int]:
+    """MiniDisc's candidate TAs: the grid's sparsities from --truncate up to the target (included)."""
+    return [s for s in sorted(set(grid) | {target}) if truncate <= s <= target]
+
+
+def widths_per_step(candidates: int, sandwich_sample: int) -> int:
+    """Widths trained per sandwich step: all of them, or the largest, the smallest and --sandwich-sample others."""
+    return min(candidates, sandwich_sample + 2) if sandwich_sample else candidates
+
+
 @dataclass(frozen=True)
 class Width:
     """Kept units per layer: attention units (heads, or KV groups under GQA) and FFN neurons."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine.config import RunConfig
-from engine.distill.selection import choose_ta, tradeoff
+from engine.distill.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.schedule.run import Run
 
@@ -76,7 +76,7 @@ def compress(cfg: RunConfig) -> dict:
 def _gain(student: dict, baseline: dict) -> dict:
     """How much better the MiniDisc student is than a baseline (positive = better)."""
     return {"accuracy": student["accuracy"] - baseline["accuracy"],
-            "relative_accuracy": student["accuracy"] / max(baseline["accuracy"], 1e-12) - 1,
+            "relative_accuracy": relative(student["accuracy"], baseline["accuracy"]) - 1,
             "loss": baseline["loss"] - student["loss"],
             "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
 
@@ -121,7 +121,7 @@ def maxidisc(cfg: RunConfig) -> dict:
     rows = []
     for s, (trial_ta, trial_student) in trials.items():
         stats = (trial_ta or trial_student)["best"][str(s)]
-        p = stats["accuracy"] / max(teacher_stats["accuracy"], 1e-12)
+        p = relative(stats["accuracy"], teacher_stats["accuracy"])
         final = trial_student["best"][str(run.target)]
         rows.append({**run.model_metrics(s, stats), "scale": (PERMILLE - s) / PERMILLE, "p": p,
                      "tradeoff": tradeoff(p, s, cfg.lam), "best_step": stats["step"],

@@ -15,14 +15,15 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import load_text_dataset, token_blocks
+from engine.distill.selection import relative
 from engine.errors import UserError
 from engine.models.export import pruned_model
-from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.outputs import atomic_output_dir, is_ours
 from engine.pruning.families import count_parameters, family_for
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
-from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity, parse_sparsity
+from engine.pruning.widths import PERMILLE, candidate_widths, format_sparsity, grid_with_target, parse_sparsity
 from engine.tools.harness import check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
 from engine.tools.report import render
@@ -49,9 +50,7 @@ def check_teacher(cfg: RunConfig):
     """The teacher's config (a supported family) and tokenizer, and --seq-len within its positions."""
     config = load_config(cfg.teacher)
     load_tokenizer(cfg.teacher, config)
-    max_len = getattr(config, "max_position_embeddings", None)
-    if max_len is not None and cfg.seq_len > max_len:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings ({max_len})")
+    check_seq_len(config, cfg.seq_len, "teacher's")
     return config
 
 
@@ -84,12 +83,9 @@ class Run:
         self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
         self.family = family_for(load_config(self.teacher_dir))
         self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
-        if cfg.uniform:
+        if cfg.uniform:  # fail now on a candidate that keeps no units in a layer
             for permille in self.candidates():
-                width = self.width_of(permille)
-                if 0 in width.attention or 0 in width.ffn:
-                    raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer, "
-                                    "which stock configs cannot describe: lower the sparsity or drop --uniform")
+                self.width_of(permille)
         self.data = self._data()
 
     # --- set-up --------------------------------------------------------------------------------------------
@@ -140,8 +136,8 @@ class Run:
         started = time.perf_counter()
         with dist.main_first("pruning the teacher") as main:
             if main and not is_ours(pruned):
-                grid = sorted(set(parse_sparsity(s) for s in self.cfg.grid) if self.cfg.grid else set(DEFAULT_GRID))
-                grid = tuple(sorted(set(grid) | {parse_sparsity(self.cfg.target_sparsity)}))
+                grid = grid_with_target([parse_sparsity(s) for s in self.cfg.grid or []],
+                                        parse_sparsity(self.cfg.target_sparsity))
                 log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
                 prune(teacher, self.cfg.data, pruned, grid=grid, calib_samples=self.cfg.calib_samples,
                       seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
@@ -186,8 +182,7 @@ class Run:
         return self.plan.uniform_width(permille, self.family) if self.cfg.uniform else self.plan.width(permille)
 
     def candidates(self) -> list[int]:
-        truncate = parse_sparsity(self.cfg.truncate)
-        return [s for s in self.plan.grid if truncate <= s <= self.target]
+        return candidate_widths(self.plan.grid, parse_sparsity(self.cfg.truncate), self.target)
 
     def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> dict:
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
@@ -326,7 +321,7 @@ class Run:
         best = result["best"][str(self.target)]
         metrics = self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
                                      best_step=best["step"], wall_time=result["wall_s"],
-                                     relative_accuracy=best["accuracy"] / max(teacher_stats["accuracy"], 1e-12))
+                                     relative_accuracy=relative(best["accuracy"], teacher_stats["accuracy"]))
         return metrics, result
 
     def teacher_metrics(self, stats: dict) -> dict:
@@ -335,8 +330,8 @@ class Run:
     def student_summary(self, result: dict, teacher_stats: dict, via: str) -> dict:
         best = result["best"][str(self.target)]
         return self.model_metrics(self.target, best, path=self.out / "student", uniform=self.cfg.uniform,
-                                  best_step=best["step"], relative_accuracy=best["accuracy"] /
-                                  max(teacher_stats["accuracy"], 1e-12), via=via)
+                                  best_step=best["step"], via=via,
+                                  relative_accuracy=relative(best["accuracy"], teacher_stats["accuracy"]))
 
 
 def _perplexity(loss: float) -> float:

@@ -17,11 +17,11 @@ from engine.config import RunConfig, split_batch
 from engine.data import check_data_path
 from engine.errors import UserError
 from engine.pruning.plan import PLAN_FILE, PruningPlan
-from engine.pruning.widths import DEFAULT_GRID, PERMILLE, parse_sparsity
+from engine.pruning.widths import PERMILLE, candidate_widths, grid_with_target, parse_sparsity, widths_per_step
 from engine.schedule.run import check_target_on_grid, check_teacher
 from engine.tools.memory_plan import estimate as mp
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
-from engine.training.deepspeed_config import read_ds_config, train_ds_config
+from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_config, train_ds_config
 
 
 def dry_run(cfg: RunConfig, command: str) -> dict:
@@ -31,19 +31,19 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     if cfg.dev_data:
         data["dev_data"] = check_data_path(cfg.dev_data)
     candidates = _candidates(cfg, config)
-    widths_per_step = _widths_per_step(cfg, len(candidates)) if command == "compress" else 1
+    per_step = widths_per_step(len(candidates), cfg.sandwich_sample) if command == "compress" else 1
     read_ds_config(cfg.teacher_ds_config())
-    train = train_ds_config(cfg, widths_per_step)  # readable, and compatible with --optimizer
+    train = train_ds_config(cfg, per_step)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
     gpus = cluster.gpus if cluster else 1
     micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
     plan = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
             "parameters": parameter_count(config), "candidates": candidates, "data": data,
-            "stages": _stages(cfg, command, candidates, widths_per_step),
+            "stages": _stages(cfg, command, candidates, per_step),
             "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
                           "micro_batch": micro,
-                          "gradient_accumulation_steps": widths_per_step * cfg.grad_accum,
-                          "bf16": bool(train.get("bf16", {}).get("enabled", False))}}
+                          "gradient_accumulation_steps": per_step * cfg.grad_accum,
+                          "bf16": bf16_enabled(train)}}
     if cluster:
         plan["memory"] = _memory(cfg, config, cluster, train, candidates)
     _print(plan, cfg)
@@ -69,19 +69,14 @@ def _candidates(cfg: RunConfig, config) -> list[dict]:
         if not cfg.uniform:  # the plan counted the per-layer widths
             exact = {parse_sparsity(row["sparsity"]): row["parameters"] for row in plan.candidates}
     else:
-        grid = sorted(set(parse_sparsity(s) for s in cfg.grid) if cfg.grid else set(DEFAULT_GRID)) + [target]
+        grid = grid_with_target([parse_sparsity(s) for s in cfg.grid or []], target)
     teacher = parameter_count(config)
     rows = []
-    for s in sorted(set(grid)):
-        if truncate <= s <= target:
-            parameters = exact.get(s, width_parameters(config, s))
-            rows.append({"sparsity": s / PERMILLE, "parameters": parameters, "fraction": parameters / teacher,
-                         "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform)})
+    for s in candidate_widths(grid, truncate, target):
+        parameters = exact.get(s, width_parameters(config, s))
+        rows.append({"sparsity": s / PERMILLE, "parameters": parameters, "fraction": parameters / teacher,
+                     "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform)})
     return rows
-
-
-def _widths_per_step(cfg: RunConfig, k: int) -> int:
-    return min(k, cfg.sandwich_sample + 2) if cfg.sandwich_sample else k
 
 
 def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:
@@ -102,9 +97,8 @@ def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_ste
 
 
 def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates: list[dict]) -> dict:
-    zero = train.get("zero_optimization", {})
-    offloaded = {what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"}
-    trained = ("offload-all" if "param" in offloaded else "offload-opt" if offloaded else
+    offload = offloaded(train)
+    trained = ("offload-all" if "param" in offload else "offload-opt" if offload else
                "adamw8bit" if cfg.optimizer == "adamw8bit" else "adamw")
     options = mp.PlanOptions(target=round(candidates[-1]["sparsity"] * PERMILLE),
                              truncate=round(candidates[0]["sparsity"] * PERMILLE),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import RunConfig
+from engine.pruning.widths import widths_per_step
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import micro_batch
 from engine.training.stage import Stage
@@ -41,7 +42,7 @@ def dev_batches(dev: torch.Tensor, cfg: RunConfig) -> list:
 def widths_at(stage: Stage, cfg: RunConfig, step: int) -> list[int]:
     """The widths trained at `step`: all, or (sandwich rule) the largest, the smallest and n random others."""
     widths = sorted(stage.widths)
-    if not cfg.sandwich_sample or len(widths) <= cfg.sandwich_sample + 2:
+    if widths_per_step(len(widths), cfg.sandwich_sample) == len(widths):
         return widths
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     middle = widths[1:-1]

@@ -61,6 +61,12 @@ def bf16_enabled(config: dict) -> bool:
     return bool(config.get("bf16", {}).get("enabled", False))
 
 
+def offloaded(config: dict) -> list[str]:
+    """What a DeepSpeed config offloads to the CPU: "param" and/or "optimizer"."""
+    zero = config.get("zero_optimization", {})
+    return [what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"]
+
+
 def is_zero3(config: dict) -> bool:
     return config.get("zero_optimization", {}).get("stage", 0) == 3
 

@@ -16,7 +16,7 @@ from engine.models.supernet import Supernet
 from engine.pruning.families import family_for
 from engine.pruning.plan import PruningPlan
 from engine.training import distributed as dist
-from engine.training.deepspeed_config import bf16_enabled, teacher_ds_config, train_ds_config
+from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
 from engine.training.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,10 @@ def build_engines(stage: Stage, cfg: RunConfig, widths_per_step: int):
         optimizer = make_optimizer(cfg, groups)
         engine, *_ = deepspeed.initialize(model=distiller, optimizer=optimizer, config=train_config,
                                           lr_scheduler=schedule)
-    zero = train_config.get("zero_optimization", {})
-    offloaded = [what for what in ("param", "optimizer") if zero.get(f"offload_{what}", {}).get("device") == "cpu"]
+    zero, offload = train_config.get("zero_optimization", {}), offloaded(train_config)
     log.info("stage %s: trained with %s, ZeRO-%s%s, teacher %s", stage.name,
              type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__, zero.get("stage", 0),
-             f", {' and '.join(offloaded)} offloaded to CPU" if offloaded else "", cfg.teacher_placement)
+             f", {' and '.join(offload)} offloaded to CPU" if offload else "", cfg.teacher_placement)
     return teacher_engine, engine, distiller, (teacher_hf, student_hf), train_config
 
 

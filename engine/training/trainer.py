@@ -29,7 +29,7 @@ import torch
 from engine.config import RunConfig
 from engine.distill.loss import Objective, teacher_outputs
 from engine.distill.sandwich import evaluate_widths, sandwich_step
-from engine.distill.selection import performance, tradeoff
+from engine.distill.selection import best_tradeoff, performance, tradeoff
 from engine.progress import progress
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.training import distributed as dist
@@ -162,12 +162,12 @@ def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) ->
         if best is None or p > best["p"]:
             state.best[str(permille)] = {"p": p, "accuracy": stats[permille]["accuracy"],
                                          "loss": stats[permille]["loss"], "step": state.step}
-    scores = {int(s): tradeoff(b["p"], int(s), cfg.lam) for s, b in state.best.items()}
-    argmax = max(scores, key=lambda s: (scores[s], -s))
+    argmax = best_tradeoff({int(s): b["p"] for s, b in state.best.items()}, cfg.lam)
+    score = tradeoff(state.best[str(argmax)]["p"], argmax, cfg.lam)
     log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(
         f"s={format_sparsity(s)} acc={stats[s]['accuracy']:.4f} loss={stats[s]['loss']:.4f}" for s in stage.widths))
-    if scores[argmax] > state.objective:
-        state.objective, state.best_step, state.best_width, state.stale_evals = scores[argmax], state.step, argmax, 0
+    if score > state.objective:
+        state.objective, state.best_step, state.best_width, state.stale_evals = score, state.step, argmax, 0
         return True
     state.stale_evals += 1
     return False

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from engine.config import split_batch
 from engine.distill.loss import hidden_layer_indices
 from engine.errors import UserError
-from engine.pruning.widths import DEFAULT_GRID, format_sparsity
+from engine.pruning import widths
+from engine.pruning.widths import DEFAULT_GRID, candidate_widths, check_target_and_truncate
 from engine.tools.memory_plan.shapes import (
     Shapes,
     _projections,
@@ -84,11 +85,7 @@ class PlanOptions:
     gradient_checkpointing: bool = False
 
     def validate(self) -> "PlanOptions":
-        if self.target == 0:
-            raise UserError("--target-sparsity must be above 0: a student at sparsity 0 is the teacher")
-        if self.truncate > self.target:
-            raise UserError(f"--truncate {format_sparsity(self.truncate)} is above --target-sparsity "
-                            f"{format_sparsity(self.target)}: the candidate TAs lie between them")
+        check_target_and_truncate(self.target, self.truncate)
         for name in ("batch_size", "grad_accum"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -102,13 +99,11 @@ class PlanOptions:
     @property
     def candidates(self) -> list[int]:
         """The supernet's widths: grid sparsities (target included) between --truncate and the target."""
-        grid = sorted(set(self.grid) | {self.target})
-        return [s for s in grid if self.truncate <= s <= self.target]
+        return candidate_widths(self.grid, self.truncate, self.target)
 
     @property
     def widths_per_step(self) -> int:
-        k = len(self.candidates)
-        return min(k, self.sandwich_sample + 2) if self.sandwich_sample else k
+        return widths.widths_per_step(len(self.candidates), self.sandwich_sample)
 
     def micro_batch(self, cluster: Cluster) -> int:
         """Sequences per GPU per forward (as `engine.training.trainer.micro_batch`)."""
