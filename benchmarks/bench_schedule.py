@@ -30,7 +30,6 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -155,75 +154,31 @@ def setup(args, log) -> dict:
             "prune_s": prune_s}
 
 
-# --- where the time goes (in-process only): wrap the trainer's pieces, restore afterwards -------------------------
-class Profile:
-    """Accumulated seconds of the trainer's parts, by wrapping module-level functions of engine.training.trainer (and
-    DeepSpeed's save_checkpoint). Names missing from the current engine are skipped."""
+# --- where the time goes: the trainer records seconds per part of every stage in report.json ----------------------
+PARTS = {  # the trainer's part -> label; nested ones are shown indented
+    "build engines": "build engines (load + deepspeed.initialize)",
+    "training steps": "training steps",
+    "teacher forwards": "  teacher forwards",
+    "student fwd+bwd+optimizer": "  student fwd+bwd+optimizer",
+    "evaluation": "evaluation (teacher + widths on dev)",
+    "best snapshots": "best-snapshot export",
+    "checkpoints": "DeepSpeed checkpoints",
+    "release": "engine release",
+}
+TOP = ("build engines", "training steps", "evaluation", "best snapshots", "checkpoints", "release")
 
-    PARTS = {  # name in engine.training.trainer -> label; nested ones are shown indented
-        "build_engines": "build engines (load + deepspeed.initialize)",
-        "train_step": "training steps",
-        "teacher_outputs": "  teacher forwards",
-        "sandwich_step": "  student fwd+bwd+optimizer",
-        "_evaluate": "evaluation (teacher + widths on dev)",
-        "save_best": "best-snapshot export",
-        "write_result": "stage finish",
-        "release": "engine release",
-    }
-    TOP = ("build_engines", "train_step", "_evaluate", "save_best", "write_result", "release")
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self._restore = []
-
-    def _wrap(self, owner, name, key):
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-        sync = torch.cuda.is_available()
-
-        @functools.wraps(original)
-        def timed(*a, **k):
-            if sync:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                if sync:
-                    torch.cuda.synchronize()
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
-                self.calls[key] = self.calls.get(key, 0) + 1
-
-        setattr(owner, name, timed)
-        self._restore.append((owner, name, original))
-
-    def __enter__(self):
-        import engine.training.trainer as trainer
-
-        for name in self.PARTS:
-            self._wrap(trainer, name, name)
-        try:
-            from deepspeed.runtime.engine import DeepSpeedEngine
-
-            self._wrap(DeepSpeedEngine, "save_checkpoint", "save_checkpoint")
-        except ImportError:
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, original in reversed(self._restore):
-            setattr(owner, name, original)
-        self._restore.clear()
-
-    def table(self, wall: float) -> list[tuple[str, float, int]]:
-        rows = [(label, self.seconds[k], self.calls[k]) for k, label in self.PARTS.items() if k in self.seconds]
-        if "save_checkpoint" in self.seconds:
-            rows.append(("DeepSpeed checkpoints", self.seconds["save_checkpoint"], self.calls["save_checkpoint"]))
-        top = sum(self.seconds.get(k, 0.0) for k in self.TOP) + self.seconds.get("save_checkpoint", 0.0)
-        rows.append(("other (slicing, publishing, data, report, ...)", max(0.0, wall - top), 0))
-        return rows
+def time_table(report: dict, wall: float) -> list[tuple[str, float, int]]:
+    """(label, seconds, calls) per part, summed over the run's stages, and what the stages do not cover."""
+    totals: dict[str, list] = {}
+    for parts in (report.get("stage_timings") or {}).values():
+        for part, t in parts.items():
+            seconds, calls = totals.get(part, (0.0, 0))
+            totals[part] = [seconds + t["seconds"], calls + t["calls"]]
+    rows = [(label, *totals[part]) for part, label in PARTS.items() if part in totals]
+    top = sum(totals.get(part, (0.0, 0))[0] for part in TOP)
+    rows.append(("other (pruning, slicing, publishing, data, report, ...)", max(0.0, wall - top), 0))
+    return rows
 
 
 # --- the three runs ---------------------------------------------------------------------------------------------
@@ -246,18 +201,16 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_inprocess(method: str, cfg) -> tuple[dict, float, Profile]:
+def run_inprocess(method: str, cfg) -> tuple[dict, float]:
     from engine.schedule.pipelines import COMMANDS
 
     gc.collect()
-    with Profile() as profile:
-        started = time.perf_counter()
-        report = COMMANDS[method](cfg)
-        wall = time.perf_counter() - started
-    return report, wall, profile
+    started = time.perf_counter()
+    report = COMMANDS[method](cfg)
+    return report, time.perf_counter() - started
 
 
-def run_subprocess(method: str, cfg, log_file: Path) -> tuple[dict, float, None]:
+def run_subprocess(method: str, cfg, log_file: Path) -> tuple[dict, float]:
     from dataclasses import fields
 
     from engine.config import RunConfig
@@ -281,7 +234,7 @@ def run_subprocess(method: str, cfg, log_file: Path) -> tuple[dict, float, None]
     wall = time.perf_counter() - started
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({child.returncode}); see {log_file}")
-    return json.loads((Path(cfg.out) / "report.json").read_text()), wall, None
+    return json.loads((Path(cfg.out) / "report.json").read_text()), wall
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -363,16 +316,16 @@ def main() -> None:
         runs = Path(args.work) / "runs" / f"{stamp}-{suffix}"
     runs.mkdir(parents=True)
 
-    reports, walls, profiles, cpus, loads = {}, {}, {}, {}, {}
+    reports, walls, cpus, loads = {}, {}, {}, {}
     for method in args.methods:
         out = runs / method
         cfg = run_config(args, files, method, out)
         log(f"{LABEL[method]} ({method}) -> {out}")
         cpu = cpu_seconds()
         if args.mode == "inprocess":
-            reports[method], walls[method], profiles[method] = run_inprocess(method, cfg)
+            reports[method], walls[method] = run_inprocess(method, cfg)
         else:
-            reports[method], walls[method], _ = run_subprocess(method, cfg, runs / f"{method}.log")
+            reports[method], walls[method] = run_subprocess(method, cfg, runs / f"{method}.log")
         # CPU seconds per wall second near --threads means the cores were ours; well below it, or a 1-minute
         # load average above --threads, means something else competed for them (wall times are then inflated).
         cpus[method], loads[method] = cpu_seconds() - cpu, os.getloadavg()[0]
@@ -455,10 +408,10 @@ def main() -> None:
               f"{mini_acc:.4f} vs {maxi_acc:.4f} = {accuracy_ratio:.2%} ({(accuracy_ratio - 1):+.2%}) -> "
               f"{'met' if summary['accuracy_target_met'] else 'NOT met'}")
 
-    if profiles:
-        names = [m for m in args.methods if profiles.get(m)]
-        labels = list(dict.fromkeys(label for m in names for label, _, _ in profiles[m].table(walls[m])))
-        tables = {m: {label: (s, n) for label, s, n in profiles[m].table(walls[m])} for m in names}
+    if reports:
+        names = list(reports)
+        tables = {m: {label: (s, n) for label, s, n in time_table(reports[m], walls[m])} for m in names}
+        labels = list(dict.fromkeys(label for m in names for label in tables[m]))
         print_table("where the time goes (s, calls)", ["part", *(LABEL[m] for m in names)],
                     [[label, *(f"{tables[m][label][0]:.1f} ({tables[m][label][1]})" if label in tables[m] else "-"
                                for m in names)] for label in labels])

@@ -24,4 +24,4 @@ if [ -z "${DEVICE:-}" ]; then
 fi
 
 exec minidisc prune --teacher "$TEACHER" --data "$DATA" --out "$OUT" --device "$DEVICE" \
-  --calib-samples "${CALIB_SAMPLES:-64}" --seq-len "${SEQ_LEN:-512}" "$@"
+  --calib-samples "${CALIB_SAMPLES:-64}" --calib-seq-len "${SEQ_LEN:-512}" "$@"

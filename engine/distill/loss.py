@@ -20,12 +20,20 @@ import kernels
 
 @dataclass(frozen=True)
 class Objective:
+    """The distillation loss of a stage: the divergence and the weights of its three terms."""
+
     kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     temperature: float = 1.0
     beta: float = 0.5  # JSD mixture weight
     logit_weight: float = 0.5
     hidden_weight: float = 0.5
     ce_weight: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "Objective":
+        """From a RunConfig (--loss, --temperature, --jsd-beta and the three weights)."""
+        return cls(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.jsd_beta, logit_weight=cfg.logit_weight,
+                   hidden_weight=cfg.hidden_weight, ce_weight=cfg.ce_weight)
 
 
 def hidden_layer_indices(num_layers: int) -> list[int]:

@@ -36,11 +36,11 @@ def load_config(directory):
     return config
 
 
-def check_seq_len(config, seq_len: int, whose: str = "model's") -> None:
-    """Blocks of --seq-len tokens must fit the model's positions."""
+def check_seq_len(config, seq_len: int, whose: str = "model's", flag: str = "--seq-len") -> None:
+    """Blocks of `seq_len` tokens must fit the model's positions."""
     max_len = getattr(config, "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
-        raise UserError(f"--seq-len {seq_len} exceeds the {whose} max_position_embeddings ({max_len})")
+        raise UserError(f"{flag} {seq_len} exceeds the {whose} max_position_embeddings ({max_len})")
 
 
 def is_per_layer(config) -> bool:

@@ -69,12 +69,12 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
           device: str = "cpu") -> PruningPlan:
     """Prune a teacher checkpoint directory on a data file and write the reordered teacher to `out`."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
-        raise UserError("--calib-samples, --batch-size and --ffn-multiple must be >= 1 and --seq-len >= 2")
+        raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config = load_config(teacher)
     tokenizer = load_tokenizer(teacher, config)
-    check_seq_len(config, seq_len)
+    check_seq_len(config, seq_len, flag="--calib-seq-len")
     calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
                                text_field)
     model = load_causal_lm(teacher).to(device)

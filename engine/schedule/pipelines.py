@@ -11,16 +11,16 @@ Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from engine.config import RunConfig
 from engine.distill.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.schedule.run import Run
+from engine.training.stage import StageResult
 
 
-def _curves(*results) -> dict:
-    return {r["stage"]: r["curves"] for r in results}
+def _curves(*results: StageResult) -> dict:
+    return {r.stage: r.curves for r in results}
 
 
 def compress(cfg: RunConfig) -> dict:
@@ -28,44 +28,37 @@ def compress(cfg: RunConfig) -> dict:
     run = Run(cfg, "compress")
     candidates = run.candidates()
     sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True)
-    teacher_stats = sandwich["teacher_stats"]
-    p = {s: sandwich["best"][str(s)]["p"] for s in candidates}
+    teacher_stats = sandwich.teacher_stats
+    p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)
-    best_dir = Path(sandwich["best_dir"])
     started = time.perf_counter()
     if choice is None:
         reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
                   "no TA is needed, the student is distilled from the teacher directly")
-        student_teacher, student_init, ta = run.teacher_dir, best_dir, None
+        student_teacher, student_init, ta = run.teacher_dir, sandwich.best_dir, None
     else:
         reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
                   f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
-        ta = run.publish(best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
-                                          "step": sandwich["best_step"]})
+        ta = run.publish(sandwich.best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
+                                                   "step": sandwich.best_step})
         student_teacher = ta
         student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
     run.phases["ta_export"] = round(time.perf_counter() - started, 2)
     student = run.stage("student", student_teacher, student_init, [run.target])
-    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
-                                                       "via_ta": None if choice is None else choice / PERMILLE})
-    rows = []
-    for s in candidates:
-        best = sandwich["best"][str(s)]
-        rows.append({**run.model_metrics(s, best), "scale": (PERMILLE - s) / PERMILLE, "p": best["p"],
-                     "tradeoff": tradeoff(best["p"], s, cfg.lam), "best_step": best["step"]})
-    teacher_params = run.parameters(0)
-    for row in rows:
-        row["parameter_fraction"] = row["parameters"] / teacher_params
+    run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                              "via_ta": None if choice is None else choice / PERMILLE})
+    rows = [run.candidate_row(s, sandwich.best[s], sandwich.best[s].p) for s in candidates]
     summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher")
     trained = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
     baselines = {name: metrics for name, (metrics, _) in trained.items()}
+    ta_score = None if choice is None else sandwich.best[choice]
     return run.finish({
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
-        "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich["best_step"],
+        "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich.best_step,
                                                     "path": "ta"},
         "ta_reason": reason,
-        "ta": None if choice is None else run.model_metrics(choice, sandwich["best"][str(choice)], path=ta),
+        "ta": None if choice is None else run.model_metrics(choice, ta_score.accuracy, ta_score.loss, path=ta),
         "student": summary,
         "baselines": baselines,
         "student_vs_baselines": {name: _gain(summary, b) for name, b in baselines.items()},
@@ -86,10 +79,9 @@ def distill(cfg: RunConfig) -> dict:
     run = Run(cfg, "distill")
     init = run.slice_model(run.target, run.work / "student_init")
     student = run.stage("student", run.teacher_dir, init, [run.target])
-    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
-                                                       "via_ta": None})
-    return run.finish({"teacher": run.teacher_metrics(student["teacher_stats"]),
-                       "student": run.student_summary(student, student["teacher_stats"], "teacher"),
+    run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
+    return run.finish({"teacher": run.teacher_metrics(student.teacher_stats),
+                       "student": run.student_summary(student, student.teacher_stats, "teacher"),
                        "curves": _curves(student)})
 
 
@@ -107,35 +99,31 @@ def maxidisc(cfg: RunConfig) -> dict:
             continue
         name = format_sparsity(s)
         ta = run.stage(f"ta-{name}", run.teacher_dir, run.slice_model(s, run.work / f"ta_init-{name}"), [s])
-        init = run.slice_model(run.target, run.work / f"student_init-{name}", source=Path(ta["best_dir"]))
-        student = run.stage(f"student-via-{name}", ta["best_dir"], init, [run.target])
+        init = run.slice_model(run.target, run.work / f"student_init-{name}", source=ta.best_dir)
+        student = run.stage(f"student-via-{name}", ta.best_dir, init, [run.target])
         trials[s] = (ta, student)
         results += [ta, student]
-    score = {s: student["best"][str(run.target)]["accuracy"] for s, (_, student) in trials.items()}
+    score = {s: student.best[run.target].accuracy for s, (_, student) in trials.items()}
     winner = max(score, key=lambda s: (score[s], s))
     ta, student = trials[winner]
-    teacher_stats = (ta or student)["teacher_stats"]
-    run.publish(Path(student["best_dir"]), "student", {"role": "student", "sparsity": run.target / PERMILLE,
-                                                       "via_ta": None if ta is None else winner / PERMILLE})
-    teacher_params = run.parameters(0)
+    teacher_stats = (ta or student).teacher_stats
+    run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
+                                              "via_ta": None if ta is None else winner / PERMILLE})
     rows = []
     for s, (trial_ta, trial_student) in trials.items():
-        stats = (trial_ta or trial_student)["best"][str(s)]
-        p = relative(stats["accuracy"], teacher_stats["accuracy"])
-        final = trial_student["best"][str(run.target)]
-        rows.append({**run.model_metrics(s, stats), "scale": (PERMILLE - s) / PERMILLE, "p": p,
-                     "tradeoff": tradeoff(p, s, cfg.lam), "best_step": stats["step"],
-                     "student_accuracy": final["accuracy"], "student_loss": final["loss"],
-                     "wall_s": (trial_ta["wall_s"] if trial_ta else 0) + trial_student["wall_s"]})
-        rows[-1]["parameter_fraction"] = rows[-1]["parameters"] / teacher_params
+        stats, final = (trial_ta or trial_student).best[s], trial_student.best[run.target]
+        rows.append(run.candidate_row(s, stats, relative(stats.accuracy, teacher_stats["accuracy"]),
+                                      student_accuracy=final.accuracy, student_loss=final.loss,
+                                      wall_s=(trial_ta.wall_s if trial_ta else 0) + trial_student.wall_s))
+    ta_score = None if ta is None else ta.best[winner]
     return run.finish({
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
-        "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta["best_step"],
-                                                "path": ta["best_dir"]},
+        "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta.best_step,
+                                                "path": str(ta.best_dir)},
         "ta_reason": f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy"
                      f" ({score[winner]:.4f}) of {len(trials)} trials",
-        "ta": None if ta is None else run.model_metrics(winner, ta["best"][str(winner)], path=ta["best_dir"]),
+        "ta": None if ta is None else run.model_metrics(winner, ta_score.accuracy, ta_score.loss, path=ta.best_dir),
         "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher"),
         "curves": _curves(*results),
     })

@@ -15,7 +15,8 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import load_text_dataset, token_blocks
-from engine.distill.selection import relative
+from engine.distill.loss import Objective
+from engine.distill.selection import relative, tradeoff
 from engine.errors import UserError
 from engine.models.export import pruned_model
 from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
@@ -31,8 +32,8 @@ from engine.tools.report_format import models_of
 from engine.tools.samples import continuations, default_prompts, encode_prompts
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import read_ds_config, train_ds_config
-from engine.training.stage import Data, Stage
-from engine.training.trainer import objective_of, run_stage
+from engine.training.stage import Data, Stage, StageResult, TrainConfig, WidthScore
+from engine.training.trainer import run_stage
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -71,6 +72,7 @@ class Run:
         self.out = Path(cfg.out)
         self.work = self.out / "work"
         self.phases: dict[str, float] = {}
+        self.stage_timings: dict[str, dict] = {}  # stage -> the trainer's seconds per part
         self.started = time.perf_counter()
         if cfg.baselines and command != "compress":
             raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
@@ -94,7 +96,7 @@ class Run:
         cfg = self.cfg
         check_teacher(cfg)
         read_ds_config(cfg.teacher_ds_config())
-        train_ds_config(cfg, widths_per_step=1)  # readable, and compatible with --optimizer
+        train_ds_config(TrainConfig.of(cfg), widths_per_step=1)  # readable, and compatible with --optimizer
         load_text_dataset(cfg.data, cfg.text_field)
         if cfg.dev_data:
             load_text_dataset(cfg.dev_data, cfg.text_field)
@@ -184,12 +186,14 @@ class Run:
     def candidates(self) -> list[int]:
         return candidate_widths(self.plan.grid, parse_sparsity(self.cfg.truncate), self.target)
 
-    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> dict:
+    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> StageResult:
+        """Train one stage with the run's options (and its distillation loss unless `objective` is given)."""
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      export_dtype=self.export_dtype, objective=objective)
-        result = run_stage(stage, self.cfg, self.data, self.work)
-        self.phases[name] = result["wall_s"]
+                      export_dtype=self.export_dtype, objective=objective or Objective.of(self.cfg))
+        result = run_stage(stage, TrainConfig.of(self.cfg), self.data, self.work)
+        self.phases[name] = result.wall_s
+        self.stage_timings[name] = result.timings
         return result
 
     def slice_model(self, permille: int, out: Path, source: Path | None = None) -> Path:
@@ -232,16 +236,22 @@ class Run:
     def parameters(self, permille: int) -> int:
         return count_parameters(self._shape_model, self.family, self.width_of(permille))
 
-    def model_metrics(self, permille: int, stats: dict, path=None, **extra) -> dict:
-        return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille),
-                "accuracy": stats["accuracy"], "loss": stats["loss"], "perplexity": _perplexity(stats["loss"]),
-                **({"path": str(path)} if path else {}), **extra}
+    def model_metrics(self, permille: int, accuracy: float, loss: float, path=None, **extra) -> dict:
+        return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille), "accuracy": accuracy,
+                "loss": loss, "perplexity": _perplexity(loss), **({"path": str(path)} if path else {}), **extra}
+
+    def candidate_row(self, permille: int, score: WidthScore, p: float, **extra) -> dict:
+        """One candidate TA of the report: its metrics, scale, p(s) and trade-off."""
+        row = {**self.model_metrics(permille, score.accuracy, score.loss), "scale": (PERMILLE - permille) / PERMILLE,
+               "p": p, "tradeoff": tradeoff(p, permille, self.cfg.lam), "best_step": score.step, **extra}
+        row["parameter_fraction"] = row["parameters"] / self.parameters(0)
+        return row
 
     def finish(self, report: dict) -> dict:
         self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
         report = {"format": "minidisc-report/1", "command": self.command,
                   "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
-                  **report, "phases": self.phases, "config": self.cfg.to_dict()}
+                  **report, "phases": self.phases, "stage_timings": self.stage_timings, "config": self.cfg.to_dict()}
         with dist.main_first("writing the report") as main:
             if main:
                 report["samples"] = self._timed("samples", self.samples, report)
@@ -308,30 +318,30 @@ class Run:
                                  via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
                                  query_heads_per_unit=self.family.query_heads_per_unit)
 
-    def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, dict]:
+    def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, StageResult]:
         """A comparison student of the target size from the same slice of the pruned teacher, same budget:
         `kd` distils it from the teacher (no TA), `ce` trains it on the next tokens alone (no distillation)."""
-        objective = objective_of(self.cfg)
+        objective = Objective.of(self.cfg)
         if name == "ce":
             objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
         init = self.slice_model(self.target, self.work / "student_init-direct")
         result = self.stage(f"baseline-{name}", self.teacher_dir, init, [self.target], objective=objective)
-        self.publish(Path(result["best_dir"]), f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
-                                                                    "sparsity": self.target / PERMILLE})
-        best = result["best"][str(self.target)]
-        metrics = self.model_metrics(self.target, best, path=self.out / "baselines" / name, label=BASELINES[name],
-                                     best_step=best["step"], wall_time=result["wall_s"],
-                                     relative_accuracy=relative(best["accuracy"], teacher_stats["accuracy"]))
+        self.publish(result.best_dir, f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
+                                                            "sparsity": self.target / PERMILLE})
+        best = result.best[self.target]
+        metrics = self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "baselines" / name,
+                                     label=BASELINES[name], best_step=best.step, wall_time=result.wall_s,
+                                     relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]))
         return metrics, result
 
     def teacher_metrics(self, stats: dict) -> dict:
-        return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats)}
+        return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats["accuracy"], stats["loss"])}
 
-    def student_summary(self, result: dict, teacher_stats: dict, via: str) -> dict:
-        best = result["best"][str(self.target)]
-        return self.model_metrics(self.target, best, path=self.out / "student", uniform=self.cfg.uniform,
-                                  best_step=best["step"], via=via,
-                                  relative_accuracy=relative(best["accuracy"], teacher_stats["accuracy"]))
+    def student_summary(self, result: StageResult, teacher_stats: dict, via: str) -> dict:
+        best = result.best[self.target]
+        return self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "student",
+                                  uniform=self.cfg.uniform, best_step=best.step, via=via,
+                                  relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]))
 
 
 def _perplexity(loss: float) -> float:

@@ -26,8 +26,11 @@ def _add_prune(sub):
     p.add_argument("--sparsities", nargs="+", metavar="S", help="candidate grid as fractions removed in [0, 1) "
                    "(default: 0 0.1 ... 0.9 0.85 0.95)")
     p.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration blocks (default 64)")
-    p.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per calibration block (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="blocks per backward pass (default 4)")
+    # (--seq-len and --batch-size: the earlier names, which compress uses for its training batches)
+    p.add_argument("--calib-seq-len", "--seq-len", type=int, default=512, metavar="T", help="tokens per calibration "
+                   "block (default 512)")
+    p.add_argument("--calib-batch-size", "--batch-size", type=int, default=4, metavar="B", help="calibration blocks "
+                   "per backward pass (default 4)")
     p.add_argument("--ffn-multiple", type=int, default=8, metavar="M", help="round each layer's FFN removals to a "
                    "multiple of M neurons (default 8; 1 disables rounding)")
     p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text for "
@@ -242,7 +245,8 @@ def run(args) -> None:
         from engine.pruning.prune import prune
 
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
-                     DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                     DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                     batch_size=args.calib_batch_size,
                      ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device)
         print_candidates(plan)
     elif args.command == "export":

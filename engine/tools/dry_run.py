@@ -22,6 +22,7 @@ from engine.schedule.run import check_target_on_grid, check_teacher
 from engine.tools.memory_plan import estimate as mp
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
 from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_config, train_ds_config
+from engine.training.stage import TrainConfig
 
 
 def dry_run(cfg: RunConfig, command: str) -> dict:
@@ -33,7 +34,7 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     candidates = _candidates(cfg, config)
     per_step = widths_per_step(len(candidates), cfg.sandwich_sample) if command == "compress" else 1
     read_ds_config(cfg.teacher_ds_config())
-    train = train_ds_config(cfg, per_step)  # readable, and compatible with --optimizer
+    train = train_ds_config(TrainConfig.of(cfg), per_step)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
     gpus = cluster.gpus if cluster else 1
     micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")

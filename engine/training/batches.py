@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import RunConfig
 from engine.pruning.widths import widths_per_step
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import micro_batch
-from engine.training.stage import Stage
+from engine.training.stage import Stage, TrainConfig
 
 
 class BatchOrder:
@@ -25,13 +24,13 @@ class BatchOrder:
                                                  generator=torch.Generator().manual_seed(self.seed + epoch))}
         return int(self._perms[epoch][position])
 
-    def batch(self, step: int, micro: int, cfg: RunConfig) -> torch.Tensor:
+    def batch(self, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
         size = micro_batch(cfg)
         start = step * cfg.batch_size + (micro * dist.world_size() + dist.rank()) * size
         return self.blocks[[self._index(i) for i in range(start, start + size)]]
 
 
-def dev_batches(dev: torch.Tensor, cfg: RunConfig) -> list:
+def dev_batches(dev: torch.Tensor, cfg: TrainConfig) -> list:
     """This process's share of the dev blocks (every process gets as many batches: ZeRO-3 forwards are
     collective)."""
     usable = len(dev) - len(dev) % dist.world_size()
@@ -39,7 +38,7 @@ def dev_batches(dev: torch.Tensor, cfg: RunConfig) -> list:
     return [(ids.to(dist.device()), None) for ids in mine.split(micro_batch(cfg))]
 
 
-def widths_at(stage: Stage, cfg: RunConfig, step: int) -> list[int]:
+def widths_at(stage: Stage, cfg: TrainConfig, step: int) -> list[int]:
     """The widths trained at `step`: all, or (sandwich rule) the largest, the smallest and n random others."""
     widths = sorted(stage.widths)
     if widths_per_step(len(widths), cfg.sandwich_sample) == len(widths):

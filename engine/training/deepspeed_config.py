@@ -5,9 +5,10 @@ import json
 import logging
 from pathlib import Path
 
-from engine.config import RunConfig, split_batch
+from engine.config import split_batch
 from engine.errors import UserError
 from engine.training import distributed as dist
+from engine.training.stage import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def _set_owned(config: dict, key: str, value, path: Path, option: str) -> None:
     config[key] = value
 
 
-def train_ds_config(cfg: RunConfig, widths_per_step: int) -> dict:
-    path = cfg.train_ds_config()
+def train_ds_config(cfg: TrainConfig, widths_per_step: int) -> dict:
+    path = cfg.train_ds_path
     config = read_ds_config(path)
     config.pop("train_batch_size", None)
     _set_owned(config, "train_micro_batch_size_per_gpu", micro_batch(cfg), path, "--batch-size")
@@ -48,8 +49,8 @@ def train_ds_config(cfg: RunConfig, widths_per_step: int) -> dict:
     return config
 
 
-def teacher_ds_config(cfg: RunConfig, train_config: dict) -> dict:
-    config = read_ds_config(cfg.teacher_ds_config())
+def teacher_ds_config(cfg: TrainConfig, train_config: dict) -> dict:
+    config = read_ds_config(cfg.teacher_ds_path)
     for key in ("optimizer", "scheduler", "train_batch_size"):
         config.pop(key, None)
     config.update(train_micro_batch_size_per_gpu=micro_batch(cfg), gradient_accumulation_steps=1)
@@ -71,5 +72,5 @@ def is_zero3(config: dict) -> bool:
     return config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def micro_batch(cfg: RunConfig) -> int:
+def micro_batch(cfg: TrainConfig) -> int:
     return split_batch(cfg.batch_size, dist.world_size(), cfg.grad_accum)

@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.config import RunConfig
 from engine.distill.loss import Objective, width_loss
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
@@ -17,7 +16,7 @@ from engine.pruning.families import family_for
 from engine.pruning.plan import PruningPlan
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
-from engine.training.stage import Stage
+from engine.training.stage import Stage, TrainConfig
 
 log = logging.getLogger(__name__)
 BETAS, EPS = (0.9, 0.95), 1e-8  # AdamW, as in LLaMA pre-training
@@ -59,7 +58,7 @@ def _no_decay(name: str, param) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) < 2
 
 
-def _lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     warmup = round(cfg.warmup_ratio * cfg.max_steps)
 
     def factor(step: int) -> float:
@@ -86,7 +85,7 @@ def quantization_config(placement: str, dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def load_teacher(directory: Path, cfg: RunConfig, frozen_config: dict):
+def load_teacher(directory: Path, cfg: TrainConfig, frozen_config: dict):
     """The frozen teacher placed as --teacher-placement says: (teacher, what must stay referenced)."""
     import deepspeed
 
@@ -136,7 +135,7 @@ def checkpoint_layers(model: nn.Module) -> None:
         layer.forward = forward
 
 
-def make_optimizer(cfg: RunConfig, groups: list[dict]):
+def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -144,7 +143,7 @@ def make_optimizer(cfg: RunConfig, groups: list[dict]):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
 
 
-def build_engines(stage: Stage, cfg: RunConfig, widths_per_step: int):
+def build_engines(stage: Stage, cfg: TrainConfig, widths_per_step: int):
     """(teacher, student engine, Distiller, configs kept alive, train config) for a stage."""
     import deepspeed
 

@@ -15,7 +15,7 @@ from engine.outputs import atomic_output_dir
 from engine.pruning.widths import PERMILLE
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import is_zero3
-from engine.training.stage import Stage, StageState
+from engine.training.stage import Stage, StageResult, StageState
 
 
 def consolidated_state(engine, train_config: dict) -> dict | None:
@@ -48,13 +48,13 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
                 load_tokenizer(stage.student_dir).save_pretrained(scratch)
                 (scratch / "minidisc_best.json").write_text(json.dumps(
                     {"stage": stage.name, "step": state.best_step, "sparsity": state.best_width / PERMILLE,
-                     "objective": state.objective}) + "\n")
+                     "tradeoff": state.tradeoff}) + "\n")
 
 
 def save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:
     """Weights, optimiser, scheduler, the stage's state and the RNG, as one DeepSpeed tag (collective)."""
     engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
-                           client_state={"minidisc": state.__dict__, "rng": torch.get_rng_state()})
+                           client_state={"minidisc": state.to_json(), "rng": torch.get_rng_state()})
     _keep_latest_only(checkpoints)
 
 
@@ -69,15 +69,12 @@ def _keep_latest_only(checkpoints: Path) -> None:
     dist.barrier()
 
 
-def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float) -> dict:
-    result = {
-        "stage": stage.name, "teacher": str(stage.teacher_dir), "student": str(stage.student_dir),
-        "widths": [w / PERMILLE for w in stage.widths], "steps": state.step, "best_step": state.best_step,
-        "best_width": None if state.best_width is None else state.best_width / PERMILLE,
-        "objective": state.objective, "teacher_stats": state.teacher, "best": state.best,
-        "best_dir": str(stage_dir / "best"), "wall_s": round(wall, 2),
-        "curves": {"train": state.train_curve, "eval": state.eval_curve},
-    }
+def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float, timings: dict) -> StageResult:
+    result = StageResult(
+        stage=stage.name, teacher=str(stage.teacher_dir), student=str(stage.student_dir), widths=list(stage.widths),
+        steps=state.step, best_step=state.best_step, best_width=state.best_width, tradeoff=state.tradeoff,
+        teacher_stats=state.teacher, best=state.best, best_dir=stage_dir / "best", wall_s=round(wall, 2),
+        curves={"train": state.train_curve, "eval": state.eval_curve}, timings=timings)
     with dist.main_first(f"finishing stage {stage.name}") as main:
         if main:
             snapshot = json.loads((stage_dir / "best" / "minidisc_best.json").read_text())
@@ -86,7 +83,7 @@ def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float) 
                                 f"checkpointed state says {state.best_step}; the resumed run diverged from the "
                                 "interrupted one (non-deterministic kernels?). Remove --out and run again")
             tmp = stage_dir / f".result.json.{os.getpid()}"
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.write_text(json.dumps(result.to_json(), indent=1) + "\n")
             os.replace(tmp, stage_dir / "result.json")
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # optimiser states are large
     return result

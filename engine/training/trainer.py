@@ -21,12 +21,12 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from engine.config import RunConfig
 from engine.distill.loss import Objective, teacher_outputs
 from engine.distill.sandwich import evaluate_widths, sandwich_step
 from engine.distill.selection import best_tradeoff, performance, tradeoff
@@ -37,22 +37,18 @@ from engine.training import faults
 from engine.training.batches import BatchOrder, dev_batches, widths_at
 from engine.training.engines import build_engines, release, short_path
 from engine.training.snapshots import save_best, save_checkpoint, write_result
-from engine.training.stage import Data, Diverged, Stage, StageState
+from engine.training.stage import Data, Diverged, Stage, StageResult, StageState, TrainConfig, WidthScore
 
 log = logging.getLogger(__name__)
 
 
-def objective_of(cfg: RunConfig) -> Objective:
-    return Objective(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.jsd_beta, logit_weight=cfg.logit_weight,
-                     hidden_weight=cfg.hidden_weight, ce_weight=cfg.ce_weight)
-
-
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
-               check: Callable = lambda loss: None) -> torch.Tensor:
+               check: Callable = lambda loss: None, timer: StageTimer | None = None) -> torch.Tensor:
     """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
     1/(K x micro-batches)) back-propagated at once. Returns each width's loss, averaged over processes."""
     import deepspeed
 
+    timer = timer or StageTimer()
     head = teacher.module.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p is not None]
     accum = len(micro_batches)
@@ -64,10 +60,12 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
 
     for ids in micro_batches:
         ids = ids.to(dist.device())
-        t_out = teacher_outputs(teacher.module, ids)
+        with timer("teacher forwards"):
+            t_out = teacher_outputs(teacher.module, ids)
         # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
-        with deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id")):
+        gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
+        with gathered, timer("student fwd+bwd+optimizer"):
             def forward():
                 losses = engine(ids, None, t_out, objective)
                 check(losses["loss"])
@@ -78,24 +76,24 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
     return dist.all_sum(step_losses) / dist.world_size()
 
 
-def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
+def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageResult:
     """Train a stage to its end (or early stop) and return its result; a finished stage is read back."""
     stage_dir = work / stage.name
     result_file = stage_dir / "result.json"
     if result_file.is_file():
         log.info("stage %s: already finished, reusing %s", stage.name, result_file)
-        return json.loads(result_file.read_text())
-    started = time.perf_counter()
-    widths_per_step = len(widths_at(stage, cfg, 0))
-    teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, widths_per_step)
-    objective = stage.objective or objective_of(cfg)
+        return StageResult.from_json(json.loads(result_file.read_text()))
+    started, timer = time.perf_counter(), StageTimer()
+    with timer("build engines"):
+        teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, len(widths_at(stage, cfg, 0)))
+    objective = stage.objective
     select = (lambda s: distiller.student.set_width(stage.width_of(s))) if stage.supernet else (lambda s: None)
     checkpoints = stage_dir / "checkpoints"
     state = StageState()
     torch.manual_seed(cfg.seed + dist.rank())
     if cfg.resume and (checkpoints / "latest").is_file():
         _, client = engine.load_checkpoint(str(checkpoints))
-        state = StageState(**client["minidisc"])
+        state = StageState.from_json(client["minidisc"])
         torch.set_rng_state(client["rng"])
         log.info("stage %s: resumed at step %d from %s", stage.name, state.step, checkpoints)
     order = BatchOrder(data.train, cfg.seed)
@@ -111,16 +109,20 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
     for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
         widths = widths_at(stage, cfg, step)
         micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
-        step_losses = train_step(teacher, engine, select, micro_batches, widths, objective,
-                                 check=lambda loss, step=step: check(loss, step))
+        with timer("training steps"):
+            step_losses = train_step(teacher, engine, select, micro_batches, widths, objective,
+                                     check=lambda loss, step=step: check(loss, step), timer=timer)
         state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(float(loss), 6)}
                               for w, loss in zip(widths, step_losses)]
         state.step = step + 1
         if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-            improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select)
+            with timer("evaluation"):
+                improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select)
             if improved:
-                save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
-            save_checkpoint(engine, checkpoints, state)
+                with timer("best snapshots"):
+                    save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
+            with timer("checkpoints"):
+                save_checkpoint(engine, checkpoints, state)
             if cfg.patience and state.stale_evals >= cfg.patience:
                 log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
                          cfg.patience, state.step)
@@ -130,10 +132,30 @@ def run_stage(stage: Stage, cfg: RunConfig, data: Data, work: Path) -> dict:
                 save_checkpoint(engine, checkpoints, state)
             raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
                                    f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
-    result = write_result(stage, state, stage_dir, time.perf_counter() - started)
-    release(engine, teacher)
-    del keep_alive
-    return result
+    with timer("release"):
+        release(engine, teacher)
+        del keep_alive
+    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json())
+
+
+class StageTimer:
+    """Host wall seconds and calls per part of a stage, recorded in its result (`timings`) and the report
+    (`stage_timings`). On a GPU, asynchronous work is counted in the part that waits for it."""
+
+    def __init__(self):
+        self.parts: dict[str, list] = {}
+
+    @contextmanager
+    def __call__(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds, calls = self.parts.get(part, (0.0, 0))
+            self.parts[part] = [seconds + time.perf_counter() - started, calls + 1]
+
+    def to_json(self) -> dict:
+        return {part: {"seconds": round(seconds, 3), "calls": calls} for part, (seconds, calls) in self.parts.items()}
 
 
 def _check_finite(loss, stage, step, checkpoints) -> None:
@@ -147,8 +169,8 @@ def _check_finite(loss, stage, step, checkpoints) -> None:
 
 
 def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) -> bool:
-    """Evaluate every width in one pass; update best-so-far p(s) and the trade-off objective. Returns whether
-    the objective improved (then the current weights are the stage's best)."""
+    """Evaluate every width in one pass; update each width's best p(s) and the best trade-off. Returns whether
+    the trade-off improved (then the current weights are the stage's best)."""
     student = distiller.student
     stats = evaluate_widths(student, teacher, dev, stage.widths, select=select, reduce=dist.all_sum)
     if not all(math.isfinite(s["loss"]) for s in stats.values()):
@@ -158,16 +180,16 @@ def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) ->
     for permille in stage.widths:
         p = performance(stats[permille], stats["teacher"], cfg.metric)
         state.eval_curve.append({"step": state.step, "width": permille / PERMILLE, "p": p, **stats[permille]})
-        best = state.best.get(str(permille))
-        if best is None or p > best["p"]:
-            state.best[str(permille)] = {"p": p, "accuracy": stats[permille]["accuracy"],
-                                         "loss": stats[permille]["loss"], "step": state.step}
-    argmax = best_tradeoff({int(s): b["p"] for s, b in state.best.items()}, cfg.lam)
-    score = tradeoff(state.best[str(argmax)]["p"], argmax, cfg.lam)
+        best = state.best.get(permille)
+        if best is None or p > best.p:
+            state.best[permille] = WidthScore(p=p, accuracy=stats[permille]["accuracy"],
+                                              loss=stats[permille]["loss"], step=state.step)
+    argmax = best_tradeoff({s: b.p for s, b in state.best.items()}, cfg.lam)
+    score = tradeoff(state.best[argmax].p, argmax, cfg.lam)
     log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(
         f"s={format_sparsity(s)} acc={stats[s]['accuracy']:.4f} loss={stats[s]['loss']:.4f}" for s in stage.widths))
-    if score > state.objective:
-        state.objective, state.best_step, state.best_width, state.stale_evals = score, state.step, argmax, 0
+    if score > state.tradeoff:
+        state.tradeoff, state.best_step, state.best_width, state.stale_evals = score, state.step, argmax, 0
         return True
     state.stale_evals += 1
     return False

@@ -21,7 +21,7 @@ def test_prune_and_export_through_the_console_command(teacher, corpus, tmp_path)
     minidisc = Path(sys.executable).parent / "minidisc"
     pruned, exported = tmp_path / "pruned", tmp_path / "student"
     result = subprocess.run([minidisc, "prune", "--teacher", teacher, "--data", corpus["train"], "--out", pruned,
-                             "--sparsities", "0", "0.5", "0.9", "--calib-samples", "3", "--seq-len", "16"],
+                             "--sparsities", "0", "0.5", "0.9", "--calib-samples", "3", "--calib-seq-len", "16"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     plan = json.loads((pruned / "pruning.json").read_text())
@@ -98,6 +98,8 @@ def test_bad_inputs_get_one_line_errors(teacher, corpus, tokenizer_dir, tmp_path
     xml = tmp_path / "data.xml"
     xml.write_text("<text>hello</text>")
     assert "unsupported extension '.xml'" in _error(capsys, prune[:4] + [xml] + prune[5:])
+    too_long = prune[:-2] + ["--calib-seq-len", "4096"]
+    assert "--calib-seq-len 4096 exceeds the model's max_position_embeddings" in _error(capsys, too_long)
     short = tmp_path / "short.txt"
     short.write_text("two words")
     assert "fewer than 16 tokens" in _error(capsys, prune[:4] + [short] + prune[5:])

@@ -10,6 +10,7 @@ import torch
 from helpers import REPO, minidisc, options, tiny_model  # the console script and the tiny run
 
 from engine.config import RunConfig
+from engine.training.stage import TrainConfig
 
 pytestmark = [pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def test_quantised_teacher_is_smaller_and_close(placement, linear, max_error, tr
     from engine.training.engines import load_teacher
 
     cfg = RunConfig(teacher=str(trained_teacher), data="-", out="-", teacher_placement=placement)
-    teacher, _ = load_teacher(trained_teacher, cfg, {"bf16": {"enabled": False}})
+    teacher, _ = load_teacher(trained_teacher, TrainConfig.of(cfg), {"bf16": {"enabled": False}})
     full = load_causal_lm(trained_teacher).eval()
     model = teacher.module
     kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith(("q_proj", "up_proj", "down_proj"))}

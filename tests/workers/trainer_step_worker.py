@@ -10,14 +10,14 @@ import torch
 
 import engine
 from engine.config import RunConfig
-from engine.distill.loss import teacher_outputs, width_loss
+from engine.distill.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
 from engine.training import distributed as dist
 from engine.training import engines
 from engine.training.batches import BatchOrder
 from engine.training.engines import BETAS, _lr_lambda, _no_decay, build_engines
-from engine.training.stage import Stage
-from engine.training.trainer import objective_of, train_step
+from engine.training.stage import Stage, TrainConfig
+from engine.training.trainer import train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)
@@ -35,7 +35,7 @@ cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=4, warmup_rati
                 batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2)
 plan = engine.PruningPlan.load(args.pruned)
 widths = [500, 700, 900]
-objective = objective_of(cfg)
+objective = Objective.of(cfg)
 
 # Reference: unsharded, built before DeepSpeed switches ZeRO-3 on.
 teacher_ref = load_causal_lm(args.pruned).eval()
@@ -44,11 +44,11 @@ named = list(reference.named_parameters())
 optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": 0.1},
                                {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}],
                               lr=cfg.lr, betas=BETAS, eps=EPS)
-schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(TrainConfig.of(cfg)))
 initial = {n: p.detach().clone() for n, p in named}
 
 stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
-teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, cfg, len(widths))
+teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), len(widths))
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
 order = BatchOrder(blocks, seed=0)
 for step in range(2):

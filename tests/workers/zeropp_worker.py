@@ -105,7 +105,7 @@ def check_stage(cfg: RunConfig) -> dict:
     """build_engines, the teacher's logits and one trainer step, against the unsharded models."""
     ref_student = load_causal_lm(args.student)
     t0 = time.perf_counter()
-    teacher, student, distiller, keep_alive, _ = engines.build_engines(stage, cfg, 1)
+    teacher, student, distiller, keep_alive, _ = engines.build_engines(stage, stages.TrainConfig.of(cfg), 1)
     out = {"build_s": round(time.perf_counter() - t0, 1)}
     params = list(teacher.module.parameters())
     out["teacher_partitioned"] = all(p.ds_tensor.numel() < p.ds_numel for p in params if p.ds_numel > 1)
