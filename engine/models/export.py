@@ -15,6 +15,7 @@ import torch
 
 from engine.errors import UserError
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.outputs import atomic_output_dir
 from engine.pruning.families import count_parameters, family_for
 from engine.pruning.plan import PruningPlan
@@ -22,6 +23,13 @@ from engine.pruning.widths import Width, format_sparsity, parse_sparsity
 from engine.tools.model_card import write_model_card
 
 log = logging.getLogger(__name__)
+
+# save_pretrained copies the code of classes marked so (modeling_minidisc.py) into every per-layer export and
+# lists it in the config's auto_map, so the export loads with trust_remote_code=True and without this package.
+for _config, _model in PER_LAYER_CLASSES.values():
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModelForCausalLM")
+
 
 _DROP = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
          "kv_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 PERMILLE = 1000
 DEFAULT_GRID = (0, 100, 200, 300, 400, 500, 600, 700, 800, 850, 900, 950)
@@ -84,6 +86,8 @@ def removal_order(scores: list[torch.Tensor]) -> list[int]:
     reordering), so removing the k least important units of a layer removes its last k. Ties go to the
     later position in a layer, then the earlier layer, so the order is deterministic.
     """
+    import torch  # here, so that parsing sparsities (the CLI, recipes) does not load torch
+
     values = torch.cat([s.flip(0) for s in scores]).double()
     layer_ids = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(scores)])
     order = torch.sort(values, stable=True).indices

@@ -1,12 +1,19 @@
-"""The `minidisc` command line. Every option is explained by `minidisc COMMAND --help`."""
+"""The `minidisc` command line. Every option is explained by `minidisc COMMAND --help`.
+
+Each command imports the engine modules it needs when it runs, so `--help` and `--version` answer at once,
+without loading torch, transformers or DeepSpeed."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.progress import setup_logging
+from engine.training import faults
 
 log = logging.getLogger("minidisc")
 
@@ -93,7 +100,7 @@ def _add_report(sub):
 
 
 def _add_plan(sub):
-    from engine.tools.memory_plan import PRESETS
+    from engine.tools.memory_plan.presets import PRESETS
 
     p = sub.add_parser("plan", help="estimate per-GPU memory of a MiniDisc run and recommend a placement",
                        description="Per-GPU memory of the sandwich stage (teacher, supernet parameters+gradients, "
@@ -260,7 +267,7 @@ def run(args) -> None:
 
         rerender(args.out)
     elif args.command == "plan":
-        from engine.tools.memory_plan import run_plan
+        from engine.tools.memory_plan.advice import run_plan
 
         run_plan(args)
 
@@ -314,24 +321,14 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    from engine.training import faults
-
     faults.install_signal_handler()  # first: Slurm's pre-timeout signal must never kill us mid-write
     args = build_parser().parse_args(argv)
-    import os
-
-    from engine.progress import setup_logging
-
     if os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
         args.log_level = "WARNING"  # one voice per job: rank 0 tells the story
     setup_logging(args.log_level)
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     _quiet_libraries()
     try:
-        import engine  # noqa: F401  (registers the MiniDisc model classes)
-
         run(args)
     except UserError as e:
         print(f"minidisc: error: {e}", file=sys.stderr)

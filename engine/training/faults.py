@@ -19,8 +19,6 @@ import threading
 import time
 from datetime import timedelta
 
-import torch.distributed as torch_dist
-
 REQUEUE_SIGNAL = signal.SIGUSR1
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the checkpoint is written, run again with --resume
 HEARTBEAT_S = 2.0
@@ -49,7 +47,11 @@ def signal_received() -> bool:
 
 
 # --- dead peers ---------------------------------------------------------------------------------------------------
+# torch.distributed is imported where it is used: the CLI installs the signal handler before anything else,
+# and `minidisc --help` should not wait for torch.
 def _store(timeout_s: float):
+    import torch.distributed as torch_dist
+
     return torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                timeout=timedelta(seconds=timeout_s))
 
@@ -93,6 +95,8 @@ def silent_ranks(world_size: int) -> list[int] | None:
 
 def is_comm_failure(error: BaseException) -> bool:
     """A collective failed because a peer went away (gloo/NCCL errors surface as these)."""
+    import torch.distributed as torch_dist
+
     if isinstance(error, getattr(torch_dist, "DistError", ())):
         return True
     text = str(error)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SCRIPTS, save_teacher
+from helpers import REPO, SCRIPTS, run_python, save_teacher
 
 from engine.tools.cli import main
 
@@ -164,3 +164,14 @@ def test_readme_documents_every_option():
     text = (REPO / "README.md").read_text()
     missing = [f.name for f in fields(RunConfig) if f"`--{f.name.replace('_', '-')}` (`{f.name}`)" not in text]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_help_and_import_engine_do_not_load_torch():
+    """`minidisc --help` answers at once: neither it nor `import engine` loads torch, transformers or DeepSpeed."""
+    heavy = "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))"
+    help_ = run_python(f"import sys\nfrom engine.tools.cli import main\ntry:\n    main(['compress', '--help'])\n"
+                       f"except SystemExit:\n    pass\n{heavy}")
+    assert help_.returncode == 0 and help_.stdout.strip().splitlines()[-1] == "[]", help_.stderr[-2000:]
+    imported = run_python(f"import sys\nimport engine\nengine.__version__\n{heavy}\nengine.compress\n{heavy}")
+    before, after = imported.stdout.strip().splitlines()[-2:]
+    assert before == "[]" and "'torch'" in after, imported.stderr[-2000:]  # the API still loads on first use

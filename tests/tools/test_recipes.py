@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import MINIDISC, REPO, minidisc
 
-from engine.tools.memory_plan import preset_config
+from engine.tools.memory_plan.shapes import preset_config
 
 RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
     "llama-2-7b-10pct": ("llama-2-7b", "jsonl"),
