@@ -1,7 +1,9 @@
 """Sparsities, the candidate grid and per-layer keep counts.
 
 Sparsities are kept as integer per-mille (0.85 -> 850) wherever they are compared or used as keys, so
-0.1 + 0.2 style float error can never make a candidate "not on the grid".
+0.1 + 0.2 style float error can never make a candidate "not on the grid". Vocabulary: a *width* is one
+candidate sub-network, named by its per-mille sparsity wherever it is a key or a list element (a stage's
+widths, `best_width`); `Width` is what it keeps, per layer (what a model is sliced to).
 """
 from __future__ import annotations
 

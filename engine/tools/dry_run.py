@@ -38,7 +38,7 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
     gpus = cluster.gpus if cluster else 1
     micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
-    plan = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
+    summary = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
             "parameters": parameter_count(config), "candidates": candidates, "data": data,
             "stages": _stages(cfg, command, candidates, per_step),
             "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
@@ -46,14 +46,14 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
                           "gradient_accumulation_steps": per_step * cfg.grad_accum,
                           "bf16": bf16_enabled(train)}}
     if cluster:
-        plan["memory"] = _memory(cfg, config, cluster, train, candidates)
-    _print(plan, cfg)
-    if cluster and not plan["memory"]["fits"]:
-        m = plan["memory"]
+        summary["memory"] = _memory(cfg, config, cluster, train, candidates)
+    _print(summary, cfg)
+    if cluster and not summary["memory"]["fits"]:
+        m = summary["memory"]
         raise UserError(f"the run needs {m['total_gib']:.1f} GiB per GPU but {cfg.cluster} leaves "
                         f"{m['usable_gib']:.1f} usable: see `minidisc plan {cfg.teacher} --nodes {cluster.nodes} "
                         f"--gpus-per-node {cluster.gpus_per_node} --gpu-memory {cluster.gpu_memory_gib:g}`")
-    return plan
+    return summary
 
 
 def _candidates(cfg: RunConfig, config) -> list[dict]:
@@ -116,17 +116,18 @@ def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates
             "cpu_per_node_gib": gib(row.cpu_per_node_bytes), "fits": row.fits}
 
 
-def _print(plan: dict, cfg: RunConfig) -> None:
+def _print(summary: dict, cfg: RunConfig) -> None:
     console = Console()
-    console.print(f"[bold]dry run[/]: minidisc {plan['command']}, teacher {plan['teacher']} ({plan['family']}, "
-                  f"{plan['parameters']:,} parameters), target sparsity {cfg.target_sparsity:g}, out {cfg.out}")
-    table = Table(title="candidate widths" if plan["command"] != "distill" else "widths")
+    console.print(f"[bold]dry run[/]: minidisc {summary['command']}, teacher {summary['teacher']} "
+                  f"({summary['family']}, {summary['parameters']:,} parameters), target sparsity "
+                  f"{cfg.target_sparsity:g}, out {cfg.out}")
+    table = Table(title="candidate widths" if summary["command"] != "distill" else "widths")
     for column in ("sparsity", "parameters", "of teacher"):
         table.add_column(column, justify="right")
-    for c in plan["candidates"]:
+    for c in summary["candidates"]:
         approx = "" if c["exact"] else "~"
         table.add_row(f"{c['sparsity']:g}", f"{approx}{c['parameters']:,}", f"{approx}{c['fraction']:.1%}")
-    if not all(c["exact"] for c in plan["candidates"]):
+    if not all(c["exact"] for c in summary["candidates"]):
         table.caption = ("~: before pruning; each layer's FFN removals are then rounded to a multiple of "
                          "--ffn-multiple. `minidisc prune` prints the exact counts, and a dry run on its output "
                          "shows them")
@@ -134,16 +135,16 @@ def _print(plan: dict, cfg: RunConfig) -> None:
     stages = Table(title="stages (each --max-steps optimiser steps)")
     for column in ("stage", "what", "widths per step", "steps", "tokens"):
         stages.add_column(column, justify="left" if column in ("stage", "what") else "right")
-    for s in plan["stages"]:
+    for s in summary["stages"]:
         stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]), f"{s['tokens']:,}")
     console.print(stages)
-    ds = plan["deepspeed"]
+    ds = summary["deepspeed"]
     teacher = (f"{ds['teacher']} (frozen teachers)" if cfg.teacher_placement == "zero3" else
                f"teachers: a {cfg.teacher_placement} copy per GPU")
     console.print(f"DeepSpeed: {ds['train']} (trained, bf16 {ds['bf16']}), {teacher}; micro-batch "
                   f"{ds['micro_batch']} per GPU, {ds['gradient_accumulation_steps']} micro-steps per optimiser step")
-    if "memory" in plan:
-        m = plan["memory"]
+    if "memory" in summary:
+        m = summary["memory"]
         console.print(f"memory on {cfg.cluster} ({m['placement']}): teacher {m['teacher_gib']:.1f} + params/grads "
                       f"{m['params_grads_gib']:.1f} + optimizer {m['optimizer_gib']:.1f} + activations "
                       f"{m['activations_gib']:.1f} + loss {m['loss_gib']:.1f} = {m['total_gib']:.1f} GiB per GPU of "
@@ -152,4 +153,4 @@ def _print(plan: dict, cfg: RunConfig) -> None:
     else:
         console.print("memory: add cluster: NODESxGPUSxGIB to the recipe (or --cluster) to check it")
     console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
-                  (", batch split and memory" if "memory" in plan else ""))
+                  (", batch split and memory" if "memory" in summary else ""))
