@@ -73,8 +73,8 @@ class RunConfig:
     seed: int = option(0, "seed for data order, width sampling and dropout", metavar="N")
     # optimisation
     lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay to 0)", metavar="LR")
-    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases, norms and embeddings)",
-                                 metavar="W")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights, the 1-D "
+                                 "parameters; embeddings and an untied LM head are decayed)", metavar="W")
     warmup_ratio: float = option(0.05, "fraction of --max-steps spent warming the learning rate up", metavar="R")
     max_grad_norm: float = option(1.0, "clip the global gradient norm (0 = no clipping)", metavar="N")
     # the distillation loss

@@ -46,7 +46,7 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
     """
     select = select or student.set_sparsity
     totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
-    was_training = student.training
+    modes = [(module, module.training) for module in student.modules()]  # each its own: a wrapper's may differ
     student.eval()
     for input_ids, attention_mask in batches:
         teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -55,7 +55,8 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
             select(permille)
             logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
             totals[i] += torch.stack(_next_token_stats(logits, input_ids, attention_mask)).double().cpu()
-    student.train(was_training)
+    for module, training in modes:
+        module.training = training
     totals = dict(zip(["teacher", *sparsities], reduce(totals)))
     return {key: {"accuracy": (t[0] / t[2].clamp(min=1)).item(), "loss": (t[1] / t[2].clamp(min=1)).item(),
                   "tokens": int(t[2].item())} for key, t in totals.items()}

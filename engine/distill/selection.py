@@ -17,6 +17,13 @@ def best_tradeoff(performance: dict[int, float], lam: float) -> int:
     return max(performance, key=lambda s: (tradeoff(performance[s], s, lam), -s))
 
 
+def snapshot_moves(score: float, permille: int, best_score: float, best_permille: int | None) -> bool:
+    """Whether a stage's best snapshot moves to `permille`: a higher trade-off, or the same one at a smaller
+    sparsity (`best_tradeoff`'s tie-break). So the snapshot ends at the width `choose_ta` picks from the
+    final scores, ties included."""
+    return score > best_score or (score == best_score and best_permille is not None and permille < best_permille)
+
+
 def choose_ta(performance: dict[int, float], lam: float, target: int, current: int = 0) -> int | None:
     """The candidate sparsity with the best tradeoff among those >= `current` (the current teacher's), or
     None when that best is at or beyond the target: then no TA is needed."""

@@ -57,6 +57,7 @@ class Supernet(nn.Module):
         super().__init__()
         self.model = model
         self.plan = plan
+        self.train(model.training)  # the wrapper's mode is the model's (from_pretrained: eval, no dropout)
         self.family = family_for(model.config)
         for layer, (attn_group, ffn_group) in zip(self.family.layers(model), self.family.groups(model)):
             self.family.attention(layer).__class__ = self.family.prunable_attention

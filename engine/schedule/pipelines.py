@@ -31,6 +31,9 @@ def compress(cfg: RunConfig) -> dict:
     teacher_stats = sandwich.teacher_stats
     p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)
+    if choice is not None and choice != sandwich.best_width:  # the snapshot rule and choose_ta must agree
+        raise RuntimeError(f"internal error: the TA is sparsity {format_sparsity(choice)} but the sandwich's best "
+                           f"snapshot holds {format_sparsity(sandwich.best_width)}")
     started = time.perf_counter()
     if choice is None:
         reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "

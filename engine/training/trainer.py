@@ -29,7 +29,7 @@ import torch
 
 from engine.distill.loss import Objective, teacher_outputs
 from engine.distill.sandwich import evaluate_widths, sandwich_step
-from engine.distill.selection import best_tradeoff, performance, tradeoff
+from engine.distill.selection import best_tradeoff, performance, snapshot_moves, tradeoff
 from engine.progress import progress
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.training import distributed as dist
@@ -188,7 +188,7 @@ def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) ->
     score = tradeoff(state.best[argmax].p, argmax, cfg.lam)
     log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(
         f"s={format_sparsity(s)} acc={stats[s]['accuracy']:.4f} loss={stats[s]['loss']:.4f}" for s in stage.widths))
-    if score > state.tradeoff:
+    if snapshot_moves(score, argmax, state.tradeoff, state.best_width):
         state.tradeoff, state.best_step, state.best_width, state.stale_evals = score, state.step, argmax, 0
         return True
     state.stale_evals += 1

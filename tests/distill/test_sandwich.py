@@ -108,3 +108,41 @@ def test_teacher_outputs_keep_only_the_states_the_loss_reads():
         full = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
     reference = width_loss(student, type(kept)(full, kept.lm_head_weight, kept.lm_head_bias), ids)
     assert torch.equal(width_loss(student, kept, ids)["loss"], reference["loss"])
+
+
+def test_evaluation_keeps_the_students_dropout_off():
+    """The student trains in eval mode (no dropout: deterministic, resumable). The supernet wraps a model loaded
+    in eval mode; evaluating every width must leave each module in its mode (it used to switch OPT's dropout on
+    for the rest of the sandwich stage)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=48, num_attention_heads=6, ffn_dim=37,
+                                     num_hidden_layers=2, word_embed_proj_dim=48, dropout=0.3)).eval()
+    calibration = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(1))
+    plan = engine.prune_teacher(model, None, calibration, grid=(0, 500), batch_size=2)
+    supernet = engine.Supernet(model, plan)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    evaluate_widths(supernet, copy.deepcopy(model), [(ids, None)], [0, 500])
+    assert not any(module.training for module in supernet.modules())
+    supernet.set_sparsity(500)
+    with torch.no_grad():
+        assert torch.equal(supernet(input_ids=ids).logits, supernet(input_ids=ids).logits)
+
+
+def test_the_snapshot_ends_at_the_width_choose_ta_picks_on_a_tie():
+    """The trainer moves its best snapshot by `snapshot_moves`; `compress` publishes that snapshot as the TA
+    `choose_ta` names. On an exact tie of the trade-off both must pick the smaller sparsity (the snapshot used to
+    keep the first width that reached the maximum, so ta/ could hold another width than the one reported)."""
+    from engine.distill.selection import best_tradeoff, snapshot_moves
+
+    lam, evaluations = 0.5, [{500: 0.55, 700: 0.5}, {500: 0.6, 700: 0.5}]
+    assert tradeoff(0.6, 500, lam) == tradeoff(0.5, 700, lam)  # the second evaluation ties them
+    best, snapshot = {}, (float("-inf"), None)
+    for p in evaluations:  # what the trainer does at each evaluation
+        best = {s: max(best.get(s, 0.0), p[s]) for s in p}
+        argmax = best_tradeoff(best, lam)
+        score = tradeoff(best[argmax], argmax, lam)
+        if snapshot_moves(score, argmax, *snapshot):
+            snapshot = (score, argmax)
+    assert snapshot[1] == choose_ta(best, lam, target=900) == 500
