@@ -3,7 +3,7 @@
 One step = teacher forward under no_grad, student forward, logit-distillation loss, backward into the
 student's parameters (no optimizer step). Two implementations of the loss:
 
-  fused  the product path: engine.distill.loss.width_loss(student, teacher_outputs(teacher, ids), ids, None,
+  fused  the product path: engine.distillation.loss.width_loss(student, teacher_outputs(teacher, ids), ids, None,
          Objective(hidden_weight=0, logit_weight=1)), i.e. kernels.fused_linear_distill_loss from the last
          hidden states and LM heads (no [tokens, vocab] logits; Triton on CUDA, streaming PyTorch on CPU);
   naive  student(ids).logits and teacher(ids).logits (no_grad) materialised, fp32 log-softmaxes, forward KL
@@ -76,7 +76,7 @@ def build_models(vocab, hidden, layers, width, dtype, device):
 
 
 def step_fused(student, teacher, ids):
-    from engine.distill.loss import Objective, teacher_outputs, width_loss
+    from engine.distillation.loss import Objective, teacher_outputs, width_loss
 
     loss = width_loss(student, teacher_outputs(teacher, ids), ids, None,
                       Objective(hidden_weight=0.0, logit_weight=1.0))["loss"]

@@ -49,3 +49,11 @@ def test_no_import_cycles():
 def test_no_engine_module_over_400_lines():
     long = {str(p.relative_to(REPO)): n for p in ENGINE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_no_subpackage_shadows_the_public_api():
+    """`engine.distill` must stay the function: a subpackage of that name would replace it once imported."""
+    import engine
+
+    subpackages = {p.parent.name for p in ENGINE.glob("*/__init__.py")}
+    assert not subpackages & set(engine.__all__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from engine.config import RunConfig
-from engine.distill.selection import choose_ta, relative, tradeoff
+from engine.distillation.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.schedule.run import Run
 from engine.training.stage import StageResult

@@ -15,8 +15,8 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import load_text_dataset, token_blocks
-from engine.distill.loss import Objective
-from engine.distill.selection import relative, tradeoff
+from engine.distillation.loss import Objective
+from engine.distillation.selection import relative, tradeoff
 from engine.errors import UserError
 from engine.models.export import pruned_model
 from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer

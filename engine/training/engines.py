@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.distill.loss import Objective, width_loss
+from engine.distillation.loss import Objective, width_loss
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
 from engine.pruning.families import family_for

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from engine.distill.loss import Objective
+from engine.distillation.loss import Objective
 from engine.errors import UserError
 from engine.pruning.widths import PERMILLE, Width
 

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from engine.distill.loss import Objective, teacher_outputs
-from engine.distill.sandwich import evaluate_widths, sandwich_step
-from engine.distill.selection import best_tradeoff, performance, snapshot_moves, tradeoff
+from engine.distillation.loss import Objective, teacher_outputs
+from engine.distillation.sandwich import evaluate_widths, sandwich_step
+from engine.distillation.selection import best_tradeoff, performance, snapshot_moves, tradeoff
 from engine.progress import progress
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.training import distributed as dist
@@ -105,7 +105,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
     def check(loss, step):
         _check_finite(loss, stage, step, checkpoints)
 
-    steps = range(state.step, cfg.max_steps)
+    # A stage resumed after its early stop (killed before its result was written) has no steps left.
+    steps = range(state.step, state.step if _out_of_patience(cfg, state) else cfg.max_steps)
     for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
         widths = widths_at(stage, cfg, step)
         micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
@@ -123,7 +124,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
                     save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
             with timer("checkpoints"):
                 save_checkpoint(engine, checkpoints, state)
-            if cfg.patience and state.stale_evals >= cfg.patience:
+            if _out_of_patience(cfg, state):
                 log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
                          cfg.patience, state.step)
                 break
@@ -156,6 +157,10 @@ class StageTimer:
 
     def to_json(self) -> dict:
         return {part: {"seconds": round(seconds, 3), "calls": calls} for part, (seconds, calls) in self.parts.items()}
+
+
+def _out_of_patience(cfg: TrainConfig, state: StageState) -> bool:
+    return bool(cfg.patience) and state.stale_evals >= cfg.patience
 
 
 def _check_finite(loss, stage, step, checkpoints) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import FP32, MINIDISC, dev_accuracy, free_port, minidisc, options, run_python
 
-from engine.distill.selection import tradeoff
+from engine.distillation.selection import tradeoff
 
 pytestmark = [pytest.mark.slow]
 
@@ -216,3 +216,24 @@ def test_python_api_and_early_stopping(pruned_dirs, corpus, tmp_path):
     assert student == report["student"] and student["best_step"] == 2
     steps = [point["step"] for point in report["curves"]["student"]["eval"]]
     assert steps == [2, 4]  # stopped after one evaluation without improvement, not at step 8
+
+
+def test_a_stage_that_stopped_early_stays_stopped_on_resume(pruned_dirs, corpus, tmp_path):
+    """Killed after its early-stop checkpoint but before its result file, a stage resumed with --resume ends
+    where it stopped (patience used to be checked only after an evaluation, so it trained on)."""
+    run = ("import sys, os, engine\n"
+           "from engine.training import trainer\n"
+           "cfg = engine.RunConfig(teacher=sys.argv[1], data=sys.argv[2], dev_data=sys.argv[3], out=sys.argv[4],\n"
+           "    max_steps=8, eval_every=2, patience=1, lr=1e-30, batch_size=4, seq_len=32, eval_samples=8,\n"
+           "    deepspeed=sys.argv[5], resume=sys.argv[6] == 'resume').validate()\n"
+           "if not cfg.resume:  # die the moment the stage would write its result, as a SIGKILL there would\n"
+           "    trainer.write_result = lambda *args, **kwargs: os._exit(9)\n"
+           "engine.distill(cfg)\n")
+    out, env = tmp_path / "api", {"OMP_NUM_THREADS": "1"}
+    args = (pruned_dirs["llama_gqa"], corpus["train"], corpus["dev"], out, FP32)
+    assert run_python(run, *args, "first", env=env).returncode == 9
+    assert not (out / "work" / "student" / "result.json").exists()
+    resumed = run_python(run, *args, "resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [point["step"] for point in report["curves"]["student"]["eval"]] == [2, 4]

@@ -10,7 +10,7 @@ import torch
 
 import engine
 from engine.config import RunConfig
-from engine.distill.loss import Objective, teacher_outputs, width_loss
+from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
 from engine.training import distributed as dist
 from engine.training import engines

@@ -26,7 +26,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from engine.config import RunConfig
-from engine.distill.loss import Objective, teacher_outputs, width_loss
+from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
 from engine.training import engines, trainer
 from engine.training import stage as stages

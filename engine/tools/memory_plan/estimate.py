@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from engine.config import split_batch
-from engine.distill.loss import hidden_layer_indices
+from engine.distillation.loss import hidden_layer_indices
 from engine.errors import UserError
 from engine.pruning import widths
 from engine.pruning.widths import DEFAULT_GRID, candidate_widths, check_target_and_truncate
@@ -245,7 +245,7 @@ def loss_buffer_bytes(config, tokens: int) -> dict[str, int]:
     """Bytes of the loss that do not scale with the trained width, for one micro-batch.
 
     teacher_outputs: the teacher's hidden states, bf16, kept across all K widths: the ones the loss reads,
-        every ceil(L/6)-th and the last (`hidden_layer_indices`; `engine.distill.loss.teacher_outputs` drops
+        every ceil(L/6)-th and the last (`hidden_layer_indices`; `engine.distillation.loss.teacher_outputs` drops
         the others).
     kl_chunk: the fused KL's chunk working set: rows = `kernels.distill_loss.chunk_rows` on CUDA (2^26
         elements / vocab, at most the micro-batch's tokens) x vocab x fp32 x `CHUNK_FACTOR`.

@@ -7,9 +7,9 @@ from helpers import tiny_model
 
 import engine
 import kernels
-from engine.distill.loss import Objective, hidden_layer_indices, teacher_outputs, width_loss
-from engine.distill.sandwich import evaluate_widths, sandwich_step
-from engine.distill.selection import choose_ta, tradeoff
+from engine.distillation.loss import Objective, hidden_layer_indices, teacher_outputs, width_loss
+from engine.distillation.sandwich import evaluate_widths, sandwich_step
+from engine.distillation.selection import choose_ta, tradeoff
 
 
 @pytest.fixture(params=["llama_gqa", "opt"])
@@ -134,7 +134,7 @@ def test_the_snapshot_ends_at_the_width_choose_ta_picks_on_a_tie():
     """The trainer moves its best snapshot by `snapshot_moves`; `compress` publishes that snapshot as the TA
     `choose_ta` names. On an exact tie of the trade-off both must pick the smaller sparsity (the snapshot used to
     keep the first width that reached the maximum, so ta/ could hold another width than the one reported)."""
-    from engine.distill.selection import best_tradeoff, snapshot_moves
+    from engine.distillation.selection import best_tradeoff, snapshot_moves
 
     lam, evaluations = 0.5, [{500: 0.55, 700: 0.5}, {500: 0.6, 700: 0.5}]
     assert tradeoff(0.6, 500, lam) == tradeoff(0.5, 700, lam)  # the second evaluation ties them
