@@ -190,15 +190,15 @@ class Run:
         """Train one stage with the run's options (and its distillation loss unless `objective` is given)."""
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      export_dtype=self.export_dtype, objective=objective or Objective.of(self.cfg))
+                      objective=objective or Objective.of(self.cfg))
         result = run_stage(stage, TrainConfig.of(self.cfg), self.data, self.work)
         self.phases[name] = result.wall_s
         self.stage_timings[name] = result.timings
         return result
 
     def slice_model(self, permille: int, out: Path, source: Path | None = None) -> Path:
-        """The width at `permille` as a real model in `out`: a prefix slice of `source` (a trained TA, itself a
-        prefix of the reordered teacher), or of the reordered teacher itself."""
+        """The width at `permille` as a real model in `out` (fp32, a stage's start): a prefix slice of `source` (a
+        trained TA, itself a prefix of the reordered teacher), or of the reordered teacher itself."""
         with dist.main_first(f"slicing sparsity {format_sparsity(permille)}") as main:
             if main and not is_ours(out):
                 full = load_causal_lm(self.teacher_dir)
@@ -207,14 +207,15 @@ class Run:
                     state = {k: v.clone() for k, v in state.items()}
                     for name, tensor in load_causal_lm(source).state_dict().items():
                         state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
-                model = pruned_model(full, self.width_of(permille), self.cfg.uniform, self.export_dtype, state=state)
+                model = pruned_model(full, self.width_of(permille), self.cfg.uniform, torch.float32, state=state)
                 with atomic_output_dir(out, kind="sliced-model") as scratch:
                     model.save_pretrained(scratch)
                     load_tokenizer(self.teacher_dir).save_pretrained(scratch)
         return out
 
     def publish(self, source: Path, name: str, summary: dict) -> Path:
-        """Copy a finished snapshot to OUT/name (atomically) with a summary of what it is."""
+        """Copy a finished snapshot (fp32) to OUT/name (atomically) in the teacher checkpoint's dtype, with a summary
+        of what it is."""
         target = self.out / name
         with dist.main_first(f"writing {target}") as main:
             if main:
@@ -222,6 +223,12 @@ class Run:
                     for item in Path(source).iterdir():
                         if item.is_file() and item.name not in (".minidisc", "minidisc_best.json"):
                             shutil.copy2(item, scratch / item.name)
+                    if self.export_dtype != torch.float32:
+                        for weights in [*scratch.glob("*.safetensors"), *scratch.glob("*.safetensors.index.json")]:
+                            weights.unlink()
+                        model = load_causal_lm(source)
+                        model.config.dtype = str(self.export_dtype).removeprefix("torch.")
+                        model.to(self.export_dtype).save_pretrained(scratch)
                     (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
         return target
 

@@ -26,7 +26,8 @@ def consolidated_state(engine, train_config: dict) -> dict | None:
 
 
 def save_best(stage, distiller, engine, train_config, out: Path, state: StageState) -> None:
-    """Write the current weights at the best width as a real HF checkpoint (atomically replacing the last)."""
+    """Write the current weights at the best width as a real HF checkpoint (atomically replacing the last), in
+    fp32: the next stage starts from it, and publishing converts to the teacher checkpoint's dtype."""
     full = consolidated_state(engine, train_config)  # collective
     with dist.main_first(f"saving the best {stage.name} weights") as main:
         if main:
@@ -35,13 +36,13 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
                 weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
                 lm = distiller.student.model
                 model = pruned_model(lm, stage.width_of(state.best_width), uniform=stage.uniform,
-                                     dtype=stage.export_dtype, state=weights)
+                                     dtype=torch.float32, state=weights)
             else:
                 prefix = "student."
-                weights = {k[len(prefix):]: v.to(stage.export_dtype) for k, v in full.items()
+                weights = {k[len(prefix):]: v.float() for k, v in full.items()
                            if k.startswith(prefix)}
                 lm = distiller.student
-                lm.config.dtype = str(stage.export_dtype).removeprefix("torch.")
+                lm.config.dtype = "float32"
                 model = materialize(type(lm), lm.config, weights, lm)
             with atomic_output_dir(out, kind="best-snapshot") as scratch:
                 model.save_pretrained(scratch)

@@ -69,7 +69,6 @@ class Stage:
     supernet: bool = False  # student_dir is a reordered teacher; train every width of it
     width_of: Callable[[int], Width] | None = None  # supernet only: the per-layer width of a sparsity
     uniform: bool = False  # supernet only: widths are uniform, snapshots are stock HF classes
-    export_dtype: torch.dtype = torch.float32
     objective: Objective = field(default_factory=Objective)  # the distillation loss and its weights
 
 

@@ -237,3 +237,28 @@ def test_a_stage_that_stopped_early_stays_stopped_on_resume(pruned_dirs, corpus,
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert [point["step"] for point in report["curves"]["student"]["eval"]] == [2, 4]
+
+
+def test_a_bf16_teacher_hands_off_in_fp32_and_publishes_in_bf16(trained_teacher, corpus, tmp_path):
+    """Stage hand-offs (best snapshots, sliced inits) keep fp32, so a stage does not start from weights rounded to
+    the teacher checkpoint's dtype; what is published (ta/, student/, baselines/) is in that dtype."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = tmp_path / "teacher-bf16"
+    AutoModelForCausalLM.from_pretrained(trained_teacher, dtype=torch.bfloat16).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(trained_teacher).save_pretrained(teacher)
+    out = tmp_path / "out"
+    minidisc("compress", *options(teacher, corpus, out, "--lam", "0.05", "--baselines", "kd"))
+
+    def dtypes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()}
+
+    assert json.loads((out / "report.json").read_text())["selected_ta"] is not None  # a TA -> student hand-off
+    work = out / "work"
+    for folder in (work / "sandwich" / "best", work / "student_init", work / "student" / "best"):
+        assert dtypes(folder) == {"F32"}, folder
+    for folder in (out / "ta", out / "student", out / "baselines" / "kd"):
+        assert dtypes(folder) == {"BF16"}, folder
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
