@@ -4,6 +4,7 @@ loss weighted 1/K over the global batch, one AdamW step per batch. Run alone (a 
 `deepspeed` launcher; rank 0 writes the largest parameter difference to --out."""
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -80,3 +81,7 @@ if dist.is_main():
                                            "moved": moved}))
 dist.barrier()
 torch.distributed.destroy_process_group()
+# Even after that, a gloo thread still aborts the interpreter's exit now and then ("terminate called without an
+# active exception", seen in CI on this worker): the report is written and closed, so leave without the teardown.
+print(end="", flush=True)  # (os._exit skips flushing)
+os._exit(0)

@@ -6,6 +6,7 @@ several widths, and rank 0 writes the largest logit and gradient differences to 
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import deepspeed
@@ -65,3 +66,7 @@ if torch.distributed.get_rank() == 0:
 # ("terminate called without an active exception"), which the launcher reports as a failed rank.
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+# Even after that, a gloo thread still aborts the interpreter's exit now and then ("terminate called without an
+# active exception", seen in CI on this worker): the report is written and closed, so leave without the teardown.
+print(end="", flush=True)  # (os._exit skips flushing)
+os._exit(0)

@@ -214,3 +214,7 @@ if rank == 0:
 # A clean shutdown (see zero3_fused_linear_worker.py).
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+# Even after that, a gloo thread still aborts the interpreter's exit now and then ("terminate called without an
+# active exception", seen in CI on this worker): the report is written and closed, so leave without the teardown.
+print(end="", flush=True)  # (os._exit skips flushing)
+os._exit(0)
