@@ -30,8 +30,12 @@ class RunConfig:
                           "with neither --teacher nor --data runs the built-in example", metavar="DIR")
     data: str = option(None, "training text: .txt, .jsonl/.json, .parquet, .csv, or a datasets save_to_disk folder",
                        metavar="FILE")
-    dev_data: str | None = option(None, "dev text in the same formats (default: --eval-samples blocks held out of "
-                                  "--data)", metavar="FILE")
+    dev_data: str | None = option(None, "dev text in the same formats; it selects (p(s), best snapshots, MaxiDisc's "
+                                  "winner) (default: records held out of --data, the same for every --seed)",
+                                  metavar="FILE")
+    test_data: str | None = option(None, "test text in the same formats; every number the report gives for a model "
+                                   "is measured on it, never used to select (default: other records held out of "
+                                   "--data)", metavar="FILE")
     out: str = option(None, "output directory: ta/, student/, baselines/, report.json, report.md, plots, work/ "
                       "(checkpoints); the built-in example writes ./minidisc-demo", metavar="DIR")
     text_field: str = option("text", "record field holding the text in json/jsonl/parquet/csv data", metavar="NAME")
@@ -47,18 +51,22 @@ class RunConfig:
     metric: str = option("relative_accuracy", "p(s): next-token accuracy divided by the teacher's "
                          "(relative_accuracy), raw accuracy, or exp(-dev loss) (exp_loss)",
                          choices=["relative_accuracy", "accuracy", "exp_loss"])
-    baselines: list[str] | None = option(None, "also train these students of the target size, with the same "
-                                         "budget, and compare them in the report: kd = plain KD from the teacher "
-                                         "(no TA), ce = the pruned teacher's slice trained on the data alone (no "
-                                         "distillation); `compress` only", nargs="+", choices=["kd", "ce"])
+    baselines: list[str] | None = option(None, "also train these students of the target size and compare them in "
+                                         "the report: kd = plain KD from the teacher (no TA) for --max-steps, "
+                                         "kd-matched = plain KD given the training FLOPs of the whole MiniDisc "
+                                         "pipeline, kd-steps = plain KD given its optimiser steps, ce = the slice "
+                                         "trained on the data alone (no distillation) for --max-steps; `compress` "
+                                         "only", nargs="+", choices=["kd", "kd-matched", "kd-steps", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
     uniform: bool = option(False, "keep the same units in every layer, so the TA and student are stock "
                            "LlamaForCausalLM/OPTForCausalLM checkpoints (default: per-layer widths of the global "
                            "ranking, in MiniDisc model classes)")
     # budget and data
-    max_steps: int = option(200, "optimiser steps of every distillation stage (sandwich, TA -> student, plain KD and "
-                            "each MaxiDisc trial get the same budget)", metavar="N")
+    max_steps: int = option(200, "optimiser steps of every distillation stage (TA -> student, plain KD, each "
+                            "MaxiDisc trial; also the sandwich unless --sandwich-steps)", metavar="N")
+    sandwich_steps: int = option(0, "optimiser steps of the sandwich (selection) stage of `compress` (0 = "
+                                 "--max-steps)", metavar="N")
     eval_every: int = option(50, "evaluate every N steps (and at the end), checkpointing each time", metavar="N")
     patience: int = option(0, "stop a stage after N evaluations without improvement (0 = never stop early)",
                            metavar="N")
@@ -67,6 +75,7 @@ class RunConfig:
     grad_accum: int = option(1, "micro-batches accumulated per optimiser step on each process", metavar="N")
     seq_len: int = option(256, "tokens per training/dev sequence", metavar="T")
     eval_samples: int = option(64, "dev sequences evaluated at every evaluation", metavar="N")
+    test_samples: int = option(64, "test sequences every model of the report is measured on at the end", metavar="N")
     calib_samples: int = option(64, "calibration sequences for the importance scores (when pruning)", metavar="N")
     ffn_multiple: int = option(8, "round each layer's FFN removals to a multiple of M neurons (when pruning)",
                                metavar="M")
@@ -112,8 +121,8 @@ class RunConfig:
                                           "minidisc_cloze or any task `minidisc eval` takes (needs minidisc[eval])",
                                           nargs="+", metavar="TASK")
     eval_include: str | None = option(None, "folder of lm-eval task YAMLs for --eval-tasks", metavar="DIR")
-    eval_text: str | None = option(None, "text the built-in tasks are made of (default: --dev-data, else the "
-                                   "held-out dev sequences)", metavar="FILE")
+    eval_text: str | None = option(None, "text the built-in tasks are made of (default: --test-data, else the "
+                                   "test records held out of --data)", metavar="FILE")
     # run control
     cluster: str | None = option(None, "the cluster a recipe is meant for, NODESxGPUSxGIB (e.g. 4x8x80 = 4 nodes of 8 "
                                  "GPUs with 80 GiB): --dry-run checks --batch-size and the memory against it",
@@ -126,7 +135,7 @@ class RunConfig:
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
         check_target_and_truncate(parse_sparsity(self.target_sparsity), parse_sparsity(self.truncate))
-        positive = ("max_steps", "eval_every", "batch_size", "grad_accum", "seq_len", "eval_samples",
+        positive = ("max_steps", "eval_every", "batch_size", "grad_accum", "seq_len", "eval_samples", "test_samples",
                     "calib_samples", "ffn_multiple")
         for name in positive:
             if getattr(self, name) < 1:
@@ -144,8 +153,9 @@ class RunConfig:
                 raise UserError(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(choices)}")
         if self.cluster is not None:
             self.cluster_shape()
-        if self.sandwich_sample < 0 or self.patience < 0 or self.max_grad_norm < 0 or self.sample_tokens < 0:
-            raise UserError("--sandwich-sample, --patience, --max-grad-norm and --sample-tokens cannot be negative")
+        if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens) < 0:
+            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm and --sample-tokens "
+                            "cannot be negative")
         return self
 
     def cluster_shape(self) -> tuple[int, int, float]:

@@ -13,6 +13,8 @@ import torch
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
+HOLDOUT_SEED = 1234  # the dev/test records are the same for every --seed and --max-steps
+HOLDOUT_SHARE = 10  # a held-out split takes at most 1/10 of the records
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -86,3 +88,38 @@ def token_blocks(ds, tokenizer, seq_len: int, max_blocks: int | None = None, see
         log.info("the data yields %d blocks of %d tokens, fewer than the %d asked for: training repeats them "
                  "(%.1f epochs)", len(blocks), seq_len, max_blocks, max_blocks / len(blocks))
     return torch.tensor(blocks[:max_blocks], dtype=torch.long)
+
+
+def hold_out(ds, tokenizer, seq_len: int, wanted: dict[str, int], text_field: str = "text", chunk: int = 64):
+    """Held-out splits cut out of `ds` at record boundaries: for each name in `wanted` (in order), the records of
+    one fixed permutation (HOLDOUT_SEED) until they yield wanted[name] blocks or a tenth of the records.
+    Returns ({name: blocks [n, seq_len]}, {name: its records' texts}, the remaining records for training)."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+    cap = max(1, len(ds) // HOLDOUT_SHARE)
+    if len(ds) <= len(wanted):
+        raise UserError(f"the data has {len(ds)} record(s): too few to hold out {' and '.join(wanted)} at record "
+                        f"boundaries; give {' and '.join('--' + name + '-data' for name in wanted)} or more records")
+    splits, records, used = {}, {}, 0
+    for name, n_blocks in wanted.items():
+        buffer: list[int] = []
+        taken, records[name] = 0, []
+        while len(buffer) < n_blocks * seq_len and taken < cap and used + taken < len(ds) - 1:
+            size = min(chunk, cap - taken, len(ds) - 1 - used - taken)
+            texts = ds.select(order[used + taken: used + taken + size])[text_field]
+            for text, ids in zip(texts, tokenizer([t or "" for t in texts])["input_ids"]):
+                buffer.extend(ids if text and text.strip() else [])
+                records[name].append(text)
+                taken += 1
+                if len(buffer) >= n_blocks * seq_len:
+                    break
+        used += taken
+        blocks = [buffer[i: i + seq_len] for i in range(0, len(buffer) - seq_len + 1, seq_len)][:n_blocks]
+        if not blocks:
+            raise UserError(f"the {taken} record(s) held out for {name} (at most 1/{HOLDOUT_SHARE} of --data) hold "
+                            f"fewer than --seq-len {seq_len} tokens; give --{name}-data, more text or a smaller "
+                            "--seq-len")
+        if len(blocks) < n_blocks:
+            log.info("%s: %d held-out blocks (1/%d of the records), fewer than the %d asked for", name, len(blocks),
+                     HOLDOUT_SHARE, n_blocks)
+        splits[name] = torch.tensor(blocks, dtype=torch.long)
+    return splits, records, ds.select(order[used:])

@@ -60,3 +60,15 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
     totals = dict(zip(["teacher", *sparsities], reduce(totals)))
     return {key: {"accuracy": (t[0] / t[2].clamp(min=1)).item(), "loss": (t[1] / t[2].clamp(min=1)).item(),
                   "tokens": int(t[2].item())} for key, t in totals.items()}
+
+
+@torch.no_grad()
+def score_model(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
+    """Next-token accuracy and loss of a plain causal LM on token blocks [n, T] (the test split)."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    for ids in blocks.split(batch_size):
+        ids = ids.to(device)
+        totals += torch.stack(_next_token_stats(model(input_ids=ids).logits, ids, None)).double().cpu()
+    tokens = totals[2].clamp(min=1)
+    return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2])}

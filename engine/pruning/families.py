@@ -319,3 +319,17 @@ def count_parameters(model, family: Family, width) -> int:
             for linear, per_unit in group.cols:
                 total -= removed * per_unit * linear.out_features
     return total
+
+
+def forward_flops(model, family: Family, width, context: int) -> int:
+    """Forward FLOPs per token of `model` restricted to `width`, the estimate of Kaplan et al. (2020): 2 per
+    weight of every linear layer (the LM head included, embedding lookups free) plus 2 x context x the
+    attention width of every layer (scores and weighted values)."""
+    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        for group, kept in zip(groups, (kept_attn, kept_ffn)):
+            removed = group.num_units - kept
+            weights -= sum(removed * per_unit * linear.in_features for linear, per_unit in group.rows)
+            weights -= sum(removed * per_unit * linear.out_features for linear, per_unit in group.cols)
+    attention = sum(kept * family.query_heads_per_unit * family.head_dim for kept in width.attention)
+    return 2 * weights + 2 * context * attention

@@ -5,7 +5,9 @@
     distill    plain KD: teacher -> student at the target sparsity                            (1 stage)
     maxidisc   for every candidate TA: teacher -> TA -> student; the best student is kept     (2K-1 stages)
 
-All three share the trainer, the data, and the per-stage budget (--max-steps), so they compare honestly.
+All three share the trainer, the data splits and the per-stage budget (--max-steps; the sandwich may have its
+own, --sandwich-steps). What each model cost (steps, tokens x widths, FLOPs, wall time) is in the report, and the
+kd-matched baseline gets the FLOPs of the whole compress pipeline. Dev selects, test reports.
 Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report appear only when complete.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from engine.config import RunConfig
 from engine.distillation.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity
+from engine.schedule.compute import total
 from engine.schedule.run import Run
 from engine.training.stage import StageResult
 
@@ -27,7 +30,8 @@ def compress(cfg: RunConfig) -> dict:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
     run = Run(cfg, "compress")
     candidates = run.candidates()
-    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True)
+    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True,
+                         max_steps=cfg.sandwich_steps)
     teacher_stats = sandwich.teacher_stats
     p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)
@@ -47,12 +51,13 @@ def compress(cfg: RunConfig) -> dict:
         student_teacher = ta
         student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
     run.phases["ta_export"] = round(time.perf_counter() - started, 2)
-    student = run.stage("student", student_teacher, student_init, [run.target])
+    student = run.stage("student", student_teacher, student_init, [run.target], teacher_width=choice or 0)
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
                                               "via_ta": None if choice is None else choice / PERMILLE})
     rows = [run.candidate_row(s, sandwich.best[s], sandwich.best[s].p) for s in candidates]
-    summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher")
-    trained = {name: run.baseline(name, teacher_stats) for name in cfg.baselines or []}
+    pipeline = total(run.compute["sandwich"], run.compute["student"])
+    summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher", pipeline)
+    trained = {name: run.baseline(name, teacher_stats, pipeline) for name in cfg.baselines or []}
     baselines = {name: metrics for name, (metrics, _) in trained.items()}
     ta_score = None if choice is None else sandwich.best[choice]
     return run.finish({
@@ -61,20 +66,12 @@ def compress(cfg: RunConfig) -> dict:
         "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich.best_step,
                                                     "path": "ta"},
         "ta_reason": reason,
-        "ta": None if choice is None else run.model_metrics(choice, ta_score.accuracy, ta_score.loss, path=ta),
+        "ta": None if choice is None else run.model_metrics(choice, ta_score.accuracy, ta_score.loss, path=ta,
+                                                            compute=run.compute["sandwich"]),
         "student": summary,
         "baselines": baselines,
-        "student_vs_baselines": {name: _gain(summary, b) for name, b in baselines.items()},
         "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
     })
-
-
-def _gain(student: dict, baseline: dict) -> dict:
-    """How much better the MiniDisc student is than a baseline (positive = better)."""
-    return {"accuracy": student["accuracy"] - baseline["accuracy"],
-            "relative_accuracy": relative(student["accuracy"], baseline["accuracy"]) - 1,
-            "loss": baseline["loss"] - student["loss"],
-            "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
 
 
 def distill(cfg: RunConfig) -> dict:
@@ -84,7 +81,8 @@ def distill(cfg: RunConfig) -> dict:
     student = run.stage("student", run.teacher_dir, init, [run.target])
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
     return run.finish({"teacher": run.teacher_metrics(student.teacher_stats),
-                       "student": run.student_summary(student, student.teacher_stats, "teacher"),
+                       "student": run.student_summary(student, student.teacher_stats, "teacher",
+                                                      run.compute["student"]),
                        "curves": _curves(student)})
 
 
@@ -103,7 +101,7 @@ def maxidisc(cfg: RunConfig) -> dict:
         name = format_sparsity(s)
         ta = run.stage(f"ta-{name}", run.teacher_dir, run.slice_model(s, run.work / f"ta_init-{name}"), [s])
         init = run.slice_model(run.target, run.work / f"student_init-{name}", source=ta.best_dir)
-        student = run.stage(f"student-via-{name}", ta.best_dir, init, [run.target])
+        student = run.stage(f"student-via-{name}", ta.best_dir, init, [run.target], teacher_width=s)
         trials[s] = (ta, student)
         results += [ta, student]
     score = {s: student.best[run.target].accuracy for s, (_, student) in trials.items()}
@@ -115,9 +113,11 @@ def maxidisc(cfg: RunConfig) -> dict:
     rows = []
     for s, (trial_ta, trial_student) in trials.items():
         stats, final = (trial_ta or trial_student).best[s], trial_student.best[run.target]
+        stages = [r.stage for r in (trial_ta, trial_student) if r is not None]
         rows.append(run.candidate_row(s, stats, relative(stats.accuracy, teacher_stats["accuracy"]),
                                       student_accuracy=final.accuracy, student_loss=final.loss,
-                                      wall_s=(trial_ta.wall_s if trial_ta else 0) + trial_student.wall_s))
+                                      student_path=str(trial_student.best_dir),
+                                      compute=total(*(run.compute[name] for name in stages))))
     ta_score = None if ta is None else ta.best[winner]
     return run.finish({
         "teacher": run.teacher_metrics(teacher_stats),
@@ -127,7 +127,8 @@ def maxidisc(cfg: RunConfig) -> dict:
         "ta_reason": f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy"
                      f" ({score[winner]:.4f}) of {len(trials)} trials",
         "ta": None if ta is None else run.model_metrics(winner, ta_score.accuracy, ta_score.loss, path=ta.best_dir),
-        "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher"),
+        "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher",
+                                       total(*run.compute.values())),
         "curves": _curves(*results),
     })
 

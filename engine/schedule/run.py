@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import replace
@@ -14,17 +13,19 @@ from pathlib import Path
 import torch
 
 from engine.config import RunConfig
-from engine.data import load_text_dataset, token_blocks
+from engine.data import hold_out, load_text_dataset, token_blocks
 from engine.distillation.loss import Objective
 from engine.distillation.selection import relative, tradeoff
 from engine.errors import UserError
 from engine.models.export import pruned_model
 from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.outputs import atomic_output_dir, is_ours
-from engine.pruning.families import count_parameters, family_for
+from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
 from engine.pruning.widths import PERMILLE, candidate_widths, format_sparsity, grid_with_target, parse_sparsity
+from engine.schedule.compute import matched_steps, stage_compute
+from engine.schedule.scoring import perplexity, score_checkpoint, score_report
 from engine.tools.harness import check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
 from engine.tools.report import render
@@ -44,7 +45,8 @@ RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prom
              "eval_include", "eval_text"}
 
 
-BASELINES = {"kd": "plain KD", "ce": "no distillation"}
+BASELINES = {"kd": "plain KD", "kd-matched": "plain KD, equal FLOPs", "kd-steps": "plain KD, equal steps",
+             "ce": "no distillation"}
 
 
 def check_teacher(cfg: RunConfig):
@@ -73,6 +75,8 @@ class Run:
         self.work = self.out / "work"
         self.phases: dict[str, float] = {}
         self.stage_timings: dict[str, dict] = {}  # stage -> the trainer's seconds per part
+        self.compute: dict[str, dict] = {}  # stage -> its steps, tokens, FLOPs and wall time (`stage_compute`)
+        self._flops: dict[int, int] = {}
         self.started = time.perf_counter()
         if cfg.baselines and command != "compress":
             raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
@@ -98,8 +102,9 @@ class Run:
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(TrainConfig.of(cfg), widths_per_step=1)  # readable, and compatible with --optimizer
         load_text_dataset(cfg.data, cfg.text_field)
-        if cfg.dev_data:
-            load_text_dataset(cfg.dev_data, cfg.text_field)
+        for path in (cfg.dev_data, cfg.test_data):
+            if path:
+                load_text_dataset(path, cfg.text_field)
         if cfg.eval_tasks:
             check_tasks(cfg.eval_tasks, cfg.eval_include)
             if cfg.eval_text:
@@ -150,34 +155,39 @@ class Run:
 
     def _data(self) -> Data:
         """Token blocks, tokenised once by rank 0 into work/data.pt (so every rank and every resumed run
-        trains on the very same blocks)."""
+        trains on the very same blocks). Dev and test come from their own files or are held out of --data at
+        record boundaries with a fixed seed, so they do not move with --seed or --max-steps."""
         cfg, cache = self.cfg, self.work / "data.pt"
         started = time.perf_counter()
         with dist.main_first("tokenising the data") as main:
             if main and not cache.is_file():
                 tokenizer = load_tokenizer(self.teacher_dir)
-                needed = cfg.max_steps * cfg.batch_size
-                train_ds = load_text_dataset(cfg.data, cfg.text_field)
-                if cfg.dev_data:
-                    train = token_blocks(train_ds, tokenizer, cfg.seq_len, needed, cfg.seed, cfg.text_field)
-                    dev = token_blocks(load_text_dataset(cfg.dev_data, cfg.text_field), tokenizer, cfg.seq_len,
-                                       cfg.eval_samples, None, cfg.text_field)
-                else:  # hold the dev blocks out of the training text
-                    blocks = token_blocks(train_ds, tokenizer, cfg.seq_len, needed + cfg.eval_samples, cfg.seed,
-                                          cfg.text_field)
-                    if len(blocks) < 2:
-                        raise UserError("the data yields a single block of --seq-len tokens: nothing is left to "
-                                        "hold out for dev; give more text, --dev-data, or a smaller --seq-len")
-                    n_dev = min(cfg.eval_samples, max(1, len(blocks) // 10))
-                    train, dev = blocks[:-n_dev], blocks[-n_dev:]
-                if len(dev) < dist.world_size():
-                    raise UserError(f"the dev split has {len(dev)} blocks, fewer than the {dist.world_size()} "
-                                    "processes; give more dev text or a smaller --seq-len")
-                torch.save({"train": train, "dev": dev}, cache)
-                log.info("data: %d training blocks, %d dev blocks of %d tokens", len(train), len(dev), cfg.seq_len)
+                splits, wanted = {}, {}
+                for name, path, n_blocks in (("dev", cfg.dev_data, cfg.eval_samples),
+                                             ("test", cfg.test_data, cfg.test_samples)):
+                    if path:
+                        splits[name] = token_blocks(load_text_dataset(path, cfg.text_field), tokenizer, cfg.seq_len,
+                                                    n_blocks, None, cfg.text_field)
+                    else:
+                        wanted[name] = n_blocks
+                records = load_text_dataset(cfg.data, cfg.text_field)
+                if wanted:
+                    held_out, texts, records = hold_out(records, tokenizer, cfg.seq_len, wanted, cfg.text_field)
+                    splits.update(held_out)
+                    splits["test_texts"] = texts.get("test")
+                steps = max(cfg.max_steps, cfg.sandwich_steps)
+                splits["train"] = token_blocks(records, tokenizer, cfg.seq_len, steps * cfg.batch_size, cfg.seed,
+                                               cfg.text_field)
+                if len(splits["dev"]) < dist.world_size():
+                    raise UserError(f"the dev split has {len(splits['dev'])} blocks, fewer than the "
+                                    f"{dist.world_size()} processes; give more dev text or a smaller --seq-len")
+                torch.save(splits, cache)
+                log.info("data: %s blocks of %d tokens", ", ".join(f"{len(splits[k])} {k}" for k in ("train", "dev", "test")),
+                         cfg.seq_len)
         blocks = torch.load(cache)
         self.phases["data"] = round(time.perf_counter() - started, 2)
-        return Data(blocks["train"], blocks["dev"])
+        self.test_texts = blocks.get("test_texts")  # the held-out test records, for --eval-tasks
+        return Data(blocks["train"], blocks["dev"], blocks["test"])
 
     # --- pieces used by the commands ---------------------------------------------------------------------------
     def width_of(self, permille: int):
@@ -186,15 +196,30 @@ class Run:
     def candidates(self) -> list[int]:
         return candidate_widths(self.plan.grid, parse_sparsity(self.cfg.truncate), self.target)
 
-    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None) -> StageResult:
-        """Train one stage with the run's options (and its distillation loss unless `objective` is given)."""
+    def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None, teacher_width=0,
+              max_steps=None) -> StageResult:
+        """Train one stage with the run's options (its distillation loss unless `objective` is given, --max-steps
+        unless `max_steps` is) and record its time and compute. `teacher_width`: the teacher's sparsity."""
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
                       objective=objective or Objective.of(self.cfg))
-        result = run_stage(stage, TrainConfig.of(self.cfg), self.data, self.work)
+        train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
+        result = run_stage(stage, train, self.data, self.work)
         self.phases[name] = result.wall_s
         self.stage_timings[name] = result.timings
+        self.compute[name] = stage_compute(result, self.forward_flops, teacher_width, self.tokens_per_step)
         return result
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+    def forward_flops(self, permille: int) -> int:
+        """Forward FLOPs per token of the width at `permille` (the teacher at 0)."""
+        if permille not in self._flops:
+            self._flops[permille] = forward_flops(self._shape_model, self.family, self.width_of(permille),
+                                                  self.cfg.seq_len)
+        return self._flops[permille]
 
     def slice_model(self, permille: int, out: Path, source: Path | None = None) -> Path:
         """The width at `permille` as a real model in `out` (fp32, a stage's start): a prefix slice of `source` (a
@@ -245,7 +270,7 @@ class Run:
 
     def model_metrics(self, permille: int, accuracy: float, loss: float, path=None, **extra) -> dict:
         return {"sparsity": permille / PERMILLE, "parameters": self.parameters(permille), "accuracy": accuracy,
-                "loss": loss, "perplexity": _perplexity(loss), **({"path": str(path)} if path else {}), **extra}
+                "loss": loss, "perplexity": perplexity(loss), **({"path": str(path)} if path else {}), **extra}
 
     def candidate_row(self, permille: int, score: WidthScore, p: float, **extra) -> dict:
         """One candidate TA of the report: its metrics, scale, p(s) and trade-off."""
@@ -258,9 +283,12 @@ class Run:
         self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
         report = {"format": "minidisc-report/1", "command": self.command,
                   "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
-                  **report, "phases": self.phases, "stage_timings": self.stage_timings, "config": self.cfg.to_dict()}
+                  **report, "data": self.data_summary(), "compute": self.compute, "phases": self.phases,
+                  "stage_timings": self.stage_timings, "config": self.cfg.to_dict()}
         with dist.main_first("writing the report") as main:
             if main:
+                log.info("measuring every model on the test split (%d blocks)", len(self.data.test))
+                self._timed("test", score_report, report, self.score_on_test)
                 report["samples"] = self._timed("samples", self.samples, report)
                 if self.cfg.eval_tasks:
                     report["benchmarks"] = self._timed("benchmarks", self.benchmarks, report)
@@ -272,6 +300,19 @@ class Run:
                 tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
                 log.info("wrote %s", self.out / "report.json")
         return report
+
+    def score_on_test(self, path) -> dict:
+        device = dist.device()
+        dtype = torch.float32 if device.type == "cpu" else self.export_dtype
+        batch = max(1, self.cfg.batch_size // (self.cfg.grad_accum * dist.world_size()))
+        return score_checkpoint(path, self.data.test, batch, device, dtype)
+
+    def data_summary(self) -> dict:
+        """Where dev and test came from and how many blocks each split holds."""
+        cfg = self.cfg
+        return {"seq_len": cfg.seq_len, **{f"{name}_blocks": len(getattr(self.data, name))
+                                           for name in ("train", "dev", "test")},
+                "dev": cfg.dev_data or "held out of --data", "test": cfg.test_data or "held out of --data"}
 
     def _timed(self, phase: str, work, *args):
         started = time.perf_counter()
@@ -295,18 +336,17 @@ class Run:
     def benchmarks(self, report: dict) -> dict:
         """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
         cfg = self.cfg
-        source = cfg.eval_text or cfg.dev_data
+        source = cfg.eval_text or cfg.test_data
         if source:
             texts = list(load_text_dataset(source, cfg.text_field)[cfg.text_field])
-        else:  # the held-out dev sequences, as text
-            tokenizer = load_tokenizer(self.teacher_dir)
-            texts = [tokenizer.decode(block, skip_special_tokens=True) for block in self.data.dev]
+        else:
+            texts = self.test_texts
         models = {label: m for label, _, m in models_of(report)}
         results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
                            include=cfg.eval_include, device=str(dist.device()), seed=cfg.seed)
         for label, m in models.items():
             m["benchmarks"] = results["models"][label]
-        return {"tasks": results["tasks"], "text": str(source) if source else "the dev sequences"}
+        return {"tasks": results["tasks"], "text": str(source) if source else "the test records held out of --data"}
 
     def write_cards(self, report: dict) -> None:
         """A model card in every model published under --out, with the report's numbers (before report.json,
@@ -325,31 +365,36 @@ class Run:
                                  via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
                                  query_heads_per_unit=self.family.query_heads_per_unit)
 
-    def baseline(self, name: str, teacher_stats: dict) -> tuple[dict, StageResult]:
-        """A comparison student of the target size from the same slice of the pruned teacher, same budget:
-        `kd` distils it from the teacher (no TA), `ce` trains it on the next tokens alone (no distillation)."""
+    def baseline(self, name: str, teacher_stats: dict, pipeline: dict) -> tuple[dict, StageResult]:
+        """A comparison student of the target size from the same slice of the pruned teacher: `kd` distils it from
+        the teacher (no TA) for --max-steps, `kd-matched` for the steps that spend the training FLOPs of the
+        MiniDisc `pipeline` (its compute), `kd-steps` for the pipeline's optimiser steps; `ce` trains it on the
+        next tokens alone (no distillation) for --max-steps."""
         objective = Objective.of(self.cfg)
         if name == "ce":
             objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
+        step_flops = self.tokens_per_step * (3 * self.forward_flops(self.target) + self.forward_flops(0))
+        steps = {"kd-matched": matched_steps(pipeline["train_flops"], step_flops),
+                 "kd-steps": pipeline["steps"]}.get(name, self.cfg.max_steps)
         init = self.slice_model(self.target, self.work / "student_init-direct")
-        result = self.stage(f"baseline-{name}", self.teacher_dir, init, [self.target], objective=objective)
+        stage = f"baseline-{name}"
+        result = self.stage(stage, self.teacher_dir, init, [self.target], objective=objective, max_steps=steps)
         self.publish(result.best_dir, f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
                                                             "sparsity": self.target / PERMILLE})
         best = result.best[self.target]
         metrics = self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "baselines" / name,
                                      label=BASELINES[name], best_step=best.step, wall_time=result.wall_s,
-                                     relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]))
+                                     relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
+                                     compute=self.compute[stage])
         return metrics, result
 
     def teacher_metrics(self, stats: dict) -> dict:
         return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats["accuracy"], stats["loss"])}
 
-    def student_summary(self, result: StageResult, teacher_stats: dict, via: str) -> dict:
+    def student_summary(self, result: StageResult, teacher_stats: dict, via: str, compute: dict) -> dict:
+        """The published student's metrics; `compute`: what every stage behind it cost together."""
         best = result.best[self.target]
         return self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "student",
                                   uniform=self.cfg.uniform, best_step=best.step, via=via,
-                                  relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]))
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
+                                  relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
+                                  compute=compute)

@@ -29,8 +29,9 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     """Validate and describe the run; returns what it printed as data."""
     config = check_teacher(cfg)
     data = {"data": check_data_path(cfg.data)}
-    if cfg.dev_data:
-        data["dev_data"] = check_data_path(cfg.dev_data)
+    for name in ("dev_data", "test_data"):
+        if getattr(cfg, name):
+            data[name] = check_data_path(getattr(cfg, name))
     candidates = _candidates(cfg, config)
     per_step = widths_per_step(len(candidates), cfg.sandwich_sample) if command == "compress" else 1
     read_ds_config(cfg.teacher_ds_config())

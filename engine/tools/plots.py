@@ -1,7 +1,6 @@
 """The report's plots (matplotlib, Agg): the trade-off per candidate, training and dev curves, the models compared."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from engine.tools.report_format import count, has_student_score, is_selected, models_of, pct, sorted_candidates, values
@@ -121,23 +120,38 @@ def plot_curves(report: dict, path: Path) -> Path | None:
 
 
 def plot_models(report: dict, path: Path) -> Path | None:
-    """Accuracy and perplexity of teacher, TA, student and baselines side by side, parameters on the labels."""
+    """Test accuracy of teacher, TA, student and baselines side by side (parameters on the labels), and of the
+    trained ones against their training FLOPs: what each model cost."""
     models = [(label, m) for label, _, m in models_of(report) if m.get("accuracy") is not None]
     if len(models) < 2:
         return None
     names = [f"{label}\n{count(m.get('parameters'))}" for label, m in models]
-    colors = ["tab:grey" if label == "teacher" else "tab:orange" if label == "TA" else
-              "tab:green" if label.startswith("student") else "tab:blue" for label, _ in models]
-    fig = _figure(max(6.0, 1.6 * len(models) + 2), 4.0)
-    for index, (key, title) in enumerate((("accuracy", "next-token accuracy (dev)"),
-                                          ("perplexity", "perplexity (dev), lower is better"))):
-        ax = fig.add_subplot(1, 2, index + 1)
-        values = [m.get(key) if m.get(key) is not None and math.isfinite(m[key]) else math.nan for _, m in models]
-        bars = ax.bar(range(len(models)), values, color=colors)
-        ax.bar_label(bars, fmt="%.3f" if key == "accuracy" else "%.1f", fontsize="small")
-        ax.set_xticks(range(len(models)), names, fontsize="small")
-        ax.set_title(title)
-        ax.margins(y=0.15)
-        ax.grid(axis="y", alpha=0.3)
+    colors = [_color(label) for label, _ in models]
+    fig = _figure(max(10.0, 1.6 * len(models) + 6), 4.2)
+    bars_ax, cost_ax = fig.subplots(1, 2)
+    bars = bars_ax.bar(range(len(models)), [m["accuracy"] for _, m in models], color=colors)
+    bars_ax.bar_label(bars, fmt="%.3f", fontsize="small")
+    bars_ax.set_xticks(range(len(models)), names, fontsize="small")
+    bars_ax.set_title("next-token accuracy (test)")
+    bars_ax.margins(y=0.15)
+    bars_ax.grid(axis="y", alpha=0.3)
+    for label, m in models:
+        if (m.get("compute") or {}).get("train_flops"):
+            cost_ax.plot(m["compute"]["train_flops"], m["accuracy"], "o", color=_color(label), markersize=8)
+            cost_ax.annotate(label, (m["compute"]["train_flops"], m["accuracy"]), xytext=(6, 4),
+                             textcoords="offset points", fontsize="small")
+        elif label == "teacher":
+            cost_ax.axhline(m["accuracy"], color=_color(label), linestyle="--", linewidth=1, label="teacher")
+    cost_ax.set_xscale("log")
+    cost_ax.set_xlabel("training FLOPs (every stage behind the model)")
+    cost_ax.set_ylabel("test accuracy")
+    cost_ax.set_title("quality against compute")
+    cost_ax.margins(x=0.2, y=0.15)
+    cost_ax.grid(alpha=0.3)
     fig.savefig(path)
     return path
+
+
+def _color(label: str) -> str:
+    return ("tab:grey" if label == "teacher" else "tab:orange" if label == "TA" else
+            "tab:green" if label.startswith("student") else "tab:blue")

@@ -15,6 +15,7 @@ from engine.tools.plots import plot_curves, plot_models, plot_tradeoff
 from engine.tools.report_format import (
     count,
     fixed,
+    flops,
     has_student_score,
     is_selected,
     models_of,
@@ -25,14 +26,9 @@ from engine.tools.report_format import (
 )
 
 NO_TA = "no TA: the best trade-off is at the target, the student is distilled directly"
-# Which phases produced each model, for the comparison table's wall-time column when the metric dict
-# carries no time of its own (the TA comes out of the sandwich training, the student out of its own run).
-ROLE_PHASES = {"ta": ("sandwich", "ta_export"), "student": ("student",)}
-
-
-
-
-
+# What a baseline's compute was matched to, in the words the report uses ("same budget" only where true).
+MATCHED = {"kd-matched": "given the training FLOPs of the whole MiniDisc pipeline",
+           "kd-steps": "given the optimiser steps of the whole MiniDisc pipeline"}
 
 # ------------------------------------------------------------------------------------------- markdown
 
@@ -63,8 +59,13 @@ def _summary(report: dict) -> str:
         reason = report["ta_reason"].rstrip()
         parts.append(f"Reason: {reason}" + ("" if reason.endswith((".", "!", "?")) else "."))
 
+    data = report.get("data")
+    if data:
+        parts.append(f"Dev ({data['dev']}, {data['dev_blocks']} blocks of {data['seq_len']} tokens) selected; every "
+                     f"model figure below is measured on test ({data['test']}, {data['test_blocks']} blocks), which "
+                     "selected nothing.")
     if student.get("accuracy") is not None:
-        line = f"Student accuracy {num(student['accuracy'])}"
+        line = f"Student test accuracy {num(student['accuracy'])}"
         if teacher.get("accuracy") is not None:
             line += f" vs teacher {num(teacher['accuracy'])}"
         if student.get("relative_accuracy") is not None:
@@ -82,10 +83,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _candidate_table(report: dict) -> list[str]:
     candidates = sorted_candidates(report)
     with_student = has_student_score(candidates)
-    header = ["TA", "sparsity", "scale", "parameters", "% of teacher", "p", "accuracy", "dev loss", "tradeoff",
-              "best step"]
+    header = ["TA", "sparsity", "scale", "parameters", "% of teacher", "p (dev)", "dev accuracy", "dev loss",
+              "tradeoff", "best step"]
     if with_student:
-        header.append("MaxiDisc student acc.")
+        header.append("student test acc. (via this TA)")
     rows = []
     for c in candidates:
         chosen = is_selected(c, report.get("selected_ta"))
@@ -101,37 +102,42 @@ def _candidate_table(report: dict) -> list[str]:
     return _table(header, rows)
 
 
-def _role_time(report: dict, role: str, metrics: dict):
-    if metrics.get("wall_time") is not None:
-        return metrics["wall_time"]
-    phases = report.get("phases") or {}
-    times = [phases[name] for name in ROLE_PHASES.get(role, ()) if phases.get(name) is not None]
-    return sum(times) if times else None
-
-
 def _gains(report: dict) -> list[str]:
-    """One sentence per baseline: how far the student is ahead of it (same size, same budget)."""
+    """One sentence per baseline: how far the student is from it on test, and what the baseline's training cost
+    against the whole MiniDisc pipeline's."""
     lines = []
+    student_compute = (report.get("student") or {}).get("compute")
     for name, gain in (report.get("student_vs_baselines") or {}).items():
-        label = (report.get("baselines") or {}).get(name, {}).get("label", name)
+        baseline = (report.get("baselines") or {}).get(name, {})
         side = "ahead of" if gain["accuracy"] > 0 else "behind" if gain["accuracy"] < 0 else "level with"
-        lines.append(f"The student is {side} the {label} student (same size, same budget) by "
+        cost = ""
+        if student_compute and baseline.get("compute"):
+            ratio = baseline["compute"]["train_flops"] / student_compute["train_flops"]
+            cost = f" ({MATCHED.get(name, f'given {ratio:.2g}x the training FLOPs of the MiniDisc pipeline')})"
+        lines.append(f"On test, the student is {side} the {baseline.get('label', name)} student{cost} by "
                      f"{100 * abs(gain['accuracy']):.2f} accuracy points ({100 * gain['relative_accuracy']:+.1f}% "
-                     f"relative); its dev loss differs by {-gain['loss']:+.3f} and its perplexity is "
-                     f"x{1 / gain['perplexity_ratio']:.3f} the baseline's.")
+                     f"relative); its loss differs by {-gain['loss']:+.3f}.")
     return lines
 
 
 def _comparison_table(report: dict) -> list[str]:
-    models = models_of(report)
-    teacher_params = (report.get("teacher") or {}).get("parameters")
     rows = []
-    for label, role, m in models:
-        fraction = m["parameters"] / teacher_params if m.get("parameters") and teacher_params else None
-        rows.append([label, num(m.get("sparsity", 0.0 if role == "teacher" else None)), count(m.get("parameters")),
-                     pct(fraction), fixed(m.get("loss")), fixed(m.get("perplexity"), 2), fixed(m.get("accuracy")),
-                     seconds(_role_time(report, role, m))])
-    header = ["model", "sparsity", "parameters", "% of teacher", "dev loss", "perplexity", "accuracy", "wall time"]
+    for label, _, m in models_of(report):
+        c = m.get("compute") or {}
+        rows.append([label, num(m.get("sparsity", 0.0)), count(m.get("parameters")), fixed(m.get("accuracy")),
+                     fixed(m.get("loss")), fixed(m.get("perplexity"), 2), fixed(m.get("dev_accuracy")),
+                     str(c.get("steps", "—")), count(c.get("width_tokens")), flops(c.get("train_flops")),
+                     seconds(c.get("wall_s"))])
+    header = ["model", "sparsity", "parameters", "test accuracy", "test loss", "test perplexity", "dev accuracy",
+              "steps", "tokens x widths", "training FLOPs", "training time"]
+    return _table(header, rows) if rows else []
+
+
+def _compute_table(report: dict) -> list[str]:
+    stages = report.get("compute") or {}
+    rows = [[name, str(c["steps"]), count(c["tokens"]), count(c["width_tokens"]), flops(c["train_flops"]),
+             flops(c["eval_flops"]), seconds(c["wall_s"])] for name, c in stages.items()]
+    header = ["stage", "steps", "tokens", "tokens x widths", "training FLOPs", "evaluation FLOPs", "wall time"]
     return _table(header, rows) if rows else []
 
 
@@ -193,9 +199,14 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
             lines += [f"![TA trade-off: p and p + λ·s against scale]({images['tradeoff'].name})", ""]
     comparison = _comparison_table(report)
     if comparison:
-        lines += ["## Models", "", *comparison, ""]
+        lines += ["## Models", "", "Test figures; the compute columns are every stage behind a model (the MiniDisc "
+                  "student's include the sandwich; the teacher's pretraining is not counted). FLOPs: 6 per weight "
+                  "and token trained, 2 per teacher weight and token (Kaplan et al. 2020).", "", *comparison, ""]
         if "models" in images:
-            lines += [f"![Accuracy and perplexity of every model]({images['models'].name})", ""]
+            lines += [f"![Test accuracy of every model, and against training compute]({images['models'].name})", ""]
+    compute = _compute_table(report)
+    if compute:
+        lines += ["## Compute per stage", "", *compute, ""]
     benchmarks = _benchmarks(report)
     if benchmarks:
         lines += ["## Benchmarks", "", *benchmarks]
@@ -235,8 +246,8 @@ def print_summary(report: dict) -> None:
         lam = report.get("lam")
         title = "MiniDisc TA candidates" + (f" (λ = {lam:g})" if lam is not None else "")
         table = Table(title=title)
-        columns = ["TA", "sparsity", "params", "p", "acc", "loss", "tradeoff"]
-        columns += ["student acc"] if with_student else []
+        columns = ["TA", "sparsity", "params", "p (dev)", "dev acc", "dev loss", "tradeoff"]
+        columns += ["student test acc"] if with_student else []
         for column in columns:
             table.add_column(column, justify="left" if column == "TA" else "right")
         for c in candidates:
@@ -253,8 +264,8 @@ def print_summary(report: dict) -> None:
     if student:
         get = student.get
         console.print(f"student s={num(get('sparsity'))}: {count(get('parameters'))} params, "
-                      f"accuracy {fixed(get('accuracy'))} (relative {fixed(get('relative_accuracy'))}), "
-                      f"dev loss {fixed(get('loss'))}, perplexity {fixed(get('perplexity'), 2)}")
+                      f"test accuracy {fixed(get('accuracy'))} (relative {fixed(get('relative_accuracy'))}), "
+                      f"test loss {fixed(get('loss'))}, perplexity {fixed(get('perplexity'), 2)}")
     for line in _gains(report):
         console.print(line)
 

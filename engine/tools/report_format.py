@@ -25,6 +25,11 @@ def count(n) -> str:
     return str(int(n))
 
 
+def flops(n) -> str:
+    """FLOP counts as 1.2e15: spans of many orders of magnitude read best in scientific notation."""
+    return "—" if n is None else f"{n:.2g}"
+
+
 def pct(fraction, decimals: int = 1) -> str:
     return "—" if fraction is None else f"{100 * fraction:.{decimals}f}%"
 

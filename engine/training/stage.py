@@ -21,10 +21,11 @@ class Diverged(UserError):
 
 @dataclass
 class Data:
-    """Token blocks [n, seq_len]: the training stream and the dev split."""
+    """Token blocks [n, seq_len]: the training stream, the dev split (selects) and the test split (reports)."""
 
     train: torch.Tensor
     dev: torch.Tensor
+    test: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ def metrics(sparsity: float, accuracy: float, loss: float, path: str) -> dict:
             "loss": loss, "perplexity": 2.718281828 ** loss, "path": path}
 
 
+def compute(steps: int, train_flops: float, wall_s: float) -> dict:
+    return {"steps": steps, "tokens": steps * 1024, "width_tokens": steps * 1024, "train_flops": train_flops,
+            "eval_flops": train_flops / 10, "wall_s": wall_s}
+
+
 def make_report(command: str = "compress", lam: float = 0.2) -> dict:
     target = SPARSITIES[-1]
     report = {
@@ -36,7 +41,8 @@ def make_report(command: str = "compress", lam: float = 0.2) -> dict:
         "phases": {"prune": 1.5, "sandwich": 30.25, "ta_export": 0.75, "student": 20.0, "total": 52.5},
         "curves": {"sandwich": curves(SPARSITIES), "student": curves([target])},
     }
-    student = metrics(target, 0.31, 2.9, "student") | {"relative_accuracy": 0.62, "uniform": True, "best_step": 50}
+    student = metrics(target, 0.31, 2.9, "student") | {"relative_accuracy": 0.62, "uniform": True, "best_step": 50,
+                                                       "dev_accuracy": 0.33, "compute": compute(100, 4e12, 50.25)}
     report["student"] = student
     if command == "distill":
         report["phases"] = {"student": 20.0, "total": 20.0}
@@ -61,11 +67,21 @@ def make_report(command: str = "compress", lam: float = 0.2) -> dict:
         report["selected_ta"] = {"sparsity": best["sparsity"], "step": best["best_step"], "path": "ta"}
         report["ta"] = metrics(best["sparsity"], best["accuracy"], best["loss"], "ta")
         report["ta_reason"] = f"p + lambda*s peaks at s={best['sparsity']:g}"
-    if command == "compress":  # --baselines ce: the same-size student trained without distillation
-        report["baselines"] = {"ce": metrics(target, 0.25, 3.2, "baselines/ce") | {
-            "relative_accuracy": 0.5, "label": "no distillation", "wall_time": 12.5}}
-        report["student_vs_baselines"] = {"ce": {"accuracy": 0.31 - 0.25, "relative_accuracy": 0.31 / 0.25 - 1,
-                                                 "loss": 3.2 - 2.9, "perplexity_ratio": 2.718281828 ** 0.3}}
+    if command == "compress":  # --baselines ce kd-matched: without distillation, and plain KD at equal FLOPs
+        report["baselines"] = {
+            "ce": metrics(target, 0.25, 3.2, "baselines/ce") | {"relative_accuracy": 0.5, "label": "no distillation",
+                                                                "compute": compute(50, 1e12, 12.5)},
+            "kd-matched": metrics(target, 0.32, 2.8, "baselines/kd-matched") | {
+                "relative_accuracy": 0.64, "label": "plain KD, equal FLOPs", "compute": compute(190, 3.99e12, 40.0)}}
+        report["student_vs_baselines"] = {
+            "ce": {"accuracy": 0.31 - 0.25, "relative_accuracy": 0.31 / 0.25 - 1, "loss": 3.2 - 2.9,
+                   "perplexity_ratio": 2.718281828 ** 0.3},
+            "kd-matched": {"accuracy": 0.31 - 0.32, "relative_accuracy": 0.31 / 0.32 - 1, "loss": 2.8 - 2.9,
+                           "perplexity_ratio": 2.718281828 ** -0.1}}
+        report["compute"] = {"sandwich": compute(50, 3e12, 30.25), "student": compute(50, 1e12, 20.0),
+                             "baseline-ce": compute(50, 1e12, 12.5), "baseline-kd-matched": compute(190, 3.99e12, 40)}
+        report["data"] = {"seq_len": 128, "train_blocks": 800, "dev_blocks": 96, "test_blocks": 64,
+                          "dev": "dev.txt", "test": "held out of --data"}
     return json.loads(json.dumps(report))  # exactly what report.json holds
 
 
@@ -104,13 +120,18 @@ def test_render_with_candidates(tmp_path, command):
     assert report["ta_reason"] in md
     assert "![" in md and "(tradeoff.png)" in md and "(curves.png)" in md
     assert "| TA |" in md and "| student (MiniDisc) |" in md and "(models.png)" in md
-    if command == "compress":  # the baseline's row, and by how much the student beats it
-        assert "| no distillation | 0.9 |" in md and "| 12.5 s |" in md
-        assert ("The student is ahead of the no distillation student (same size, same budget) by 6.00 accuracy "
-                "points (+24.0% relative); its dev loss differs by -0.300 and its perplexity is x0.741 the "
-                "baseline's.") in md
+    if command == "compress":  # the baselines' rows with their compute, and how the student compares on test
+        assert "| no distillation | 0.9 | 350K | 0.250 | 3.200 | 24.53 | — | 50 | 51.2K | 1e+12 | 12.5 s |" in md
+        assert "| student (MiniDisc) | 0.9 | 350K | 0.310 | 2.900 | 18.17 | 0.330 | 100 | 102K | 4e+12 | 50.2 s |" in md
+        assert ("On test, the student is ahead of the no distillation student (given 0.25x the training FLOPs of the "
+                "MiniDisc pipeline) by 6.00 accuracy points (+24.0% relative); its loss differs by -0.300.") in md
+        assert ("On test, the student is behind the plain KD, equal FLOPs student (given the training FLOPs of the "
+                "whole MiniDisc pipeline) by 1.00 accuracy points (-3.1% relative); its loss differs by +0.100.") in md
+        assert "same budget" not in md
+        assert "| baseline-kd-matched | 190 | 195K | 195K | 4e+12 | 4e+11 | 40.0 s |" in md  # compute per stage
+        assert "every model figure below is measured on test (held out of --data, 64 blocks)" in md
     assert "sandwich" in md and "30.2" in md  # phases table
-    assert ("MaxiDisc student acc." in md) == (command == "maxidisc")
+    assert ("student test acc. (via this TA)" in md) == (command == "maxidisc")
 
 
 def test_render_no_ta_when_best_tradeoff_is_at_target(tmp_path):

@@ -1,0 +1,40 @@
+"""What a model cost to train: optimiser steps, tokens x widths, FLOPs and wall time of the stages behind it.
+
+FLOPs follow Kaplan et al. (2020): a forward pass costs F(w) per token (`forward_flops`), a training step
+3 F(w) per token (forward + backward), the frozen teacher one forward per token. A stage's training FLOPs are
+read off its training curve, which holds one point per width trained per step (so --sandwich-sample and
+early stopping are counted as they ran); its evaluation FLOPs off its dev curve.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.pruning.widths import PERMILLE
+from engine.training.stage import StageResult
+
+KEYS = ("steps", "tokens", "width_tokens", "train_flops", "eval_flops", "wall_s")
+
+
+def stage_compute(result: StageResult, flops: Callable[[int], int], teacher: int, tokens_per_step: int) -> dict:
+    """The compute of one finished stage. `flops(permille)` is the forward FLOPs per token at a width;
+    `teacher` the sparsity of the stage's teacher (0, or the TA's); `tokens_per_step` = --batch-size x --seq-len."""
+    trained = [round(point["width"] * PERMILLE) for point in result.curves["train"]]
+    evaluated = result.curves["eval"]
+    eval_tokens = {point["step"]: point["tokens"] for point in evaluated}  # the teacher runs once per evaluation
+    return {"steps": result.steps, "tokens": result.steps * tokens_per_step,
+            "width_tokens": len(trained) * tokens_per_step,
+            "train_flops": tokens_per_step * (sum(3 * flops(w) for w in trained) + result.steps * flops(teacher)),
+            "eval_flops": sum(p["tokens"] * flops(round(p["width"] * PERMILLE)) for p in evaluated)
+            + sum(eval_tokens.values()) * flops(teacher),
+            "wall_s": result.wall_s}
+
+
+def total(*computes: dict) -> dict:
+    """The compute of several stages together (a model that took more than one)."""
+    return {key: round(sum(c[key] for c in computes), 2) if key == "wall_s" else sum(c[key] for c in computes)
+            for key in KEYS}
+
+
+def matched_steps(budget_flops: int, step_flops: int) -> int:
+    """Optimiser steps of a single-width stage that spend `budget_flops` training FLOPs (at least 1)."""
+    return max(1, round(budget_flops / step_flops))
