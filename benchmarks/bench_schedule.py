@@ -1,72 +1,50 @@
-"""MiniDisc vs MaxiDisc vs plain KD on one small setup: wall time, student quality, and how well MiniDisc's
-one-trial TA score predicts the student each TA actually yields.
+"""The MiniDisc schedule measured on the built-in example, over seeds: which TA the trade-off picks and what it
+is worth at equal compute. Dev selects everything; every accuracy below is on the test split.
 
-Setup (cached under --work, so reruns reuse it): the pydoc corpus (engine.tools.demo.write_corpus), a SentencePiece
-tokenizer (engine.tools.demo.train_tokenizer), a LLaMA teacher (hidden 256, 4 layers, 8 heads / 4 KV heads,
-intermediate 688) pretrained with engine.tools.demo.pretrain, and that teacher pruned ONCE on the default grid
-(engine.pruning.prune). The pruned teacher dir (it holds pruning.json, so the engine uses it as is) is given to all
-three runs, so pruning is not timed three times. Then, sequentially and in this process (`--mode subprocess` runs the
-`minidisc` console script instead and reads OUT/report.json), each into a fresh OUT dir:
+    --study ta-choice      per seed, `compress` and `maxidisc` with --truncate 0 (every grid point up to the target
+                           is a candidate). The sandwich gives p(s) on dev for each metric definition; MaxiDisc
+                           gives the student each TA actually yields. For each metric and lambda: the Spearman
+                           correlation of p + lambda s with those students' test accuracy, and the regret of its
+                           pick (accuracy points behind MaxiDisc's best student).
+    --study equal-compute  per seed, `compress` with the given options and --baselines kd kd-matched: the MiniDisc
+                           student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
 
-    distill    plain KD, teacher -> student at --target-sparsity            (1 stage)
-    compress   MiniDisc: sandwich over the candidates, lambda choice, TA -> student   (2 stages)
-    maxidisc   MaxiDisc: teacher -> TA -> student for every candidate        (2K-1 stages)
+The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
+WORK/<study>-<label>/seed<N>/<command> and a finished run is read back, so a killed study continues where it was.
+Options of the built-in run are the base; `--set KEY=VALUE` overrides any RunConfig field (e.g. --set
+sandwich_steps=50 lam=0.5). Appends rows to benchmarks/results/ta_choice.csv or equal_compute.csv.
 
-with the same per-stage budget (--steps), target 0.9, truncate 0.5 (candidates 0.5 0.6 0.7 0.8 0.85 0.9). Prints
-the per-method table, the per-candidate table (MiniDisc p(s) and p + lam*s next to MaxiDisc's student accuracy
-through that TA), Pearson/Spearman correlations, the two targets (MiniDisc wall <= 40% of MaxiDisc's; MiniDisc
-student accuracy within 1% relative of MaxiDisc's best), and, in-process, where each method's time went.
-Appends rows to benchmarks/results/schedule.csv (column `row`: method | candidate | summary).
-
-    python benchmarks/bench_schedule.py --steps 20 --eval-every 10 --pretrain-steps 100      # quick check
-    python benchmarks/bench_schedule.py --pretrain-steps 500 --steps 80 --eval-every 20      # a real run
+    python benchmarks/bench_schedule.py --study ta-choice --seeds 0 1 2
+    python benchmarks/bench_schedule.py --study equal-compute --seeds 0 1 2 --set lam=1.0 truncate=0
+    MINIDISC_BUILTIN=test python benchmarks/bench_schedule.py --study ta-choice --seeds 0 --no-csv   # quick check
 """
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from results_csv import append_rows  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source tree too
+from results_csv import append_rows  # noqa: E402
 
-RESULTS = Path(__file__).with_name("results") / "schedule.csv"
-METHODS = ("distill", "compress", "maxidisc")
-LABEL = {"distill": "plain KD", "compress": "MiniDisc", "maxidisc": "MaxiDisc"}
-TIME_TARGET, ACCURACY_TARGET = 0.40, 0.01
-PRETRAIN_LR = 3e-3
-FIELDS = ["date", "device", "dtype", "row", "method", "mode", "pretrain_steps", "steps", "eval_every", "batch",
-          "seq_len", "lam", "sandwich_sample", "lr", "teacher_params", "teacher_accuracy", "wall_s",
-          "phases_total_s", "cpu_s", "load_avg", "student_accuracy", "student_loss", "ta_sparsity", "sparsity", "p",
-          "tradeoff",
-          "minidisc_accuracy", "maxidisc_student_accuracy", "maxidisc_trial_wall_s", "pearson", "spearman",
-          "pearson_p", "spearman_p", "time_ratio", "time_target_met", "cpu_ratio", "accuracy_ratio",
-          "accuracy_target_met",
-          "prune_s", "minidisc", "torch"]
+METRICS = ("relative_accuracy", "accuracy", "exp_loss")
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
-# --- statistics (scipy is not installed) ------------------------------------------------------------------------
+# --- statistics (no scipy) -----------------------------------------------------------------------------------------
 def pearson(x: list[float], y: list[float]) -> float:
     n = len(x)
-    if n < 2:
-        return math.nan
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
@@ -92,366 +70,184 @@ def spearman(x: list[float], y: list[float]) -> float:
     return pearson(ranks(x), ranks(y))
 
 
-# --- setup: corpus, tokenizer, pretrained teacher, pruned teacher (all cached) ----------------------------------
-def setup(args, log) -> dict:
-    from engine.data import load_text_dataset, token_blocks
-    from engine.tools.demo import DEMO_TEACHER, pretrain, train_tokenizer, write_corpus
+def mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
 
-    work = Path(args.work)
-    data_dir = work / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    train, dev = data_dir / "train.txt", data_dir / "dev.txt"
-    if not (train.is_file() and dev.is_file()):
-        write_corpus(data_dir)
-    tok_dir = work / f"tokenizer-v{args.vocab}"
-    if not (tok_dir / "tokenizer_config.json").is_file():
-        log(f"training the SentencePiece tokenizer (vocab {args.vocab}) -> {tok_dir}")
-        train_tokenizer(train, tok_dir, vocab_size=args.vocab)
 
-    teacher = work / f"teacher-v{args.vocab}-p{args.pretrain_steps}-t{args.seq_len}-s{args.seed}"
-    if args.pretrain_lr != PRETRAIN_LR:
-        teacher = teacher.with_name(f"{teacher.name}-lr{args.pretrain_lr:g}")
-    info_file = teacher / "bench_teacher.json"
-    if not info_file.is_file():
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        blocks = token_blocks(load_text_dataset(train), tokenizer, args.seq_len, None, seed=args.seed)
-        torch.manual_seed(args.seed)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
-                                             **DEMO_TEACHER))
-        log(f"pretraining the teacher ({sum(p.numel() for p in model.parameters()):,} parameters) for "
-            f"{args.pretrain_steps} steps on {len(blocks)} blocks of {args.seq_len} tokens")
-        started = time.perf_counter()
-        losses = pretrain(model, blocks, steps=args.pretrain_steps, batch_size=16, lr=args.pretrain_lr,
-                          seed=args.seed) if args.pretrain_steps else []
-        seconds = time.perf_counter() - started
-        model.eval().save_pretrained(teacher)
-        tokenizer.save_pretrained(teacher)
-        info_file.write_text(json.dumps({"pretrain_steps": args.pretrain_steps, "seconds": round(seconds, 2),
-                                         "first_loss": losses[0] if losses else None,
-                                         "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-                                         "params": sum(p.numel() for p in model.parameters())}) + "\n")
-        del model
-    teacher_info = json.loads(info_file.read_text())
-
+# --- setup and runs ------------------------------------------------------------------------------------------------
+def pruned_teacher(work: Path, options: dict) -> Path:
+    """The built-in teacher pruned once (the built-in run's calibration), with the target on the grid."""
+    import engine
     from engine.pruning.widths import DEFAULT_GRID, parse_sparsity
 
-    grid = tuple(sorted(set(DEFAULT_GRID) | {parse_sparsity(args.target_sparsity)}))
-    pruned = work / f"{teacher.name}-pruned-c{args.calib_samples}"
+    target = parse_sparsity(options["target_sparsity"])
+    grid = sorted({*(parse_sparsity(s) for s in options.get("grid") or []), *(() if options.get("grid") else
+                                                                               DEFAULT_GRID), target})
+    pruned = work / ("pruned-" + "-".join(map(str, grid)))
     if not (pruned / "pruning.json").is_file():
-        import engine
-
-        log(f"pruning the teacher once ({args.calib_samples} calibration blocks) -> {pruned}")
-        started = time.perf_counter()
-        engine.prune(teacher, train, pruned, grid=grid, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                     batch_size=4, seed=args.seed, device="cuda" if torch.cuda.is_available() else "cpu")
-        prune_s = time.perf_counter() - started
-        (work / f"{pruned.name}.time.json").write_text(json.dumps({"prune_s": round(prune_s, 2)}) + "\n")
-    prune_time = work / f"{pruned.name}.time.json"
-    prune_s = json.loads(prune_time.read_text())["prune_s"] if prune_time.is_file() else math.nan
-    return {"train": train, "dev": dev, "teacher": teacher, "pruned": pruned, "teacher_info": teacher_info,
-            "prune_s": prune_s}
+        engine.prune(options["teacher"], options["data"], pruned, grid=tuple(grid),
+                     calib_samples=options["calib_samples"], seq_len=options["seq_len"], batch_size=4, seed=0)
+    return pruned
 
 
-# --- where the time goes: the trainer records seconds per part of every stage in report.json ----------------------
-PARTS = {  # the trainer's part -> label; nested ones are shown indented
-    "build engines": "build engines (load + deepspeed.initialize)",
-    "training steps": "training steps",
-    "teacher forwards": "  teacher forwards",
-    "student fwd+bwd+optimizer": "  student fwd+bwd+optimizer",
-    "evaluation": "evaluation (teacher + widths on dev)",
-    "best snapshots": "best-snapshot export",
-    "checkpoints": "DeepSpeed checkpoints",
-    "release": "engine release",
-}
-TOP = ("build engines", "training steps", "evaluation", "best snapshots", "checkpoints", "release")
+def run(command: str, options: dict, out: Path) -> dict:
+    """A finished run's report (read back), or the run (continued with --resume when it was killed)."""
+    from engine.config import RunConfig
+    from engine.schedule.pipelines import COMMANDS
+
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    cfg = RunConfig(**{**options, "out": str(out), "resume": (out / "run.json").is_file()}).validate()
+    log(f"{command} -> {out}")
+    return COMMANDS[command](cfg)
 
 
-def time_table(report: dict, wall: float) -> list[tuple[str, float, int]]:
-    """(label, seconds, calls) per part, summed over the run's stages, and what the stages do not cover."""
-    totals: dict[str, list] = {}
-    for parts in (report.get("stage_timings") or {}).values():
-        for part, t in parts.items():
-            seconds, calls = totals.get(part, (0.0, 0))
-            totals[part] = [seconds + t["seconds"], calls + t["calls"]]
-    rows = [(label, *totals[part]) for part, label in PARTS.items() if part in totals]
-    top = sum(totals.get(part, (0.0, 0))[0] for part in TOP)
-    rows.append(("other (pruning, slicing, publishing, data, report, ...)", max(0.0, wall - top), 0))
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- study 1: the TA choice ----------------------------------------------------------------------------------------
+def candidate_scores(compress: dict, maxidisc: dict) -> list[dict]:
+    """Per candidate: p(s) on dev for every metric (its best over the sandwich's evaluations) and the test
+    accuracy of the student MaxiDisc distilled through it."""
+    from engine.distillation.selection import performance
+
+    teacher = {"accuracy": compress["teacher"]["dev_accuracy"], "loss": compress["teacher"]["dev_loss"]}
+    evals = compress["curves"]["sandwich"]["eval"]
+    rows = []
+    for c in sorted(maxidisc["candidates"], key=lambda c: c["sparsity"]):
+        points = [p for p in evals if math.isclose(p["width"], c["sparsity"], abs_tol=1e-6)]
+        rows.append({"sparsity": c["sparsity"],
+                     **{f"p_{m}": max(performance(p, teacher, m) for p in points) for m in METRICS},
+                     "student_test_accuracy": c["student_accuracy"], "student_dev_accuracy": c["student_dev_accuracy"],
+                     "trial_train_flops": c["compute"]["train_flops"]})
     return rows
 
 
-# --- the three runs ---------------------------------------------------------------------------------------------
-def run_config(args, files, method: str, out: Path):
-    from engine.config import REPO_CONFIGS, RunConfig
-
-    return RunConfig(
-        teacher=str(files["pruned"]), data=str(files["train"]), dev_data=str(files["dev"]), out=str(out),
-        target_sparsity=args.target_sparsity, lam=args.lam, truncate=args.truncate,
-        sandwich_sample=args.sandwich_sample if method == "compress" else 0,
-        max_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size, seq_len=args.seq_len,
-        eval_samples=args.eval_samples, seed=args.seed, lr=args.lr,
-        deepspeed=str(REPO_CONFIGS / ("zero3_train.json" if args.bf16 else "zero3_train_fp32.json")),
-    ).validate()
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def run_inprocess(method: str, cfg) -> tuple[dict, float]:
-    from engine.schedule.pipelines import COMMANDS
-
-    gc.collect()
-    started = time.perf_counter()
-    report = COMMANDS[method](cfg)
-    return report, time.perf_counter() - started
+def rule_scores(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """For every metric and lambda: Spearman of p + lambda s with the student's test accuracy, and the regret of
+    its argmax against the best student, per seed."""
+    rows = []
+    for metric in METRICS:
+        for lam in LAMBDAS:
+            rho, regret, picks = [], [], []
+            for rows_of_seed in per_seed.values():
+                score = [r[f"p_{metric}"] + lam * r["sparsity"] for r in rows_of_seed]
+                accuracy = [r["student_test_accuracy"] for r in rows_of_seed]
+                pick = max(range(len(score)), key=lambda i: (score[i], -i))  # ties: the denser TA
+                rho.append(spearman(score, accuracy))
+                regret.append(100 * (max(accuracy) - accuracy[pick]))
+                picks.append(rows_of_seed[pick]["sparsity"])
+            rows.append({"metric": metric, "lam": lam, "spearman_mean": mean(rho), "regret_mean": mean(regret),
+                         "regret_max": max(regret), "spearman": ";".join(f"{v:.3f}" for v in rho),
+                         "regret": ";".join(f"{v:.2f}" for v in regret), "picks": ";".join(f"{s:g}" for s in picks)})
+    return rows
 
 
-def run_subprocess(method: str, cfg, log_file: Path) -> tuple[dict, float]:
-    from dataclasses import fields
-
-    from engine.config import RunConfig
-
-    defaults = RunConfig()
-    argv = [str(Path(sys.executable).parent / "minidisc"), method]
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name) or value is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    started = time.perf_counter()
-    with log_file.open("w") as log:
-        child = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    wall = time.perf_counter() - started
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({child.returncode}); see {log_file}")
-    return json.loads((Path(cfg.out) / "report.json").read_text()), wall
-
-
-# --- output -----------------------------------------------------------------------------------------------------
-def fmt(value, spec=".4f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
+def ta_choice(args, options: dict, base: Path) -> list[dict]:
+    options = {**options, "truncate": 0.0}
+    per_seed, out_rows = {}, []
+    for seed in args.seeds:
+        seeded = {**options, "seed": seed}
+        compress = run("compress", seeded, base / f"seed{seed}" / "compress")
+        maxidisc = run("maxidisc", seeded, base / f"seed{seed}" / "maxidisc")
+        per_seed[seed] = candidate_scores(compress, maxidisc)
+        best = max(per_seed[seed], key=lambda r: r["student_test_accuracy"])
+        chosen = (compress["selected_ta"] or {}).get("sparsity", options["target_sparsity"])
+        print(f"\nseed {seed}: compress chose {chosen:g} (student test acc {compress['student']['accuracy']:.4f}); "
+              f"MaxiDisc's best TA on test {best['sparsity']:g} ({best['student_test_accuracy']:.4f}), on dev "
+              f"{(maxidisc['selected_ta'] or {}).get('sparsity', options['target_sparsity']):g} "
+              f"(student test acc {maxidisc['student']['accuracy']:.4f})")
+        print(f"{'s':>6} " + " ".join(f"{'p_' + m:>20}" for m in METRICS) + f" {'student test acc':>17}")
+        for r in per_seed[seed]:
+            print(f"{r['sparsity']:>6g} " + " ".join(f"{r['p_' + m]:>20.4f}" for m in METRICS)
+                  + f" {r['student_test_accuracy']:>17.4f}")
+        out_rows += [{"row": "candidate", "seed": seed, **r} for r in per_seed[seed]]
+        out_rows.append({"row": "run", "seed": seed, "sparsity": chosen,
+                         "student_test_accuracy": compress["student"]["accuracy"],
+                         "trial_train_flops": compress["student"]["compute"]["train_flops"],
+                         "maxidisc_student_test_accuracy": maxidisc["student"]["accuracy"],
+                         "maxidisc_train_flops": maxidisc["student"]["compute"]["train_flops"]})
+    rules = rule_scores(per_seed)
+    print(f"\n{'metric':>18} {'lambda':>6} {'Spearman':>9} {'regret pts':>10} {'max':>6}  picks per seed")
+    for r in rules:
+        print(f"{r['metric']:>18} {r['lam']:>6g} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
+              f"{r['regret_max']:>6.2f}  {r['picks']}")
+    return out_rows + [{"row": "rule", **r} for r in rules]
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+# --- study 2: equal compute ----------------------------------------------------------------------------------------
+def equal_compute(args, options: dict, base: Path) -> list[dict]:
+    options = {**options, "baselines": ["kd", "kd-matched"]}
+    rows = []
+    for seed in args.seeds:
+        report = run("compress", {**options, "seed": seed}, base / f"seed{seed}" / "compress")
+        student, baselines = report["student"], report["baselines"]
+        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"),
+               "student_test_accuracy": student["accuracy"], "student_steps": student["compute"]["steps"],
+               "student_train_flops": student["compute"]["train_flops"], "student_wall_s": student["compute"]["wall_s"]}
+        for name in ("kd", "kd-matched"):
+            b, key = baselines[name], name.replace("-", "_")
+            row.update({f"{key}_test_accuracy": b["accuracy"], f"{key}_steps": b["compute"]["steps"],
+                        f"{key}_train_flops": b["compute"]["train_flops"], f"{key}_wall_s": b["compute"]["wall_s"]})
+        rows.append(row)
+        print(f"seed {seed}: TA {row['ta']}, MiniDisc {row['student_test_accuracy']:.4f} "
+              f"({row['student_steps']} steps, {row['student_train_flops']:.3g} FLOPs, {row['student_wall_s']:.0f} s)"
+              f" vs kd-matched {row['kd_matched_test_accuracy']:.4f} ({row['kd_matched_steps']} steps, "
+              f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s) vs kd "
+              f"{row['kd_test_accuracy']:.4f} ({row['kd_steps']} steps)")
+    gaps = [100 * (r["student_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
+    print(f"\nMiniDisc - plain KD at equal FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
+          f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)})")
+    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in rows[0]
+                                       if k not in ("seed", "ta") and rows[0][k] is not None}}]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "minidisc_bench_schedule"),
-                        help="cache for corpus, tokenizer, teacher, pruned teacher; runs go to WORK/runs/<time>")
-    parser.add_argument("--pretrain-steps", type=int, default=500, help="teacher pretraining steps (batch 16)")
-    parser.add_argument("--pretrain-lr", type=float, default=PRETRAIN_LR)
-    parser.add_argument("--vocab", type=int, default=2000, help="SentencePiece vocabulary size")
-    parser.add_argument("--steps", type=int, default=80, help="--max-steps of every distillation stage")
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=64, help="dev blocks per evaluation")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration blocks for the one pruning")
-    parser.add_argument("--lam", type=float, default=0.2)
-    parser.add_argument("--sandwich-sample", type=int, default=0, help="MiniDisc --sandwich-sample (0 = train "
-                        "every candidate each step)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="distillation peak LR (engine default 1e-4 is for "
-                        "large models; a few-million-parameter student moves little at 1e-4 in ~100 steps)")
-    parser.add_argument("--target-sparsity", type=float, default=0.9)
-    parser.add_argument("--truncate", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true", help="ds_configs/zero3_train.json (bf16) instead of "
-                        "zero3_train_fp32.json (CUDA only)")
-    parser.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]), help="torch threads")
-    parser.add_argument("--mode", choices=["inprocess", "subprocess"], default="inprocess",
-                        help="call engine.schedule.pipelines.* here, or run the minidisc console script per method")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--log-level", default="WARNING", help="engine logging (on stderr)")
-    parser.add_argument("--no-csv", action="store_true", help="do not append to " + str(RESULTS))
+    parser.add_argument("--study", choices=["ta-choice", "equal-compute"], required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
+    parser.add_argument("--label", default=None, help="names the runs' folder (default: the --set options)")
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
+    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
-    if args.bf16 and not torch.cuda.is_available():
-        parser.error("--bf16 needs CUDA")
-    torch.set_num_threads(args.threads)
 
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    import datasets
+    import torch
     import transformers
 
     import engine  # noqa: F401  (registers the MiniDisc model classes)
+    from engine.config import REPO_CONFIGS, RunConfig, _coerce
     from engine.progress import setup_logging
+    from engine.tools.demo import BUILTINS, builtin_setup
 
-    setup_logging(args.log_level)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    setup_logging("WARNING")
     transformers.utils.logging.set_verbosity_error()
-
-    def log(message):
-        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
-    dtype = "bfloat16" if args.bf16 else "float32"
-    files = setup(args, log)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    runs = Path(args.work) / "runs" / stamp
-    suffix = 0
-    while runs.exists():
-        suffix += 1
-        runs = Path(args.work) / "runs" / f"{stamp}-{suffix}"
-    runs.mkdir(parents=True)
-
-    reports, walls, cpus, loads = {}, {}, {}, {}
-    for method in args.methods:
-        out = runs / method
-        cfg = run_config(args, files, method, out)
-        log(f"{LABEL[method]} ({method}) -> {out}")
-        cpu = cpu_seconds()
-        if args.mode == "inprocess":
-            reports[method], walls[method] = run_inprocess(method, cfg)
-        else:
-            reports[method], walls[method] = run_subprocess(method, cfg, runs / f"{method}.log")
-        # CPU seconds per wall second near --threads means the cores were ours; well below it, or a 1-minute
-        # load average above --threads, means something else competed for them (wall times are then inflated).
-        cpus[method], loads[method] = cpu_seconds() - cpu, os.getloadavg()[0]
-        log(f"{LABEL[method]} done in {walls[method]:.1f} s (CPU {cpus[method]:.1f} s, load {loads[method]:.2f}): "
-            f"student accuracy {reports[method]['student']['accuracy']:.4f}")
-
-    # ---- tables
-    any_report = next(iter(reports.values()))
-    teacher = any_report["teacher"]
-    info = files["teacher_info"]
-    print(f"\nsetup: teacher {teacher['parameters']:,} params (LLaMA 256h/4L/8H/4KV/688i, vocab {args.vocab}), "
-          f"pretrained {info['pretrain_steps']} steps in {info['seconds']:.0f} s "
-          f"(loss {fmt(info['first_loss'], '.2f')} -> "
-          f"{fmt(info['last_loss'], '.2f')}), dev accuracy {teacher['accuracy']:.4f}; pruned once in "
-          f"{fmt(files['prune_s'], '.1f')} s (not counted below)")
-    print(f"runs: {args.steps} steps/stage, eval every {args.eval_every}, batch {args.batch_size}, seq {args.seq_len},"
-          f" lr {args.lr:g}, lam {args.lam:g}, target {args.target_sparsity:g}, truncate {args.truncate:g}, "
-          f"MiniDisc --sandwich-sample {args.sandwich_sample}, {dtype}, {device}, mode {args.mode}; in {runs}")
-
-    rows = []
-    for method in args.methods:
-        r = reports[method]
-        ta = r.get("selected_ta")
-        stages = [k for k in r["phases"] if k not in ("prune", "data", "ta_export", "total")]
-        rows.append([LABEL[method], f"{walls[method]:.1f}", f"{r['phases']['total']:.1f}",
-                     f"{cpus[method] / walls[method]:.2f}", f"{loads[method]:.2f}", str(len(stages)),
-                     "-" if ta is None else f"{ta['sparsity']:g}", fmt(r["student"]["accuracy"]),
-                     fmt(r["student"]["loss"]), fmt(r["student"]["relative_accuracy"])])
-    print_table("per method (student at the target sparsity: dev next-token accuracy and CE loss)",
-                ["method", "wall s", "phases s", "CPU/wall", "load1", "stages", "TA", "student acc", "student loss",
-                 "rel. to teacher"],
-                rows)
-    for method in args.methods:
-        phases = reports[method]["phases"]
-        print(f"  {LABEL[method]} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-
-    candidates = []
-    mini, maxi = reports.get("compress"), reports.get("maxidisc")
-    if mini and maxi:
-        by_s = {round(c["sparsity"], 3): c for c in maxi["candidates"]}
-        for c in sorted(mini["candidates"], key=lambda c: c["sparsity"]):
-            m = by_s.get(round(c["sparsity"], 3), {})
-            candidates.append({"sparsity": c["sparsity"], "p": c["p"], "tradeoff": c["tradeoff"],
-                               "minidisc_accuracy": c["accuracy"], "maxidisc_p": m.get("p"),
-                               "maxidisc_student_accuracy": m.get("student_accuracy"),
-                               "maxidisc_trial_wall_s": m.get("wall_s")})
-        chosen = mini["selected_ta"]["sparsity"] if mini["selected_ta"] else args.target_sparsity
-        winner = maxi["selected_ta"]["sparsity"] if maxi["selected_ta"] else args.target_sparsity
-        mark = lambda s, w: "*" if math.isclose(s, w, abs_tol=1e-6) else ""  # noqa: E731
-        print_table(f"per candidate TA s (MiniDisc choice *, MaxiDisc winner *; s = {args.target_sparsity:g} means no "
-                    "TA)", ["s", "MiniDisc acc", "MiniDisc p(s)", f"p+{args.lam:g}s", "", "MaxiDisc TA p",
-                            "MaxiDisc student acc", "trial s", ""],
-                    [[f"{c['sparsity']:g}", fmt(c["minidisc_accuracy"]), fmt(c["p"]), fmt(c["tradeoff"]),
-                      mark(c["sparsity"], chosen), fmt(c["maxidisc_p"]), fmt(c["maxidisc_student_accuracy"]),
-                      fmt(c["maxidisc_trial_wall_s"], ".1f"), mark(c["sparsity"], winner)] for c in candidates])
-
-    summary = {}
-    if candidates:
-        paired = [c for c in candidates if c["maxidisc_student_accuracy"] is not None]
-        y = [c["maxidisc_student_accuracy"] for c in paired]
-        summary.update(pearson=pearson([c["tradeoff"] for c in paired], y),
-                       spearman=spearman([c["tradeoff"] for c in paired], y),
-                       pearson_p=pearson([c["p"] for c in paired], y), spearman_p=spearman([c["p"] for c in paired], y))
-        print(f"\ncorrelation over {len(paired)} candidates, MiniDisc p+lam*s vs MaxiDisc student accuracy: "
-              f"Pearson {fmt(summary['pearson'], '.3f')}, Spearman {fmt(summary['spearman'], '.3f')}")
-        print(f"  (MiniDisc p(s) alone vs the same: Pearson {fmt(summary['pearson_p'], '.3f')}, Spearman "
-              f"{fmt(summary['spearman_p'], '.3f')})")
-        time_ratio = walls["compress"] / walls["maxidisc"]
-        mini_acc, maxi_acc = mini["student"]["accuracy"], maxi["student"]["accuracy"]
-        accuracy_ratio = mini_acc / maxi_acc
-        summary.update(time_ratio=time_ratio, accuracy_ratio=accuracy_ratio,
-                       cpu_ratio=cpus["compress"] / cpus["maxidisc"],
-                       time_target_met=time_ratio <= TIME_TARGET,
-                       accuracy_target_met=mini_acc >= (1 - ACCURACY_TARGET) * maxi_acc)
-        print("\ntargets:")
-        print(f"  MiniDisc wall <= {TIME_TARGET:.0%} of MaxiDisc's: {walls['compress']:.1f} s / "
-              f"{walls['maxidisc']:.1f} s = {time_ratio:.1%} -> {'met' if summary['time_target_met'] else 'NOT met'}"
-              f"  (CPU-time ratio {summary['cpu_ratio']:.1%}, insensitive to other load on the machine)")
-        print(f"  MiniDisc student accuracy within {ACCURACY_TARGET:.0%} (relative) of MaxiDisc's best: "
-              f"{mini_acc:.4f} vs {maxi_acc:.4f} = {accuracy_ratio:.2%} ({(accuracy_ratio - 1):+.2%}) -> "
-              f"{'met' if summary['accuracy_target_met'] else 'NOT met'}")
-
-    if reports:
-        names = list(reports)
-        tables = {m: {label: (s, n) for label, s, n in time_table(reports[m], walls[m])} for m in names}
-        labels = list(dict.fromkeys(label for m in names for label in tables[m]))
-        print_table("where the time goes (s, calls)", ["part", *(LABEL[m] for m in names)],
-                    [[label, *(f"{tables[m][label][0]:.1f} ({tables[m][label][1]})" if label in tables[m] else "-"
-                               for m in names)] for label in labels])
-
-    # ---- CSV
-    if args.no_csv:
-        return
-    from importlib.metadata import version
-
-    base = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": device, "dtype": dtype,
-            "mode": args.mode, "pretrain_steps": args.pretrain_steps, "steps": args.steps,
-            "eval_every": args.eval_every, "batch": args.batch_size, "seq_len": args.seq_len, "lam": args.lam,
-            "sandwich_sample": args.sandwich_sample, "lr": args.lr, "teacher_params": teacher["parameters"],
-            "teacher_accuracy": round(teacher["accuracy"], 5), "prune_s": files["prune_s"],
-            "minidisc": version("minidisc"), "torch": torch.__version__}
-    r5 = lambda v: None if v is None else round(v, 5)  # noqa: E731
-    out_rows = []
-    for method in args.methods:
-        r = reports[method]
-        ta = r.get("selected_ta")
-        out_rows.append({**base, "row": "method", "method": method, "wall_s": round(walls[method], 2),
-                         "phases_total_s": r["phases"]["total"], "cpu_s": round(cpus[method], 1),
-                         "load_avg": round(loads[method], 2), "student_accuracy": r5(r["student"]["accuracy"]),
-                         "student_loss": r5(r["student"]["loss"]),
-                         "ta_sparsity": None if ta is None else ta["sparsity"]})
-    for c in candidates:
-        out_rows.append({**base, "row": "candidate", "method": "compress+maxidisc", "sparsity": c["sparsity"],
-                         "p": r5(c["p"]), "tradeoff": r5(c["tradeoff"]),
-                         "minidisc_accuracy": r5(c["minidisc_accuracy"]),
-                         "maxidisc_student_accuracy": r5(c["maxidisc_student_accuracy"]),
-                         "maxidisc_trial_wall_s": None if c["maxidisc_trial_wall_s"] is None else
-                         round(c["maxidisc_trial_wall_s"], 2)})
-    if summary:
-        out_rows.append({**base, "row": "summary", "method": "compress/maxidisc",
-                         **{k: (r5(v) if isinstance(v, float) else v) for k, v in summary.items()},
-                         "wall_s": round(walls["compress"], 2), "student_accuracy": r5(mini["student"]["accuracy"]),
-                         "maxidisc_student_accuracy": r5(maxi["student"]["accuracy"]),
-                         "ta_sparsity": mini["selected_ta"]["sparsity"] if mini["selected_ta"] else None})
-    append_rows(RESULTS.name, out_rows, FIELDS)
-    print(f"\nappended {len(out_rows)} rows to {RESULTS}")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    name = os.environ.get("MINIDISC_BUILTIN", "default")
+    setup = builtin_setup(name)
+    options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
+               "dev_data": str(setup / "dev.txt"), "baselines": None, "sample_tokens": 0,
+               "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
+                                                "zero3_train_fp32.json"))}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        options[key] = _coerce(key, value.split(",") if "," in value else value)
+    work = Path(args.work) / name
+    options.setdefault("target_sparsity", RunConfig().target_sparsity)
+    options["teacher"] = str(pruned_teacher(work, options))
+    label = args.label or ("-".join(args.set).replace("=", "") or "defaults")
+    started = time.perf_counter()
+    study = ta_choice if args.study == "ta-choice" else equal_compute
+    rows = study(args, options, work / f"{args.study}-{label}")
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    if not args.no_csv:
+        stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "builtin": name, "label": label,
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        fields = list(dict.fromkeys(k for r in rows for k in {**stamp, **r}))
+        path = append_rows(f"{args.study.replace('-', '_')}.csv", [{**stamp, **r} for r in rows], fields)
+        print(f"appended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":
