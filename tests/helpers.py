@@ -72,7 +72,7 @@ def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.Com
 def options(teacher, corpus, out, *extra):
     return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
             "--grid", "0", "0.5", "0.7", "0.9", "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
-            "--seq-len", "32", "--eval-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
+            "--seq-len", "32", "--eval-samples", "16", "--test-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
             "--deepspeed", FP32, *extra]
 
 
@@ -85,13 +85,13 @@ def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
 
 
 @torch.no_grad()
-def dev_accuracy(model_dir: Path, dev: torch.Tensor) -> float:
-    """Next-token accuracy of a saved checkpoint on dev blocks, computed independently of the engine."""
+def accuracy_on(model_dir: Path, blocks: torch.Tensor) -> float:
+    """Next-token accuracy of a saved checkpoint on token blocks, computed independently of the engine."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
-    logits = model(input_ids=dev).logits[:, :-1]
-    return (logits.argmax(-1) == dev[:, 1:]).double().mean().item()
+    logits = model(input_ids=blocks).logits[:, :-1]
+    return (logits.argmax(-1) == blocks[:, 1:]).double().mean().item()
 
 
 def free_port() -> int:

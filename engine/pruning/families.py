@@ -324,7 +324,8 @@ def count_parameters(model, family: Family, width) -> int:
 def forward_flops(model, family: Family, width, context: int) -> int:
     """Forward FLOPs per token of `model` restricted to `width`, the estimate of Kaplan et al. (2020): 2 per
     weight of every linear layer (the LM head included, embedding lookups free) plus 2 x context x the
-    attention width of every layer (scores and weighted values)."""
+    attention width of every layer: the scores and the weighted values, 2 FLOPs each per key and attention
+    channel, over the half of the context a causal token sees on average."""
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
         for group, kept in zip(groups, (kept_attn, kept_ffn)):

@@ -182,8 +182,8 @@ class Run:
                     raise UserError(f"the dev split has {len(splits['dev'])} blocks, fewer than the "
                                     f"{dist.world_size()} processes; give more dev text or a smaller --seq-len")
                 torch.save(splits, cache)
-                log.info("data: %s blocks of %d tokens", ", ".join(f"{len(splits[k])} {k}" for k in ("train", "dev", "test")),
-                         cfg.seq_len)
+                sizes = ", ".join(f"{len(splits[k])} {k}" for k in ("train", "dev", "test"))
+                log.info("data: %s blocks of %d tokens", sizes, cfg.seq_len)
         blocks = torch.load(cache)
         self.phases["data"] = round(time.perf_counter() - started, 2)
         self.test_texts = blocks.get("test_texts")  # the held-out test records, for --eval-tasks

@@ -135,3 +135,28 @@ def test_fused_importance_equals_unfused(name):
     # every hook and swapped activation is undone
     assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
     assert not any(type(m).__name__ == "_MaskedReLU" for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "opt"])
+def test_forward_flops_match_a_flop_counter(name):
+    """`forward_flops` (Kaplan's estimate: 2 per linear weight, 2 x context x attention width per layer) against
+    torch's FLOP counter on the real pruned model: its matmuls, plus half of its attention batch-matmuls (the
+    counter counts the full T x T scores; causal attention uses half of them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models.export import pruned_model
+    from engine.pruning.families import forward_flops
+
+    model = tiny_model(name)
+    family = family_for(model.config)
+    units = [(a.num_units, f.num_units) for a, f in family.groups(model)]
+    width = Width(attention=tuple(a - 1 - i % 2 for i, (a, _) in enumerate(units)),
+                  ffn=tuple(f - 5 * i for i, (_, f) in enumerate(units)))
+    small = pruned_model(model, width).eval()
+    small.config._attn_implementation = "eager"  # attention as batch-matmuls the counter sees
+    ids = torch.randint(0, 100, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        small(input_ids=ids)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    expected = counts.pop("aten.bmm") / 2 + sum(counts.values())
+    assert forward_flops(model, family, width, context=16) * ids.numel() == expected

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FP32, MINIDISC, dev_accuracy, free_port, minidisc, options, run_python
+from helpers import FP32, MINIDISC, accuracy_on, free_port, minidisc, options, run_python
 
 from engine.distillation.selection import tradeoff
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow]
 def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
     out = tmp_path / "run"
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
-    result = minidisc("compress", *options(trained_teacher, corpus, out, "--lam", "0.05"))
+    result = minidisc("compress", *options(trained_teacher, corpus, out, "--lam", "0.05", "--baselines", "kd-matched"))
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before  # no leaked 70 MB communication buffers
     report = json.loads((out / "report.json").read_text())
     assert "MiniDisc TA candidates" in result.stdout
@@ -39,10 +39,20 @@ def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
         assert meta["sparsity"] == best["sparsity"]
     else:
         assert selected is None and not (out / "ta").exists()
-    # the student on disk is the model the report describes
-    dev = torch.load(out / "work" / "data.pt")["dev"]
+    # the student on disk is the model the report describes: on test, and on the dev split that selected it
+    splits = torch.load(out / "work" / "data.pt")
     student = report["student"]
-    assert dev_accuracy(out / "student", dev) == pytest.approx(student["accuracy"], abs=1e-9)
+    assert accuracy_on(out / "student", splits["test"]) == pytest.approx(student["accuracy"], abs=1e-9)
+    assert accuracy_on(out / "student", splits["dev"]) == pytest.approx(student["dev_accuracy"], abs=1e-6)
+    assert report["data"]["test_blocks"] == len(splits["test"]) == 16
+    # compute: the sandwich trained 3 widths per step, the student's pipeline is both stages, and the kd-matched
+    # baseline spent the same training FLOPs (to within half of one of its steps)
+    sandwich, student_stage = report["compute"]["sandwich"], report["compute"]["student"]
+    assert sandwich["width_tokens"] == 3 * sandwich["tokens"] == 3 * 8 * 4 * 32
+    assert student["compute"]["train_flops"] == sandwich["train_flops"] + student_stage["train_flops"]
+    matched = report["baselines"]["kd-matched"]["compute"]
+    step_flops = matched["train_flops"] / matched["steps"]
+    assert abs(matched["train_flops"] - student["compute"]["train_flops"]) <= step_flops / 2
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
@@ -51,7 +61,7 @@ def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
     for name in ("report.md", "tradeoff.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert set(report["phases"]) >= {"prune", "sandwich", "student", "total"}
-    assert set(report["curves"]) == {"sandwich", "student"}
+    assert set(report["curves"]) == {"sandwich", "student", "baseline-kd-matched"}
     assert not any((out / "work").glob("*/checkpoints"))  # finished stages drop their optimiser states
 
 

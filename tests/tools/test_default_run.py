@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import MINIDISC, dev_accuracy, run_python
+from helpers import MINIDISC, accuracy_on, run_python
 
 from engine.tools.report_format import models_of
 
@@ -40,36 +40,42 @@ def test_default_run_writes_consistent_artifacts(default_run):
     report = json.loads((out / "report.json").read_text())
     for name in ("report.md", "tradeoff.png", "models.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
-    assert set(report["baselines"]) == {"kd", "ce"}
+    assert set(report["baselines"]) == {"kd-matched", "kd", "ce"}
     assert report["selected_ta"] is None or (out / "ta" / "config.json").is_file()
 
-    # every student on disk is the model the report describes (re-evaluated independently)
-    dev = torch.load(out / "work" / "data.pt")["dev"]
+    # every student on disk is the model the report describes (re-evaluated independently on test)
+    test = torch.load(out / "work" / "data.pt")["test"]
     student = report["student"]
-    assert dev_accuracy(out / "student", dev) == pytest.approx(student["accuracy"], abs=1e-9)
+    assert accuracy_on(out / "student", test) == pytest.approx(student["accuracy"], abs=1e-9)
     for name, baseline in report["baselines"].items():
-        assert dev_accuracy(out / "baselines" / name, dev) == pytest.approx(baseline["accuracy"], abs=1e-9)
+        assert accuracy_on(out / "baselines" / name, test) == pytest.approx(baseline["accuracy"], abs=1e-9)
         assert baseline["parameters"] == student["parameters"]  # same size
         gain = report["student_vs_baselines"][name]
         assert gain["accuracy"] == pytest.approx(student["accuracy"] - baseline["accuracy"])
         assert gain["loss"] == pytest.approx(baseline["loss"] - student["loss"])
-    # same budget for every stage
+    # --max-steps for every stage but kd-matched, which gets the training FLOPs of sandwich + student
     steps = {stage: max(p["step"] for p in curves["train"]) for stage, curves in report["curves"].items()}
-    assert steps == {"sandwich": 6, "student": 6, "baseline-kd": 6, "baseline-ce": 6}
+    assert {k: v for k, v in steps.items() if k != "baseline-kd-matched"} == {
+        "sandwich": 6, "student": 6, "baseline-kd": 6, "baseline-ce": 6}
+    matched, pipeline = report["baselines"]["kd-matched"]["compute"], student["compute"]
+    step_flops = matched["train_flops"] / matched["steps"]
+    assert matched["steps"] > 6 and abs(matched["train_flops"] - pipeline["train_flops"]) <= step_flops / 2
 
     md = (out / "report.md").read_text()
     assert "| plain KD |" in md and "| no distillation |" in md and "(models.png)" in md
-    assert "the plain KD student (same size, same budget)" in md
-    assert "the no distillation student (same size, same budget)" in md
+    assert "the plain KD, equal FLOPs student (given the training FLOPs of the whole MiniDisc pipeline)" in md
+    assert "same budget" not in md
     assert "student s=0.9" in result.stdout  # the console summary
 
     # every model's greedy continuation of the same prompts, and a model card in every published model
     samples = report["samples"]
     assert len(samples["prompts"]) == 3 and samples["new_tokens"] == 32
-    assert set(samples["models"]) == {"teacher", "student (MiniDisc)", "plain KD", "no distillation"} | (
+    assert set(samples["models"]) == {"teacher", "student (MiniDisc)", "plain KD", "plain KD, equal FLOPs",
+                                      "no distillation"} | (
         {"TA"} if report["ta"] else set())
     assert "## Samples" in md and all(f"| {label} |" in md for label in samples["models"])
-    for folder in ["student", "baselines/kd", "baselines/ce"] + (["ta"] if report["ta"] else []):
+    published = ["student", "baselines/kd", "baselines/kd-matched", "baselines/ce"] + (["ta"] if report["ta"] else [])
+    for folder in published:
         card = (out / folder / "README.md").read_text()
         assert card.startswith("---\nlibrary_name: transformers") and "## Quality" in card, folder
         assert "minidisc_cloze | acc |" in card, folder  # the benchmark scores of that model

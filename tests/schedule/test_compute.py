@@ -1,0 +1,31 @@
+"""engine.schedule.compute: a stage's compute read off its curves, and the kd-matched step count."""
+from pathlib import Path
+
+from engine.schedule.compute import matched_steps, stage_compute, total
+from engine.training.stage import StageResult
+
+FLOPS = {0: 1000, 500: 600, 900: 200}  # forward FLOPs per token at each width
+
+
+def result(train: list[tuple[int, float]], evals: list[tuple[int, float, int]], steps: int) -> StageResult:
+    return StageResult(stage="s", teacher="t", student="u", widths=[500, 900], steps=steps, best_step=steps,
+                       best_width=500, tradeoff=1.0, teacher_stats={}, best={}, best_dir=Path("b"), wall_s=2.5,
+                       curves={"train": [{"step": s, "width": w, "loss": 1.0} for s, w in train],
+                               "eval": [{"step": s, "width": w, "tokens": n} for s, w, n in evals]})
+
+
+def test_sampled_widths_and_evaluations_are_counted_as_they_ran():
+    # --sandwich-sample: step 1 trained both widths, step 2 only 0.9; one evaluation of both at step 2
+    stage = result(train=[(1, 0.5), (1, 0.9), (2, 0.9)], evals=[(2, 0.5, 30), (2, 0.9, 30)], steps=2)
+    compute = stage_compute(stage, FLOPS.__getitem__, teacher=0, tokens_per_step=10)
+    assert compute == {"steps": 2, "tokens": 20, "width_tokens": 30,
+                       "train_flops": 10 * (3 * 600 + 3 * 200 + 3 * 200) + 20 * 1000,
+                       "eval_flops": 30 * 600 + 30 * 200 + 30 * 1000, "wall_s": 2.5}
+    via_ta = stage_compute(stage, FLOPS.__getitem__, teacher=500, tokens_per_step=10)  # a TA teaches: cheaper
+    assert compute["train_flops"] - via_ta["train_flops"] == 20 * (1000 - 600)
+    both = total(compute, via_ta)
+    assert both["steps"] == 4 and both["train_flops"] == compute["train_flops"] + via_ta["train_flops"]
+
+
+def test_matched_steps_rounds_to_the_nearest_step():
+    assert matched_steps(1049, 100) == 10 and matched_steps(1051, 100) == 11 and matched_steps(10, 100) == 1
