@@ -82,20 +82,25 @@ def _candidates(cfg: RunConfig, config) -> list[dict]:
 
 
 def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:
-    sequences = cfg.max_steps * cfg.batch_size
+    """Each stage's widths per step and optimiser steps (None: kd-matched's, known once the pipeline has run)."""
     target = candidates[-1]["sparsity"]
+    sandwich_steps = cfg.sandwich_steps or cfg.max_steps
     if command == "compress":
-        stages = [("sandwich", "teacher -> every candidate", widths_per_step),
-                  ("student", "chosen TA (or teacher) -> student", 1)]
-        stages += [(f"baseline-{b}", {"kd": "teacher -> student", "ce": "data -> student"}[b], 1)
-                   for b in cfg.baselines or []]
+        stages = [("sandwich", "teacher -> every candidate", widths_per_step, sandwich_steps),
+                  ("student", "chosen TA (or teacher) -> student", 1, cfg.max_steps)]
+        what = {"kd": "teacher -> student", "kd-matched": "teacher -> student, the pipeline's training FLOPs",
+                "kd-steps": "teacher -> student, the pipeline's steps", "ce": "data -> student"}
+        steps = {"kd-matched": None, "kd-steps": sandwich_steps + cfg.max_steps}
+        stages += [(f"baseline-{b}", what[b], 1, steps.get(b, cfg.max_steps)) for b in cfg.baselines or []]
     elif command == "distill":
-        stages = [("student", "teacher -> student", 1)]
+        stages = [("student", "teacher -> student", 1, cfg.max_steps)]
     else:
-        stages = [(f"ta-{c['sparsity']:g} + student", "teacher -> TA -> student", 1) for c in candidates
-                  if c["sparsity"] != target] + [("student-direct", "teacher -> student", 1)]
-    return [{"stage": name, "what": what, "widths_per_step": k, "steps": cfg.max_steps,
-             "tokens": sequences * cfg.seq_len} for name, what, k in stages]
+        stages = [(f"ta-{c['sparsity']:g} + student", "teacher -> TA -> student", 1, 2 * cfg.max_steps)
+                  for c in candidates if c["sparsity"] != target]
+        stages.append(("student-direct", "teacher -> student", 1, cfg.max_steps))
+    return [{"stage": name, "what": what, "widths_per_step": k, "steps": steps,
+             "tokens": None if steps is None else steps * cfg.batch_size * cfg.seq_len}
+            for name, what, k, steps in stages]
 
 
 def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates: list[dict]) -> dict:
@@ -133,11 +138,13 @@ def _print(summary: dict, cfg: RunConfig) -> None:
                          "--ffn-multiple. `minidisc prune` prints the exact counts, and a dry run on its output "
                          "shows them")
     console.print(table)
-    stages = Table(title="stages (each --max-steps optimiser steps)")
+    stages = Table(title="stages")
     for column in ("stage", "what", "widths per step", "steps", "tokens"):
         stages.add_column(column, justify="left" if column in ("stage", "what") else "right")
     for s in summary["stages"]:
-        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]), f"{s['tokens']:,}")
+        known = s["steps"] is not None
+        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]) if known else "matched",
+                       f"{s['tokens']:,}" if known else "—")
     console.print(stages)
     ds = summary["deepspeed"]
     teacher = (f"{ds['teacher']} (frozen teachers)" if cfg.teacher_placement == "zero3" else

@@ -103,7 +103,7 @@ def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     assert "data file" in error("--data", "/nonexistent/train.jsonl")
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "baselines": ["distill"]}))
-    assert "expects a list of kd, ce" in error("--config", changed)
+    assert "expects a list of kd, kd-matched, kd-steps, ce" in error("--config", changed)
 
 
 @pytest.mark.parametrize("ffn_multiple", [1, 8])
