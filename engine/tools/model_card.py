@@ -1,7 +1,7 @@
 """The model card (README.md with Hub metadata) written into every model minidisc publishes.
 
 It says what the model is (role, sparsity, per-layer widths in short, parameters), where it came from
-(the teacher, the TA it was distilled through), how well it did (the run's dev metrics and benchmark
+(the teacher, the TA it was distilled through), how well it did (the run's test metrics and benchmark
 scores), and how to load it. The metadata block is huggingface_hub's `ModelCardData`, so the Hub and
 `ModelCard.load` read it.
 """
@@ -39,7 +39,7 @@ def _fmt(value, digits: int = 4) -> str:
 def card_text(*, role: str, teacher: str, sparsity: float, width: Width, parameters: int, teacher_parameters: int,
               uniform: bool, via_ta: float | None = None, metrics: dict | None = None,
               benchmarks: dict | None = None, query_heads_per_unit: int = 1) -> str:
-    """The card's markdown. `metrics`: dev accuracy/loss/perplexity of this model; `benchmarks`:
+    """The card's markdown. `metrics`: test accuracy/loss/perplexity of this model; `benchmarks`:
     {task: {metric: value}} from `minidisc eval`."""
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=_hub_id(teacher),
                          tags=["minidisc", "pruned", "knowledge-distillation", "text-generation"])
@@ -61,7 +61,7 @@ def card_text(*, role: str, teacher: str, sparsity: float, width: Width, paramet
              "training data.", "",
              "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows), ""]
     if metrics:
-        lines += ["## Quality", "", "On the run's dev split (next-token prediction):", "",
+        lines += ["## Quality", "", "On the run's test split, which selected nothing (next-token prediction):", "",
                   "| accuracy | loss | perplexity |", "| --- | --- | --- |",
                   f"| {_fmt(metrics.get('accuracy'))} | {_fmt(metrics.get('loss'))} | "
                   f"{_fmt(metrics.get('perplexity'))} |", ""]
