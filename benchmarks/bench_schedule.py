@@ -120,20 +120,29 @@ def candidate_scores(compress: dict, maxidisc: dict) -> list[dict]:
         points = [p for p in evals if math.isclose(p["width"], c["sparsity"], abs_tol=1e-6)]
         rows.append({"sparsity": c["sparsity"],
                      **{f"p_{m}": max(performance(p, teacher, m) for p in points) for m in METRICS},
+                     **{f"teacher_p_{m}": performance(teacher, teacher, m) for m in METRICS},
                      "student_test_accuracy": c["student_accuracy"], "student_dev_accuracy": c["student_dev_accuracy"],
                      "trial_train_flops": c["compute"]["train_flops"]})
     return rows
 
 
+def chord(rows: list[dict], metric: str) -> float:
+    """The lambda that scores the teacher (s = 0) and the target alike: the slope of the chord of p(s). With
+    it, p + lambda s picks the candidate farthest above that chord (the knee), whatever the metric's scale."""
+    target = rows[-1]
+    return (target[f"teacher_p_{metric}"] - target[f"p_{metric}"]) / target["sparsity"]
+
+
 def rule_scores(per_seed: dict[int, list[dict]]) -> list[dict]:
-    """For every metric and lambda: Spearman of p + lambda s with the student's test accuracy, and the regret of
-    its argmax against the best student, per seed."""
+    """For every metric and lambda (fixed, or the chord's): Spearman of p + lambda s with the student's test
+    accuracy, and the regret of its argmax against the best student, per seed."""
     rows = []
     for metric in METRICS:
-        for lam in LAMBDAS:
+        for lam in (*LAMBDAS, "chord"):
             rho, regret, picks = [], [], []
             for rows_of_seed in per_seed.values():
-                score = [r[f"p_{metric}"] + lam * r["sparsity"] for r in rows_of_seed]
+                slope = chord(rows_of_seed, metric) if lam == "chord" else lam
+                score = [r[f"p_{metric}"] + slope * r["sparsity"] for r in rows_of_seed]
                 accuracy = [r["student_test_accuracy"] for r in rows_of_seed]
                 pick = max(range(len(score)), key=lambda i: (score[i], -i))  # ties: the denser TA
                 rho.append(spearman(score, accuracy))
@@ -172,7 +181,7 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
     rules = rule_scores(per_seed)
     print(f"\n{'metric':>18} {'lambda':>6} {'Spearman':>9} {'regret pts':>10} {'max':>6}  picks per seed")
     for r in rules:
-        print(f"{r['metric']:>18} {r['lam']:>6g} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
+        print(f"{r['metric']:>18} {r['lam']:>6} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
               f"{r['regret_max']:>6.2f}  {r['picks']}")
     return out_rows + [{"row": "rule", **r} for r in rules]
 

@@ -125,7 +125,7 @@ def plot_models(report: dict, path: Path) -> Path | None:
     models = [(label, m) for label, _, m in models_of(report) if m.get("accuracy") is not None]
     if len(models) < 2:
         return None
-    names = [f"{label}\n{count(m.get('parameters'))}" for label, m in models]
+    names = ["\n".join([*label.split(", "), count(m.get("parameters"))]) for label, m in models]
     colors = [_color(label) for label, _ in models]
     fig = _figure(max(10.0, 1.6 * len(models) + 6), 4.2)
     bars_ax, cost_ax = fig.subplots(1, 2)
@@ -142,11 +142,12 @@ def plot_models(report: dict, path: Path) -> Path | None:
                              textcoords="offset points", fontsize="small")
         elif label == "teacher":
             cost_ax.axhline(m["accuracy"], color=_color(label), linestyle="--", linewidth=1, label="teacher")
+            cost_ax.legend(loc="best", fontsize="small")
     cost_ax.set_xscale("log")
     cost_ax.set_xlabel("training FLOPs (every stage behind the model)")
     cost_ax.set_ylabel("test accuracy")
     cost_ax.set_title("quality against compute")
-    cost_ax.margins(x=0.2, y=0.15)
+    cost_ax.margins(x=0.3, y=0.15)
     cost_ax.grid(alpha=0.3)
     fig.savefig(path)
     return path
