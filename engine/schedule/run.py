@@ -26,7 +26,7 @@ from engine.pruning.prune import prune
 from engine.pruning.widths import PERMILLE, candidate_widths, format_sparsity, grid_with_target, parse_sparsity
 from engine.schedule.compute import matched_steps, stage_compute
 from engine.schedule.scoring import perplexity, score_checkpoint, score_report
-from engine.tools.harness import check_tasks, evaluate_tasks
+from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
 from engine.tools.report import render
 from engine.tools.report_format import models_of
@@ -93,6 +93,8 @@ class Run:
             for permille in self.candidates():
                 self.width_of(permille)
         self.data = self._data()
+        if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
+            builtin_documents(self.eval_texts())
 
     # --- set-up --------------------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -333,17 +335,19 @@ class Run:
                 "models": {label: continuations(m["path"], prompts, self.cfg.sample_tokens, dist.device())
                            for label, _, m in models_of(report)}}
 
+    def eval_texts(self) -> list[str]:
+        """The text the built-in lm-eval tasks are made of: --eval-text, --test-data, or the held-out test records."""
+        source = self.cfg.eval_text or self.cfg.test_data
+        return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field]) if source else self.test_texts
+
     def benchmarks(self, report: dict) -> dict:
         """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
         cfg = self.cfg
         source = cfg.eval_text or cfg.test_data
-        if source:
-            texts = list(load_text_dataset(source, cfg.text_field)[cfg.text_field])
-        else:
-            texts = self.test_texts
         models = {label: m for label, _, m in models_of(report)}
-        results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks, texts=texts,
-                           include=cfg.eval_include, device=str(dist.device()), seed=cfg.seed)
+        results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks,
+                                 texts=self.eval_texts(), include=cfg.eval_include, device=str(dist.device()),
+                                 seed=cfg.seed)
         for label, m in models.items():
             m["benchmarks"] = results["models"][label]
         return {"tasks": results["tasks"], "text": str(source) if source else "the test records held out of --data"}

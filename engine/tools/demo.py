@@ -51,7 +51,7 @@ BUILTINS = {
                                  num_key_value_heads=2, max_position_embeddings=64),
                     vocab_size=512, pretrain_steps=40, pretrain_batch=8, seq_len=32,
                     run=dict(max_steps=6, eval_every=3, batch_size=4, seq_len=32, eval_samples=16, calib_samples=4,
-                             lr=2e-3, grid=[0, 0.5, 0.7, 0.9], test_samples=32,
+                             lr=2e-3, grid=[0, 0.5, 0.7, 0.9],
                              baselines=["kd-matched", "kd", "ce"])),
 }
 DEFAULT_OUT = "minidisc-demo"

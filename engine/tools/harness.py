@@ -49,18 +49,25 @@ def _cloze_items(documents: list[str], seed: int) -> list[dict]:
     return items
 
 
-def write_builtin_tasks(texts: list[str], folder, seed: int = 0) -> Path:
-    """Write minidisc_ppl and minidisc_cloze (YAML + jsonl, absolute paths: lm_eval resolves data files from
-    the working directory) into `folder`; returns it."""
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+def builtin_documents(texts: list[str]) -> tuple[list[str], list[str]]:
+    """The documents of minidisc_ppl and minidisc_cloze, or a UserError when the text cannot make them (a run
+    checks this before training)."""
     ppl = _documents(texts, 1)[:MAX_DOCUMENTS]
     cloze = _documents(texts, CLOZE_CONTEXT + CLOZE_CHOICE)[:MAX_DOCUMENTS]
     if not ppl:
         raise UserError("the evaluation text is empty: give --eval-text (or --text) with some paragraphs")
     if len(cloze) < 4:
         raise UserError(f"minidisc_cloze needs 4 documents of at least {CLOZE_CONTEXT + CLOZE_CHOICE} words; the "
-                        f"evaluation text has {len(cloze)}: give a longer text or leave the task out")
+                        f"evaluation text has {len(cloze)}: give a longer text (--eval-text) or leave the task out")
+    return ppl, cloze
+
+
+def write_builtin_tasks(texts: list[str], folder, seed: int = 0) -> Path:
+    """Write minidisc_ppl and minidisc_cloze (YAML + jsonl, absolute paths: lm_eval resolves data files from
+    the working directory) into `folder`; returns it."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    ppl, cloze = builtin_documents(texts)
     rows = {"minidisc_ppl": [{"text": d} for d in ppl], "minidisc_cloze": _cloze_items(cloze, seed)}
     specs = {
         "minidisc_ppl": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
