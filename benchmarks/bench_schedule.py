@@ -237,7 +237,8 @@ def main() -> None:
     name = os.environ.get("MINIDISC_BUILTIN", "default")
     setup = builtin_setup(name)
     options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
-               "dev_data": str(setup / "dev.txt"), "baselines": None, "sample_tokens": 0,
+               "dev_data": str(setup / "dev.txt"), "test_data": str(setup / "test.txt"), "baselines": None,
+               "sample_tokens": 0,
                "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
                                                 "zero3_train_fp32.json"))}
     for item in args.set:

@@ -1,10 +1,10 @@
 """The built-in example that `minidisc compress` runs when it is given no teacher and no data.
 
 Nothing is downloaded. The corpus is `pydoc_data.topics` (~465 KB of English from the Python docs, in every
-Python), split into train/dev text files; a SentencePiece tokenizer is trained on it, and a small LLaMA
-teacher is pretrained on it for a few minutes. All three are cached (MINIDISC_CACHE, default
-~/.cache/minidisc), so only the first run pays for them. `MINIDISC_BUILTIN=test` selects a tiny variant
-for the test suite.
+Python), split into train/dev/test text files; a SentencePiece tokenizer is trained on the train text and a small
+LLaMA teacher is pretrained on it for a few minutes (dev and test stay unseen). All three are cached
+(MINIDISC_CACHE, default ~/.cache/minidisc), so only the first run pays for them. `MINIDISC_BUILTIN=test` selects
+a tiny variant for the test suite.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DEMO_TEACHER = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, max_position_embeddings=512)
-VERSION = 1  # bump when the setup changes, so stale caches are not reused
+VERSION = 2  # bump when the setup changes, so stale caches are not reused (2: test.txt, unseen by the teacher)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def builtin_options() -> dict:
         raise UserError(f"MINIDISC_BUILTIN={name} is not one of {', '.join(BUILTINS)}")
     setup = builtin_setup(name)
     options = dict(teacher=str(setup / "teacher"), data=str(setup / "train.txt"), dev_data=str(setup / "dev.txt"),
-                   out=DEFAULT_OUT, **BUILTINS[name].run)
+                   test_data=str(setup / "test.txt"), out=DEFAULT_OUT, **BUILTINS[name].run)
     if not torch.cuda.is_available():  # bf16 on a CPU is slower than fp32, and fp32 is exact
         options["deepspeed"] = str(REPO_CONFIGS / "zero3_train_fp32.json")
     if importlib.util.find_spec("lm_eval"):  # minidisc[eval]: the report gets a benchmark table
@@ -91,7 +91,7 @@ def builtin_setup(name: str = "default") -> Path:
     log.info("built-in example: writing the corpus, training a tokenizer and pretraining a small LLaMA teacher "
              "(cached in %s for later runs)", directory)
     with atomic_output_dir(directory, kind="builtin-example") as scratch:
-        train, _ = write_corpus(scratch, dev_fraction=0.1)
+        train, *_ = write_corpus(scratch, dev_fraction=0.1, test_fraction=0.1)  # the teacher never sees dev, test
         tokenizer = train_tokenizer(train, scratch / "teacher", vocab_size=setup.vocab_size)
         _pretrained_teacher(setup, tokenizer, train, scratch / "teacher")
     return directory
@@ -118,16 +118,22 @@ def _pretrained_teacher(setup: Builtin, tokenizer, train: Path, out: Path) -> No
     log.info("teacher pretrained: loss %.2f -> %.2f in %.0f s", losses[0], losses[-1], time.perf_counter() - started)
 
 
-def write_corpus(directory: Path, dev_fraction: float = 0.05) -> tuple[Path, Path]:
-    """train.txt / dev.txt: the pydoc topics, one paragraph per record, blank-line separated."""
+def write_corpus(directory: Path, dev_fraction: float = 0.05, test_fraction: float = 0.0) -> tuple[Path, ...]:
+    """train.txt, dev.txt (and test.txt when `test_fraction`): the pydoc topics, one paragraph per record,
+    blank-line separated. Returns their paths in that order."""
     from pydoc_data.topics import topics
 
     paragraphs = [p.strip() for text in topics.values() for p in text.split("\n\n") if p.strip()]
     n_dev = max(1, int(len(paragraphs) * dev_fraction))
-    train, dev = directory / "train.txt", directory / "dev.txt"
-    train.write_text("\n\n".join(paragraphs[n_dev:]) + "\n")
-    dev.write_text("\n\n".join(paragraphs[:n_dev]) + "\n")
-    return train, dev
+    n_test = int(len(paragraphs) * test_fraction)
+    parts = {"dev": paragraphs[:n_dev], "test": paragraphs[n_dev:n_dev + n_test],
+             "train": paragraphs[n_dev + n_test:]}
+    paths = []
+    for name in ("train", "dev", "test"):
+        if parts[name]:
+            paths.append(directory / f"{name}.txt")
+            paths[-1].write_text("\n\n".join(parts[name]) + "\n")
+    return tuple(paths)
 
 
 def train_tokenizer(corpus: Path, directory: Path, vocab_size: int = 2000):

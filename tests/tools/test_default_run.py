@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import MINIDISC, accuracy_on, run_python
 
+from engine.tools.demo import VERSION
 from engine.tools.report_format import models_of
 
 pytestmark = [pytest.mark.slow]
@@ -36,7 +37,7 @@ def default_run(tmp_path_factory):
 def test_default_run_writes_consistent_artifacts(default_run):
     root, out, result = default_run
     assert "pretraining the teacher" in result.stderr  # first run: built and cached
-    assert (root / "cache" / "builtin-test-v1" / "teacher" / "pretraining.json").is_file()
+    assert (root / "cache" / f"builtin-test-v{VERSION}" / "teacher" / "pretraining.json").is_file()
     report = json.loads((out / "report.json").read_text())
     for name in ("report.md", "tradeoff.png", "models.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
