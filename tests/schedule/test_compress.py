@@ -78,9 +78,13 @@ def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, t
     assert set(maxi["curves"]) == {"ta-0.5", "student-via-0.5", "ta-0.7", "student-via-0.7", "student-direct"}
     for curves in maxi["curves"].values():  # every stage got the same budget
         assert max(point["step"] for point in curves["train"]) == 8
-    winner = max(rows, key=lambda s: (rows[s]["student_accuracy"], s))
+    winner = max(rows, key=lambda s: (rows[s]["student_dev_accuracy"], s))  # dev selects, test reports
     assert maxi["student"]["accuracy"] == pytest.approx(rows[winner]["student_accuracy"])
+    assert maxi["student"]["dev_accuracy"] == pytest.approx(rows[winner]["student_dev_accuracy"])
     assert (maxi["selected_ta"] is None) == (winner == 0.9)
+    # the whole search is the winner's compute: every TA and student stage
+    assert maxi["student"]["compute"]["steps"] == 5 * 8
+    assert maxi["student"]["compute"]["train_flops"] == sum(c["train_flops"] for c in maxi["compute"].values())
     # the direct trial is plain KD: same data, same init, same budget -> the same student as `distill`
     assert rows[0.9]["student_accuracy"] == pytest.approx(kd["student"]["accuracy"], abs=1e-9)
 
