@@ -244,7 +244,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         options[key] = _coerce(key, value.split(",") if "," in value else value)
-    work = Path(args.work) / name
+    work = Path(args.work) / setup.name  # the pruned teacher and the runs belong to this teacher
     options.setdefault("target_sparsity", RunConfig().target_sparsity)
     options["teacher"] = str(pruned_teacher(work, options))
     label = args.label or ("-".join(args.set).replace("=", "") or "defaults")
