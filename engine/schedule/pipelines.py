@@ -13,13 +13,18 @@ Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from engine.config import RunConfig
+from engine.distillation.loss import Objective
 from engine.distillation.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity
-from engine.schedule.compute import total
+from engine.schedule.compute import matched_steps, total
 from engine.schedule.run import Run
 from engine.training.stage import StageResult
+
+BASELINES = {"kd": "plain KD", "kd-matched": "plain KD, equal FLOPs", "kd-steps": "plain KD, equal steps",
+             "ce": "no distillation"}
 
 
 def _curves(*results: StageResult) -> dict:
@@ -57,7 +62,7 @@ def compress(cfg: RunConfig) -> dict:
     rows = [run.candidate_row(s, sandwich.best[s], sandwich.best[s].p) for s in candidates]
     pipeline = total(run.compute["sandwich"], run.compute["student"])
     summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher", pipeline)
-    trained = {name: run.baseline(name, teacher_stats, pipeline) for name in cfg.baselines or []}
+    trained = {name: baseline(run, name, teacher_stats, pipeline) for name in cfg.baselines or []}
     baselines = {name: metrics for name, (metrics, _) in trained.items()}
     ta_score = None if choice is None else sandwich.best[choice]
     return run.finish({
@@ -72,6 +77,30 @@ def compress(cfg: RunConfig) -> dict:
         "baselines": baselines,
         "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
     })
+
+
+def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[dict, StageResult]:
+    """A comparison student of the target size from the same slice of the pruned teacher: `kd` distils it from
+    the teacher (no TA) for --max-steps, `kd-matched` for the steps that spend the training FLOPs of the
+    MiniDisc `pipeline` (its compute), `kd-steps` for the pipeline's optimiser steps; `ce` trains it on the
+    next tokens alone (no distillation) for --max-steps."""
+    objective = Objective.of(run.cfg)
+    if name == "ce":
+        objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
+    step_flops = run.tokens_per_step * (3 * run.forward_flops(run.target) + run.forward_flops(0))
+    steps = {"kd-matched": matched_steps(pipeline["train_flops"], step_flops),
+             "kd-steps": pipeline["steps"]}.get(name, run.cfg.max_steps)
+    init = run.slice_model(run.target, run.work / "student_init-direct")
+    stage = f"baseline-{name}"
+    result = run.stage(stage, run.teacher_dir, init, [run.target], objective=objective, max_steps=steps)
+    run.publish(result.best_dir, f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
+                                                      "sparsity": run.target / PERMILLE})
+    best = result.best[run.target]
+    metrics = run.model_metrics(run.target, best.accuracy, best.loss, path=run.out / "baselines" / name,
+                                label=BASELINES[name], best_step=best.step,
+                                relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
+                                compute=run.compute[stage])
+    return metrics, result
 
 
 def distill(cfg: RunConfig) -> dict:

@@ -24,7 +24,7 @@ from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
 from engine.pruning.widths import PERMILLE, candidate_widths, format_sparsity, grid_with_target, parse_sparsity
-from engine.schedule.compute import matched_steps, stage_compute
+from engine.schedule.compute import stage_compute
 from engine.schedule.scoring import perplexity, score_checkpoint, score_report
 from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
@@ -43,10 +43,6 @@ RUN_FILE = "run.json"
 
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
              "eval_include", "eval_text"}
-
-
-BASELINES = {"kd": "plain KD", "kd-matched": "plain KD, equal FLOPs", "kd-steps": "plain KD, equal steps",
-             "ce": "no distillation"}
 
 
 def check_teacher(cfg: RunConfig):
@@ -368,29 +364,6 @@ class Run:
                                  teacher_parameters=report["teacher"]["parameters"], uniform=self.cfg.uniform,
                                  via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
                                  query_heads_per_unit=self.family.query_heads_per_unit)
-
-    def baseline(self, name: str, teacher_stats: dict, pipeline: dict) -> tuple[dict, StageResult]:
-        """A comparison student of the target size from the same slice of the pruned teacher: `kd` distils it from
-        the teacher (no TA) for --max-steps, `kd-matched` for the steps that spend the training FLOPs of the
-        MiniDisc `pipeline` (its compute), `kd-steps` for the pipeline's optimiser steps; `ce` trains it on the
-        next tokens alone (no distillation) for --max-steps."""
-        objective = Objective.of(self.cfg)
-        if name == "ce":
-            objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
-        step_flops = self.tokens_per_step * (3 * self.forward_flops(self.target) + self.forward_flops(0))
-        steps = {"kd-matched": matched_steps(pipeline["train_flops"], step_flops),
-                 "kd-steps": pipeline["steps"]}.get(name, self.cfg.max_steps)
-        init = self.slice_model(self.target, self.work / "student_init-direct")
-        stage = f"baseline-{name}"
-        result = self.stage(stage, self.teacher_dir, init, [self.target], objective=objective, max_steps=steps)
-        self.publish(result.best_dir, f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
-                                                            "sparsity": self.target / PERMILLE})
-        best = result.best[self.target]
-        metrics = self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "baselines" / name,
-                                     label=BASELINES[name], best_step=best.step, wall_time=result.wall_s,
-                                     relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
-                                     compute=self.compute[stage])
-        return metrics, result
 
     def teacher_metrics(self, stats: dict) -> dict:
         return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats["accuracy"], stats["loss"])}
