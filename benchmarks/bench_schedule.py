@@ -10,7 +10,8 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
                            student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
 
 The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
-WORK/<study>-<label>/seed<N>/<command> and a finished run is read back, so a killed study continues where it was.
+WORK/runs/<options>/seed<N>/<command> (named by the options that differ from the built-in run, so the two studies
+share runs) and a finished run is read back, so a killed study continues where it was.
 Options of the built-in run are the base; `--set KEY=VALUE` overrides any RunConfig field (e.g. --set
 sandwich_steps=50 lam=0.5). Appends rows to benchmarks/results/ta_choice.csv or equal_compute.csv.
 
@@ -36,9 +37,14 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source tree too
-from results_csv import append_rows  # noqa: E402
+from results_csv import RESULTS, append_rows  # noqa: E402
 
 METRICS = ("relative_accuracy", "accuracy", "exp_loss")
+# RunConfig fields that change what a run computes (the folder name lists those that differ from the built-in run)
+RUN_KEYS = ("target_sparsity", "lam", "truncate", "metric", "grid", "sandwich_sample", "sandwich_steps", "max_steps",
+            "eval_every", "batch_size", "seq_len", "lr", "loss", "temperature", "logit_weight", "hidden_weight",
+            "ce_weight", "uniform", "patience")
+
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -155,7 +161,6 @@ def rule_scores(per_seed: dict[int, list[dict]]) -> list[dict]:
 
 
 def ta_choice(args, options: dict, base: Path) -> list[dict]:
-    options = {**options, "truncate": 0.0}
     per_seed, out_rows = {}, []
     for seed in args.seeds:
         seeded = {**options, "seed": seed}
@@ -179,6 +184,8 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
                          "maxidisc_student_test_accuracy": maxidisc["student"]["accuracy"],
                          "maxidisc_train_flops": maxidisc["student"]["compute"]["train_flops"]})
     rules = rule_scores(per_seed)
+    if not args.no_csv:
+        plot_ta_choice(per_seed, rules, RESULTS / "ta_choice.png")
     print(f"\n{'metric':>18} {'lambda':>6} {'Spearman':>9} {'regret pts':>10} {'max':>6}  picks per seed")
     for r in rules:
         print(f"{r['metric']:>18} {r['lam']:>6} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
@@ -186,31 +193,78 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
     return out_rows + [{"row": "rule", **r} for r in rules]
 
 
+def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], path: Path) -> None:
+    """Left: p(s) on dev and the test accuracy of the student through each TA, per seed. Right: Spearman and
+    regret of p + lambda s against lambda, per metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    curves, rho_ax, regret_ax = fig.subplots(1, 3)
+    student_ax = curves.twinx()
+    for seed, rows in per_seed.items():
+        s = [r["sparsity"] for r in rows]
+        curves.plot(s, [r["p_relative_accuracy"] for r in rows], "o-", color="tab:blue", alpha=0.6)
+        student_ax.plot(s, [r["student_test_accuracy"] for r in rows], "^--", color="tab:green", alpha=0.6)
+    curves.set_xlabel("TA sparsity s")
+    curves.set_ylabel("p(s): relative dev accuracy after the sandwich", color="tab:blue")
+    student_ax.set_ylabel("test accuracy of the student via this TA", color="tab:green")
+    curves.set_title(f"candidates ({len(per_seed)} seeds)")
+    fixed = [r for r in rules if r["lam"] != "chord"]
+    for metric in METRICS:
+        mine = [r for r in fixed if r["metric"] == metric]
+        rho_ax.plot([r["lam"] for r in mine], [r["spearman_mean"] for r in mine], "o-", label=metric)
+        regret_ax.plot([r["lam"] for r in mine], [r["regret_mean"] for r in mine], "o-", label=metric)
+    rho_ax.set(xlabel="lambda", ylabel="Spearman(p + lambda s, student test acc.)", title="ranking (mean over seeds)")
+    regret_ax.set(xlabel="lambda", ylabel="regret (accuracy points)", title="regret of the pick (mean over seeds)")
+    for ax in (rho_ax, regret_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
 # --- study 2: equal compute ----------------------------------------------------------------------------------------
 def equal_compute(args, options: dict, base: Path) -> list[dict]:
-    options = {**options, "baselines": ["kd", "kd-matched"]}
+    """MiniDisc's student against plain KD from the same slice for --max-steps (kd) and for the steps that spend
+    the training FLOPs of the whole MiniDisc pipeline (kd-matched; what `--baselines kd-matched` trains). The
+    compress runs are the TA-choice study's when the options are the same."""
+    from engine.schedule.compute import matched_steps
+
     rows = []
     for seed in args.seeds:
-        report = run("compress", {**options, "seed": seed}, base / f"seed{seed}" / "compress")
-        student, baselines = report["student"], report["baselines"]
-        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"),
-               "student_test_accuracy": student["accuracy"], "student_steps": student["compute"]["steps"],
-               "student_train_flops": student["compute"]["train_flops"], "student_wall_s": student["compute"]["wall_s"]}
-        for name in ("kd", "kd-matched"):
-            b, key = baselines[name], name.replace("-", "_")
-            row.update({f"{key}_test_accuracy": b["accuracy"], f"{key}_steps": b["compute"]["steps"],
-                        f"{key}_train_flops": b["compute"]["train_flops"], f"{key}_wall_s": b["compute"]["wall_s"]})
+        seeded, folder = {**options, "seed": seed}, base / f"seed{seed}"
+        report = run("compress", seeded, folder / "compress")
+        kd = run("distill", seeded, folder / "distill")
+        pipeline, kd_compute = report["student"]["compute"], kd["student"]["compute"]
+        steps = matched_steps(pipeline["train_flops"], kd_compute["train_flops"] / kd_compute["steps"])
+        matched = run("distill", {**seeded, "max_steps": steps}, folder / f"distill-{steps}")
+        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity")}
+        for key, r in (("minidisc", report), ("kd", kd), ("kd_matched", matched)):
+            c = r["student"]["compute"]
+            row.update({f"{key}_test_accuracy": r["student"]["accuracy"], f"{key}_steps": c["steps"],
+                        f"{key}_train_flops": c["train_flops"], f"{key}_wall_s": c["wall_s"]})
         rows.append(row)
-        print(f"seed {seed}: TA {row['ta']}, MiniDisc {row['student_test_accuracy']:.4f} "
-              f"({row['student_steps']} steps, {row['student_train_flops']:.3g} FLOPs, {row['student_wall_s']:.0f} s)"
-              f" vs kd-matched {row['kd_matched_test_accuracy']:.4f} ({row['kd_matched_steps']} steps, "
-              f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s) vs kd "
-              f"{row['kd_test_accuracy']:.4f} ({row['kd_steps']} steps)")
-    gaps = [100 * (r["student_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
-    print(f"\nMiniDisc - plain KD at equal FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
+        print(f"seed {seed}: TA {row['ta']}; test accuracy MiniDisc {row['minidisc_test_accuracy']:.4f} "
+              f"({row['minidisc_steps']} steps, {row['minidisc_train_flops']:.3g} FLOPs, {row['minidisc_wall_s']:.0f} "
+              f"s), kd-matched {row['kd_matched_test_accuracy']:.4f} ({row['kd_matched_steps']} steps, "
+              f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s), kd "
+              f"{row['kd_test_accuracy']:.4f} ({row['kd_steps']} steps, {row['kd_train_flops']:.3g} FLOPs)")
+    gaps = [100 * (r["minidisc_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
+    print(f"\nMiniDisc - plain KD at equal training FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
           f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)})")
-    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in rows[0]
-                                       if k not in ("seed", "ta") and rows[0][k] is not None}}]
+    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in rows[0] if k not in ("seed", "ta")}}]
+
+
+def runs_folder(work: Path, options: dict, builtin: dict) -> Path:
+    """Runs with the same options share a folder (named by what differs from the built-in run), so both studies
+    reuse each other's runs."""
+    from engine.config import RunConfig
+
+    defaults = {**RunConfig().to_dict(), **builtin}
+    changed = {k: v for k, v in sorted(options.items()) if k in RUN_KEYS and defaults.get(k) != v}
+    return work / "runs" / ("-".join(f"{k}={v}" for k, v in changed.items()) or "builtin")
 
 
 def main() -> None:
@@ -218,7 +272,6 @@ def main() -> None:
     parser.add_argument("--study", choices=["ta-choice", "equal-compute"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
-    parser.add_argument("--label", default=None, help="names the runs' folder (default: the --set options)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
@@ -247,10 +300,13 @@ def main() -> None:
     work = Path(args.work) / setup.name  # the pruned teacher and the runs belong to this teacher
     options.setdefault("target_sparsity", RunConfig().target_sparsity)
     options["teacher"] = str(pruned_teacher(work, options))
-    label = args.label or ("-".join(args.set).replace("=", "") or "defaults")
+    if args.study == "ta-choice":
+        options["truncate"] = 0.0  # every grid point up to the target is a candidate
+    folder = runs_folder(work, options, {**BUILTINS[name].run, "target_sparsity": RunConfig().target_sparsity})
+    label = folder.name
     started = time.perf_counter()
     study = ta_choice if args.study == "ta-choice" else equal_compute
-    rows = study(args, options, work / f"{args.study}-{label}")
+    rows = study(args, options, folder)
     log(f"done in {time.perf_counter() - started:.0f} s")
     if not args.no_csv:
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "builtin": name, "label": label,
