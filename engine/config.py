@@ -44,8 +44,9 @@ class RunConfig:
                                     "10%%-scale student)", metavar="S")
     lam: float = option(0.2, "lambda of the trade-off p(s) + lambda * s used to choose the teacher assistant; it was "
                         "calibrated for metrics near 0.9 (GLUE-style); larger values favour sparser TAs", metavar="L")
-    truncate: float = option(0.5, "candidate TAs are the grid sparsities from this one up to the target (0 = the "
-                             "whole grid)", metavar="S")
+    truncate: float = option(0.0, "candidate TAs are the grid sparsities from this one up to the target (0 = the "
+                             "whole grid, so the trade-off alone chooses; a higher value saves the sandwich the "
+                             "densest, costliest widths)", metavar="S")
     grid: list[float] | None = option(None, "sparsity grid used when the teacher still has to be pruned (default "
                                       "0 0.1 ... 0.9 0.85 0.95, plus the target)", nargs="+", type=float, metavar="S")
     metric: str = option("relative_accuracy", "p(s): next-token accuracy divided by the teacher's "
