@@ -184,8 +184,8 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
                          "maxidisc_student_test_accuracy": maxidisc["student"]["accuracy"],
                          "maxidisc_train_flops": maxidisc["student"]["compute"]["train_flops"]})
     rules = rule_scores(per_seed)
-    if not args.no_csv:
-        plot_ta_choice(per_seed, rules, RESULTS / "ta_choice.png")
+    picks = [(r["sparsity"], r["student_test_accuracy"]) for r in out_rows if r["row"] == "run"]
+    plot_ta_choice(per_seed, rules, picks, RESULTS / "ta_choice.png")
     print(f"\n{'metric':>18} {'lambda':>6} {'Spearman':>9} {'regret pts':>10} {'max':>6}  picks per seed")
     for r in rules:
         print(f"{r['metric']:>18} {r['lam']:>6} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
@@ -193,9 +193,10 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
     return out_rows + [{"row": "rule", **r} for r in rules]
 
 
-def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], path: Path) -> None:
-    """Left: p(s) on dev and the test accuracy of the student through each TA, per seed. Right: Spearman and
-    regret of p + lambda s against lambda, per metric."""
+def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], picks: list[tuple], path: Path) -> None:
+    """Left: p(s) on dev and the test accuracy of the student through each TA (MaxiDisc), per seed, with the
+    MiniDisc students (stars, at the TA compress chose). Right: Spearman and regret of p + lambda s against
+    lambda, per metric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -207,6 +208,8 @@ def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], path: Pat
         s = [r["sparsity"] for r in rows]
         curves.plot(s, [r["p_relative_accuracy"] for r in rows], "o-", color="tab:blue", alpha=0.6)
         student_ax.plot(s, [r["student_test_accuracy"] for r in rows], "^--", color="tab:green", alpha=0.6)
+    student_ax.plot(*zip(*picks), "*", color="crimson", markersize=12, label="MiniDisc student (sandwich TA)")
+    student_ax.legend(loc="lower left", fontsize="small")
     curves.set_xlabel("TA sparsity s")
     curves.set_ylabel("p(s): relative dev accuracy after the sandwich", color="tab:blue")
     student_ax.set_ylabel("test accuracy of the student via this TA", color="tab:green")
