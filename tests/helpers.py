@@ -71,9 +71,9 @@ def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.Com
 
 def options(teacher, corpus, out, *extra):
     return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
-            "--grid", "0", "0.5", "0.7", "0.9", "--truncate", "0.5", "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
-            "--seq-len", "32", "--eval-samples", "16", "--test-samples", "16", "--calib-samples", "4", "--lr", "2e-3",
-            "--deepspeed", FP32, *extra]
+            "--grid", "0", "0.5", "0.7", "0.9", "--truncate", "0.5", "--max-steps", "8", "--eval-every", "4",
+            "--batch-size", "4", "--seq-len", "32", "--eval-samples", "16", "--test-samples", "16",
+            "--calib-samples", "4", "--lr", "2e-3", "--deepspeed", FP32, *extra]
 
 
 def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
