@@ -48,7 +48,7 @@ BUILTINS = {
                        run=dict(max_steps=150, eval_every=50, batch_size=8, seq_len=128, eval_samples=96,
                                 calib_samples=32, lr=1e-3, baselines=["kd-matched", "kd", "ce"])),
     "test": Builtin(teacher=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64),
+                                 num_key_value_heads=2, max_position_embeddings=256),
                     vocab_size=512, pretrain_steps=40, pretrain_batch=8, seq_len=32,
                     run=dict(max_steps=6, eval_every=3, batch_size=4, seq_len=32, eval_samples=16, calib_samples=4,
                              lr=2e-3, grid=[0, 0.5, 0.7, 0.9],
