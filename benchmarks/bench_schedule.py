@@ -43,7 +43,7 @@ METRICS = ("relative_accuracy", "accuracy", "exp_loss")
 # RunConfig fields that change what a run computes (the folder name lists those that differ from the built-in run)
 RUN_KEYS = ("target_sparsity", "lam", "truncate", "metric", "grid", "sandwich_sample", "sandwich_steps", "max_steps",
             "eval_every", "batch_size", "seq_len", "lr", "loss", "temperature", "logit_weight", "hidden_weight",
-            "ce_weight", "uniform", "patience")
+            "ce_weight", "uniform", "patience", "sparsest", "student_stage")
 
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
@@ -230,21 +230,29 @@ def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], picks: li
 
 # --- study 2: equal compute ----------------------------------------------------------------------------------------
 def equal_compute(args, options: dict, base: Path) -> list[dict]:
-    """MiniDisc's student against plain KD from the same slice for --max-steps (kd) and for the steps that spend
-    the training FLOPs of the whole MiniDisc pipeline (kd-matched; what `--baselines kd-matched` trains). The
-    compress runs are the TA-choice study's when the options are the same."""
+    """MiniDisc's student against plain KD from the same slice for the steps that spend the training FLOPs of the
+    whole MiniDisc pipeline (kd-matched; what `--baselines kd-matched` trains), and for --max-steps (kd) when that is
+    the built-in run's. Plain-KD runs depend only on the options plain KD uses, so schedules of (about) the same
+    compute share them: one within `--kd-tolerance` of the matched steps is reused, and each side's FLOPs are in
+    the row. The compress runs are the TA-choice study's when the options are the same."""
     from engine.schedule.compute import matched_steps
 
     rows = []
     for seed in args.seeds:
         seeded, folder = {**options, "seed": seed}, base / f"seed{seed}"
         report = run("compress", seeded, folder / "compress")
-        kd = run("distill", seeded, folder / "distill")
-        pipeline, kd_compute = report["student"]["compute"], kd["student"]["compute"]
-        steps = matched_steps(pipeline["train_flops"], kd_compute["train_flops"] / kd_compute["steps"])
-        matched = run("distill", {**seeded, "max_steps": steps}, folder / f"distill-{steps}")
-        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity")}
-        for key, r in (("minidisc", report), ("kd", kd), ("kd_matched", matched)):
+        pipeline, kd_compute = report["student"]["compute"], report["baselines"].get("kd", {}).get("compute")
+        student = report["curves"]["student"]["train"]
+        kd_folder = base.parent / ("kd-" + kd_label(options)) / f"seed{seed}"
+        sides = [("minidisc", report)]
+        if options["max_steps"] == args.builtin_steps:
+            sides.append(("kd", run("distill", seeded, kd_folder / f"distill-{options['max_steps']}")))
+            kd_compute = sides[-1][1]["student"]["compute"]
+        step_flops = kd_compute["train_flops"] / kd_compute["steps"] if kd_compute else kd_step_flops(report)
+        steps = reuse_steps(kd_folder, matched_steps(pipeline["train_flops"], step_flops), args.kd_tolerance)
+        sides.append(("kd_matched", run("distill", {**seeded, "max_steps": steps}, kd_folder / f"distill-{steps}")))
+        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"), "student_stage": len(student)}
+        for key, r in sides:
             c = r["student"]["compute"]
             row.update({f"{key}_test_accuracy": r["student"]["accuracy"], f"{key}_steps": c["steps"],
                         f"{key}_train_flops": c["train_flops"], f"{key}_wall_s": c["wall_s"]})
@@ -252,20 +260,46 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
         print(f"seed {seed}: TA {row['ta']}; test accuracy MiniDisc {row['minidisc_test_accuracy']:.4f} "
               f"({row['minidisc_steps']} steps, {row['minidisc_train_flops']:.3g} FLOPs, {row['minidisc_wall_s']:.0f} "
               f"s), kd-matched {row['kd_matched_test_accuracy']:.4f} ({row['kd_matched_steps']} steps, "
-              f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s), kd "
-              f"{row['kd_test_accuracy']:.4f} ({row['kd_steps']} steps, {row['kd_train_flops']:.3g} FLOPs)")
+              f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s)")
     gaps = [100 * (r["minidisc_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
     print(f"\nMiniDisc - plain KD at equal training FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
           f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)})")
-    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in rows[0] if k not in ("seed", "ta")}}]
+    keys = [k for k in rows[0] if k not in ("seed", "ta")]
+    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
-def runs_folder(work: Path, options: dict, builtin: dict) -> Path:
+def kd_step_flops(report: dict) -> float:
+    """Training FLOPs of one plain-KD step (target width trained, teacher forward), from the report's widths."""
+    kd = report["baselines"].get("kd-matched") or report["baselines"].get("kd")
+    if kd:
+        return kd["compute"]["train_flops"] / kd["compute"]["steps"]
+    raise SystemExit("equal-compute: the compress run has no kd baseline to read a plain-KD step's FLOPs from")
+
+
+def kd_label(options: dict) -> str:
+    """The options plain KD uses that differ from the built-in run (the schedule's own options left out)."""
+    schedule = {"lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "max_steps", "patience",
+                "student_stage", "sparsest"}
+    label = runs_folder(Path("."), {k: v for k, v in options.items() if k not in schedule}, BUILTIN).name
+    return label
+
+
+def reuse_steps(kd_folder: Path, steps: int, tolerance: float) -> int:
+    """`steps`, or the steps of a finished plain-KD run in `kd_folder` within `tolerance` (relative) of it."""
+    done = [int(p.parent.name.removeprefix("distill-")) for p in kd_folder.glob("distill-*/report.json")]
+    near = [n for n in done if abs(n - steps) <= tolerance * steps]
+    return min(near, key=lambda n: abs(n - steps)) if near else steps
+
+
+BUILTIN: dict = {}  # the built-in run's options (main sets them)
+
+
+def runs_folder(work: Path, options: dict, builtin: dict | None = None) -> Path:
     """Runs with the same options share a folder (named by what differs from the built-in run), so both studies
     reuse each other's runs."""
     from engine.config import RunConfig
 
-    defaults = {**RunConfig().to_dict(), **builtin}
+    defaults = {**RunConfig().to_dict(), **(builtin or BUILTIN)}
     changed = {k: v for k, v in sorted(options.items()) if k in RUN_KEYS and defaults.get(k) != v}
     return work / "runs" / ("-".join(f"{k}={v}" for k, v in changed.items()) or "builtin")
 
@@ -276,6 +310,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
+    parser.add_argument("--kd-tolerance", type=float, default=0.02,
+                        help="equal-compute: reuse a plain-KD run whose steps are within this fraction of the match")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
@@ -305,7 +341,9 @@ def main() -> None:
     options["teacher"] = str(pruned_teacher(work, options))
     if args.study == "ta-choice":
         options["truncate"] = 0.0  # every grid point up to the target is a candidate
-    folder = runs_folder(work, options, {**BUILTINS[name].run, "target_sparsity": RunConfig().target_sparsity})
+    BUILTIN.update({**BUILTINS[name].run, "target_sparsity": RunConfig().target_sparsity})
+    args.builtin_steps = BUILTINS[name].run["max_steps"]
+    folder = runs_folder(work, options)
     label = folder.name
     started = time.perf_counter()
     study = ta_choice if args.study == "ta-choice" else equal_compute

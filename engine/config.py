@@ -62,6 +62,13 @@ class RunConfig:
                                          "only", nargs="+", choices=["kd", "kd-matched", "kd-steps", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
+    sparsest: float = option(0.0, "the sparsest width `compress` trains (0 = the target). Grid widths past the "
+                             "target (the reference trains 0.95 for a 0.9 target) are trained in the sandwich and "
+                             "in a joint student stage, but are never the TA", metavar="S")
+    student_stage: str = option("single", "the TA -> student stage of `compress`: single = the student alone; joint "
+                                "= the student trained together with every grid width between the TA and "
+                                "--sparsest (the reference's schedule), its best snapshot chosen on the student's "
+                                "dev score", choices=["single", "joint"])
     uniform: bool = option(False, "keep the same units in every layer, so the TA and student are stock "
                            "LlamaForCausalLM/OPTForCausalLM checkpoints (default: per-layer widths of the global "
                            "ranking, in MiniDisc model classes)")
@@ -137,7 +144,11 @@ class RunConfig:
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
-        check_target_and_truncate(parse_sparsity(self.target_sparsity), parse_sparsity(self.truncate))
+        target = parse_sparsity(self.target_sparsity)
+        check_target_and_truncate(target, parse_sparsity(self.truncate))
+        if self.sparsest and parse_sparsity(self.sparsest) < target:
+            raise UserError(f"--sparsest {self.sparsest} is below --target-sparsity {self.target_sparsity}: give 0 "
+                            "(the target) or a sparsity past it")
         positive = ("max_steps", "eval_every", "batch_size", "grad_accum", "seq_len", "eval_samples", "test_samples",
                     "calib_samples", "ffn_multiple")
         for name in positive:

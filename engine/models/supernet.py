@@ -51,20 +51,25 @@ class SliceableLinear(nn.Linear):
 
 
 class Supernet(nn.Module):
-    """A reordered causal LM whose active width is switchable by sparsity (`set_sparsity`)."""
+    """A reordered causal LM whose active width is switchable by sparsity (`set_sparsity`).
 
-    def __init__(self, model: nn.Module, plan: PruningPlan):
+    The model may itself be a width of the reordered teacher (a trained TA): every sparser width of the plan is a
+    prefix of it too, which is how a joint TA -> student stage trains the widths past the TA."""
+
+    def __init__(self, model: nn.Module, plan: PruningPlan | None = None):
         super().__init__()
         self.model = model
-        self.plan = plan
+        self.plan = plan  # only `set_sparsity` needs it
         self.train(model.training)  # the wrapper's mode is the model's (from_pretrained: eval, no dropout)
         self.family = family_for(model.config)
-        for layer, (attn_group, ffn_group) in zip(self.family.layers(model), self.family.groups(model)):
+        groups = self.family.groups(model)
+        for layer, (attn_group, ffn_group) in zip(self.family.layers(model), groups):
             self.family.attention(layer).__class__ = self.family.prunable_attention
             for group in (attn_group, ffn_group):
                 for linear, _ in group.rows + group.cols:
                     linear.__class__ = SliceableLinear
-        self.set_width(plan.full_width)
+        self.full_width = Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
+        self.set_width(self.full_width)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> "Supernet":

@@ -45,9 +45,10 @@ def parse_grid(values) -> tuple[int, ...]:
     return tuple(grid)
 
 
-def grid_with_target(grid, target: int) -> tuple[int, ...]:
-    """The sparsities to prune for: the given grid (per-mille; the default when empty) and the target."""
-    return tuple(sorted(set(grid or DEFAULT_GRID) | {target}))
+def grid_with_target(grid, target: int, sparsest: int = 0) -> tuple[int, ...]:
+    """The sparsities to prune for: the given grid (per-mille; the default when empty), the target and --sparsest
+    (when not 0)."""
+    return tuple(sorted(set(grid or DEFAULT_GRID) | {target} | ({sparsest} if sparsest else set())))
 
 
 def check_target_and_truncate(target: int, truncate: int) -> None:
@@ -61,6 +62,18 @@ def check_target_and_truncate(target: int, truncate: int) -> None:
 def candidate_widths(grid, truncate: int, target: int) -> list[int]:
     """MiniDisc's candidate TAs: the grid's sparsities from --truncate up to the target (included)."""
     return [s for s in sorted(set(grid) | {target}) if truncate <= s <= target]
+
+
+def past_target(grid, target: int, sparsest: int) -> list[int]:
+    """Grid widths after the target up to --sparsest (0 = the target): trained, never a TA."""
+    return [s for s in sorted(grid) if target < s <= sparsest]
+
+
+def joint_widths(grid, ta: int | None, target: int, sparsest: int) -> list[int]:
+    """The widths of a joint TA -> student stage: every grid width sparser than the TA (from the target when
+    there is no TA) up to --sparsest (0 = the target)."""
+    first = target if ta is None else ta + 1
+    return [s for s in sorted(grid) if first <= s <= max(target, sparsest)]
 
 
 def widths_per_step(candidates: int, sandwich_sample: int) -> int:

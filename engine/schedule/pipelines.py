@@ -2,6 +2,8 @@
 
     compress   prune (unless given a pruned teacher) -> sandwich training of every candidate TA -> the
                lambda-tradeoff choice -> TA export -> TA -> student -> export + report      (2 stages)
+               (--sparsest: widths past the target trained too; --student-stage joint: the student trained
+               with every width past the TA, the reference's schedule)
     distill    plain KD: teacher -> student at the target sparsity                            (1 stage)
     maxidisc   for every candidate TA: teacher -> TA -> student; the best student is kept     (2K-1 stages)
 
@@ -35,8 +37,8 @@ def compress(cfg: RunConfig) -> dict:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
     run = Run(cfg, "compress")
     candidates = run.candidates()
-    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates, supernet=True,
-                         max_steps=cfg.sandwich_steps)
+    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates + run.past_target(), supernet=True,
+                         max_steps=cfg.sandwich_steps, candidates=candidates)
     teacher_stats = sandwich.teacher_stats
     p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)
@@ -47,16 +49,15 @@ def compress(cfg: RunConfig) -> dict:
     if choice is None:
         reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
                   "no TA is needed, the student is distilled from the teacher directly")
-        student_teacher, student_init, ta = run.teacher_dir, sandwich.best_dir, None
+        student_teacher, ta = run.teacher_dir, None
     else:
         reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
                   f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
         ta = run.publish(sandwich.best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
                                                    "step": sandwich.best_step})
         student_teacher = ta
-        student_init = run.slice_model(run.target, run.work / "student_init", source=ta)
     run.phases["ta_export"] = round(time.perf_counter() - started, 2)
-    student = run.stage("student", student_teacher, student_init, [run.target], teacher_width=choice or 0)
+    student = student_stage(run, student_teacher, sandwich.best_dir, choice)
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
                                               "via_ta": None if choice is None else choice / PERMILLE})
     rows = [run.candidate_row(s, sandwich.best[s], sandwich.best[s].p) for s in candidates]
@@ -77,6 +78,18 @@ def compress(cfg: RunConfig) -> dict:
         "baselines": baselines,
         "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
     })
+
+
+def student_stage(run: Run, teacher, snapshot, ta: int | None) -> StageResult:
+    """TA (or, when `ta` is None, teacher) -> student. The sandwich's best `snapshot` is the TA in fp32 (or the
+    target's width when there is no TA). --student-stage single trains the target's slice of it alone; joint
+    trains the snapshot as a supernet at every width past the TA up to --sparsest, keeping the weights with the
+    best dev score at the target."""
+    if run.cfg.student_stage == "joint":
+        return run.stage("student", teacher, snapshot, run.joint_widths(ta), supernet=True, teacher_width=ta or 0,
+                         candidates=[run.target])
+    init = snapshot if ta is None else run.slice_model(run.target, run.work / "student_init", source=snapshot)
+    return run.stage("student", teacher, init, [run.target], teacher_width=ta or 0)
 
 
 def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[dict, StageResult]:

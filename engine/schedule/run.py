@@ -23,7 +23,15 @@ from engine.outputs import atomic_output_dir, is_ours
 from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
-from engine.pruning.widths import PERMILLE, candidate_widths, format_sparsity, grid_with_target, parse_sparsity
+from engine.pruning.widths import (
+    PERMILLE,
+    candidate_widths,
+    format_sparsity,
+    grid_with_target,
+    joint_widths,
+    parse_sparsity,
+    past_target,
+)
 from engine.schedule.compute import stage_compute
 from engine.schedule.scoring import perplexity, score_checkpoint, score_report
 from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
@@ -54,11 +62,12 @@ def check_teacher(cfg: RunConfig):
 
 
 def check_target_on_grid(cfg: RunConfig, grid, teacher_dir) -> int:
-    """The target (per-mille), which a pruned teacher's fixed grid must contain."""
+    """The target (per-mille), which a pruned teacher's fixed grid must contain (and --sparsest, when given)."""
     target = parse_sparsity(cfg.target_sparsity)
-    if target not in grid:
-        raise UserError(f"--target-sparsity {cfg.target_sparsity} is not on the grid of {teacher_dir} "
-                        f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
+    for flag, value in (("--target-sparsity", cfg.target_sparsity), ("--sparsest", cfg.sparsest)):
+        if (value or flag == "--target-sparsity") and parse_sparsity(value) not in grid:
+            raise UserError(f"{flag} {value} is not on the grid of {teacher_dir} "
+                            f"({', '.join(format_sparsity(s) for s in grid)}); re-prune with it included")
     return target
 
 
@@ -86,7 +95,7 @@ class Run:
         self.family = family_for(load_config(self.teacher_dir))
         self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
         if cfg.uniform:  # fail now on a candidate that keeps no units in a layer
-            for permille in self.candidates():
+            for permille in self.candidates() + self.past_target():
                 self.width_of(permille)
         self.data = self._data()
         if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
@@ -142,7 +151,7 @@ class Run:
         with dist.main_first("pruning the teacher") as main:
             if main and not is_ours(pruned):
                 grid = grid_with_target([parse_sparsity(s) for s in self.cfg.grid or []],
-                                        parse_sparsity(self.cfg.target_sparsity))
+                                        parse_sparsity(self.cfg.target_sparsity), parse_sparsity(self.cfg.sparsest))
                 log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
                 prune(teacher, self.cfg.data, pruned, grid=grid, calib_samples=self.cfg.calib_samples,
                       seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
@@ -194,13 +203,21 @@ class Run:
     def candidates(self) -> list[int]:
         return candidate_widths(self.plan.grid, parse_sparsity(self.cfg.truncate), self.target)
 
+    def past_target(self) -> list[int]:
+        """Widths the sandwich also trains (--sparsest), never a TA."""
+        return past_target(self.plan.grid, self.target, parse_sparsity(self.cfg.sparsest))
+
+    def joint_widths(self, ta: int | None) -> list[int]:
+        return joint_widths(self.plan.grid, ta, self.target, parse_sparsity(self.cfg.sparsest))
+
     def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None, teacher_width=0,
-              max_steps=None) -> StageResult:
+              max_steps=None, candidates=None) -> StageResult:
         """Train one stage with the run's options (its distillation loss unless `objective` is given, --max-steps
-        unless `max_steps` is) and record its time and compute. `teacher_width`: the teacher's sparsity."""
+        unless `max_steps` is) and record its time and compute. `teacher_width`: the teacher's sparsity;
+        `candidates`: the widths its best snapshot may hold (default all)."""
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      objective=objective or Objective.of(self.cfg))
+                      objective=objective or Objective.of(self.cfg), candidates=candidates)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
         result = run_stage(stage, train, self.data, self.work)
         self.phases[name] = result.wall_s

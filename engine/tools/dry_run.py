@@ -17,7 +17,15 @@ from engine.config import RunConfig, split_batch
 from engine.data import check_data_path
 from engine.errors import UserError
 from engine.pruning.plan import PLAN_FILE, PruningPlan
-from engine.pruning.widths import PERMILLE, candidate_widths, grid_with_target, parse_sparsity, widths_per_step
+from engine.pruning.widths import (
+    PERMILLE,
+    candidate_widths,
+    grid_with_target,
+    joint_widths,
+    parse_sparsity,
+    past_target,
+    widths_per_step,
+)
 from engine.schedule.run import check_target_on_grid, check_teacher
 from engine.tools.memory_plan import estimate as mp
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
@@ -32,8 +40,10 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     for name in ("dev_data", "test_data"):
         if getattr(cfg, name):
             data[name] = check_data_path(getattr(cfg, name))
-    candidates = _candidates(cfg, config)
-    per_step = widths_per_step(len(candidates), cfg.sandwich_sample) if command == "compress" else 1
+    grid = _grid(cfg)
+    candidates = _candidates(cfg, config, grid)
+    past = past_target(grid, parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.sparsest))
+    per_step = widths_per_step(len(candidates) + len(past), cfg.sandwich_sample) if command == "compress" else 1
     read_ds_config(cfg.teacher_ds_config())
     train = train_ds_config(TrainConfig.of(cfg), per_step)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
@@ -41,7 +51,7 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
     summary = {"command": command, "teacher": cfg.teacher, "family": config.model_type,
             "parameters": parameter_count(config), "candidates": candidates, "data": data,
-            "stages": _stages(cfg, command, candidates, per_step),
+            "stages": _stages(cfg, command, candidates, per_step, grid),
             "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
                           "micro_batch": micro,
                           "gradient_accumulation_steps": per_step * cfg.grad_accum,
@@ -57,21 +67,26 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     return summary
 
 
-def _candidates(cfg: RunConfig, config) -> list[dict]:
+def _grid(cfg: RunConfig) -> tuple[int, ...]:
+    """The pruned teacher's grid, or the one pruning would use."""
+    if (Path(cfg.teacher) / PLAN_FILE).is_file():
+        grid = PruningPlan.load(Path(cfg.teacher)).grid
+        check_target_on_grid(cfg, grid, cfg.teacher)
+        return grid
+    return grid_with_target([parse_sparsity(s) for s in cfg.grid or []], parse_sparsity(cfg.target_sparsity),
+                            parse_sparsity(cfg.sparsest))
+
+
+def _candidates(cfg: RunConfig, config, grid) -> list[dict]:
     """The grid (the pruned teacher's, or the one pruning would use) between --truncate and the target, with
     parameter counts: a pruned teacher's exact ones (pruning.json holds what `minidisc prune` counted on the
     model); before pruning, the global share removed, which is exact with --ffn-multiple 1 and otherwise moves
     by the per-layer rounding of FFN removals (under --ffn-multiple / 2 neurons per layer)."""
     target, truncate = parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.truncate)
     exact = {}
-    if (Path(cfg.teacher) / PLAN_FILE).is_file():
-        plan = PruningPlan.load(Path(cfg.teacher))
-        grid = plan.grid
-        check_target_on_grid(cfg, grid, cfg.teacher)
-        if not cfg.uniform:  # the plan counted the per-layer widths
-            exact = {parse_sparsity(row["sparsity"]): row["parameters"] for row in plan.candidates}
-    else:
-        grid = grid_with_target([parse_sparsity(s) for s in cfg.grid or []], target)
+    if (Path(cfg.teacher) / PLAN_FILE).is_file() and not cfg.uniform:  # the plan counted the per-layer widths
+        exact = {parse_sparsity(row["sparsity"]): row["parameters"]
+                 for row in PruningPlan.load(Path(cfg.teacher)).candidates}
     teacher = parameter_count(config)
     rows = []
     for s in candidate_widths(grid, truncate, target):
@@ -81,13 +96,21 @@ def _candidates(cfg: RunConfig, config) -> list[dict]:
     return rows
 
 
-def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int) -> list[dict]:
-    """Each stage's widths per step and optimiser steps (None: kd-matched's, known once the pipeline has run)."""
+def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int, grid) -> list[dict]:
+    """Each stage's widths per step and optimiser steps (None: kd-matched's, known once the pipeline has run).
+    A joint student stage's widths depend on the TA: the most it can have (the densest TA's) is listed."""
     target = candidates[-1]["sparsity"]
     sandwich_steps = cfg.sandwich_steps or cfg.max_steps
     if command == "compress":
-        stages = [("sandwich", "teacher -> every candidate", widths_per_step, sandwich_steps),
-                  ("student", "chosen TA (or teacher) -> student", 1, cfg.max_steps)]
+        student = ("chosen TA (or teacher) -> student", 1)
+        if cfg.student_stage == "joint":
+            tas = [round(c["sparsity"] * PERMILLE) for c in candidates[:-1]] or [None]
+            most = max(len(joint_widths(grid, ta, round(target * PERMILLE), parse_sparsity(cfg.sparsest)))
+                       for ta in tas)
+            student = (f"chosen TA (or teacher) -> student + the widths past the TA (up to {most})", most)
+        past = f" and the widths past the target up to {cfg.sparsest:g}" if cfg.sparsest > target else ""
+        stages = [("sandwich", f"teacher -> every candidate{past}", widths_per_step, sandwich_steps),
+                  ("student", *student, cfg.max_steps)]
         what = {"kd": "teacher -> student", "kd-matched": "teacher -> student, the pipeline's training FLOPs",
                 "kd-steps": "teacher -> student, the pipeline's steps", "ce": "data -> student"}
         steps = {"kd-matched": None, "kd-steps": sandwich_steps + cfg.max_steps}

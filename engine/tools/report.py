@@ -45,6 +45,11 @@ def _summary(report: dict) -> str:
         settings.append(f"λ = {report['lam']:g}")
     if report.get("metric"):
         settings.append(f"metric `{report['metric']}`")
+    config = report.get("config") or {}
+    if config.get("sparsest", 0) > report.get("target_sparsity", 1):
+        settings.append(f"widths past the target trained up to {config['sparsest']:g}")
+    if config.get("student_stage") == "joint":
+        settings.append("joint student stage (the student trained with every width past the TA)")
     parts.append("Settings: " + ", ".join(settings) + ".")
 
     selected = report.get("selected_ta")

@@ -13,7 +13,6 @@ from engine.distillation.loss import Objective, width_loss
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
 from engine.pruning.families import family_for
-from engine.pruning.plan import PruningPlan
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
 from engine.training.stage import Stage, TrainConfig
@@ -155,7 +154,7 @@ def build_engines(stage: Stage, cfg: TrainConfig, widths_per_step: int):
     if cfg.gradient_checkpointing:
         checkpoint_layers(model)
     if stage.supernet:
-        model = Supernet(model, PruningPlan.load(stage.student_dir))
+        model = Supernet(model)  # widths come from stage.width_of
     distiller = Distiller(model)
     named = list(distiller.named_parameters())
     groups = [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},

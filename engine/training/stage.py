@@ -67,10 +67,15 @@ class Stage:
     teacher_dir: Path
     student_dir: Path
     widths: list[int]
-    supernet: bool = False  # student_dir is a reordered teacher; train every width of it
+    supernet: bool = False  # student_dir is a reordered teacher (or a width of one); train every width of it
     width_of: Callable[[int], Width] | None = None  # supernet only: the per-layer width of a sparsity
     uniform: bool = False  # supernet only: widths are uniform, snapshots are stock HF classes
     objective: Objective = field(default_factory=Objective)  # the distillation loss and its weights
+    candidates: list[int] | None = None  # the widths the best snapshot may hold (None: every width)
+
+    @property
+    def selectable(self) -> list[int]:
+        return self.widths if self.candidates is None else self.candidates
 
 
 @dataclass

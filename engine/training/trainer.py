@@ -8,7 +8,8 @@ sandwich) or a plain pruned model (a TA or a student, one width). Both run the s
         for every width (1/K each):          forward, distillation loss, backward at once
         DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum
         every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
-                                             snapshot of the best, atomic DeepSpeed checkpoint
+                                             snapshot of the best trade-off among the stage's candidates,
+                                             atomic DeepSpeed checkpoint
 
 Models are built with `HfDeepSpeedConfig` + `from_pretrained`, so ZeRO-3 partitions them while they load.
 A stage killed at any point resumes from its last checkpoint (`resume=True`) and ends where an
@@ -189,7 +190,7 @@ def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) ->
         if best is None or p > best.p:
             state.best[permille] = WidthScore(p=p, accuracy=stats[permille]["accuracy"],
                                               loss=stats[permille]["loss"], step=state.step)
-    argmax = best_tradeoff({s: b.p for s, b in state.best.items()}, cfg.lam)
+    argmax = best_tradeoff({s: state.best[s].p for s in stage.selectable}, cfg.lam)
     score = tradeoff(state.best[argmax].p, argmax, cfg.lam)
     log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(
         f"s={format_sparsity(s)} acc={stats[s]['accuracy']:.4f} loss={stats[s]['loss']:.4f}" for s in stage.widths))

@@ -79,6 +79,32 @@ def test_supernet_equals_masked_teacher_values_and_gradients(pruned):
                                        msg=f"{name} grad of {param_name} at {width}")
 
 
+def test_supernet_over_a_ta_slice_equals_the_teachers_at_sparser_widths(pruned):
+    """A joint TA -> student stage trains a supernet over the TA checkpoint (a per-layer pruned model): at every
+    grid width past the TA it computes what the teacher's supernet computes, and its gradients are those of the
+    teacher's prefix."""
+    name, _, model, plan = pruned
+    ta = plan.grid[len(plan.grid) // 2]
+    sliced = engine.pruned_model(model, plan.width(ta))
+    over_ta, over_teacher = engine.Supernet(sliced, plan), engine.Supernet(copy.deepcopy(model), plan)
+    assert over_ta.full_width == plan.width(ta) and over_teacher.full_width == plan.full_width
+    x = calibration(seed=4)
+    for sparsity in [s for s in plan.grid if s > ta]:
+        outputs = []
+        for supernet in (over_ta, over_teacher):
+            supernet.set_sparsity(sparsity)
+            supernet.zero_grad()
+            out = supernet(input_ids=x, labels=x)
+            out.loss.backward()
+            outputs.append((out.logits.detach(), dict(supernet.model.named_parameters())))
+        (mine, ta_params), (reference, teacher_params) = outputs
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0, msg=f"{name} at {sparsity}")
+        for param_name, param in ta_params.items():
+            prefix = tuple(slice(0, n) for n in param.shape)
+            torch.testing.assert_close(param.grad, teacher_params[param_name].grad[prefix], atol=1e-5, rtol=1e-4,
+                                       msg=f"{name} grad of {param_name} at {sparsity}")
+
+
 def test_set_sparsity_uses_the_grid(pruned):
     _, _, model, plan = pruned
     supernet = engine.Supernet(model, plan)

@@ -5,9 +5,12 @@ from engine.errors import UserError
 from engine.pruning.widths import (
     DEFAULT_GRID,
     Width,
+    grid_with_target,
+    joint_widths,
     keep_counts,
     parse_grid,
     parse_sparsity,
+    past_target,
     removal_order,
     round_removal,
 )
@@ -51,3 +54,14 @@ def test_keep_counts_follow_global_ranking_and_nest():
             assert kept_scores.min() >= removed_scores.max()  # the least important units went first
     for wider, narrower in zip(widths, widths[1:]):
         assert Width(wider, wider).contains(Width(narrower, narrower))
+
+
+def test_widths_past_the_target_and_of_a_joint_student_stage():
+    grid = (0, 500, 700, 850, 900, 950)
+    assert past_target(grid, 900, 0) == [] and past_target(grid, 900, 950) == [950]
+    assert past_target(grid, 850, 950) == [900, 950]
+    assert joint_widths(grid, 500, 900, 0) == [700, 850, 900]  # past the TA, up to the target
+    assert joint_widths(grid, 700, 900, 950) == [850, 900, 950]  # ... up to --sparsest
+    assert joint_widths(grid, None, 900, 950) == [900, 950]  # no TA: from the target
+    assert grid_with_target((0, 500), 900, 950) == (0, 500, 900, 950)
+    assert grid_with_target((0, 500), 900) == (0, 500, 900)

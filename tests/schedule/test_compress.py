@@ -89,6 +89,33 @@ def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, t
     assert rows[0.9]["student_accuracy"] == pytest.approx(kd["student"]["accuracy"], abs=1e-9)
 
 
+def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus, tmp_path):
+    """--sparsest 0.95: the sandwich also trains 0.95, which is never a candidate TA. --student-stage joint: the TA's
+    snapshot trains as a supernet at every width past the TA, and the student is the target's best dev snapshot."""
+    out = tmp_path / "joint"
+    minidisc("compress", *options(trained_teacher, corpus, out, "--grid", "0", "0.5", "0.7", "0.9", "0.95",
+                                  "--sparsest", "0.95", "--student-stage", "joint", "--lam", "0"))
+    report = json.loads((out / "report.json").read_text())
+    trained = lambda stage: {point["width"] for point in report["curves"][stage]["train"]}  # noqa: E731
+    assert trained("sandwich") == {0.5, 0.7, 0.9, 0.95}
+    assert [r["sparsity"] for r in report["candidates"]] == [0.5, 0.7, 0.9]
+    ta = (report["selected_ta"] or {}).get("sparsity")
+    assert trained("student") == {s for s in (0.5, 0.7, 0.9, 0.95) if s > (ta or 0.85)}
+    # the student is the target's first best dev point, whatever the other widths did
+    target_evals = [p for p in report["curves"]["student"]["eval"] if p["width"] == 0.9]
+    best = max(target_evals, key=lambda p: p["accuracy"])
+    student = report["student"]
+    assert student["best_step"] == best["step"] and student["dev_accuracy"] == pytest.approx(best["accuracy"])
+    splits = torch.load(out / "work" / "data.pt")
+    assert accuracy_on(out / "student", splits["test"]) == pytest.approx(student["accuracy"], abs=1e-9)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == student["parameters"]
+    stage = report["compute"]["student"]
+    assert stage["width_tokens"] == len(trained("student")) * stage["tokens"]
+
+
 def test_resume_after_sigkill_gives_the_same_student(trained_teacher, corpus, tmp_path):
     args = options(trained_teacher, corpus, tmp_path / "whole", "--eval-every", "2", "--lam", "0.05")
     minidisc("compress", *args)
@@ -170,6 +197,9 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     assert "DeepSpeed config" in error("compress", *base, "--deepspeed", tmp_path / "none.json")
     assert "not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o2"),
                                       "--target-sparsity", "0.75")
+    assert "--sparsest 0.97 is not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus,
+                                                                             tmp_path / "o3"), "--sparsest", "0.97")
+    assert "--sparsest 0.8 is below --target-sparsity 0.9" in error("compress", *base, "--sparsest", "0.8")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")

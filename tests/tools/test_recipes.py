@@ -106,6 +106,22 @@ def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     assert "expects a list of kd, kd-matched, kd-steps, ce" in error("--config", changed)
 
 
+def test_dry_run_lists_the_widths_each_stage_trains(pruned_dirs, corpus, tmp_path):
+    """--sparsest adds widths to the sandwich (not to the candidates); a joint student stage trains up to every
+    width past the densest candidate TA."""
+    from engine.config import RunConfig
+    from engine.tools.dry_run import dry_run
+
+    cfg = RunConfig(teacher=str(pruned_dirs["opt"]), data=str(corpus["jsonl"]), out=str(tmp_path / "o"),
+                    truncate=0.7, sparsest=0.95, student_stage="joint", seq_len=32).validate()
+    summary = dry_run(cfg, "compress")
+    assert [c["sparsity"] for c in summary["candidates"]] == [0.7, 0.8, 0.85, 0.9]
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["sandwich"]["widths_per_step"] == 5  # 0.7 .. 0.9 and 0.95
+    assert stages["student"]["widths_per_step"] == 4  # past a 0.7 TA: 0.8, 0.85, 0.9, 0.95
+    assert summary["deepspeed"]["gradient_accumulation_steps"] == 5
+
+
 @pytest.mark.parametrize("ffn_multiple", [1, 8])
 def test_dry_run_parameter_counts_are_the_exported_models(pruned_dirs, corpus, tmp_path, ffn_multiple):
     """One counting rule: a dry run on a pruned teacher prints what `minidisc export` then writes; before
