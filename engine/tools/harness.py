@@ -18,6 +18,7 @@ import logging
 import random
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from engine.errors import UserError
 
@@ -62,13 +63,24 @@ def builtin_documents(texts: list[str]) -> tuple[list[str], list[str]]:
     return ppl, cloze
 
 
-def write_builtin_tasks(texts: list[str], folder, seed: int = 0) -> Path:
+def write_builtin_tasks(texts: list[str], folder, seed: int = 0,
+                        fits: Callable[[str, str], bool] | None = None) -> Path:
     """Write minidisc_ppl and minidisc_cloze (YAML + jsonl, absolute paths: lm_eval resolves data files from
-    the working directory) into `folder`; returns it."""
+    the working directory) into `folder`; returns it. `fits(context, continuation)`: whether the models can
+    score a continuation (`continuation_fits`); cloze items with one that does not are left out."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     ppl, cloze = builtin_documents(texts)
-    rows = {"minidisc_ppl": [{"text": d} for d in ppl], "minidisc_cloze": _cloze_items(cloze, seed)}
+    items = _cloze_items(cloze, seed)
+    if fits is not None:
+        kept = [item for item in items if all(fits(item["context"], choice) for choice in item["choices"])]
+        if len(kept) < len(items):
+            log.info("minidisc_cloze: %d of %d items left out (a continuation longer than a model's positions)",
+                     len(items) - len(kept), len(items))
+        if not kept:
+            raise UserError("minidisc_cloze: no item's continuations fit the models' positions; leave the task out")
+        items = kept
+    rows = {"minidisc_ppl": [{"text": d} for d in ppl], "minidisc_cloze": items}
     specs = {
         "minidisc_ppl": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                          "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": False} for m, a in (
@@ -85,6 +97,23 @@ def write_builtin_tasks(texts: list[str], folder, seed: int = 0) -> Path:
                   "test_split": "test", **spec, "metadata": {"version": 1.0}}
         (folder / f"{task}.yaml").write_text(json.dumps(config, indent=1) + "\n")  # JSON is valid YAML
     return folder
+
+
+def continuation_fits(models: dict[str, str]) -> Callable[[str, str], bool]:
+    """Whether a continuation fits the positions of every model (lm_eval asserts on one that does not; a context
+    that is too long it truncates from the left itself)."""
+    from engine.models.loading import load_config, load_tokenizer
+
+    limits = [(load_tokenizer(path), load_config(path).max_position_embeddings) for path in models.values()]
+
+    def fits(context: str, continuation: str) -> bool:
+        for tokenizer, positions in limits:
+            tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+            if tokens(f"{context} {continuation}") - tokens(context) > positions:
+                return False
+        return True
+
+    return fits
 
 
 def check_tasks(tasks: list[str], include=None, builtin: bool = True) -> None:
@@ -137,7 +166,7 @@ def evaluate_tasks(models: dict[str, str], tasks: list[str], *, texts: list[str]
     with tempfile.TemporaryDirectory(prefix="minidisc-tasks-") as scratch:
         folders = [Path(include)] if include else []
         if texts is not None and any(task in BUILTIN_TASKS for task in tasks):
-            folders.append(write_builtin_tasks(texts, scratch, seed))
+            folders.append(write_builtin_tasks(texts, scratch, seed, fits=continuation_fits(models)))
         manager = _task_manager(list(tasks), folders)
         table = {}
         for label, path in models.items():

@@ -9,7 +9,8 @@ import pytest
 from helpers import MINIDISC
 
 import engine
-from engine.tools.harness import CLOZE_CHOICE, CLOZE_CONTEXT, scores, write_builtin_tasks
+from engine.models.loading import load_tokenizer
+from engine.tools.harness import CLOZE_CHOICE, CLOZE_CONTEXT, continuation_fits, scores, write_builtin_tasks
 
 pytest.importorskip("lm_eval")
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
@@ -32,6 +33,29 @@ def test_cloze_items_hold_the_true_continuation(corpus, tmp_path):
     assert {item["answer"] for item in items} == {0, 1, 2, 3}  # the answer's position is shuffled
     again = write_builtin_tasks(texts, tmp_path / "again")
     assert (again / "minidisc_cloze.jsonl").read_text() == (folder / "minidisc_cloze.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_cloze_continuations_longer_than_a_models_positions_are_left_out(pruned_dirs, corpus, tmp_path):
+    """lm_eval asserts on a continuation longer than the model's positions: such items are left out (not the run
+    failing after training), and only those."""
+    model = tmp_path / "short-context"
+    engine.export(pruned_dirs["llama_gqa"], 0.5, model)
+    texts = _paragraphs(corpus)
+    items = [json.loads(line) for line in
+             (write_builtin_tasks(texts, tmp_path / "all") / "minidisc_cloze.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(model)
+    longest = sorted(max(len(tokenizer(f"{item['context']} {c}", add_special_tokens=False).input_ids)
+                         - len(tokenizer(item["context"], add_special_tokens=False).input_ids)
+                         for c in item["choices"]) for item in items)
+    positions = longest[len(longest) // 2]  # about half the items fit
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    fits = continuation_fits({"m": str(model)})
+    kept = write_builtin_tasks(texts, tmp_path / "fit", fits=fits) / "minidisc_cloze.jsonl"
+    assert len(kept.read_text().splitlines()) == sum(n <= positions for n in longest) < len(items)
+    result = engine.evaluate_tasks({"m": model}, ["minidisc_cloze"], texts=texts, limit=8)  # asserted before
+    assert 0 <= result["models"]["m"]["minidisc_cloze"]["acc"] <= 1
 
 
 @pytest.mark.slow
