@@ -175,3 +175,11 @@ def test_help_and_import_engine_do_not_load_torch():
     imported = run_python(f"import sys\nimport engine\nengine.__version__\n{heavy}\nengine.compress\n{heavy}")
     before, after = imported.stdout.strip().splitlines()[-2:]
     assert before == "[]" and "'torch'" in after, imported.stderr[-2000:]  # the API still loads on first use
+
+
+def test_the_readme_option_table_is_runconfigs():
+    """One RunConfig field = one flag = one recipe key = one README row, with the same help: `make readme-options`."""
+    from engine.tools.options_table import README, with_table
+
+    text = README.read_text()
+    assert with_table(text) == text, "the README's option table is out of date: run `make readme-options`"
