@@ -246,11 +246,12 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
         kd_folder = base.parent / ("kd-" + kd_label(options)) / f"seed{seed}"
         sides = [("minidisc", report)]
         if options["max_steps"] == args.builtin_steps:
-            sides.append(("kd", run("distill", seeded, kd_folder / f"distill-{options['max_steps']}")))
+            sides.append(("kd", run("distill", kd_options(seeded), kd_folder / f"distill-{options['max_steps']}")))
             kd_compute = sides[-1][1]["student"]["compute"]
         step_flops = kd_compute["train_flops"] / kd_compute["steps"] if kd_compute else kd_step_flops(report)
         steps = reuse_steps(kd_folder, matched_steps(pipeline["train_flops"], step_flops), args.kd_tolerance)
-        sides.append(("kd_matched", run("distill", {**seeded, "max_steps": steps}, kd_folder / f"distill-{steps}")))
+        sides.append(("kd_matched", run("distill", {**kd_options(seeded), "max_steps": steps},
+                                        kd_folder / f"distill-{steps}")))
         row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"), "student_stage": len(student)}
         for key, r in sides:
             c = r["student"]["compute"]
@@ -276,12 +277,20 @@ def kd_step_flops(report: dict) -> float:
     raise SystemExit("equal-compute: the compress run has no kd baseline to read a plain-KD step's FLOPs from")
 
 
+SCHEDULE_KEYS = ("lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "student_stage", "sparsest")
+
+
+def kd_options(options: dict) -> dict:
+    """A plain-KD run's options: the schedule's own ones back at their defaults."""
+    from engine.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    return {**options, **{k: defaults[k] for k in SCHEDULE_KEYS}}
+
+
 def kd_label(options: dict) -> str:
-    """The options plain KD uses that differ from the built-in run (the schedule's own options left out)."""
-    schedule = {"lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "max_steps", "patience",
-                "student_stage", "sparsest"}
-    label = runs_folder(Path("."), {k: v for k, v in options.items() if k not in schedule}, BUILTIN).name
-    return label
+    """The options plain KD uses that differ from the built-in run (max_steps aside: it is in the run's name)."""
+    return runs_folder(Path("."), {**kd_options(options), "max_steps": BUILTIN["max_steps"]}).name
 
 
 def reuse_steps(kd_folder: Path, steps: int, tolerance: float) -> int:

@@ -86,6 +86,9 @@ class Run:
         if cfg.baselines and command != "compress":
             raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
                             "itself a baseline: drop the option")
+        if (cfg.sparsest or cfg.student_stage != "single") and command != "compress":
+            raise UserError(f"--sparsest and --student-stage shape the MiniDisc schedule of `minidisc compress`; "
+                            f"`minidisc {command}` has no sandwich: drop them")
         dist.init()
         self._check_inputs()
         self._claim_output()

@@ -200,6 +200,7 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     assert "--sparsest 0.97 is not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus,
                                                                              tmp_path / "o3"), "--sparsest", "0.97")
     assert "--sparsest 0.8 is below --target-sparsity 0.9" in error("compress", *base, "--sparsest", "0.8")
+    assert "has no sandwich: drop them" in error("distill", *base, "--student-stage", "joint")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
