@@ -241,18 +241,20 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     for seed in args.seeds:
         seeded, folder = {**options, "seed": seed}, base / f"seed{seed}"
         report = run("compress", seeded, folder / "compress")
-        pipeline, kd_compute = report["student"]["compute"], report["baselines"].get("kd", {}).get("compute")
-        student = report["curves"]["student"]["train"]
+        pipeline, student = report["student"]["compute"], report["curves"]["student"]["train"]
+        stage = report["compute"]
         kd_folder = base.parent / ("kd-" + kd_label(options)) / f"seed{seed}"
         sides = [("minidisc", report)]
         if options["max_steps"] == args.builtin_steps:
             sides.append(("kd", run("distill", kd_options(seeded), kd_folder / f"distill-{options['max_steps']}")))
-            kd_compute = sides[-1][1]["student"]["compute"]
-        step_flops = kd_compute["train_flops"] / kd_compute["steps"] if kd_compute else kd_step_flops(report)
-        steps = reuse_steps(kd_folder, matched_steps(pipeline["train_flops"], step_flops), args.kd_tolerance)
+        steps = matched_steps(pipeline["train_flops"], kd_step_flops(options))
+        steps = reuse_steps(kd_folder, steps, args.kd_tolerance)
         sides.append(("kd_matched", run("distill", {**kd_options(seeded), "max_steps": steps},
                                         kd_folder / f"distill-{steps}")))
-        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"), "student_stage": len(student)}
+        row = {"seed": seed, "ta": (report["selected_ta"] or {}).get("sparsity"),
+               "student_widths": len({point["width"] for point in student}),
+               "sandwich_train_flops": stage["sandwich"]["train_flops"],
+               "student_train_flops": stage["student"]["train_flops"]}
         for key, r in sides:
             c = r["student"]["compute"]
             row.update({f"{key}_test_accuracy": r["student"]["accuracy"], f"{key}_steps": c["steps"],
@@ -265,16 +267,26 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     gaps = [100 * (r["minidisc_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
     print(f"\nMiniDisc - plain KD at equal training FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
           f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)})")
-    keys = [k for k in rows[0] if k not in ("seed", "ta")]
+    keys = [k for k in rows[0] if k not in ("seed", "ta", "student_widths")]
     return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
-def kd_step_flops(report: dict) -> float:
-    """Training FLOPs of one plain-KD step (target width trained, teacher forward), from the report's widths."""
-    kd = report["baselines"].get("kd-matched") or report["baselines"].get("kd")
-    if kd:
-        return kd["compute"]["train_flops"] / kd["compute"]["steps"]
-    raise SystemExit("equal-compute: the compress run has no kd baseline to read a plain-KD step's FLOPs from")
+def kd_step_flops(options: dict) -> int:
+    """Training FLOPs of one plain-KD step: the target width trained (3 forwards), the teacher's forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.loading import load_config
+    from engine.pruning.families import family_for, forward_flops
+    from engine.pruning.plan import PruningPlan
+    from engine.pruning.widths import parse_sparsity
+
+    config, plan = load_config(options["teacher"]), PruningPlan.load(options["teacher"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    flops = lambda s: forward_flops(model, family_for(config), plan.width(s), options["seq_len"])  # noqa: E731
+    return options["batch_size"] * options["seq_len"] * (3 * flops(parse_sparsity(options["target_sparsity"]))
+                                                         + flops(0))
 
 
 SCHEDULE_KEYS = ("lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "student_stage", "sparsest")
