@@ -185,7 +185,7 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
                          "maxidisc_train_flops": maxidisc["student"]["compute"]["train_flops"]})
     rules = rule_scores(per_seed)
     picks = [(r["sparsity"], r["student_test_accuracy"]) for r in out_rows if r["row"] == "run"]
-    plot_ta_choice(per_seed, rules, picks, RESULTS / "ta_choice.png")
+    plot_ta_choice(per_seed, rules, picks, RESULTS / args.plot)
     print(f"\n{'metric':>18} {'lambda':>6} {'Spearman':>9} {'regret pts':>10} {'max':>6}  picks per seed")
     for r in rules:
         print(f"{r['metric']:>18} {r['lam']:>6} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
     parser.add_argument("--kd-tolerance", type=float, default=0.02,
                         help="equal-compute: reuse a plain-KD run whose steps are within this fraction of the match")
+    parser.add_argument("--plot", default="ta_choice.png", help="ta-choice: the plot's file in benchmarks/results")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
