@@ -4,8 +4,8 @@ Runs the real command in a fresh process, into a scratch output folder, the way 
 (NCCL on one GPU in bf16 where CUDA is available, gloo in fp32 on a CPU), or under the deepspeed launcher
 with --gpus N. The cached teacher is reused (MINIDISC_CACHE); on a first run wall_s - total_s includes its
 pretraining. Reads the run's report.json and appends one row to benchmarks/results/builtin.csv: the device,
-the precision, every phase's seconds, the chosen TA and each student's dev accuracy (the kd and ce
-baselines have the student's size and budget).
+the precision, every phase's seconds, each stage's memory in MB (start/peak/end: allocated on a GPU, resident on
+a CPU), the chosen TA and each student's accuracy (the kd and ce baselines have the student's size and budget).
 
     python benchmarks/bench_builtin.py                 # this device's default
     MINIDISC_BUILTIN=test python benchmarks/bench_builtin.py   # the test suite's tiny variant (seconds)
@@ -56,6 +56,8 @@ def row(report: dict, wall: float, gpus: int) -> dict:
             "processes": gpus, "bf16": bool(deepspeed.get("bf16", {}).get("enabled", False)),
             "builtin": os.environ.get("MINIDISC_BUILTIN", "default"), "wall_s": round(wall, 1),
             "total_s": phases.pop("total"), "phases": " ".join(f"{k}={v}" for k, v in phases.items()),
+            "stage_memory": " ".join(f"{k}={m['start_mb']}/{m['peak_mb']}/{m['end_mb']}"
+                                     for k, m in report.get("stage_memory", {}).items()),
             "ta_sparsity": (report.get("ta") or {}).get("sparsity", "none"),
             "student_accuracy": round(report["student"]["accuracy"], 4),
             **{f"{name}_accuracy": round(baselines[name]["accuracy"], 4) if name in baselines else ""

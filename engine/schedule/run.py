@@ -80,6 +80,7 @@ class Run:
         self.work = self.out / "work"
         self.phases: dict[str, float] = {}
         self.stage_timings: dict[str, dict] = {}  # stage -> the trainer's seconds per part
+        self.stage_memory: dict[str, dict] = {}  # stage -> rank 0's start, peak and end MB (`training.memory`)
         self.compute: dict[str, dict] = {}  # stage -> its steps, tokens, FLOPs and wall time (`stage_compute`)
         self._flops: dict[int, int] = {}
         self.started = time.perf_counter()
@@ -225,6 +226,7 @@ class Run:
         result = run_stage(stage, train, self.data, self.work)
         self.phases[name] = result.wall_s
         self.stage_timings[name] = result.timings
+        self.stage_memory[name] = result.memory
         self.compute[name] = stage_compute(result, self.forward_flops, teacher_width, self.tokens_per_step)
         return result
 
@@ -302,7 +304,8 @@ class Run:
         report = {"format": "minidisc-report/1", "command": self.command,
                   "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
                   **report, "data": self.data_summary(), "compute": self.compute, "phases": self.phases,
-                  "stage_timings": self.stage_timings, "config": self.cfg.to_dict()}
+                  "stage_timings": self.stage_timings, "stage_memory": self.stage_memory,
+                  "config": self.cfg.to_dict()}
         with dist.main_first("writing the report") as main:
             if main:
                 log.info("measuring every model on the test split (%d blocks)", len(self.data.test))

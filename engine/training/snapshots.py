@@ -70,12 +70,13 @@ def _keep_latest_only(checkpoints: Path) -> None:
     dist.barrier()
 
 
-def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float, timings: dict) -> StageResult:
+def write_result(stage: Stage, state: StageState, stage_dir: Path, wall: float, timings: dict,
+                 memory: dict) -> StageResult:
     result = StageResult(
         stage=stage.name, teacher=str(stage.teacher_dir), student=str(stage.student_dir), widths=list(stage.widths),
         steps=state.step, best_step=state.best_step, best_width=state.best_width, tradeoff=state.tradeoff,
         teacher_stats=state.teacher, best=state.best, best_dir=stage_dir / "best", wall_s=round(wall, 2),
-        curves={"train": state.train_curve, "eval": state.eval_curve}, timings=timings)
+        curves={"train": state.train_curve, "eval": state.eval_curve}, timings=timings, memory=memory)
     with dist.main_first(f"finishing stage {stage.name}") as main:
         if main:
             snapshot = json.loads((stage_dir / "best" / "minidisc_best.json").read_text())

@@ -141,6 +141,7 @@ class StageResult:
     wall_s: float
     curves: dict
     timings: dict = field(default_factory=dict)  # part -> {"seconds", "calls"} (this process's run of the stage)
+    memory: dict = field(default_factory=dict)  # this process's start, peak and end MB (`training.memory`)
 
     def to_json(self) -> dict:
         return {**asdict(self), "widths": [w / PERMILLE for w in self.widths],

@@ -37,6 +37,7 @@ from engine.training import distributed as dist
 from engine.training import faults
 from engine.training.batches import BatchOrder, dev_batches, widths_at
 from engine.training.engines import build_engines, release, short_path
+from engine.training.memory import StageMemory
 from engine.training.snapshots import save_best, save_checkpoint, write_result
 from engine.training.stage import Data, Diverged, Stage, StageResult, StageState, TrainConfig, WidthScore
 
@@ -84,7 +85,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
     if result_file.is_file():
         log.info("stage %s: already finished, reusing %s", stage.name, result_file)
         return StageResult.from_json(json.loads(result_file.read_text()))
-    started, timer = time.perf_counter(), StageTimer()
+    started, timer, memory = time.perf_counter(), StageTimer(), StageMemory()
+    memory.start()
     with timer("build engines"):
         teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, len(widths_at(stage, cfg, 0)))
     objective = stage.objective
@@ -137,7 +139,10 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
     with timer("release"):
         release(engine, teacher)
         del keep_alive
-    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json())
+    used = memory.to_json()
+    log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end", stage.name, used["kind"],
+             used["start_mb"], used["peak_mb"], used["end_mb"])
+    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json(), used)
 
 
 class StageTimer:

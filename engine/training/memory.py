@@ -1,0 +1,60 @@
+"""This process's memory around a stage: the CUDA allocator's bytes on a GPU, the resident set (Linux /proc) on a
+CPU. A stage records where it started, its peak and what it left behind (`StageResult.memory`), so growth from
+stage to stage shows in the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.training import distributed as dist
+
+MB = 2**20
+_STATUS = Path("/proc/self/status")
+
+
+def _cuda() -> bool:
+    return dist.device().type == "cuda"
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> None:
+    """Start a new peak: the allocator's statistics, or the kernel's high-water mark of the resident set."""
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current resident set
+    except OSError:
+        pass  # not Linux or not allowed: the peak is then the process's
+
+
+def usage() -> dict:
+    """{"kind", "live_mb", "peak_mb"}: allocated bytes on the GPU, the resident set on a CPU (None if unreadable)."""
+    if _cuda():
+        return {"kind": "cuda allocated", "live_mb": round(torch.cuda.memory_allocated() / MB, 1),
+                "peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
+    live, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    return {"kind": "cpu resident", "live_mb": None if live is None else round(live / 1024, 1),
+            "peak_mb": None if peak is None else round(peak / 1024, 1)}
+
+
+class StageMemory:
+    """`start()` before a stage's engines are built, `to_json()` after they are released."""
+
+    def start(self) -> None:
+        reset_peak()
+        self.start_mb = usage()["live_mb"]
+
+    def to_json(self) -> dict:
+        now = usage()
+        return {"kind": now["kind"], "start_mb": self.start_mb, "peak_mb": now["peak_mb"], "end_mb": now["live_mb"]}
