@@ -179,12 +179,35 @@ def build_engines(stage: Stage, cfg: TrainConfig, widths_per_step: int):
 
 
 def release(*engines) -> None:
+    """Free a stage's engines, so the next stage starts where this one did."""
     for engine in engines:
         if hasattr(engine, "destroy"):
             engine.destroy()
+        _forget_forward_stack(getattr(engine, "module", None))
+    _clear_release_cache()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _forget_forward_stack(module) -> None:
+    """ZeRO-3 pushes each engine's top module onto a module-level stack that `destroy()` leaves in place: through
+    its parameters' ZeRO attributes that keeps the stage's weights, gradients and optimiser states alive."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+
+
+def _clear_release_cache() -> None:
+    """ZeRO-3's parameter coordinator memoises, per (coordinator, module, step), which parameters to release, in an
+    lru_cache on the class: every engine's modules, and through them its weights, stay alive until it is cleared."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    method = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    wrapped = [cell.cell_contents for cell in getattr(method, "__closure__", None) or ()]  # under an NVTX wrapper
+    for function in (method, *wrapped):
+        if hasattr(function, "cache_clear"):
+            function.cache_clear()
 
 
 def short_path(path: Path) -> str:

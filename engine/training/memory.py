@@ -3,6 +3,7 @@ CPU. A stage records where it started, its peak and what it left behind (`StageR
 stage to stage shows in the report."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -48,13 +49,28 @@ def usage() -> dict:
             "peak_mb": None if peak is None else round(peak / 1024, 1)}
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage Python still reaches (after a collection), counted once each: what a stage
+    leaves behind, independent of how the allocator or the C library keep freed memory."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 class StageMemory:
-    """`start()` before a stage's engines are built, `to_json()` after they are released."""
+    """`start()` before a stage's engines are built, `to_json()` after they are released: this process's memory
+    at both ends and its peak, and the tensors left alive (`left_mb`: 0 when the stage freed all it made)."""
 
     def start(self) -> None:
+        self.tensors = live_tensor_bytes()
         reset_peak()
         self.start_mb = usage()["live_mb"]
 
     def to_json(self) -> dict:
         now = usage()
-        return {"kind": now["kind"], "start_mb": self.start_mb, "peak_mb": now["peak_mb"], "end_mb": now["live_mb"]}
+        return {"kind": now["kind"], "start_mb": self.start_mb, "peak_mb": now["peak_mb"], "end_mb": now["live_mb"],
+                "left_mb": round((live_tensor_bytes() - self.tensors) / MB, 1)}

@@ -87,6 +87,15 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
         return StageResult.from_json(json.loads(result_file.read_text()))
     started, timer, memory = time.perf_counter(), StageTimer(), StageMemory()
     memory.start()
+    state = _train(stage, cfg, data, stage_dir, timer)  # its engines are gone when it returns
+    used = memory.to_json()
+    log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end; %s MB of tensors left alive",
+             stage.name, used["kind"], used["start_mb"], used["peak_mb"], used["end_mb"], used["left_mb"])
+    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json(), used)
+
+
+def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "StageTimer") -> StageState:
+    """Build the stage's engines, train (or resume) to its end or early stop, release the engines."""
     with timer("build engines"):
         teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, len(widths_at(stage, cfg, 0)))
     objective = stage.objective
@@ -138,11 +147,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
                                    f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
     with timer("release"):
         release(engine, teacher)
-        del keep_alive
-    used = memory.to_json()
-    log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end", stage.name, used["kind"],
-             used["start_mb"], used["peak_mb"], used["end_mb"])
-    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json(), used)
+    return state
 
 
 class StageTimer:
