@@ -6,7 +6,8 @@ sandwich) or a plain pruned model (a TA or a student, one width). Both run the s
     for every step:                          one optimiser step per global batch
         teacher forward once (no grad)       hidden states + gathered LM head
         for every width (1/K each):          forward, distillation loss, backward at once
-        DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum
+        one all-reduce                       the losses, the finite check, the requeue flag
+        DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum (if finite)
         every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
                                              snapshot of the best trade-off among the stage's candidates,
                                              atomic DeepSpeed checkpoint
@@ -23,8 +24,8 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -44,38 +45,56 @@ from engine.training.stage import Data, Diverged, Stage, StageResult, StageState
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepOutcome:
+    """What every rank agrees on after a step: each width's loss (averaged over processes), whether all were
+    finite (if not, the optimiser did not step) and whether any rank got the requeue signal."""
+
+    losses: list[float]
+    finite: bool
+    signalled: bool
+
+
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
-               check: Callable = lambda loss: None, timer: StageTimer | None = None) -> torch.Tensor:
+               timer: StageTimer | None = None) -> StepOutcome:
     """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
-    1/(K x micro-batches)) back-propagated at once. Returns each width's loss, averaged over processes."""
+    1/(K x micro-batches)) back-propagated at once. The losses stay on the device until one all-reduce, before the
+    optimiser steps, carries them with the finite check and the requeue flag: one collective and one host sync
+    per step, whatever K and the accumulation."""
     import deepspeed
 
     timer = timer or StageTimer()
     head = teacher.module.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p is not None]
-    accum = len(micro_batches)
-    step_losses = torch.zeros(len(widths), dtype=torch.float64)
+    accum, device = len(micro_batches), dist.device()
+    step_losses = torch.zeros(len(widths), dtype=torch.float32, device=device)
+    backwards = 0
 
     def backward(loss):
+        nonlocal backwards
         engine.backward(loss / accum, scale_wrt_gas=False)
-        engine.step()  # a real optimiser step only at the accumulation boundary
+        backwards += 1
+        if backwards < accum * len(widths):  # the boundary's step waits for the check below
+            engine.step()
 
     for ids in micro_batches:
-        ids = ids.to(dist.device())
+        ids = ids.to(device)
         with timer("teacher forwards"):
             t_out = teacher_outputs(teacher.module, ids)
         # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
-            def forward():
-                losses = engine(ids, None, t_out, objective)
-                check(losses["loss"])
-                return losses
-
-            metrics = sandwich_step(forward, select, widths, backward)
-        step_losses += torch.tensor([metrics[w]["loss"].item() for w in widths], dtype=torch.float64) / accum
-    return dist.all_sum(step_losses) / dist.world_size()
+            metrics = sandwich_step(lambda: engine(ids, None, t_out, objective), select, widths, backward)
+        step_losses += torch.stack([metrics[w]["loss"].float() for w in widths]) / accum
+    flags = torch.stack([(~torch.isfinite(step_losses)).any().float(),
+                         torch.tensor(float(faults.signal_received()), device=device)])
+    agreed = dist.all_sum(torch.cat([step_losses.double(), flags.double()])).tolist()
+    outcome = StepOutcome([loss / dist.world_size() for loss in agreed[:-2]], agreed[-2] == 0, agreed[-1] > 0)
+    if outcome.finite:
+        with timer("student fwd+bwd+optimizer"):
+            engine.step()
+    return outcome
 
 
 def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageResult:
@@ -114,19 +133,17 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
              short_path(stage.student_dir), ", ".join(format_sparsity(w) for w in stage.widths), cfg.max_steps,
              state.step)
 
-    def check(loss, step):
-        _check_finite(loss, stage, step, checkpoints)
-
     # A stage resumed after its early stop (killed before its result was written) has no steps left.
     steps = range(state.step, state.step if _out_of_patience(cfg, state) else cfg.max_steps)
     for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
         widths = widths_at(stage, cfg, step)
         micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
         with timer("training steps"):
-            step_losses = train_step(teacher, engine, select, micro_batches, widths, objective,
-                                     check=lambda loss, step=step: check(loss, step), timer=timer)
-        state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(float(loss), 6)}
-                              for w, loss in zip(widths, step_losses)]
+            outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer=timer)
+        if not outcome.finite:
+            _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
+        state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(loss, 6)}
+                              for w, loss in zip(widths, outcome.losses)]
         state.step = step + 1
         if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
             with timer("evaluation"):
@@ -140,7 +157,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
                 log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
                          cfg.patience, state.step)
                 break
-        if state.step < cfg.max_steps and dist.any_rank(faults.signal_received()):  # Slurm's pre-timeout signal
+        if state.step < cfg.max_steps and outcome.signalled:  # Slurm's pre-timeout signal, agreed in the step
             if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
                 save_checkpoint(engine, checkpoints, state)
             raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
@@ -174,14 +191,14 @@ def _out_of_patience(cfg: TrainConfig, state: StageState) -> bool:
     return bool(cfg.patience) and state.stale_evals >= cfg.patience
 
 
-def _check_finite(loss, stage, step, checkpoints) -> None:
-    if dist.any_rank(not torch.isfinite(loss).item()):
-        latest = checkpoints / "latest"
-        kept = (f"the last good checkpoint is kept in {checkpoints} ({latest.read_text().strip()})"
-                if latest.is_file() else "no checkpoint had been written yet")
-        raise Diverged(f"stage {stage.name}: the distillation loss became {loss.item()} at step {step + 1}; "
-                       f"{kept}. Lower --lr, raise --warmup-ratio or lower --max-grad-norm, then run again "
-                       "(with --resume to start from that checkpoint)")
+def _diverged(stage, step, checkpoints, losses: dict[int, float]) -> None:
+    latest = checkpoints / "latest"
+    kept = (f"the last good checkpoint is kept in {checkpoints} ({latest.read_text().strip()})"
+            if latest.is_file() else "no checkpoint had been written yet")
+    widths = ", ".join(f"{loss} at s={format_sparsity(w)}" for w, loss in losses.items() if not math.isfinite(loss))
+    raise Diverged(f"stage {stage.name}: the distillation loss became {widths} at step {step + 1} (the optimiser did "
+                   f"not step); {kept}. Lower --lr, raise --warmup-ratio or lower --max-grad-norm, then run again "
+                   "(with --resume to start from that checkpoint)")
 
 
 def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) -> bool:

@@ -1,5 +1,6 @@
 """The DeepSpeed trainer's optimiser step equals a plain PyTorch reference, with 1 and 2 processes and with
-gradient accumulation; the run configuration (recipes and command line) and its errors."""
+gradient accumulation, with one collective per step and no step on a non-finite loss; the run configuration
+(recipes and command line) and its errors."""
 import json
 import subprocess
 import sys
@@ -25,6 +26,8 @@ def test_trainer_step_matches_pytorch_one_process(grad_accum, pruned_dirs, tmp_p
     assert report["world_size"] == 1
     assert report["moved"] > 1e-3  # the weights really changed
     assert report["error"] <= 1e-5, report
+    assert report["collectives"] == [5, 5, 5], report["collectives"]
+    assert report["nan_step"] == {"finite": False, "unchanged": True}
 
 
 @pytest.mark.multiprocess
@@ -36,6 +39,10 @@ def test_trainer_step_matches_pytorch_two_processes(grad_accum, pruned_dirs, tmp
     assert report["world_size"] == 2
     assert report["moved"] > 1e-3
     assert report["error"] <= 1e-5, report
+    # one all-reduce per step (3 losses, the finite check, the requeue flag), not one per width and micro-batch;
+    # the third step's loss was not finite
+    assert report["collectives"] == [5, 5, 5], report["collectives"]
+    assert report["nan_step"] == {"finite": False, "unchanged": True}
 
 
 # --- configuration ------------------------------------------------------------------------------------------------

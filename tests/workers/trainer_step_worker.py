@@ -5,6 +5,7 @@ loss weighted 1/K over the global batch, one AdamW step per batch. Run alone (a 
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,9 +53,16 @@ stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=Tru
 teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), len(widths))
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
 order = BatchOrder(blocks, seed=0)
+collectives = []  # all_sum calls per step: the losses, the finite check and the requeue flag travel together
+all_sum = dist.all_sum
+dist.all_sum = lambda tensor: collectives.append(tensor.numel()) or all_sum(tensor)
+select = lambda s: distiller.student.set_width(plan.width(s))  # noqa: E731
 for step in range(2):
     micro = [order.batch(step, a, cfg) for a in range(cfg.grad_accum)]
-    train_step(teacher, ds_engine, lambda s: distiller.student.set_width(plan.width(s)), micro, widths, objective)
+    before = len(collectives)
+    outcome = train_step(teacher, ds_engine, select, micro, widths, objective)
+    assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
+    assert collectives[before:] == [len(widths) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
     batch = torch.cat([blocks[[order._index(i) for i in range(step * 4, step * 4 + 4)]]])
     optimizer.zero_grad()
@@ -76,9 +84,21 @@ for (name, param), (ref_name, ref_param) in zip(distiller.named_parameters(), na
     if diff > error:
         error, worst = diff, ref_name
     moved = max(moved, (ref_param.detach() - initial[ref_name]).abs().max().item())
+
+# A step whose loss is not finite is reported to every rank and the optimiser does not step.
+def full_weights():
+    with deepspeed.zero.GatheredParameters(list(distiller.parameters())):
+        return [p.detach().clone() for p in distiller.parameters()]
+
+
+kept = full_weights()
+poisoned = train_step(teacher, ds_engine, select, [order.batch(2, a, cfg) for a in range(cfg.grad_accum)], widths,
+                      replace(objective, hidden_weight=float("nan")))
+unchanged = all(torch.equal(a, b) for a, b in zip(kept, full_weights()))
 if dist.is_main():
     Path(args.out).write_text(json.dumps({"world_size": dist.world_size(), "error": error, "worst": worst,
-                                           "moved": moved}))
+                                           "moved": moved, "collectives": collectives,
+                                           "nan_step": {"finite": poisoned.finite, "unchanged": unchanged}}))
 dist.barrier()
 torch.distributed.destroy_process_group()
 # Even after that, a gloo thread still aborts the interpreter's exit now and then ("terminate called without an

@@ -122,7 +122,7 @@ def check_stage(cfg: RunConfig) -> dict:
     offload = student.zero_offload_optimizer()
     out["student_offload_optimizer"] = str(getattr(offload, "device", None))
     out["student_offload_param"] = student.zero_offload_param() is not None
-    losses = trainer.train_step(teacher, student, lambda s: None, [ids], [0], objective)  # the trainer's own step
+    losses = trainer.train_step(teacher, student, lambda s: None, [ids], [0], objective).losses  # the trainer's step
 
     # DeepSpeed averages gradients over ranks: the reference steps on the mean loss of every rank's batch.
     named = list(ref_student.named_parameters())
@@ -133,7 +133,7 @@ def check_stage(cfg: RunConfig) -> dict:
     mean_loss = sum(width_loss(ref_student, teacher_outputs(ref_teacher, x), x, None, objective)["loss"]
                     for x in all_ids) / world
     out["student_loss"] = mean_loss.item()
-    out["student_loss_error"] = abs(losses[0].item() - mean_loss.item())
+    out["student_loss_error"] = abs(losses[0] - mean_loss.item())
     mean_loss.backward()
     ref_opt.step()
     update_error = 0.0
