@@ -4,7 +4,8 @@
 #      for a machine without internet, where they were installed beforehand), without constraints.txt, whose
 #      torch pin is the CPU build;
 #   2. the kernels' tests on CUDA against the torch references (the `gpu` marker: they pick CUDA by themselves);
-#   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel) and bench_distill_step.py;
+#   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel), bench_token_stats.py (evaluation without
+#      full logits), the stage-memory test on CUDA and bench_distill_step.py;
 #   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py).
 # Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
 # the later ones (GPU time is scarce); the exit status is 1 if any failed, and the failures are listed last.
@@ -25,6 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 step "Triton kernels on CUDA against the torch references" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
 step "KD loss: naive vs ours vs Liger-Kernel (benchmarks/results/distill_loss.csv)" "$PYTHON" benchmarks/bench_distill_loss.py
+step "evaluation statistics: full logits vs ours (benchmarks/results/token_stats.csv)" "$PYTHON" benchmarks/bench_token_stats.py
+step "three stages in one process free their CUDA memory" "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_memory.py
 step "one distillation step (benchmarks/results/distill_step.csv)" "$PYTHON" benchmarks/bench_distill_step.py --device cuda
 step "the built-in example, bf16, NCCL, one GPU (benchmarks/results/builtin.csv)" "$PYTHON" benchmarks/bench_builtin.py
 

@@ -5,6 +5,8 @@ named `kernels`.
 """
 from .distill_loss import distill_loss
 from .fused_linear_distill import fused_linear_distill_loss
+from .fused_linear_token_stats import fused_linear_token_stats
 from .masked_pruning import masked_heads, masked_relu, masked_swiglu
 
-__all__ = ["distill_loss", "fused_linear_distill_loss", "masked_heads", "masked_relu", "masked_swiglu"]
+__all__ = ["distill_loss", "fused_linear_distill_loss", "fused_linear_token_stats", "masked_heads", "masked_relu",
+           "masked_swiglu"]

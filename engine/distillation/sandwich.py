@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+import kernels
+from engine.models.supernet import Supernet
 
 
 def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], sparsities,
@@ -23,15 +25,22 @@ def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], 
     return metrics
 
 
-def _next_token_stats(logits, input_ids, attention_mask):
-    """(correct top-1 predictions, summed CE, counted tokens) over non-padding next tokens."""
+def _next_token_stats(model, input_ids, attention_mask):
+    """(correct top-1 predictions, summed CE, counted tokens) of a causal LM over non-padding next tokens, from its
+    last hidden states and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V]
+    logits. Under ZeRO-3 the head is gathered for the call, like the decoder layers in the model's forward."""
+    import deepspeed
+
     keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     keep = keep[:, :-1] & keep[:, 1:]
-    targets = input_ids[:, 1:]
-    logits = logits[:, :-1].float()
-    correct = ((logits.argmax(-1) == targets) & keep).sum()
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    return correct, (ce * keep).sum(), keep.sum()
+    lm = model.model if isinstance(model, Supernet) else model
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    head = lm.get_output_embeddings()
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(head.weight, "ds_id")):
+        correct, nll = kernels.fused_linear_token_stats(hidden, head.weight, input_ids[:, 1:], bias=head.bias,
+                                                        mask=keep)
+    return correct.sum(), nll.sum(), keep.sum()
 
 
 @torch.no_grad()
@@ -49,12 +58,10 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
     modes = [(module, module.training) for module in student.modules()]  # each its own: a wrapper's may differ
     student.eval()
     for input_ids, attention_mask in batches:
-        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        totals[0] += torch.stack(_next_token_stats(teacher_logits, input_ids, attention_mask)).double().cpu()
+        totals[0] += torch.stack(_next_token_stats(teacher, input_ids, attention_mask)).double().cpu()
         for i, permille in enumerate(sparsities, start=1):
             select(permille)
-            logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
-            totals[i] += torch.stack(_next_token_stats(logits, input_ids, attention_mask)).double().cpu()
+            totals[i] += torch.stack(_next_token_stats(student, input_ids, attention_mask)).double().cpu()
     for module, training in modes:
         module.training = training
     totals = dict(zip(["teacher", *sparsities], reduce(totals)))
@@ -69,6 +76,6 @@ def score_model(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
     model.eval()
     for ids in blocks.split(batch_size):
         ids = ids.to(device)
-        totals += torch.stack(_next_token_stats(model(input_ids=ids).logits, ids, None)).double().cpu()
+        totals += torch.stack(_next_token_stats(model, ids, None)).double().cpu()
     tokens = totals[2].clamp(min=1)
     return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2])}

@@ -82,6 +82,27 @@ def test_one_pass_evaluation_equals_each_width_alone(setup):
     assert together[900]["loss"] != together[0]["loss"]  # the widths really switched
 
 
+def full_logits_stats(model, ids, mask):
+    """Accuracy and mean CE over non-padding next tokens from the model's [B, T, V] logits (the plain way)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    keep = (mask[:, :-1] & mask[:, 1:]).bool()
+    correct = (logits.argmax(-1) == ids[:, 1:])[keep]
+    ce = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
+    return correct.sum().item() / keep.sum().item(), ce.item() / keep.sum().item()
+
+
+def test_evaluation_without_full_logits_equals_the_full_logits(setup):
+    """evaluate_widths streams the LM head in chunks (no [B, T, V] logits); its figures are the full logits'."""
+    teacher, supernet, ids, mask = setup
+    stats = evaluate_widths(supernet, teacher, [(ids, mask)], [0, 500, 900])
+    for key, model in [("teacher", teacher), *[(s, supernet) for s in (0, 500, 900)]]:
+        if key != "teacher":
+            supernet.set_sparsity(key)
+        accuracy, loss = full_logits_stats(model, ids, mask)
+        assert stats[key]["accuracy"] == accuracy, key
+        assert stats[key]["loss"] == pytest.approx(loss, rel=1e-5), key
+
+
 def test_choose_ta_by_the_tradeoff():
     performance = {500: 0.88, 700: 0.86, 900: 0.6}
     assert tradeoff(0.85, 700, 0.2) == pytest.approx(0.85 + 0.14)
