@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine.errors import UserError
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
@@ -46,6 +48,21 @@ def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtyp
     return family.pruned_config(base, width, uniform)
 
 
+def kept_regions(model, family, width: Width) -> dict[str, tuple[slice, ...]]:
+    """Per prunable tensor of `model` (reordered, full; the meta device will do), the prefix `width` keeps."""
+    names = {id(module): name for name, module in model.named_modules()}
+    regions = {}
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        for group, kept in zip(groups, (kept_attn, kept_ffn)):
+            for linear, per_unit in group.rows:
+                regions[f"{names[id(linear)]}.weight"] = (slice(0, kept * per_unit), slice(None))
+                if linear.bias is not None:
+                    regions[f"{names[id(linear)]}.bias"] = (slice(0, kept * per_unit),)
+            for linear, per_unit in group.cols:
+                regions[f"{names[id(linear)]}.weight"] = (slice(None), slice(0, kept * per_unit))
+    return regions
+
+
 @torch.no_grad()
 def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32,
                       state: dict | None = None) -> dict[str, torch.Tensor]:
@@ -53,18 +70,92 @@ def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.fl
 
     `state` (default `model.state_dict()`) may be a consolidated copy of the weights, e.g. gathered from a
     ZeRO-3 engine; `model` then only supplies the structure (which linears, how many rows per unit)."""
-    names = {id(module): name for name, module in model.named_modules()}
     state = dict(model.state_dict() if state is None else state)
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
-        for group, kept in zip(groups, (kept_attn, kept_ffn)):
-            for linear, per_unit in group.rows:
-                prefix = names[id(linear)]
-                state[f"{prefix}.weight"] = state[f"{prefix}.weight"][: kept * per_unit]
-                if linear.bias is not None:
-                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"][: kept * per_unit]
-            for linear, per_unit in group.cols:
-                state[f"{names[id(linear)]}.weight"] = state[f"{names[id(linear)]}.weight"][:, : kept * per_unit]
+    for name, region in kept_regions(model, family, width).items():
+        state[name] = state[name][region]
     return {name: tensor.detach().to(dtype, copy=True).contiguous() for name, tensor in state.items()}
+
+
+class CheckpointTensors:
+    """The tensors of a safetensors checkpoint folder, read one at a time and only the part asked for."""
+
+    def __init__(self, directory: Path):
+        directory, index = Path(directory), Path(directory) / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(directory / "model.safetensors", "pt") as f:
+                self.files = dict.fromkeys(f.keys(), directory / "model.safetensors")
+
+    def shape(self, name: str) -> list[int]:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_slice(name).get_shape()
+
+    def read(self, name: str, region: tuple[slice, ...]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_slice(name)[region]
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no init) but their buffers real: the
+    rotary tables are computed from the config, the weights come from the checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+@torch.no_grad()
+def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
+                      trained=None):
+    """The model at `width` of the reordered checkpoint in `directory`, read tensor by tensor and only the prefix
+    the width keeps, with the weights of `trained` (a checkpoint whose tensors are prefixes of the same ones: a TA,
+    the sandwich's snapshot) written over the prefixes they cover. Peak memory is the result plus one tensor, never
+    the full model. None when a checkpoint is not safetensors under the model's own names (load it whole then)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        source = CheckpointTensors(directory)
+        top = CheckpointTensors(trained) if trained is not None else None
+    except (OSError, KeyError):
+        return None
+    config = load_config(directory)
+    family = family_for(config)
+    with _parameters_on_meta(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta.*")
+        full = AutoModelForCausalLM.from_config(config)
+    regions, state, first_name = kept_regions(full, family, width), {}, {}
+    for name, tensor in full.state_dict(keep_vars=True).items():
+        if id(tensor) in first_name:  # tied to a tensor already read (an LM head tied to the embeddings)
+            state[name] = state[first_name[id(tensor)]]
+            continue
+        if name not in source.files:
+            return None
+        first_name[id(tensor)] = name
+        region = tuple(regions.get(name, ())) + (slice(None),) * (tensor.dim() - len(regions.get(name, ())))
+        sliced = source.read(name, region).to(dtype)
+        if top is not None and name in top.files:
+            overlap = tuple(slice(0, n) for n in top.shape(name))
+            covered = tuple(slice(0, min(o.stop, s)) for o, s in zip(overlap, sliced.shape))
+            sliced[covered] = top.read(name, covered).to(dtype)
+        state[name] = sliced.contiguous()
+    model_class, pruned = pruned_config(config, family, width, uniform, dtype)
+    return materialize(model_class, pruned, state, full)
 
 
 def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,

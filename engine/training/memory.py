@@ -4,6 +4,7 @@ stage to stage shows in the report."""
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,10 +55,12 @@ def live_tensor_bytes() -> int:
     leaves behind, independent of how the allocator or the C library keep freed memory."""
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = obj.untyped_storage()
-            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    with warnings.catch_warnings():  # isinstance on deprecated aliases (torch.distributed.reduce_op) warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not obj.is_meta]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
 
 

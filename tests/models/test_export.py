@@ -161,3 +161,44 @@ def test_bf16_teacher_stays_bf16(corpus, tokenizer_dir, tmp_path):
         with safe_open(tmp_path / directory / "model.safetensors", "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, directory
         assert json.loads((tmp_path / directory / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_bias", "opt"])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dirs, tmp_path, monkeypatch):
+    """A stage's start (sparsity 0.9 with a trained TA at 0.5 written over its prefixes) is built from the
+    checkpoints' tensors one at a time, equal to slicing the whole teacher in memory, which it never loads."""
+    from engine.models.export import pruned_model, sliced_checkpoint
+    from engine.models.loading import load_causal_lm
+
+    pruned = pruned_dirs[name]
+    full = load_causal_lm(pruned)
+    family, plan = family_for(full.config), engine.PruningPlan.load(pruned)
+    width_of = (lambda s: plan.uniform_width(s, family)) if uniform else plan.width
+    ta = pruned_model(full, width_of(500), uniform)
+    with torch.no_grad():  # "trained": the TA's weights differ from the teacher's prefixes
+        for p in ta.parameters():
+            p.add_(torch.randn_like(p))
+    ta.save_pretrained(tmp_path / "ta")
+    state = {k: v.clone() for k, v in full.state_dict().items()}  # the in-memory way: the TA over the teacher
+    for key, tensor in ta.state_dict().items():
+        state[key][tuple(slice(0, n) for n in tensor.shape)] = tensor
+    expected = pruned_model(full, width_of(900), uniform, state=state).state_dict()
+
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole checkpoint was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    model = sliced_checkpoint(pruned, width_of(900), uniform, trained=tmp_path / "ta")
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    for key, buffer in model.named_buffers():
+        assert not buffer.is_meta, key
+    x = torch.randint(3, 300, (1, 7))
+    with torch.no_grad():
+        reference = pruned_model(full, width_of(900), uniform, state=state)
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
