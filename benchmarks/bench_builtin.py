@@ -9,6 +9,7 @@ a CPU), the chosen TA and each student's accuracy (the kd and ce baselines have 
 
     python benchmarks/bench_builtin.py                 # this device's default
     MINIDISC_BUILTIN=test python benchmarks/bench_builtin.py   # the test suite's tiny variant (seconds)
+    python benchmarks/bench_builtin.py -- --baselines kd ce    # options for `minidisc compress` after --
 """
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def minidisc_command(gpus: int) -> list[str]:
     return [minidisc, "compress"]
 
 
-def run(gpus: int, out: Path) -> float:
+def run(gpus: int, out: Path, options: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run([*minidisc_command(gpus), "--out", str(out)], check=True)
+    subprocess.run([*minidisc_command(gpus), "--out", str(out), *options], check=True)
     return time.perf_counter() - started
 
 
-def row(report: dict, wall: float, gpus: int) -> dict:
+def row(report: dict, wall: float, gpus: int, options: list[str]) -> dict:
     cuda = torch.cuda.is_available()
     from engine.config import RunConfig
 
@@ -54,7 +55,8 @@ def row(report: dict, wall: float, gpus: int) -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}",
             "processes": gpus, "bf16": bool(deepspeed.get("bf16", {}).get("enabled", False)),
-            "builtin": os.environ.get("MINIDISC_BUILTIN", "default"), "wall_s": round(wall, 1),
+            "builtin": os.environ.get("MINIDISC_BUILTIN", "default"), "options": " ".join(options),
+            "wall_s": round(wall, 1),
             "total_s": phases.pop("total"), "phases": " ".join(f"{k}={v}" for k, v in phases.items()),
             "stage_memory": " ".join(f"{k}={m['start_mb']}/{m['peak_mb']}/{m['end_mb']}"
                                      for k, m in report.get("stage_memory", {}).items()),
@@ -69,11 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=1, help="processes: >1 runs under the deepspeed launcher")
     parser.add_argument("--keep", type=Path, help="write the run here and keep it (default: a scratch folder)")
+    parser.add_argument("options", nargs="*", help="after --: options for `minidisc compress` (default: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="minidisc-bench-") as scratch:
         out = args.keep or Path(scratch) / "out"
-        wall = run(args.gpus, out)
-        result = row(json.loads((out / "report.json").read_text()), wall, args.gpus)
+        wall = run(args.gpus, out, args.options)
+        result = row(json.loads((out / "report.json").read_text()), wall, args.gpus, args.options)
     print("  ".join(f"{k}={v}" for k, v in result.items()))
     append_rows(RESULTS, [result])
 
