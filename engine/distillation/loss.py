@@ -56,7 +56,9 @@ class TeacherOutputs:
 def teacher_outputs(teacher, input_ids, attention_mask=None) -> TeacherOutputs:
     """The teacher's side of every width's loss. Only the hidden states the loss reads are kept (None for the
     others): they live across all K widths of a step, and the rest would cost (L + 1 - L/6) x tokens x H."""
-    out = teacher.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    # Through the top module (ZeRO-3 starts its parameter trace there: prefetch, persistent parameters kept), with
+    # the logits of one position only: the loss reads the head itself.
+    out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
     read = set(hidden_layer_indices(len(out.hidden_states) - 1))
     hidden = tuple(h if i in read else None for i, h in enumerate(out.hidden_states))
     head = teacher.get_output_embeddings()
