@@ -126,14 +126,14 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
     """The model at `width` of the reordered checkpoint in `directory`, read tensor by tensor and only the prefix
     the width keeps, with the weights of `trained` (a checkpoint whose tensors are prefixes of the same ones: a TA,
     the sandwich's snapshot) written over the prefixes they cover. Peak memory is the result plus one tensor, never
-    the full model. None when a checkpoint is not safetensors under the model's own names (load it whole then)."""
+    the full model (except for checkpoints that are not safetensors under the model's own names: loaded whole)."""
     from transformers import AutoModelForCausalLM
 
     try:
         source = CheckpointTensors(directory)
         top = CheckpointTensors(trained) if trained is not None else None
     except (OSError, KeyError):
-        return None
+        return _sliced_whole(directory, width, uniform, dtype, trained)
     config = load_config(directory)
     family = family_for(config)
     with _parameters_on_meta(), warnings.catch_warnings():
@@ -145,7 +145,7 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
             state[name] = state[first_name[id(tensor)]]
             continue
         if name not in source.files:
-            return None
+            return _sliced_whole(directory, width, uniform, dtype, trained)
         first_name[id(tensor)] = name
         region = tuple(regions.get(name, ())) + (slice(None),) * (tensor.dim() - len(regions.get(name, ())))
         sliced = source.read(name, region).to(dtype)
@@ -183,6 +183,17 @@ def materialize(model_class, config, state: dict, buffers_from):
                 buffer_name, buffers_from.get_buffer(name).detach().clone().float(), persistent=False)
     model.tie_weights()
     return model.eval()
+
+
+def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, trained=None):
+    """`sliced_checkpoint` with both checkpoints loaded whole in memory."""
+    full = load_causal_lm(directory)
+    state = full.state_dict()
+    if trained is not None:  # write the trained weights into the prefixes they came from
+        state = {k: v.clone() for k, v in state.items()}
+        for name, tensor in load_causal_lm(trained).state_dict().items():
+            state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return pruned_model(full, width, uniform, dtype, state=state)
 
 
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:

@@ -17,7 +17,7 @@ from engine.data import hold_out, load_text_dataset, token_blocks
 from engine.distillation.loss import Objective
 from engine.distillation.selection import relative, tradeoff
 from engine.errors import UserError
-from engine.models.export import pruned_model, sliced_checkpoint
+from engine.models.export import sliced_checkpoint
 from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.outputs import atomic_output_dir, is_ours
 from engine.pruning.families import count_parameters, family_for, forward_flops
@@ -247,23 +247,12 @@ class Run:
         tensor from the checkpoints (`sliced_checkpoint`): rank 0 never holds the full fp32 teacher."""
         with dist.main_first(f"slicing sparsity {format_sparsity(permille)}") as main:
             if main and not is_ours(out):
-                width = self.width_of(permille)
-                model = (sliced_checkpoint(self.teacher_dir, width, self.cfg.uniform, trained=source)
-                         or self._sliced_whole(width, source))
+                model = sliced_checkpoint(self.teacher_dir, self.width_of(permille), self.cfg.uniform,
+                                          trained=source)
                 with atomic_output_dir(out, kind="sliced-model") as scratch:
                     model.save_pretrained(scratch)
                     load_tokenizer(self.teacher_dir).save_pretrained(scratch)
         return out
-
-    def _sliced_whole(self, width, source: Path | None):
-        """slice_model for checkpoints that cannot be read tensor by tensor: the full fp32 teacher in memory."""
-        full = load_causal_lm(self.teacher_dir)
-        state = full.state_dict()
-        if source is not None:  # write the trained weights into the prefixes they came from
-            state = {k: v.clone() for k, v in state.items()}
-            for name, tensor in load_causal_lm(source).state_dict().items():
-                state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
-        return pruned_model(full, width, self.cfg.uniform, torch.float32, state=state)
 
     def publish(self, source: Path, name: str, summary: dict) -> Path:
         """Copy a finished snapshot (fp32) to OUT/name (atomically) in the teacher checkpoint's dtype, with a summary
