@@ -147,11 +147,9 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
         if name not in source.files:
             return _sliced_whole(directory, width, uniform, dtype, trained)
         first_name[id(tensor)] = name
-        region = tuple(regions.get(name, ())) + (slice(None),) * (tensor.dim() - len(regions.get(name, ())))
-        sliced = source.read(name, region).to(dtype)
+        sliced = source.read(name, regions.get(name, (slice(None),) * tensor.dim())).to(dtype)
         if top is not None and name in top.files:
-            overlap = tuple(slice(0, n) for n in top.shape(name))
-            covered = tuple(slice(0, min(o.stop, s)) for o, s in zip(overlap, sliced.shape))
+            covered = tuple(slice(0, min(n, s)) for n, s in zip(top.shape(name), sliced.shape))
             sliced[covered] = top.read(name, covered).to(dtype)
         state[name] = sliced.contiguous()
     model_class, pruned = pruned_config(config, family, width, uniform, dtype)
