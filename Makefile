@@ -56,7 +56,7 @@ test: install lint test-transformers-ends
 # On a machine with an NVIDIA GPU, in the Python environment that holds its CUDA build of torch (not .venv,
 # whose torch is the CPU build): kernels' tests on CUDA, the GPU benchmarks, the built-in example in bf16.
 gpu-check:
-	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(PART)
 
 clean:
 	rm -rf $(VENV) $(ENDS_VENVS) minidisc-demo

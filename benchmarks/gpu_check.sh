@@ -7,11 +7,15 @@
 #   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel), bench_token_stats.py (evaluation without
 #      full logits), the stage-memory test on CUDA and bench_distill_step.py;
 #   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py), with the kd and ce baselines.
+# `gpu_check.sh kernels` runs 2-3 and `gpu_check.sh builtin` runs 4: on an H100 each takes about 5 minutes, so a
+# machine lent for at most 10 minutes per command runs them as two commands.
 # Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
 # the later ones (GPU time is scarce); the exit status is 1 if any failed, and the failures are listed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+part=${1:-all}
+case $part in all|kernels|builtin) ;; *) echo "gpu-check: unknown part '$part'; use kernels, builtin or nothing (both)" >&2; exit 2;; esac
 failed=()
 step() { echo; echo "== $1"; shift; "$@" || failed+=("$*"); }
 
@@ -24,14 +28,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   f"triton {triton.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")'
 "$PYTHON" -c 'assert __import__("torch").cuda.is_available(), "torch sees no GPU: install its CUDA build"' || exit 1
 
+if [ "$part" != builtin ]; then
 step "Triton kernels on CUDA against the torch references" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
 step "KD loss: naive vs ours vs Liger-Kernel (benchmarks/results/distill_loss.csv)" "$PYTHON" benchmarks/bench_distill_loss.py
 step "evaluation statistics: full logits vs ours (benchmarks/results/token_stats.csv)" "$PYTHON" benchmarks/bench_token_stats.py
 step "three stages in one process free their CUDA memory" "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_memory.py
 step "one distillation step (benchmarks/results/distill_step.csv)" "$PYTHON" benchmarks/bench_distill_step.py --device cuda
+fi
+if [ "$part" != kernels ]; then
 # Without the kd-matched baseline: its 1,894 steps take 3 of the 6 minutes of the default run on an H200.
 step "the built-in example, bf16, NCCL, one GPU (benchmarks/results/builtin.csv)" "$PYTHON" benchmarks/bench_builtin.py \
   -- --baselines kd ce
+fi
 
 [ ${#failed[@]} -eq 0 ] && { echo; echo "gpu-check: all steps passed"; exit 0; }
 echo; echo "gpu-check: ${#failed[@]} step(s) failed:"; printf '  %s\n' "${failed[@]}"; exit 1
