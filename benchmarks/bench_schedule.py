@@ -10,8 +10,8 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
                            student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
 
 The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
-WORK/runs/<options>/seed<N>/<command> (named by the options that differ from the built-in run, so the two studies
-share runs) and a finished run is read back, so a killed study continues where it was.
+WORK/runs/<options>/seed<N>/<command> (named by the options that differ from STUDY_BASE, so the two studies share
+runs) and a finished run is read back, so a killed study continues where it was.
 Options of the built-in run are the base; `--set KEY=VALUE` overrides any RunConfig field (e.g. --set
 sandwich_steps=50 lam=0.5). Appends rows to benchmarks/results/ta_choice.csv or equal_compute.csv.
 
@@ -41,9 +41,9 @@ from results_csv import RESULTS, append_rows  # noqa: E402
 
 METRICS = ("relative_accuracy", "accuracy", "exp_loss")
 # RunConfig fields that change what a run computes (the folder name lists those that differ from the built-in run)
-RUN_KEYS = ("target_sparsity", "lam", "truncate", "metric", "grid", "sandwich_sample", "sandwich_steps", "max_steps",
-            "eval_every", "batch_size", "seq_len", "lr", "loss", "temperature", "logit_weight", "hidden_weight",
-            "ce_weight", "uniform", "patience", "sparsest", "student_stage")
+RUN_KEYS = ("target_sparsity", "lam", "truncate", "metric", "grid", "sandwich_sample", "sandwich_steps",
+            "sandwich_share", "max_steps", "eval_every", "batch_size", "seq_len", "lr", "loss", "temperature",
+            "logit_weight", "hidden_weight", "ce_weight", "uniform", "patience", "sparsest", "student_stage")
 
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
@@ -289,15 +289,16 @@ def kd_step_flops(options: dict) -> int:
                                                          + flops(0))
 
 
-SCHEDULE_KEYS = ("lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "student_stage", "sparsest")
+SCHEDULE_KEYS = ("lam", "truncate", "metric", "sandwich_sample", "sandwich_steps", "sandwich_share", "student_stage",
+                 "sparsest")
 
 
 def kd_options(options: dict) -> dict:
-    """A plain-KD run's options: the schedule's own ones back at their defaults."""
+    """A plain-KD run's options: the schedule's own ones back at the studies' base (plain KD ignores them)."""
     from engine.config import RunConfig
 
-    defaults = RunConfig().to_dict()
-    return {**options, **{k: defaults[k] for k in SCHEDULE_KEYS}}
+    base = {**RunConfig().to_dict(), **BUILTIN}
+    return {**options, **{k: base[k] for k in SCHEDULE_KEYS}}
 
 
 def kd_label(options: dict) -> str:
@@ -312,7 +313,11 @@ def reuse_steps(kd_folder: Path, steps: int, tolerance: float) -> int:
     return min(near, key=lambda n: abs(n - steps)) if near else steps
 
 
-BUILTIN: dict = {}  # the built-in run's options (main sets them)
+BUILTIN: dict = {}  # the studies' base options (main sets them)
+# What run folders are named against: the built-in run's options when the studies began (v2, before the default
+# sandwich became --sandwich-share of the FLOPs). Frozen, so that a change of the built-in defaults does not
+# relabel the cached runs; a run with today's defaults is named by how they differ from these.
+STUDY_BASE = {"default": {"max_steps": 150, "sandwich_steps": 150}, "test": {"max_steps": 6, "sandwich_steps": 6}}
 
 
 def runs_folder(work: Path, options: dict, builtin: dict | None = None) -> Path:
@@ -320,8 +325,9 @@ def runs_folder(work: Path, options: dict, builtin: dict | None = None) -> Path:
     reuse each other's runs."""
     from engine.config import RunConfig
 
-    defaults = {**RunConfig().to_dict(), **(builtin or BUILTIN)}
-    changed = {k: v for k, v in sorted(options.items()) if k in RUN_KEYS and defaults.get(k) != v}
+    defaults = RunConfig().to_dict()
+    base, given = {**defaults, **(builtin or BUILTIN)}, {**defaults, **options}  # not given: at its default
+    changed = {k: given[k] for k in sorted(RUN_KEYS) if given[k] != base[k]}
     return work / "runs" / ("-".join(f"{k}={v}" for k, v in changed.items()) or "builtin")
 
 
@@ -363,7 +369,7 @@ def main() -> None:
     options["teacher"] = str(pruned_teacher(work, options))
     if args.study == "ta-choice":
         options["truncate"] = 0.0  # every grid point up to the target is a candidate
-    BUILTIN.update({**BUILTINS[name].run, "target_sparsity": RunConfig().target_sparsity})
+    BUILTIN.update({**BUILTINS[name].run, **STUDY_BASE[name], "target_sparsity": RunConfig().target_sparsity})
     args.builtin_steps = BUILTINS[name].run["max_steps"]
     folder = runs_folder(work, options)
     label = folder.name

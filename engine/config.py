@@ -74,9 +74,13 @@ class RunConfig:
                            "ranking, in MiniDisc model classes)")
     # budget and data
     max_steps: int = option(200, "optimiser steps of every distillation stage (TA -> student, plain KD, each "
-                            "MaxiDisc trial; also the sandwich unless --sandwich-steps)", metavar="N")
-    sandwich_steps: int = option(0, "optimiser steps of the sandwich (selection) stage of `compress` (0 = "
-                                 "--max-steps)", metavar="N")
+                            "MaxiDisc trial; the sandwich's follow from it, see --sandwich-share)", metavar="N")
+    sandwich_steps: int = option(0, "optimiser steps of the sandwich (selection) stage of `compress` (0 = the steps "
+                                 "that spend --sandwich-share of the pipeline's training FLOPs)", metavar="N")
+    sandwich_share: float = option(0.2, "the share of the compress pipeline's training FLOPs spent on the sandwich "
+                                   "when --sandwich-steps is 0, the student stage counted as --max-steps of plain "
+                                   "KD. A fifth did best of the shares measured at equal compute (README, "
+                                   "\"Schedules at equal compute\")", metavar="F")
     eval_every: int = option(50, "evaluate every N steps (and at the end), checkpointing each time", metavar="N")
     patience: int = option(0, "stop a stage after N evaluations without improvement (0 = never stop early)",
                            metavar="N")
@@ -167,6 +171,8 @@ class RunConfig:
                 raise UserError(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(choices)}")
         if self.cluster is not None:
             self.cluster_shape()
+        if not 0 < self.sandwich_share < 1:
+            raise UserError(f"--sandwich-share {self.sandwich_share:g}: give a fraction between 0 and 1, e.g. 0.2")
         if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens) < 0:
             raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm and --sample-tokens "
                             "cannot be negative")

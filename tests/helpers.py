@@ -71,7 +71,8 @@ def run_python(code: str, *args, timeout: int = 300, env=None) -> subprocess.Com
 
 def options(teacher, corpus, out, *extra):
     return ["--teacher", teacher, "--data", corpus["train"], "--dev-data", corpus["dev"], "--out", out,
-            "--grid", "0", "0.5", "0.7", "0.9", "--truncate", "0.5", "--max-steps", "8", "--eval-every", "4",
+            "--grid", "0", "0.5", "0.7", "0.9", "--truncate", "0.5", "--max-steps", "8", "--sandwich-steps", "8",
+            "--eval-every", "4",
             "--batch-size", "4", "--seq-len", "32", "--eval-samples", "16", "--test-samples", "16",
             "--calib-samples", "4", "--lr", "2e-3", "--deepspeed", FP32, *extra]
 
@@ -118,6 +119,7 @@ def write_recipe(path: Path, teacher, corpus, out: Path, **extra) -> Path:
               "out": str(out), "grid": [0, 0.5, 0.7, 0.9], "max_steps": 8, "eval_every": 4, "batch_size": 4,
               "seq_len": 32, "eval_samples": 16, "calib_samples": 4, "lr": 2e-3, "lam": 0.05,
               "deepspeed": FP32, **extra}
+    recipe.setdefault("sandwich_steps", recipe["max_steps"])  # a sandwich long enough to kill and resume
     path.write_text(yaml.safe_dump(recipe))
     return path
 

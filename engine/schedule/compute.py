@@ -3,13 +3,14 @@
 FLOPs follow Kaplan et al. (2020): a forward pass costs F(w) per token (`forward_flops`), a training step
 3 F(w) per token (forward + backward), the frozen teacher one forward per token. A stage's training FLOPs are
 read off its training curve, which holds one point per width trained per step (so --sandwich-sample and
-early stopping are counted as they ran); its evaluation FLOPs off its dev curve.
+early stopping are counted as they ran); its evaluation FLOPs off its dev curve. Budgets are set in the same units
+(`matched_steps`, `sandwich_steps`).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from engine.pruning.widths import PERMILLE
+from engine.pruning.widths import PERMILLE, widths_per_step
 from engine.training.stage import StageResult
 
 KEYS = ("steps", "tokens", "width_tokens", "train_flops", "eval_flops", "wall_s")
@@ -38,3 +39,15 @@ def total(*computes: dict) -> dict:
 def matched_steps(budget_flops: int, step_flops: int) -> int:
     """Optimiser steps of a single-width stage that spend `budget_flops` training FLOPs (at least 1)."""
     return max(1, round(budget_flops / step_flops))
+
+
+def sandwich_steps(share: float, student_steps: int, widths: list[int], sandwich_sample: int,
+                   flops: Callable[[int], int], target: int) -> int:
+    """Sandwich steps that spend `share` of the compress pipeline's training FLOPs (at least 1). The student
+    stage is counted as `student_steps` of plain KD from the teacher (its TA is chosen later); a sandwich step
+    trains the `widths` (or, with --sandwich-sample, some of them: their mean cost each) under one teacher
+    forward."""
+    per_step = widths_per_step(len(widths), sandwich_sample)
+    sandwich = per_step * sum(3 * flops(w) for w in widths) / len(widths) + flops(0)
+    student = 3 * flops(target) + flops(0)
+    return max(1, round(share / (1 - share) * student_steps * student / sandwich))

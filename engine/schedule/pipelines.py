@@ -7,13 +7,15 @@
     distill    plain KD: teacher -> student at the target sparsity                            (1 stage)
     maxidisc   for every candidate TA: teacher -> TA -> student; the best student is kept     (2K-1 stages)
 
-All three share the trainer, the data splits and the per-stage budget (--max-steps; the sandwich may have its
-own, --sandwich-steps). What each model cost (steps, tokens x widths, FLOPs, wall time) is in the report, and the
-kd-matched baseline gets the FLOPs of the whole compress pipeline. Dev selects, test reports.
+All three share the trainer, the data splits and the per-stage budget (--max-steps; the sandwich gets
+--sandwich-share of the pipeline's training FLOPs, or --sandwich-steps). What each model cost (steps, tokens x
+widths, FLOPs, wall time) is in the report, and the kd-matched baseline gets the FLOPs of the whole compress
+pipeline. Dev selects, test reports.
 Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report appear only when complete.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -25,6 +27,7 @@ from engine.schedule.compute import matched_steps, total
 from engine.schedule.run import Run
 from engine.training.stage import StageResult
 
+log = logging.getLogger(__name__)
 BASELINES = {"kd": "plain KD", "kd-matched": "plain KD, equal FLOPs", "kd-steps": "plain KD, equal steps",
              "ce": "no distillation"}
 
@@ -37,8 +40,11 @@ def compress(cfg: RunConfig) -> dict:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
     run = Run(cfg, "compress")
     candidates = run.candidates()
+    if not cfg.sandwich_steps:
+        log.info("sandwich: %d steps, %g of the pipeline's training FLOPs (--sandwich-share)", run.sandwich_steps,
+                 cfg.sandwich_share)
     sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates + run.past_target(), supernet=True,
-                         max_steps=cfg.sandwich_steps, candidates=candidates)
+                         max_steps=run.sandwich_steps, candidates=candidates)
     teacher_stats = sandwich.teacher_stats
     p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)

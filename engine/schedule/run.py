@@ -32,7 +32,7 @@ from engine.pruning.widths import (
     parse_sparsity,
     past_target,
 )
-from engine.schedule.compute import stage_compute
+from engine.schedule.compute import sandwich_steps, stage_compute
 from engine.schedule.scoring import perplexity, score_checkpoint, score_report
 from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
@@ -98,9 +98,12 @@ class Run:
         self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
         self.family = family_for(load_config(self.teacher_dir))
         self.export_dtype = checkpoint_dtype(load_config(self.teacher_dir))
+        widths = self.candidates() + self.past_target()  # what the sandwich trains
         if cfg.uniform:  # fail now on a candidate that keeps no units in a layer
-            for permille in self.candidates() + self.past_target():
+            for permille in widths:
                 self.width_of(permille)
+        self.sandwich_steps = cfg.sandwich_steps or sandwich_steps(  # --sandwich-share of the pipeline's FLOPs
+            cfg.sandwich_share, cfg.max_steps, widths, cfg.sandwich_sample, self.forward_flops, self.target)
         self.data = self._data()
         if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
             builtin_documents(self.eval_texts())
@@ -186,7 +189,7 @@ class Run:
                     held_out, texts, records = hold_out(records, tokenizer, cfg.seq_len, wanted, cfg.text_field)
                     splits.update(held_out)
                     splits["test_texts"] = texts.get("test")
-                steps = max(cfg.max_steps, cfg.sandwich_steps)
+                steps = max(cfg.max_steps, self.sandwich_steps if self.command == "compress" else 0)
                 splits["train"] = token_blocks(records, tokenizer, cfg.seq_len, steps * cfg.batch_size, cfg.seed,
                                                cfg.text_field)
                 if len(splits["dev"]) < dist.world_size():

@@ -97,10 +97,10 @@ def _candidates(cfg: RunConfig, config, grid) -> list[dict]:
 
 
 def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_step: int, grid) -> list[dict]:
-    """Each stage's widths per step and optimiser steps (None: kd-matched's, known once the pipeline has run).
-    A joint student stage's widths depend on the TA: the most it can have (the densest TA's) is listed."""
+    """Each stage's widths per step and optimiser steps (None, with a note: known once pruned or once the pipeline
+    has run). A joint student stage's widths depend on the TA: the most it can have (the densest TA's) is listed."""
     target = candidates[-1]["sparsity"]
-    sandwich_steps = cfg.sandwich_steps or cfg.max_steps
+    sandwich_steps = cfg.sandwich_steps or None  # --sandwich-share: from the pruned widths' FLOPs
     if command == "compress":
         student = ("chosen TA (or teacher) -> student", 1)
         if cfg.student_stage == "joint":
@@ -113,7 +113,7 @@ def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_ste
                   ("student", *student, cfg.max_steps)]
         what = {"kd": "teacher -> student", "kd-matched": "teacher -> student, the pipeline's training FLOPs",
                 "kd-steps": "teacher -> student, the pipeline's steps", "ce": "data -> student"}
-        steps = {"kd-matched": None, "kd-steps": sandwich_steps + cfg.max_steps}
+        steps = {"kd-matched": None, "kd-steps": sandwich_steps and sandwich_steps + cfg.max_steps}
         stages += [(f"baseline-{b}", what[b], 1, steps.get(b, cfg.max_steps)) for b in cfg.baselines or []]
     elif command == "distill":
         stages = [("student", "teacher -> student", 1, cfg.max_steps)]
@@ -121,9 +121,10 @@ def _stages(cfg: RunConfig, command: str, candidates: list[dict], widths_per_ste
         stages = [(f"ta-{c['sparsity']:g} + student", "teacher -> TA -> student", 1, 2 * cfg.max_steps)
                   for c in candidates if c["sparsity"] != target]
         stages.append(("student-direct", "teacher -> student", 1, cfg.max_steps))
+    notes = {"sandwich": f"{cfg.sandwich_share:g} of FLOPs"}
     return [{"stage": name, "what": what, "widths_per_step": k, "steps": steps,
-             "tokens": None if steps is None else steps * cfg.batch_size * cfg.seq_len}
-            for name, what, k, steps in stages]
+             "tokens": None if steps is None else steps * cfg.batch_size * cfg.seq_len,
+             **({} if steps else {"note": notes.get(name, "matched")})} for name, what, k, steps in stages]
 
 
 def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates: list[dict]) -> dict:
@@ -166,7 +167,7 @@ def _print(summary: dict, cfg: RunConfig) -> None:
         stages.add_column(column, justify="left" if column in ("stage", "what") else "right")
     for s in summary["stages"]:
         known = s["steps"] is not None
-        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]) if known else "matched",
+        stages.add_row(s["stage"], s["what"], str(s["widths_per_step"]), str(s["steps"]) if known else s["note"],
                        f"{s['tokens']:,}" if known else "—")
     console.print(stages)
     ds = summary["deepspeed"]

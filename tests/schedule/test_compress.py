@@ -233,7 +233,7 @@ def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
 def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, corpus, tmp_path):
     out = tmp_path / "uniform"
     minidisc("compress", *options(pruned_dirs["opt"], corpus, out, "--uniform", "--truncate", "0.7",
-                                  "--max-steps", "4", "--eval-every", "2"))
+                                  "--max-steps", "4", "--sandwich-steps", "4", "--eval-every", "2"))
     config = json.loads((out / "student" / "config.json").read_text())
     assert config["model_type"] == "opt" and config["architectures"] == ["OPTForCausalLM"]
     code = ("import sys, json; from transformers import AutoModelForCausalLM; "

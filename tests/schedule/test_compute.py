@@ -1,7 +1,9 @@
-"""engine.schedule.compute: a stage's compute read off its curves, and the kd-matched step count."""
+"""engine.schedule.compute: a stage's compute read off its curves, the kd-matched and the sandwich's step counts."""
 from pathlib import Path
 
-from engine.schedule.compute import matched_steps, stage_compute, total
+import pytest
+
+from engine.schedule.compute import matched_steps, sandwich_steps, stage_compute, total
 from engine.training.stage import StageResult
 
 FLOPS = {0: 1000, 500: 600, 900: 200}  # forward FLOPs per token at each width
@@ -29,3 +31,23 @@ def test_sampled_widths_and_evaluations_are_counted_as_they_ran():
 
 def test_matched_steps_rounds_to_the_nearest_step():
     assert matched_steps(1049, 100) == 10 and matched_steps(1051, 100) == 11 and matched_steps(10, 100) == 1
+
+
+@pytest.mark.parametrize("share, sample", [(0.2, 0), (0.2, 1), (0.5, 0), (0.05, 0)])
+def test_sandwich_steps_spend_the_share_of_the_pipeline(share, sample):
+    """The sandwich's steps are the ones whose FLOPs come closest to `share` of sandwich + student stage, with the
+    student stage counted as plain KD from the teacher; --sandwich-sample 1 trains 3 of the 3 widths here."""
+    widths, student_steps, target = [0, 500, 900], 600, 900
+    n = sandwich_steps(share, student_steps, widths, sample, FLOPS.__getitem__, target)
+    sandwich_step = sum(3 * FLOPS[w] for w in widths) + FLOPS[0]  # every width trained, the teacher once
+    student = student_steps * (3 * FLOPS[target] + FLOPS[0])
+    achieved = {k: k * sandwich_step / (k * sandwich_step + student) for k in (n - 1, n, n + 1)}
+    assert min(achieved, key=lambda k: abs(achieved[k] - share)) == n
+
+
+def test_sandwich_steps_average_the_sampled_widths_and_keep_one_step():
+    widths = [0, 500, 900, 900, 900]  # --sandwich-sample 1: 3 of 5 widths per step, at their mean cost
+    mean_step = 3 * sum(3 * FLOPS[w] for w in widths) / 5 + FLOPS[0]
+    n = sandwich_steps(0.2, 1000, widths, 1, FLOPS.__getitem__, 900)
+    assert n == round(0.25 * 1000 * (3 * FLOPS[900] + FLOPS[0]) / mean_step)
+    assert sandwich_steps(0.01, 1, widths, 0, FLOPS.__getitem__, 900) == 1  # never an untrained sandwich

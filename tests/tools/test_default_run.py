@@ -54,13 +54,19 @@ def test_default_run_writes_consistent_artifacts(default_run):
         gain = report["student_vs_baselines"][name]
         assert gain["accuracy"] == pytest.approx(student["accuracy"] - baseline["accuracy"])
         assert gain["loss"] == pytest.approx(baseline["loss"] - student["loss"])
-    # --max-steps for every stage but kd-matched, which gets the training FLOPs of sandwich + student
+    # --max-steps for the student stage and the kd and ce baselines; kd-matched gets the training FLOPs of sandwich +
+    # student, the sandwich a fifth of them (--sandwich-share, the student stage counted as plain KD's steps)
     steps = {stage: max(p["step"] for p in curves["train"]) for stage, curves in report["curves"].items()}
-    assert {k: v for k, v in steps.items() if k != "baseline-kd-matched"} == {
-        "sandwich": 6, "student": 6, "baseline-kd": 6, "baseline-ce": 6}
+    assert {k: v for k, v in steps.items() if k not in ("sandwich", "baseline-kd-matched")} == {
+        "student": 6, "baseline-kd": 6, "baseline-ce": 6}
     matched, pipeline = report["baselines"]["kd-matched"]["compute"], student["compute"]
     step_flops = matched["train_flops"] / matched["steps"]
     assert matched["steps"] > 6 and abs(matched["train_flops"] - pipeline["train_flops"]) <= step_flops / 2
+    sandwich = report["compute"]["sandwich"]
+    sandwich_step, wanted = sandwich["train_flops"] / sandwich["steps"], 0.2 / 0.8 * 6 * step_flops
+    assert steps["sandwich"] == sandwich["steps"] >= 1
+    assert abs(sandwich["train_flops"] - wanted) <= sandwich_step / 2 or (
+        sandwich["steps"] == 1 and wanted < sandwich_step)
 
     md = (out / "report.md").read_text()
     assert "| plain KD |" in md and "| no distillation |" in md and "(models.png)" in md

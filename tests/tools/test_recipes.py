@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,11 @@ def test_dry_run_lists_the_widths_each_stage_trains(pruned_dirs, corpus, tmp_pat
     assert stages["sandwich"]["widths_per_step"] == 5  # 0.7 .. 0.9 and 0.95
     assert stages["student"]["widths_per_step"] == 4  # past a 0.7 TA: 0.8, 0.85, 0.9, 0.95
     assert summary["deepspeed"]["gradient_accumulation_steps"] == 5
+    # the sandwich's steps follow from --sandwich-share once the widths' FLOPs are known; --sandwich-steps fixes them
+    assert stages["sandwich"]["steps"] is None and stages["sandwich"]["note"] == "0.2 of FLOPs"
+    assert stages["student"]["steps"] == cfg.max_steps
+    fixed = {s["stage"]: s for s in dry_run(replace(cfg, sandwich_steps=30), "compress")["stages"]}
+    assert fixed["sandwich"]["steps"] == 30 and fixed["sandwich"]["tokens"] == 30 * cfg.batch_size * 32
 
 
 @pytest.mark.parametrize("ffn_multiple", [1, 8])

@@ -94,6 +94,8 @@ def test_bad_recipes_are_refused_clearly(recipe, message, tmp_path):
     (("--truncate", "0.95"), "is above --target-sparsity"),
     (("--max-steps", "0"), "--max-steps must be at least 1"),
     (("--warmup-ratio", "1"), "--warmup-ratio must be in [0, 1)"),
+    (("--sandwich-share", "1"), "--sandwich-share 1: give a fraction between 0 and 1"),
+    (("--sandwich-share", "0"), "--sandwich-share 0: give a fraction between 0 and 1"),
 ])
 def test_bad_options_are_refused_clearly(argv, message):
     from engine.errors import UserError
