@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class RunConfig:
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
+        for f in fields(self):  # nan passes every comparison below, and inf most of them
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)}: give a finite number")
         target = parse_sparsity(self.target_sparsity)
         check_target_and_truncate(target, parse_sparsity(self.truncate))
         if self.sparsest and parse_sparsity(self.sparsest) < target:
@@ -176,6 +180,9 @@ class RunConfig:
         if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens) < 0:
             raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm and --sample-tokens "
                             "cannot be negative")
+        for name in ("lam", "weight_decay", "logit_weight", "hidden_weight", "ce_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name):g} cannot be negative")
         return self
 
     def cluster_shape(self) -> tuple[int, int, float]:

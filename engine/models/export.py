@@ -206,6 +206,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
     tokenizer = load_tokenizer(model_dir, config)
     model = load_causal_lm(model_dir)
+    plan.check_model(model, family, model_dir)
     pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
     summary = {
         "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,

@@ -36,6 +36,55 @@ def load_config(directory):
     return config
 
 
+def check_weights(directory) -> None:
+    """The checkpoint's weight files are all there and readable: each safetensors header is parsed (it must cover
+    its file: a truncated download fails here) and each shard the index names exists. Cheap (no tensor is read),
+    so commands call it before writing any output."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a safetensors index (JSON with a weight_map): save the model again") \
+                from None
+        missing = sorted(shard for shard in shards if not (directory / shard).is_file())
+        if missing:
+            raise UserError(f"{directory} lacks {', '.join(missing)}, named in {index.name}: copy every shard")
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as e:  # safetensors' SafetensorError has no stable import path
+            raise UserError(f"{path} is damaged ({str(e).strip().splitlines()[0]}): copy or save it again") \
+                from None
+
+
+def check_checkpoint(directory, seq_len: int, whose: str = "model's", flag: str = "--seq-len"):
+    """What is cheap to check in a checkpoint, before any output is written: its config (a supported family),
+    weight files, tokenizer and (in a pruned teacher) pruning plan against its shapes, and blocks of `seq_len`
+    tokens within its positions. Returns (config, tokenizer)."""
+    from engine.pruning.plan import PLAN_FILE, PruningPlan
+
+    config = load_config(directory)
+    check_weights(directory)
+    tokenizer = load_tokenizer(directory, config)
+    check_seq_len(config, seq_len, whose, flag)
+    if (Path(directory) / PLAN_FILE).is_file():
+        PruningPlan.load(directory).check_model(meta_model(config), family_for(config), directory)
+    return config, tokenizer
+
+
+def meta_model(config):
+    """The architecture of `config` on the meta device (no memory): for shapes, parameter and FLOP counts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def check_seq_len(config, seq_len: int, whose: str = "model's", flag: str = "--seq-len") -> None:
     """Blocks of `seq_len` tokens must fit the model's positions."""
     max_len = getattr(config, "max_position_embeddings", None)
@@ -65,6 +114,7 @@ def load_causal_lm(directory, dtype=torch.float32, **kwargs):
     config = load_config(directory)
     if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
         raise UserError(f"{directory} has a config.json but no weights (*.safetensors or *.bin)")
+    check_weights(directory)
     try:
         model_class = next((m for c, m in PER_LAYER_CLASSES.values() if type(config) is c), AutoModelForCausalLM)
         return model_class.from_pretrained(directory, config=config, dtype=dtype, **kwargs)

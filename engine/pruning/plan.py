@@ -77,6 +77,20 @@ class PruningPlan:
                             "stock configs cannot describe: lower the sparsity or drop --uniform")
         return Width(tuple(heads), tuple(neurons))
 
+    def check_model(self, model, family: Family, directory) -> None:
+        """The plan must describe `model` (a pruned teacher's own weights): the units per layer it scores are the
+        model's. A plan edited by hand, or copied beside another model, fails here with one line."""
+        units = [(attention.num_units, ffn.num_units) for attention, ffn in family.groups(model)]
+        planned = list(zip(self.attention_sizes, self.ffn_sizes))
+        if len(units) != len(planned):
+            what = f"{len(planned)} layers planned, {len(units)} in the model"
+        else:
+            what = next((f"layer {i}: (attention units, FFN neurons) {p} planned, {u} in the model"
+                         for i, (p, u) in enumerate(zip(planned, units)) if p != u), "")
+        if what:
+            raise UserError(f"{Path(directory) / PLAN_FILE} does not match the model beside it ({what}): "
+                            "re-run `minidisc prune`")
+
     # --- persistence ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {

@@ -9,7 +9,7 @@ import torch
 
 from engine.data import load_text_dataset, token_blocks
 from engine.errors import UserError
-from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
 from engine.pruning.families import count_parameters, family_for
 from engine.pruning.importance import normalize_per_layer, unit_importance
@@ -72,9 +72,7 @@ def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAUL
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
-    config = load_config(teacher)
-    tokenizer = load_tokenizer(teacher, config)
-    check_seq_len(config, seq_len, flag="--calib-seq-len")
+    config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
     calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
                                text_field)
     model = load_causal_lm(teacher).to(device)

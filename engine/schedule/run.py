@@ -18,7 +18,14 @@ from engine.distillation.loss import Objective
 from engine.distillation.selection import relative, tradeoff
 from engine.errors import UserError
 from engine.models.export import sliced_checkpoint
-from engine.models.loading import check_seq_len, checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.loading import (
+    check_checkpoint,
+    checkpoint_dtype,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    meta_model,
+)
 from engine.outputs import atomic_output_dir, is_ours
 from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
@@ -54,11 +61,8 @@ RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prom
 
 
 def check_teacher(cfg: RunConfig):
-    """The teacher's config (a supported family) and tokenizer, and --seq-len within its positions."""
-    config = load_config(cfg.teacher)
-    load_tokenizer(cfg.teacher, config)
-    check_seq_len(config, cfg.seq_len, "teacher's")
-    return config
+    """The teacher checked before any output is written (`check_checkpoint`); returns its config."""
+    return check_checkpoint(cfg.teacher, cfg.seq_len, "teacher's")[0]
 
 
 def check_target_on_grid(cfg: RunConfig, grid, teacher_dir) -> int:
@@ -278,11 +282,8 @@ class Run:
 
     @cached_property
     def _shape_model(self):
-        """The teacher's architecture on the meta device (no memory): what parameter counts are read from."""
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(load_config(self.teacher_dir))
+        """The teacher's architecture on the meta device: what parameter and FLOP counts are read from."""
+        return meta_model(load_config(self.teacher_dir))
 
     def parameters(self, permille: int) -> int:
         return count_parameters(self._shape_model, self.family, self.width_of(permille))

@@ -1,6 +1,7 @@
 """DeepSpeed JSON for a stage: the user's file with the batch keys, clipping and precision our options own."""
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from pathlib import Path
@@ -21,7 +22,35 @@ def read_ds_config(path: Path) -> dict:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise UserError(f"DeepSpeed config {path} must be a JSON object")
+    _check_keys(config, path)
     return config
+
+
+# Top-level sections DeepSpeed reads that its runtime constants do not name.
+SECTIONS = {"zero_optimization", "activation_checkpointing", "aio", "autotuning", "comms_logger", "compile",
+            "compression_training", "csv_monitor", "curriculum_learning", "data_efficiency", "eigenvalue", "elasticity",
+            "flops_profiler", "hybrid_engine", "nebula", "pipeline", "quantize_training", "sparse_attention",
+            "tensorboard", "timers", "wandb", "weight_quantization"}
+
+
+def _check_keys(config: dict, path: Path) -> None:
+    """DeepSpeed ignores unknown top-level keys (a misspelt zero_optimization trains without ZeRO) and checks its
+    ZeRO section only when an engine starts: a near-miss of a known key and a bad ZeRO key fail here, at once."""
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    known = SECTIONS | {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    for key in config:
+        near = [] if key in known else difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if near:
+            raise UserError(f"DeepSpeed config {path}: unknown key {key!r}; did you mean {near[0]!r}?")
+    try:
+        DeepSpeedZeroConfig(**config.get("zero_optimization", {}))
+    except (TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        errors = e.errors() if hasattr(e, "errors") else [{"loc": (), "msg": str(e)}]
+        where = ".".join(map(str, errors[0]["loc"]))
+        raise UserError(f"DeepSpeed config {path}: zero_optimization{'.' + where if where else ''}: "
+                        f"{errors[0]['msg']}") from None
 
 
 def _set_owned(config: dict, key: str, value, path: Path, option: str) -> None:
