@@ -2,19 +2,30 @@
 
 An output directory is built under a hidden `.NAME.partial-PID` sibling and renamed into place only when
 complete, so a killed job never leaves a directory that looks finished. A marker file says it is ours:
-we replace our own outputs, but never a directory someone else wrote.
+we replace our own outputs, but never a directory someone else wrote. A run's --out is claimed once, under a
+lock that its process holds while it runs (the kernel drops it when the process dies, so a killed run's lock
+never blocks its --resume).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from engine.errors import UserError
+from engine.training import distributed as dist
 
+log = logging.getLogger(__name__)
 MARKER = ".minidisc"
+LOCK = ".lock"  # in a run's --out: the pid and host of the process running it
+RUN_FILE = "run.json"
 
 
 def is_ours(directory: Path) -> bool:
@@ -58,3 +69,62 @@ def atomic_output_dir(out, kind: str):
             scratch.rename(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def claim_run_dir(out: Path, command: str, config: dict, resume: bool, resumable: set[str]) -> IO | None:
+    """Claim `out` for a run of `command` with `config` (a RunConfig's dict): no other process may be running
+    there, a new run needs a fresh (or empty) --out, --resume the same options as the run it continues (but those
+    in `resumable`). Rank 0 checks (its error is every rank's) and returns the lock, to hold while the run lasts."""
+    lock = None
+    with dist.main_first("claiming the output folder") as main:
+        if main:
+            if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
+                raise UserError(f"output {out} exists and is not empty: choose a new --out or remove it")
+            lock = _lock(out)
+            try:
+                _check_run_file(out, command, config, resume, resumable)
+            except UserError:
+                lock.close()
+                raise
+    return lock
+
+
+def _check_run_file(out: Path, command: str, config: dict, resume: bool, resumable: set[str]) -> None:
+    run_file = out / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if saved and not resume:
+        raise UserError(f"{out} already holds a `minidisc {saved['command']}` run: pass --resume to continue it, or "
+                        "choose a new --out")
+    if saved:
+        changed = [k for k, v in config.items() if k not in resumable and saved["config"].get(k) != v]
+        if saved["command"] != command or changed:
+            what = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {config[k]!r}" for k in changed)
+            raise UserError(f"--resume: {out} was started as `minidisc {saved['command']}` with other options "
+                            f"({what or 'command ' + saved['command']}); resume with the same options")
+        log.info("resuming the run in %s", out)
+    else:
+        (out / "work").mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text(json.dumps({"kind": f"{command}-run"}) + "\n")
+        run_file.write_text(json.dumps({"command": command, "config": config}, indent=1) + "\n")
+
+
+def _lock(out: Path) -> IO:
+    """An exclusive lock on OUT/.lock, naming its holder; a held one is reported with the holder's pid and host."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise UserError(f"{out} is in use by another minidisc run ({holder}): wait for it to end, or choose another "
+                        "--out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle

@@ -26,7 +26,7 @@ from engine.models.loading import (
     load_tokenizer,
     meta_model,
 )
-from engine.outputs import atomic_output_dir, is_ours
+from engine.outputs import atomic_output_dir, claim_run_dir, is_ours
 from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
@@ -52,7 +52,6 @@ from engine.training.stage import Data, Stage, StageResult, TrainConfig, WidthSc
 from engine.training.trainer import run_stage
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 # Options that may change between a run and its --resume (they do not change what is computed).
 
 
@@ -96,7 +95,7 @@ class Run:
                             f"`minidisc {command}` has no sandwich: drop them")
         dist.init()
         self._check_inputs()
-        self._claim_output()
+        self.lock = claim_run_dir(self.out, command, cfg.to_dict(), cfg.resume, RESUMABLE)  # held while it runs
         self.teacher_dir = self._pruned_teacher()
         self.plan = PruningPlan.load(self.teacher_dir)
         self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
@@ -127,31 +126,6 @@ class Run:
             check_tasks(cfg.eval_tasks, cfg.eval_include)
             if cfg.eval_text:
                 load_text_dataset(cfg.eval_text, cfg.text_field)
-
-    def _claim_output(self) -> None:
-        """A new run needs a fresh (or empty) --out; --resume needs the same options as the run it continues."""
-        run_file = self.out / RUN_FILE
-        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-        current = {"command": self.command, "config": self.cfg.to_dict()}
-        if saved and not self.cfg.resume:
-            raise UserError(f"{self.out} already holds a `minidisc {saved['command']}` run: pass --resume to "
-                            "continue it, or choose a new --out")
-        if saved:
-            changed = [k for k, v in current["config"].items()
-                       if k not in RESUMABLE and saved["config"].get(k) != v]
-            if saved["command"] != self.command or changed:
-                what = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {current['config'][k]!r}" for k in changed)
-                raise UserError(f"--resume: {self.out} was started as `minidisc {saved['command']}` with other "
-                                f"options ({what or 'command ' + saved['command']}); resume with the same options")
-            log.info("resuming the run in %s", self.out)
-        elif self.out.exists() and any(self.out.iterdir()) and not is_ours(self.out):
-            raise UserError(f"output {self.out} exists and is not empty: choose a new --out or remove it")
-        dist.barrier()
-        with dist.main_first("creating the output folder") as main:
-            if main and not saved:
-                self.work.mkdir(parents=True, exist_ok=True)
-                (self.out / ".minidisc").write_text(json.dumps({"kind": f"{self.command}-run"}) + "\n")
-                (self.out / RUN_FILE).write_text(json.dumps(current, indent=1) + "\n")
 
     def _pruned_teacher(self) -> Path:
         teacher = Path(self.cfg.teacher)
