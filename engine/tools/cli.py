@@ -339,6 +339,9 @@ def main(argv=None) -> int:
     except Exception as e:
         from engine.training import distributed
 
+        if faults.is_disk_full(e):
+            print(f"minidisc: error: {faults.disk_full_message(e)}", file=sys.stderr)
+            return 1
         if distributed.world_size() > 1 and faults.is_comm_failure(e):
             print(f"minidisc: error: {faults.peer_lost(e, distributed.rank(), distributed.world_size())}",
                   file=sys.stderr)

@@ -8,16 +8,23 @@ A dead peer (killed, out of memory, node lost): the survivors' next collective f
 peer's sockets close; NCCL or a hung peer: after the process-group timeout, MINIDISC_COMM_TIMEOUT seconds).
 Every rank beats a counter in the rendezvous store; a survivor names the ranks whose counter stopped, and
 the run fails with that one line instead of a stack trace or a hang.
+
+A full disk: checkpoints (DeepSpeed writes `latest` last) and outputs (built aside, renamed when whole) are never
+left half-written under their real names, so the failed write is reported in one line and `--resume`, once
+there is space, continues from the last complete checkpoint.
 """
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import re
+import shutil
 import signal
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 REQUEUE_SIGNAL = signal.SIGUSR1
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the checkpoint is written, run again with --resume
@@ -120,3 +127,35 @@ def peer_lost(error: BaseException, rank: int, world_size: int) -> PeerLost:
     detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0][:160] if text else type(error).__name__
     return PeerLost(f"rank {rank} of {world_size}: {who} ({detail}); see that rank's log for why. "
                     "The job stops here; the last evaluation's checkpoint is kept, so run again with --resume")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write failed for want of space, anywhere in the exception's chain (torch and safetensors re-raise the
+    OSError as their own errors, keeping only its text)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(key in str(error) for key in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+LOW_SPACE = 16 * 2**20  # bytes: less than this free after a failed write means the write ran out of space
+
+
+def raise_if_disk_full(error: BaseException, directory: Path, what: str) -> None:
+    """Re-raise a failed write of `what` in `directory` as ENOSPC when it ran out of space. torch's writer drops
+    the errno ("iostream error"), so a nearly full file system after the failure is the evidence."""
+    free = shutil.disk_usage(directory).free if Path(directory).exists() else LOW_SPACE
+    if is_disk_full(error) or free < LOW_SPACE:
+        raise OSError(errno.ENOSPC, f"writing {what} in {directory} failed with {free / 2**20:.1f} MiB free") \
+            from error
+
+
+def disk_full_message(error: BaseException) -> str:
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"no space left on device ({detail}). Completed checkpoints and outputs are kept (each is written "
+            "whole or not at all): free space and run the same command again with --resume")

@@ -14,6 +14,7 @@ from engine.models.loading import load_tokenizer
 from engine.outputs import atomic_output_dir
 from engine.pruning.widths import PERMILLE
 from engine.training import distributed as dist
+from engine.training import faults
 from engine.training.deepspeed_config import is_zero3
 from engine.training.stage import Stage, StageResult, StageState
 
@@ -54,8 +55,12 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
 
 def save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:
     """Weights, optimiser, scheduler, the stage's state and the RNG, as one DeepSpeed tag (collective)."""
-    engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
-                           client_state={"minidisc": state.to_json(), "rng": torch.get_rng_state()})
+    try:
+        engine.save_checkpoint(str(checkpoints), tag=f"step{state.step:07d}",
+                               client_state={"minidisc": state.to_json(), "rng": torch.get_rng_state()})
+    except Exception as e:  # `latest` still names the last complete tag
+        faults.raise_if_disk_full(e, checkpoints, f"the checkpoint of step {state.step}")
+        raise
     _keep_latest_only(checkpoints)
 
 
