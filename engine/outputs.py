@@ -110,7 +110,6 @@ def _check_run_file(out: Path, command: str, config: dict, resume: bool, resumab
 
 def _lock(out: Path) -> IO:
     """An exclusive lock on OUT/.lock, naming its holder; a held one is reported with the holder's pid and host."""
-    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK, "a+")
     try:
@@ -119,8 +118,6 @@ def _lock(out: Path) -> IO:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
         raise UserError(f"{out} is in use by another minidisc run ({holder}): wait for it to end, or choose another "
                         "--out") from None
     handle.seek(0)

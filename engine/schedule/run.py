@@ -53,8 +53,6 @@ from engine.training.trainer import run_stage
 
 log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume (they do not change what is computed).
-
-
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
              "eval_include", "eval_text"}
 
