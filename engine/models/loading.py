@@ -9,6 +9,7 @@ import torch
 from engine.errors import UserError
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.pruning.families import family_for
+from engine.pruning.plan import PLAN_FILE, PruningPlan
 
 
 def _check_model_dir(directory: Path) -> None:
@@ -66,8 +67,6 @@ def check_checkpoint(directory, seq_len: int, whose: str = "model's", flag: str 
     """What is cheap to check in a checkpoint, before any output is written: its config (a supported family),
     weight files, tokenizer and (in a pruned teacher) pruning plan against its shapes, and blocks of `seq_len`
     tokens within its positions. Returns (config, tokenizer)."""
-    from engine.pruning.plan import PLAN_FILE, PruningPlan
-
     config = load_config(directory)
     check_weights(directory)
     tokenizer = load_tokenizer(directory, config)
