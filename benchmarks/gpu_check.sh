@@ -7,8 +7,8 @@
 #   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel), bench_token_stats.py (evaluation without
 #      full logits), the stage-memory test on CUDA and bench_distill_step.py;
 #   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py), with the kd and ce baselines.
-# `gpu_check.sh kernels` runs 2-3 and `gpu_check.sh builtin` runs 4: on an H100 each takes about 5 minutes, so a
-# machine lent for at most 10 minutes per command runs them as two commands.
+# `gpu_check.sh kernels` runs 2-3 (about 5 minutes on an H100) and `gpu_check.sh builtin` runs 4 (its sandwich alone
+# took 3 minutes there), so a machine lent for at most 10 minutes per command runs them as two commands.
 # Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
 # the later ones (GPU time is scarce); the exit status is 1 if any failed, and the failures are listed last.
 set -uo pipefail

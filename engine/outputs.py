@@ -82,14 +82,15 @@ def claim_run_dir(out: Path, command: str, config: dict, resume: bool, resumable
                 raise UserError(f"output {out} exists and is not empty: choose a new --out or remove it")
             lock = _lock(out)
             try:
-                _check_run_file(out, command, config, resume, resumable)
+                _resume_or_record(out, command, config, resume, resumable)
             except UserError:
                 lock.close()
                 raise
     return lock
 
 
-def _check_run_file(out: Path, command: str, config: dict, resume: bool, resumable: set[str]) -> None:
+def _resume_or_record(out: Path, command: str, config: dict, resume: bool, resumable: set[str]) -> None:
+    """Check the run saved in `out` against this one (--resume), or record this one in a fresh `out`."""
     run_file = out / RUN_FILE
     saved = json.loads(run_file.read_text()) if run_file.is_file() else None
     if saved and not resume:
