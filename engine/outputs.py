@@ -21,6 +21,7 @@ from typing import IO
 
 from engine.errors import UserError
 from engine.training import distributed as dist
+from engine.training import faults
 
 log = logging.getLogger(__name__)
 MARKER = ".minidisc"
@@ -53,13 +54,14 @@ def atomic_output_dir(out, kind: str):
     if out.exists() and not (out.is_dir() and (is_ours(out) or not any(out.iterdir()))):
         raise UserError(f"output {out} exists and was not written by minidisc: choose a new --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
         yield scratch
         (scratch / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
         _apply_umask(scratch)
+        faults.kill_point(f"write:{out.parent.name}/{out.name}")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -69,6 +71,25 @@ def atomic_output_dir(out, kind: str):
             scratch.rename(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the scratch (`.NAME.partial-PID`) and replaced (`.NAME.old-PID`) folders a killed writer left."""
+    for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is writing it now (a second `minidisc prune` to the same folder)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def claim_run_dir(out: Path, command: str, config: dict, resume: bool, resumable: set[str]) -> IO | None:
@@ -104,9 +125,11 @@ def _resume_or_record(out: Path, command: str, config: dict, resume: bool, resum
                             f"({what or 'command ' + saved['command']}); resume with the same options")
         log.info("resuming the run in %s", out)
     else:
+        (out / MARKER).write_text(json.dumps({"kind": f"{command}-run"}) + "\n")  # first: a killed start is ours
         (out / "work").mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text(json.dumps({"kind": f"{command}-run"}) + "\n")
-        run_file.write_text(json.dumps({"command": command, "config": config}, indent=1) + "\n")
+        tmp = out / f".{RUN_FILE}.partial"
+        tmp.write_text(json.dumps({"command": command, "config": config}, indent=1) + "\n")
+        tmp.replace(run_file)
 
 
 def _lock(out: Path) -> IO:

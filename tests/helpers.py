@@ -77,9 +77,10 @@ def options(teacher, corpus, out, *extra):
             "--calib-samples", "4", "--lr", "2e-3", "--deepspeed", FP32, *extra]
 
 
-def minidisc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+def minidisc(*args, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run([MINIDISC, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})  # unwrapped log lines
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240",  # unwrapped log lines
+                                 **(env or {})})
     if check:
         assert result.returncode == 0, result.stderr[-5000:]
     return result
@@ -136,11 +137,39 @@ def run_script(name: str, timeout=600, **env) -> subprocess.CompletedProcess:
 
 
 def assert_same_student(a: Path, b: Path) -> None:
-    from safetensors.torch import load_file
-
-    first, second = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
+    assert_same_weights(a / "student", b / "student")
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     assert ra.get("selected_ta") == rb.get("selected_ta") and ra["student"]["loss"] == rb["student"]["loss"]
+
+
+def kill_chain(command: str, args: list, points: list[str], logs: Path) -> list[dict]:
+    """`minidisc COMMAND ARGS` SIGKILLed at each point in turn (the first a fresh run, then --resume), then resumed
+    to the end (tests/workers/kill_matrix_worker.py); per run, its exit status and what --out held after it."""
+    command = [sys.executable, WORKERS / "kill_matrix_worker.py", logs, command, ",".join(points), *args]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+VOLATILE = {"wall_s", "phases", "stage_timings", "stage_memory", "config"}  # times, memory, the run's own options
+
+
+def report_numbers(out: Path) -> dict:
+    """report.json without what differs between two runs of the same computation: times, memory, options, --out."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    return strip(json.loads((out / "report.json").read_text().replace(str(out), "OUT")))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two model folders hold bit-identical tensors under the same names."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys(), (a, b)
+    for name in first:
+        assert torch.equal(first[name], second[name]), (b, name)

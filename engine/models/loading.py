@@ -136,4 +136,11 @@ def load_tokenizer(directory, config=None):
     if config is not None and len(tokenizer) > config.vocab_size:
         raise UserError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is "
                         f"{config.vocab_size}: they do not belong together")
+    # Another model's tokenizer that happens to fit (LLaMA-2's in a LLaMA-3 folder) starts sequences with another
+    # token. Only BOS is compared: fine-tunes legitimately change EOS (LLaMA-3-Instruct's <|eot_id|>).
+    bos = getattr(config, "bos_token_id", None)
+    if isinstance(bos, int) and tokenizer.bos_token_id is not None and tokenizer.bos_token_id != bos:
+        raise UserError(f"the tokenizer in {directory} starts sequences with token {tokenizer.bos_token_id} "
+                        f"({tokenizer.bos_token}) but the model's bos_token_id is {bos}: they do not belong together; "
+                        "save the model's own tokenizer there")
     return tokenizer

@@ -47,6 +47,7 @@ from engine.tools.report import render
 from engine.tools.report_format import models_of
 from engine.tools.samples import continuations, default_prompts, encode_prompts
 from engine.training import distributed as dist
+from engine.training import faults
 from engine.training.deepspeed_config import read_ds_config, train_ds_config
 from engine.training.stage import Data, Stage, StageResult, TrainConfig, WidthScore
 from engine.training.trainer import run_stage
@@ -171,7 +172,9 @@ class Run:
                 if len(splits["dev"]) < dist.world_size():
                     raise UserError(f"the dev split has {len(splits['dev'])} blocks, fewer than the "
                                     f"{dist.world_size()} processes; give more dev text or a smaller --seq-len")
-                torch.save(splits, cache)
+                torch.save(splits, cache.with_name(".data.pt.partial"))
+                faults.kill_point("data:tokenised")
+                cache.with_name(".data.pt.partial").replace(cache)  # whole or absent: a resumed run trusts it
                 sizes = ", ".join(f"{len(splits[k])} {k}" for k in ("train", "dev", "test"))
                 log.info("data: %s blocks of %d tokens", sizes, cfg.seq_len)
         blocks = torch.load(cache)
@@ -286,7 +289,9 @@ class Run:
                 if self.cfg.eval_tasks:
                     report["benchmarks"] = self._timed("benchmarks", self.benchmarks, report)
                 self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
+                faults.kill_point("report:scored")
                 self.write_cards(report)
+                faults.kill_point("report:cards")
                 tmp = self.out / ".report.json.partial"
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
                 render(report, self.out)

@@ -159,3 +159,21 @@ def disk_full_message(error: BaseException) -> str:
     detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return (f"no space left on device ({detail}). Completed checkpoints and outputs are kept (each is written "
             "whole or not at all): free space and run the same command again with --resume")
+
+
+# --- fault injection (tests) --------------------------------------------------------------------------------------
+KILL_AT = "MINIDISC_KILL_AT"  # "POINT" or "POINT@N": SIGKILL this process the N-th (default 1st) time it reaches POINT
+_reached: dict[str, int] = {}
+
+
+def kill_point(point: str) -> None:
+    """A named moment of a run (`write:ta`, `sandwich:step`, `report:cards`, ...) where the fault-injection tests
+    kill the process as a node failure or `scancel -s KILL` would. A no-op unless MINIDISC_KILL_AT names it."""
+    wanted = os.environ.get(KILL_AT)
+    if not wanted:
+        return
+    name, _, nth = wanted.partition("@")
+    if name == point:
+        _reached[point] = _reached.get(point, 0) + 1
+        if _reached[point] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

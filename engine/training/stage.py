@@ -114,6 +114,7 @@ class StageState:
     teacher: dict = field(default_factory=dict)  # the teacher's dev stats
     train_curve: list = field(default_factory=list)
     eval_curve: list = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the work this state holds, over every process (not a killed one's lost steps)
 
     def to_json(self) -> dict:
         return {**asdict(self), "best": _scores_to_json(self.best)}
@@ -138,7 +139,7 @@ class StageResult:
     teacher_stats: dict
     best: dict[int, WidthScore]
     best_dir: Path
-    wall_s: float
+    wall_s: float  # its processes' seconds together, but the steps a kill lost (`StageState.seconds`)
     curves: dict
     timings: dict = field(default_factory=dict)  # part -> {"seconds", "calls"} (this process's run of the stage)
     memory: dict = field(default_factory=dict)  # this process's start, peak and end MB (`training.memory`)

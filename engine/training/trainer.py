@@ -106,15 +106,18 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
         return StageResult.from_json(json.loads(result_file.read_text()))
     started, timer, memory = time.perf_counter(), StageTimer(), StageMemory()
     memory.start()
-    state = _train(stage, cfg, data, stage_dir, timer)  # its engines are gone when it returns
+    state = _train(stage, cfg, data, stage_dir, timer, started)  # its engines are gone when it returns
+    faults.kill_point(f"{stage.name}:trained")
     used = memory.to_json()
     log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end; %s MB of tensors left alive",
              stage.name, used["kind"], used["start_mb"], used["peak_mb"], used["end_mb"], used["left_mb"])
-    return write_result(stage, state, stage_dir, time.perf_counter() - started, timer.to_json(), used)
+    return write_result(stage, state, stage_dir, state.seconds, timer.to_json(), used)
 
 
-def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "StageTimer") -> StageState:
-    """Build the stage's engines, train (or resume) to its end or early stop, release the engines."""
+def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "StageTimer",
+           started: float) -> StageState:
+    """Build the stage's engines, train (or resume) to its end or early stop, release the engines. `started`:
+    when this process began the stage (`state.seconds` adds it to the seconds of the checkpoint it resumed)."""
     with timer("build engines"):
         teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, len(widths_at(stage, cfg, 0)))
     objective = stage.objective
@@ -127,6 +130,12 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
         state = StageState.from_json(client["minidisc"])
         torch.set_rng_state(client["rng"])
         log.info("stage %s: resumed at step %d from %s", stage.name, state.step, checkpoints)
+    before = state.seconds
+
+    def checkpoint():
+        state.seconds = round(before + time.perf_counter() - started, 2)
+        with timer("checkpoints"):
+            save_checkpoint(engine, checkpoints, state)
     order = BatchOrder(data.train, cfg.seed)
     dev = dev_batches(data.dev, cfg)
     log.info("stage %s: %s -> %s, widths %s, %d steps from step %d", stage.name, short_path(stage.teacher_dir),
@@ -142,6 +151,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer=timer)
         if not outcome.finite:
             _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
+        faults.kill_point(f"{stage.name}:step")
         state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(loss, 6)}
                               for w, loss in zip(widths, outcome.losses)]
         state.step = step + 1
@@ -151,19 +161,20 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             if improved:
                 with timer("best snapshots"):
                     save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
-            with timer("checkpoints"):
-                save_checkpoint(engine, checkpoints, state)
+            checkpoint()
+            faults.kill_point(f"{stage.name}:checkpoint")
             if _out_of_patience(cfg, state):
                 log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
                          cfg.patience, state.step)
                 break
         if state.step < cfg.max_steps and outcome.signalled:  # Slurm's pre-timeout signal, agreed in the step
             if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
-                save_checkpoint(engine, checkpoints, state)
+                checkpoint()
             raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
                                    f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
     with timer("release"):
         release(engine, teacher)
+    state.seconds = round(before + time.perf_counter() - started, 2)
     return state
 
 

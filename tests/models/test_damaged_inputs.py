@@ -26,6 +26,16 @@ def truncate_weights(directory: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
+def edit_tokenizer(change):
+    def damage(directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        change(tokenizer)
+        tokenizer.save_pretrained(directory)
+    return damage
+
+
 def edit_plan(change):
     def damage(directory: Path) -> None:
         plan = json.loads((directory / "pruning.json").read_text())
@@ -43,6 +53,10 @@ def edit_plan(change):
                                                  "FFN neurons)"),
     (edit_plan(lambda imp: (imp["ffn"].pop(), imp["attention"].pop())), "layers planned"),
     (lambda d: (d / "pruning.json").write_text("[1, 2"), "pruning.json is damaged"),
+    (edit_tokenizer(lambda t: t.add_tokens([f"<extra{i}>" for i in range(8)])),
+     "has 520 tokens but the model's vocab_size is 512: they do not belong together"),
+    (edit_tokenizer(lambda t: setattr(t, "bos_token", "</s>")),
+     "starts sequences with token 2 (</s>) but the model's bos_token_id is 1"),
 ])
 def test_a_damaged_checkpoint_is_named_in_one_line(pruned_dirs, tmp_path, damage, message):
     teacher = damaged_copy(pruned_dirs["llama_gqa"], tmp_path, damage)

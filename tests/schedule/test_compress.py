@@ -5,31 +5,60 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FP32, MINIDISC, accuracy_on, free_port, minidisc, options, run_python
+from helpers import (
+    FP32,
+    MINIDISC,
+    accuracy_on,
+    assert_same_weights,
+    free_port,
+    kill_chain,
+    minidisc,
+    options,
+    report_numbers,
+    run_python,
+)
 
 from engine.distillation.selection import tradeoff
+from engine.training import faults
 
 pytestmark = [pytest.mark.slow]
 
 
-def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
-    out = tmp_path / "run"
+# The uninterrupted runs several tests read: the end-to-end checks, the 2-process comparison, the kill matrices.
+COMPRESS_OPTIONS = ("--lam", "0", "--baselines", "kd-matched")  # lam 0: a TA is chosen, so it is exported
+
+
+@pytest.fixture(scope="module")
+def compressed(trained_teacher, corpus, tmp_path_factory):
+    """(out, stdout) of `minidisc compress` with COMPRESS_OPTIONS."""
+    out = tmp_path_factory.mktemp("compress") / "whole"
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
-    result = minidisc("compress", *options(trained_teacher, corpus, out, "--lam", "0.05", "--baselines", "kd-matched"))
+    result = minidisc("compress", *options(trained_teacher, corpus, out, *COMPRESS_OPTIONS))
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before  # no leaked 70 MB communication buffers
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def maxidisc_run(trained_teacher, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maxidisc") / "whole"
+    minidisc("maxidisc", *options(trained_teacher, corpus, out))
+    return out
+
+
+def test_compress_end_to_end(compressed):
+    out, stdout = compressed
     report = json.loads((out / "report.json").read_text())
-    assert "MiniDisc TA candidates" in result.stdout
+    assert "MiniDisc TA candidates" in stdout
     # the choice is the argmax of the numbers the report shows
     rows = report["candidates"]
     assert [r["sparsity"] for r in rows] == [0.5, 0.7, 0.9]
     best = max(rows, key=lambda r: (r["p"] + report["lam"] * r["sparsity"], -r["sparsity"]))
     for row in rows:
-        assert row["tradeoff"] == pytest.approx(tradeoff(row["p"], round(row["sparsity"] * 1000), 0.05))
+        assert row["tradeoff"] == pytest.approx(tradeoff(row["p"], round(row["sparsity"] * 1000), report["lam"]))
         assert 0 < row["p"] <= 1.5 and 0 < row["accuracy"] < 1
     assert report["teacher"]["dev_accuracy"] > 0.1  # the trained teacher predicts something
     selected = report["selected_ta"]
@@ -62,17 +91,17 @@ def test_compress_end_to_end(trained_teacher, corpus, tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert set(report["phases"]) >= {"prune", "sandwich", "student", "total"}
     assert set(report["curves"]) == {"sandwich", "student", "baseline-kd-matched"}
+    assert not any(out.rglob(".*.partial*"))  # no scratch left behind
     assert not any((out / "work").glob("*/checkpoints"))  # finished stages drop their optimiser states
 
 
-def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, tmp_path):
+def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, maxidisc_run, tmp_path):
     minidisc("distill", *options(trained_teacher, corpus, tmp_path / "kd"))
     kd = json.loads((tmp_path / "kd" / "report.json").read_text())
     assert set(kd["curves"]) == {"student"} and kd["student"]["via"] == "teacher"
     assert max(point["step"] for point in kd["curves"]["student"]["train"]) == 8
 
-    minidisc("maxidisc", *options(trained_teacher, corpus, tmp_path / "maxi"))
-    maxi = json.loads((tmp_path / "maxi" / "report.json").read_text())
+    maxi = json.loads((maxidisc_run / "report.json").read_text())
     rows = {r["sparsity"]: r for r in maxi["candidates"]}
     assert set(rows) == {0.5, 0.7, 0.9}
     assert set(maxi["curves"]) == {"ta-0.5", "student-via-0.5", "ta-0.7", "student-via-0.7", "student-direct"}
@@ -116,35 +145,66 @@ def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus
     assert stage["width_tokens"] == len(trained("student")) * stage["tokens"]
 
 
-def test_resume_after_sigkill_gives_the_same_student(trained_teacher, corpus, tmp_path):
-    args = options(trained_teacher, corpus, tmp_path / "whole", "--eval-every", "2", "--lam", "0.05")
-    minidisc("compress", *args)
-    killed_out = tmp_path / "killed"
-    killed = options(trained_teacher, corpus, killed_out, "--eval-every", "2", "--lam", "0.05")
-    process = subprocess.Popen([MINIDISC, "compress", *map(str, killed)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    latest = killed_out / "work" / "sandwich" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step0000004") and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed_out / "report.json").exists() and not (killed_out / "student").exists()
-    refused = minidisc("compress", *killed, check=False)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    minidisc("compress", *killed, "--resume")
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
-    resumed = json.loads((killed_out / "report.json").read_text())
-    assert resumed["selected_ta"] == whole["selected_ta"]
-    assert [r["p"] for r in resumed["candidates"]] == [r["p"] for r in whole["candidates"]]
-    from safetensors.torch import load_file
+# Kill points, in the order a run reaches them; each is passed in the run resumed after the previous kill (the
+# names are `faults.kill_point`'s: `write:PARENT/NAME` inside an atomic output's write, before its rename).
+COMPRESS_KILLS = [
+    "write:work/pruned",  # pruning: the reordered teacher written aside
+    "data:tokenised",  # tokenising: the token file written aside
+    "write:sandwich/best",  # sandwich, first evaluation: its best snapshot written aside, no checkpoint yet
+    "sandwich:step@6",  # sandwich, between checkpoints (steps 5-6 are lost)
+    "sandwich:trained",  # sandwich trained and checkpointed, its result not written
+    "write:killed/ta",  # the TA export
+    "write:work/student_init",  # slicing the student's start from the TA
+    "student:checkpoint",  # student stage, just after its first checkpoint
+    "student:step@3",  # student stage, between checkpoints
+    "write:killed/student",  # publishing the student
+    "write:work/student_init-direct",  # the baseline's start
+    "baseline-kd-matched:step@2",  # the baseline's training
+    "write:baselines/kd-matched",  # publishing the baseline
+    "report:scored",  # report: every model measured on test, nothing written
+    "report:cards",  # report: model cards written, report.json not
+]
+MAXIDISC_KILLS = [
+    "write:work/pruned", "data:tokenised", "write:work/ta_init-0.5", "ta-0.5:step@6", "ta-0.5:trained",
+    "write:work/student_init-0.5", "student-via-0.5:checkpoint", "write:ta-0.7/best", "student-via-0.7:step@2",
+    "write:work/student_init-direct", "student-direct:checkpoint@2", "write:killed/student", "report:cards",
+]
 
-    a = load_file(tmp_path / "whole" / "student" / "model.safetensors")
-    b = load_file(killed_out / "student" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+
+def assert_killed_and_resumed_identically(runs, points, whole: Path, killed: Path) -> None:
+    """Every kill landed where it was aimed, left no output looking complete, and the resumed run ends as the
+    uninterrupted one: the same report numbers and bit-identical published weights."""
+    assert [r["point"] for r in runs] == [*points, None]
+    for run in runs[:-1]:
+        assert run["exit"] == -signal.SIGKILL, f"not killed at {run['point']}: {Path(run['log']).read_text()[-3000:]}"
+        assert "report.json" not in run["entries"], run["point"]
+        assert all(complete for name, complete in run["models"].items() if not Path(name).name.startswith(".")), run
+    assert runs[-1]["exit"] == 0, Path(runs[-1]["log"]).read_text()[-3000:]
+    assert report_numbers(killed) == report_numbers(whole)
+    published = [p.relative_to(whole) for p in [whole / "ta", whole / "student", *(whole / "baselines").glob("*")]
+                 if (p / "config.json").is_file()]
+    for folder in published:
+        assert_same_weights(whole / folder, killed / folder)
+    assert not any(killed.rglob(".*.partial*")) and not any(killed.rglob(".*.old-*"))  # killed writers' scratch
+
+
+def test_a_kill_at_every_phase_of_compress_resumes_to_the_same_run(compressed, trained_teacher, corpus, tmp_path):
+    whole, _ = compressed
+    assert json.loads((whole / "report.json").read_text())["selected_ta"], "the reference run must export a TA"
+    killed = tmp_path / "killed"
+    args = options(trained_teacher, corpus, killed, *COMPRESS_OPTIONS)
+    first = minidisc("compress", *args, check=False, env={faults.KILL_AT: COMPRESS_KILLS[0]})  # the console script
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    refused = minidisc("compress", *args, check=False)  # a killed run is continued only when asked to
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    runs = kill_chain("compress", [*args, "--resume"], COMPRESS_KILLS[1:], tmp_path / "logs")
+    assert_killed_and_resumed_identically(runs, COMPRESS_KILLS[1:], whole, killed)
+
+
+def test_a_kill_at_every_phase_of_maxidisc_resumes_to_the_same_run(maxidisc_run, trained_teacher, corpus, tmp_path):
+    killed = tmp_path / "killed"
+    runs = kill_chain("maxidisc", options(trained_teacher, corpus, killed), MAXIDISC_KILLS, tmp_path / "logs")
+    assert_killed_and_resumed_identically(runs, MAXIDISC_KILLS, maxidisc_run, killed)
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, tmp_path):
@@ -162,17 +222,17 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, t
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one(trained_teacher, corpus, tmp_path):
+def test_two_processes_match_one(compressed, trained_teacher, corpus, tmp_path):
     """The same run under the `deepspeed` launcher with 2 ZeRO-3 processes (gloo): same global batches, so
     the same selection and the same student up to float reduction order."""
-    minidisc("compress", *options(trained_teacher, corpus, tmp_path / "one", "--lam", "0.05"))
+    whole, _ = compressed
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [launcher, "--num_gpus", "2", "--master_port", free_port(), MINIDISC, "compress",
-               *options(trained_teacher, corpus, tmp_path / "two", "--lam", "0.05")]
+               *options(trained_teacher, corpus, tmp_path / "two", *COMPRESS_OPTIONS)]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    one = json.loads((whole / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["selected_ta"] == one["selected_ta"]
     for a, b in zip(one["candidates"], two["candidates"]):
@@ -180,7 +240,7 @@ def test_two_processes_match_one(trained_teacher, corpus, tmp_path):
     assert two["student"]["loss"] == pytest.approx(one["student"]["loss"], abs=1e-4)
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    a = load_file(whole / "student" / "model.safetensors")
     b = load_file(tmp_path / "two" / "student" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
@@ -273,17 +333,15 @@ def test_python_api_and_early_stopping(pruned_dirs, corpus, tmp_path):
 def test_a_stage_that_stopped_early_stays_stopped_on_resume(pruned_dirs, corpus, tmp_path):
     """Killed after its early-stop checkpoint but before its result file, a stage resumed with --resume ends
     where it stopped (patience used to be checked only after an evaluation, so it trained on)."""
-    run = ("import sys, os, engine\n"
-           "from engine.training import trainer\n"
+    run = ("import sys, engine\n"
            "cfg = engine.RunConfig(teacher=sys.argv[1], data=sys.argv[2], dev_data=sys.argv[3], out=sys.argv[4],\n"
            "    max_steps=8, eval_every=2, patience=1, lr=1e-30, batch_size=4, seq_len=32, eval_samples=8,\n"
            "    deepspeed=sys.argv[5], resume=sys.argv[6] == 'resume').validate()\n"
-           "if not cfg.resume:  # die the moment the stage would write its result, as a SIGKILL there would\n"
-           "    trainer.write_result = lambda *args, **kwargs: os._exit(9)\n"
            "engine.distill(cfg)\n")
     out, env = tmp_path / "api", {"OMP_NUM_THREADS": "1"}
     args = (pruned_dirs["llama_gqa"], corpus["train"], corpus["dev"], out, FP32)
-    assert run_python(run, *args, "first", env=env).returncode == 9
+    # killed the moment the stage would write its result
+    assert run_python(run, *args, "first", env={**env, faults.KILL_AT: "student:trained"}).returncode == -9
     assert not (out / "work" / "student" / "result.json").exists()
     resumed = run_python(run, *args, "resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
