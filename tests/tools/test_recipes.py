@@ -52,7 +52,9 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     out = {}
     for preset, _ in RECIPES.values():
-        preset_config(preset).save_pretrained(root / preset)
+        config = preset_config(preset)
+        config.bos_token_id = tokenizer.bos_token_id  # the test tokenizer stands in for the model's own
+        config.save_pretrained(root / preset)
         tokenizer.save_pretrained(root / preset)
         out[preset] = root / preset
     return out
