@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,triton,eval]'
+	$(BIN)/pip install -q -e '.[dev,triton,eval,tracking]'
 	touch $@
 
 demo: install

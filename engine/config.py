@@ -143,6 +143,15 @@ class RunConfig:
                                  "GPUs with 80 GiB): --dry-run checks --batch-size and the memory against it",
                                  metavar="NxGxM")
     resume: bool = option(False, "continue the run in --out from its last checkpoint (after a kill or a requeue)")
+    log_every: int = option(0, "off a terminal (a batch log, nohup), a progress line every N steps: the step, losses, "
+                            "learning rate, gradient norm, tokens/s, and the elapsed time and ETA of the stage and "
+                            "of the run (0 = about once a minute). In a terminal, progress bars", metavar="N")
+    report_to: list[str] | None = option(None, "also send every step's losses, learning rate, gradient norm and "
+                                         "tokens/s, every evaluation (accuracy, loss, p(s), trade-off per width) "
+                                         "and the chosen TA to these trackers, under OUT/tracking: tensorboard, "
+                                         "csv, wandb (tensorboard and wandb need minidisc[tracking]; "
+                                         "WANDB_MODE=offline works without a network)", nargs="+",
+                                         choices=["tensorboard", "csv", "wandb"])
 
     # ------------------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -177,9 +186,10 @@ class RunConfig:
             self.cluster_shape()
         if not 0 < self.sandwich_share < 1:
             raise UserError(f"--sandwich-share {self.sandwich_share:g}: give a fraction between 0 and 1, e.g. 0.2")
-        if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens) < 0:
-            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm and --sample-tokens "
-                            "cannot be negative")
+        if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens,
+               self.log_every) < 0:
+            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm, --sample-tokens and "
+                            "--log-every cannot be negative")
         for name in ("lam", "weight_decay", "logit_weight", "hidden_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name):g} cannot be negative")

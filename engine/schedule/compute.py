@@ -41,6 +41,14 @@ def matched_steps(budget_flops: int, step_flops: int) -> int:
     return max(1, round(budget_flops / step_flops))
 
 
+def step_flops(tokens_per_step: int, widths: list[int], teacher: int, flops: Callable[[int], int],
+               per_step: int | None = None) -> float:
+    """Training FLOPs of one optimiser step that trains `per_step` (default all) of `widths`, at their mean cost,
+    against one teacher forward at sparsity `teacher`: what a stage's progress line plans with."""
+    mean = sum(3 * flops(w) for w in widths) / len(widths)
+    return tokens_per_step * ((per_step or len(widths)) * mean + flops(teacher))
+
+
 def sandwich_steps(share: float, student_steps: int, widths: list[int], sandwich_sample: int,
                    flops: Callable[[int], int], target: int) -> int:
     """Sandwich steps that spend `share` of the compress pipeline's training FLOPs (at least 1). The student

@@ -22,8 +22,8 @@ from dataclasses import replace
 from engine.config import RunConfig
 from engine.distillation.loss import Objective
 from engine.distillation.selection import choose_ta, relative, tradeoff
-from engine.pruning.widths import PERMILLE, format_sparsity
-from engine.schedule.compute import matched_steps, total
+from engine.pruning.widths import PERMILLE, format_sparsity, widths_per_step
+from engine.schedule.compute import matched_steps, step_flops, total
 from engine.schedule.run import Run
 from engine.training.stage import StageResult
 
@@ -40,6 +40,7 @@ def compress(cfg: RunConfig) -> dict:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
     run = Run(cfg, "compress")
     candidates = run.candidates()
+    run.monitor.plan = compress_plan(run)
     if not cfg.sandwich_steps:
         log.info("sandwich: %d steps, %g of the pipeline's training FLOPs (--sandwich-share)", run.sandwich_steps,
                  cfg.sandwich_share)
@@ -86,6 +87,22 @@ def compress(cfg: RunConfig) -> dict:
     })
 
 
+def compress_plan(run: Run) -> dict[str, float]:
+    """Each stage's planned training FLOPs, for the run's ETA (the student's teacher counted as the teacher's
+    cost: its TA is not chosen yet)."""
+    cfg, target = run.cfg, run.target
+    sandwich = run.candidates() + run.past_target()
+    per_step = widths_per_step(len(sandwich), cfg.sandwich_sample)
+    plan = {"sandwich": run.sandwich_steps * step_flops(run.tokens_per_step, sandwich, 0, run.forward_flops, per_step),
+            "student": cfg.max_steps * run.step_flops(target)}
+    steps = {"kd-steps": run.sandwich_steps + cfg.max_steps}
+    for name in cfg.baselines or []:
+        matched = name == "kd-matched"
+        plan[f"baseline-{name}"] = plan["sandwich"] + plan["student"] if matched else \
+            steps.get(name, cfg.max_steps) * run.step_flops(target)
+    return plan
+
+
 def student_stage(run: Run, teacher, snapshot, ta: int | None) -> StageResult:
     """TA (or, when `ta` is None, teacher) -> student. The sandwich's best `snapshot` is the TA in fp32 (or the
     target's width when there is no TA). --student-stage single trains the target's slice of it alone; joint
@@ -125,6 +142,7 @@ def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[
 def distill(cfg: RunConfig) -> dict:
     """Plain KD baseline: the pruned teacher's target slice distilled from the teacher, no TA."""
     run = Run(cfg, "distill")
+    run.monitor.plan = {"student": cfg.max_steps * run.step_flops(run.target)}
     init = run.slice_model(run.target, run.work / "student_init")
     student = run.stage("student", run.teacher_dir, init, [run.target])
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
@@ -139,6 +157,7 @@ def maxidisc(cfg: RunConfig) -> dict:
     no-TA option); the student with the best dev accuracy is kept."""
     run = Run(cfg, "maxidisc")
     trials, results = {}, []
+    run.monitor.plan = maxidisc_plan(run)
     for s in run.candidates():
         if s == run.target:  # the no-TA option: plain KD
             init = run.slice_model(run.target, run.work / "student_init-direct")
@@ -179,6 +198,18 @@ def maxidisc(cfg: RunConfig) -> dict:
                                        total(*run.compute.values())),
         "curves": _curves(*results),
     })
+
+
+def maxidisc_plan(run: Run) -> dict[str, float]:
+    """Each MaxiDisc stage's planned training FLOPs, for the run's ETA."""
+    plan, steps = {}, run.cfg.max_steps
+    for s in run.candidates():
+        if s == run.target:
+            plan["student-direct"] = steps * run.step_flops(run.target)
+        else:
+            plan[f"ta-{format_sparsity(s)}"] = steps * run.step_flops(s)
+            plan[f"student-via-{format_sparsity(s)}"] = steps * run.step_flops(run.target, teacher=s)
+    return plan
 
 
 COMMANDS = {"compress": compress, "distill": distill, "maxidisc": maxidisc}

@@ -27,6 +27,7 @@ from engine.models.loading import (
     meta_model,
 )
 from engine.outputs import atomic_output_dir, claim_run_dir, is_ours
+from engine.progress import Monitor
 from engine.pruning.families import count_parameters, family_for, forward_flops
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
@@ -39,13 +40,14 @@ from engine.pruning.widths import (
     parse_sparsity,
     past_target,
 )
-from engine.schedule.compute import sandwich_steps, stage_compute
+from engine.schedule.compute import sandwich_steps, stage_compute, step_flops
 from engine.schedule.scoring import perplexity, score_checkpoint, score_report
 from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
 from engine.tools.model_card import write_model_card
 from engine.tools.report import render
 from engine.tools.report_format import models_of
 from engine.tools.samples import continuations, default_prompts, encode_prompts
+from engine.tracking import Trackers, check_trackers, final_figures
 from engine.training import distributed as dist
 from engine.training import faults
 from engine.training.deepspeed_config import read_ds_config, train_ds_config
@@ -55,7 +57,7 @@ from engine.training.trainer import run_stage
 log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume (they do not change what is computed).
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
-             "eval_include", "eval_text"}
+             "eval_include", "eval_text", "log_every", "report_to"}
 
 
 def check_teacher(cfg: RunConfig):
@@ -95,6 +97,9 @@ class Run:
         dist.init()
         self._check_inputs()
         self.lock = claim_run_dir(self.out, command, cfg.to_dict(), cfg.resume, RESUMABLE)  # held while it runs
+        trackers = (Trackers(cfg.report_to, self.out / "tracking", cfg.to_dict(), self.out.name)
+                    if cfg.report_to and dist.is_main() else None)
+        self.monitor = Monitor(cfg.log_every, self.tokens_per_step, trackers, enabled=dist.is_main())
         self.teacher_dir = self._pruned_teacher()
         self.plan = PruningPlan.load(self.teacher_dir)
         self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
@@ -121,6 +126,7 @@ class Run:
         for path in (cfg.dev_data, cfg.test_data):
             if path:
                 load_text_dataset(path, cfg.text_field)
+        check_trackers(cfg.report_to or [])
         if cfg.eval_tasks:
             check_tasks(cfg.eval_tasks, cfg.eval_include)
             if cfg.eval_text:
@@ -205,7 +211,7 @@ class Run:
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
                       objective=objective or Objective.of(self.cfg), candidates=candidates)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
-        result = run_stage(stage, train, self.data, self.work)
+        result = run_stage(stage, train, self.data, self.work, self.monitor)
         self.phases[name] = result.wall_s
         self.stage_timings[name] = result.timings
         self.stage_memory[name] = result.memory
@@ -215,6 +221,10 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
+
+    def step_flops(self, permille: int, teacher: int = 0) -> float:
+        """Training FLOPs of one step of a single-width stage (the width at `permille`, its teacher at `teacher`)."""
+        return step_flops(self.tokens_per_step, [permille], teacher, self.forward_flops)
 
     def forward_flops(self, permille: int) -> int:
         """Forward FLOPs per token of the width at `permille` (the teacher at 0)."""
@@ -297,6 +307,7 @@ class Run:
                 render(report, self.out)
                 tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
                 log.info("wrote %s", self.out / "report.json")
+                self.monitor.finish(final_figures(report))
         return report
 
     def score_on_test(self, path) -> dict:

@@ -182,12 +182,19 @@ def _add_common(parser, default) -> None:
                         help="set by the deepspeed launcher; not for users")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block would bury the line that says what to fix."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
+    parser = Parser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
                                      "and distillation, choosing the teacher assistant in one trial (MiniDisc).")
     parser.add_argument("--version", action="version", version=f"minidisc {_version()}")
     _add_common(parser, lambda value: value)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in RUN_COMMANDS:
         _add_run_command(sub, name)
     _add_prune(sub)

@@ -32,7 +32,7 @@ import torch
 from engine.distillation.loss import Objective, teacher_outputs
 from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import best_tradeoff, performance, snapshot_moves, tradeoff
-from engine.progress import progress
+from engine.progress import Monitor
 from engine.pruning.widths import PERMILLE, format_sparsity
 from engine.training import distributed as dist
 from engine.training import faults
@@ -45,14 +45,21 @@ from engine.training.stage import Data, Diverged, Stage, StageResult, StageState
 log = logging.getLogger(__name__)
 
 
+PARTS = ("loss", "logit", "hidden", "ce")  # the objective and its terms, per width and step
+
+
 @dataclass
 class StepOutcome:
-    """What every rank agrees on after a step: each width's loss (averaged over processes), whether all were
-    finite (if not, the optimiser did not step) and whether any rank got the requeue signal."""
+    """What every rank agrees on after a step: each width's loss and its terms (PARTS, averaged over processes),
+    whether all were finite (if not, the optimiser did not step) and whether any rank got the requeue signal."""
 
-    losses: list[float]
+    parts: list[dict[str, float]]
     finite: bool
     signalled: bool
+
+    @property
+    def losses(self) -> list[float]:
+        return [parts["loss"] for parts in self.parts]
 
 
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
@@ -67,7 +74,7 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
     head = teacher.module.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p is not None]
     accum, device = len(micro_batches), dist.device()
-    step_losses = torch.zeros(len(widths), dtype=torch.float32, device=device)
+    step_losses = torch.zeros(len(widths), len(PARTS), dtype=torch.float32, device=device)
     backwards = 0
 
     def backward(loss):
@@ -86,19 +93,22 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
             metrics = sandwich_step(lambda: engine(ids, None, t_out, objective), select, widths, backward)
-        step_losses += torch.stack([metrics[w]["loss"].float() for w in widths]) / accum
-    flags = torch.stack([(~torch.isfinite(step_losses)).any().float(),
+        step_losses += torch.stack([torch.stack([metrics[w][part].float() for part in PARTS]) for w in widths]) / accum
+    flags = torch.stack([(~torch.isfinite(step_losses[:, 0])).any().float(),
                          torch.tensor(float(faults.signal_received()), device=device)])
-    agreed = dist.all_sum(torch.cat([step_losses.double(), flags.double()])).tolist()
-    outcome = StepOutcome([loss / dist.world_size() for loss in agreed[:-2]], agreed[-2] == 0, agreed[-1] > 0)
+    agreed = dist.all_sum(torch.cat([step_losses.double().flatten(), flags.double()])).tolist()
+    means = [value / dist.world_size() for value in agreed[:-2]]
+    parts = [dict(zip(PARTS, means[i * len(PARTS):(i + 1) * len(PARTS)])) for i in range(len(widths))]
+    outcome = StepOutcome(parts, agreed[-2] == 0, agreed[-1] > 0)
     if outcome.finite:
         with timer("student fwd+bwd+optimizer"):
             engine.step()
     return outcome
 
 
-def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageResult:
-    """Train a stage to its end (or early stop) and return its result; a finished stage is read back."""
+def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path, monitor: Monitor | None = None) -> StageResult:
+    """Train a stage to its end (or early stop) and return its result; a finished stage is read back. `monitor`
+    hears of every step and evaluation (progress lines, trackers)."""
     stage_dir = work / stage.name
     result_file = stage_dir / "result.json"
     if result_file.is_file():
@@ -106,7 +116,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
         return StageResult.from_json(json.loads(result_file.read_text()))
     started, timer, memory = time.perf_counter(), StageTimer(), StageMemory()
     memory.start()
-    state = _train(stage, cfg, data, stage_dir, timer, started)  # its engines are gone when it returns
+    monitor = monitor or Monitor(enabled=False)
+    state = _train(stage, cfg, data, stage_dir, timer, started, monitor)  # its engines are gone when it returns
     faults.kill_point(f"{stage.name}:trained")
     used = memory.to_json()
     log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end; %s MB of tensors left alive",
@@ -115,7 +126,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path) -> StageRe
 
 
 def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "StageTimer",
-           started: float) -> StageState:
+           started: float, monitor: Monitor) -> StageState:
     """Build the stage's engines, train (or resume) to its end or early stop, release the engines. `started`:
     when this process began the stage (`state.seconds` adds it to the seconds of the checkpoint it resumed)."""
     with timer("build engines"):
@@ -144,34 +155,36 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
 
     # A stage resumed after its early stop (killed before its result was written) has no steps left.
     steps = range(state.step, state.step if _out_of_patience(cfg, state) else cfg.max_steps)
-    for step in progress(steps, f"{stage.name}", total=len(steps)) if dist.is_main() else steps:
-        widths = widths_at(stage, cfg, step)
-        micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
-        with timer("training steps"):
-            outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer=timer)
-        if not outcome.finite:
-            _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
-        faults.kill_point(f"{stage.name}:step")
-        state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(loss, 6)}
-                              for w, loss in zip(widths, outcome.losses)]
-        state.step = step + 1
-        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-            with timer("evaluation"):
-                improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select)
-            if improved:
-                with timer("best snapshots"):
-                    save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
-            checkpoint()
-            faults.kill_point(f"{stage.name}:checkpoint")
-            if _out_of_patience(cfg, state):
-                log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
-                         cfg.patience, state.step)
-                break
-        if state.step < cfg.max_steps and outcome.signalled:  # Slurm's pre-timeout signal, agreed in the step
-            if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
+    with monitor.stage(stage.name, state.step, cfg.max_steps):
+        for step in steps:
+            widths = widths_at(stage, cfg, step)
+            micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
+            with timer("training steps"):
+                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer=timer)
+            if not outcome.finite:
+                _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
+            faults.kill_point(f"{stage.name}:step")
+            state.train_curve += [{"step": step + 1, "width": w / PERMILLE, "loss": round(loss, 6)}
+                                  for w, loss in zip(widths, outcome.losses)]
+            state.step = step + 1
+            monitor.step(state.step, dict(zip(widths, outcome.parts)), engine.get_lr()[0], _grad_norm(engine))
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                with timer("evaluation"):
+                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select, monitor)
+                if improved:
+                    with timer("best snapshots"):
+                        save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
                 checkpoint()
-            raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
-                                   f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
+                faults.kill_point(f"{stage.name}:checkpoint")
+                if _out_of_patience(cfg, state):
+                    log.info("stage %s: no improvement in %d evaluations, stopping early at step %d", stage.name,
+                             cfg.patience, state.step)
+                    break
+            if state.step < cfg.max_steps and outcome.signalled:  # Slurm's pre-timeout signal, agreed in the step
+                if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
+                    checkpoint()
+                raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
+                                       f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
     with timer("release"):
         release(engine, teacher)
     state.seconds = round(before + time.perf_counter() - started, 2)
@@ -212,22 +225,31 @@ def _diverged(stage, step, checkpoints, losses: dict[int, float]) -> None:
                    "(with --resume to start from that checkpoint)")
 
 
-def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select) -> bool:
+def _grad_norm(engine) -> float | None:
+    """The last step's global gradient norm, where DeepSpeed keeps it (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select, monitor: Monitor) -> bool:
     """Evaluate every width in one pass; update each width's best p(s) and the best trade-off. Returns whether
     the trade-off improved (then the current weights are the stage's best)."""
     student = distiller.student
-    stats = evaluate_widths(student, teacher, dev, stage.widths, select=select, reduce=dist.all_sum)
+    stats = evaluate_widths(student, teacher, monitor.dev_batches(dev), stage.widths, select=select,
+                            reduce=dist.all_sum)
     if not all(math.isfinite(s["loss"]) for s in stats.values()):
         raise Diverged(f"stage {stage.name}: the dev loss is not finite at step {state.step}; the previous "
                        f"checkpoint in {stage.name}/checkpoints is kept. Lower --lr and run again")
     state.teacher = stats["teacher"]
+    p_now = {}
     for permille in stage.widths:
-        p = performance(stats[permille], stats["teacher"], cfg.metric)
+        p = p_now[permille] = performance(stats[permille], stats["teacher"], cfg.metric)
         state.eval_curve.append({"step": state.step, "width": permille / PERMILLE, "p": p, **stats[permille]})
         best = state.best.get(permille)
         if best is None or p > best.p:
             state.best[permille] = WidthScore(p=p, accuracy=stats[permille]["accuracy"],
                                               loss=stats[permille]["loss"], step=state.step)
+    monitor.evaluated(state.step, stats, p_now, {s: tradeoff(p, s, cfg.lam) for s, p in p_now.items()})
     argmax = best_tradeoff({s: state.best[s].p for s in stage.selectable}, cfg.lam)
     score = tradeoff(state.best[argmax].p, argmax, cfg.lam)
     log.info("stage %s step %d: %s", stage.name, state.step, "  ".join(

@@ -30,16 +30,18 @@ pytestmark = [pytest.mark.slow]
 
 # The uninterrupted runs several tests read: the end-to-end checks, the 2-process comparison, the kill matrices.
 COMPRESS_OPTIONS = ("--lam", "0", "--baselines", "kd-matched")  # lam 0: a TA is chosen, so it is exported
+TRACKING = ("--log-every", "3", "--report-to", "tensorboard", "csv", "wandb")  # no effect on what is computed
 
 
 @pytest.fixture(scope="module")
 def compressed(trained_teacher, corpus, tmp_path_factory):
-    """(out, stdout) of `minidisc compress` with COMPRESS_OPTIONS."""
+    """`minidisc compress` with COMPRESS_OPTIONS and TRACKING (W&B offline): (out, the finished process)."""
     out = tmp_path_factory.mktemp("compress") / "whole"
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
-    result = minidisc("compress", *options(trained_teacher, corpus, out, *COMPRESS_OPTIONS))
+    result = minidisc("compress", *options(trained_teacher, corpus, out, *COMPRESS_OPTIONS, *TRACKING),
+                      env={"WANDB_MODE": "offline"})
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before  # no leaked 70 MB communication buffers
-    return out, result.stdout
+    return out, result
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +52,9 @@ def maxidisc_run(trained_teacher, corpus, tmp_path_factory):
 
 
 def test_compress_end_to_end(compressed):
-    out, stdout = compressed
+    out, result = compressed
     report = json.loads((out / "report.json").read_text())
-    assert "MiniDisc TA candidates" in stdout
+    assert "MiniDisc TA candidates" in result.stdout
     # the choice is the argmax of the numbers the report shows
     rows = report["candidates"]
     assert [r["sparsity"] for r in rows] == [0.5, 0.7, 0.9]
@@ -145,6 +147,71 @@ def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus
     assert stage["width_tokens"] == len(trained("student")) * stage["tokens"]
 
 
+def tracked_csv(out: Path, stage: str) -> dict[str, dict[int, float]]:
+    """OUT/tracking/STAGE.csv as name -> step -> value, refusing a (step, name) logged twice."""
+    import csv
+
+    values = {}
+    with open(out / "tracking" / f"{stage}.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            by_step = values.setdefault(row["name"], {})
+            assert int(row["step"]) not in by_step, f"{stage}: {row} logged twice"
+            by_step[int(row["step"])] = float(row["value"])
+    return values
+
+
+def tracked_tensorboard(out: Path, stage: str) -> dict[str, dict[int, float]]:
+    """The scalars of OUT/tracking/tensorboard/STAGE as TensorBoard reads them (purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tracking" / "tensorboard" / stage), size_guidance={"scalars": 0}).Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        assert len({p.step for p in points}) == len(points), f"{stage}: {tag} has a step twice"
+        scalars[tag] = {p.step: p.value for p in points}
+    return scalars
+
+
+def assert_tracked_curves(out: Path, tracked) -> None:
+    """Every stage's tracked losses and evaluations are report.json's curves, point for point."""
+    report = json.loads((out / "report.json").read_text())
+    for stage, curves in report["curves"].items():
+        values = tracked(out, stage)
+        expected = {}
+        for point in curves["train"]:
+            expected.setdefault(f"train/loss/s={point['width']:g}", {})[point["step"]] = point["loss"]
+        for point in curves["eval"]:
+            for key in ("accuracy", "loss", "p"):
+                expected.setdefault(f"eval/{key}/s={point['width']:g}", {})[point["step"]] = point[key]
+        for name, by_step in expected.items():
+            assert values[name].keys() == by_step.keys(), (stage, name)
+            for step, value in by_step.items():
+                assert values[name][step] == pytest.approx(value, rel=1e-6, abs=1e-6), (stage, name, step)
+        assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/logit/s=0.9"} <= set(values), stage
+
+
+def test_trackers_and_progress_lines_carry_the_reports_numbers(compressed):
+    """--report-to tensorboard csv wandb: every curve point of report.json, once, in each tracker; the chosen TA at
+    the end. --log-every 3 off a terminal: a line at the first, every third and the last step of every stage."""
+    out, result = compressed
+    report = json.loads((out / "report.json").read_text())
+    assert_tracked_curves(out, tracked_csv)
+    assert_tracked_curves(out, tracked_tensorboard)
+    assert tracked_csv(out, "run")["selected_ta"] == {0: report["selected_ta"]["sparsity"]}
+    runs = list((out / "tracking" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = runs[0].read_bytes()  # W&B's record log holds each key and its value's JSON as plain bytes
+    for point in report["curves"]["sandwich"]["eval"]:
+        assert f"sandwich/eval/accuracy/s={point['width']:g}".encode() in logged
+        assert json.dumps(point["accuracy"]).encode() in logged
+    assert b"selected_ta" in logged
+    lines = [line for line in result.stderr.splitlines() if " | loss s=" in line]
+    steps = [line.split(" | ")[0].split()[-2] for line in lines if " sandwich " in line]
+    assert steps == ["1/8", "3/8", "6/8", "8/8"], lines
+    assert all("tok/s" in line and "ETA" in line for line in lines)
+
+
 # Kill points, in the order a run reaches them; each is passed in the run resumed after the previous kill (the
 # names are `faults.kill_point`'s: `write:PARENT/NAME` inside an atomic output's write, before its rename).
 COMPRESS_KILLS = [
@@ -192,13 +259,15 @@ def test_a_kill_at_every_phase_of_compress_resumes_to_the_same_run(compressed, t
     whole, _ = compressed
     assert json.loads((whole / "report.json").read_text())["selected_ta"], "the reference run must export a TA"
     killed = tmp_path / "killed"
-    args = options(trained_teacher, corpus, killed, *COMPRESS_OPTIONS)
+    args = options(trained_teacher, corpus, killed, *COMPRESS_OPTIONS, "--report-to", "tensorboard", "csv")
     first = minidisc("compress", *args, check=False, env={faults.KILL_AT: COMPRESS_KILLS[0]})  # the console script
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     refused = minidisc("compress", *args, check=False)  # a killed run is continued only when asked to
     assert refused.returncode == 2 and "--resume" in refused.stderr
     runs = kill_chain("compress", [*args, "--resume"], COMPRESS_KILLS[1:], tmp_path / "logs")
     assert_killed_and_resumed_identically(runs, COMPRESS_KILLS[1:], whole, killed)
+    assert_tracked_curves(killed, tracked_csv)  # the steps a kill made the run redo are tracked once
+    assert_tracked_curves(killed, tracked_tensorboard)
 
 
 def test_a_kill_at_every_phase_of_maxidisc_resumes_to_the_same_run(maxidisc_run, trained_teacher, corpus, tmp_path):

@@ -19,7 +19,7 @@ from engine.training import engines
 from engine.training.batches import BatchOrder
 from engine.training.engines import BETAS, _lr_lambda, _no_decay, build_engines
 from engine.training.stage import Stage, TrainConfig
-from engine.training.trainer import train_step
+from engine.training.trainer import PARTS, train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)
@@ -62,7 +62,7 @@ for step in range(2):
     before = len(collectives)
     outcome = train_step(teacher, ds_engine, select, micro, widths, objective)
     assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
-    assert collectives[before:] == [len(widths) + 2], collectives
+    assert collectives[before:] == [len(widths) * len(PARTS) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
     batch = torch.cat([blocks[[order._index(i) for i in range(step * 4, step * 4 + 4)]]])
     optimizer.zero_grad()
