@@ -25,11 +25,26 @@ def _columns(info: bool = False):
 
 
 def progress(iterable, description: str, total: int | None = None):
-    """Iterate with a rich progress bar (rendered only on a terminal; silent in logs and CI)."""
+    """Iterate with a rich progress bar on a terminal; elsewhere (a batch log) a line about once a minute."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    with Progress(*_columns(), console=console, transient=False, disable=not console.is_terminal) as bar:
+    if not console.is_terminal:
+        yield from _logged(iterable, description, total)
+        return
+    with Progress(*_columns(), console=console, transient=False) as bar:
         yield from bar.track(iterable, total=total, description=description)
+
+
+def _logged(iterable, description: str, total: int | None):
+    started = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done, now = done + 1, time.perf_counter()
+        if now - last >= Monitor.EVERY_S:
+            eta = f", ETA {_duration((now - started) / done * (total - done))}" if total else ""
+            log.info("%s %d/%s | %s%s", description, done, total or "?", _duration(now - started), eta)
+            last = now
 
 
 class Monitor:

@@ -50,3 +50,16 @@ def test_other_ranks_and_terminals_print_no_lines(clock, caplog):
         run_stage(Monitor(log_every=1, terminal=False, enabled=False), clock, "sandwich", 3)
         run_stage(Monitor(log_every=1, terminal=True), clock, "sandwich", 3)
     assert not caplog.records
+
+
+def test_plain_iterations_log_about_once_a_minute_off_a_terminal(clock, caplog):
+    def ticking(n):
+        for i in range(n):
+            clock[0] += 20.0
+            yield i
+
+    with caplog.at_level(logging.INFO, logger="engine.progress"):
+        assert list(progress.progress(ticking(10), "importance", total=10)) == list(range(10))
+    assert [r.getMessage() for r in caplog.records] == ["importance 3/10 | 1m00s, ETA 2m20s",
+                                                        "importance 6/10 | 2m00s, ETA 1m20s",
+                                                        "importance 9/10 | 3m00s, ETA 0m20s"]
