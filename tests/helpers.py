@@ -152,6 +152,16 @@ def kill_chain(command: str, args: list, points: list[str], logs: Path) -> list[
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def minidisc_forked(commands: list[list], logs: Path) -> list[dict]:
+    """Several `minidisc` command lines, each in a process forked after one import of the engine
+    (tests/workers/cli_batch_worker.py); per command line, its exit status and stderr (stdout goes there too)."""
+    command = [sys.executable, WORKERS / "cli_batch_worker.py", logs, json.dumps([list(map(str, c)) for c in commands])]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "240"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 VOLATILE = {"wall_s", "phases", "stage_timings", "stage_memory", "config"}  # times, memory, the run's own options
 
 

@@ -17,6 +17,7 @@ from helpers import (
     free_port,
     kill_chain,
     minidisc,
+    minidisc_forked,
     options,
     report_numbers,
     run_python,
@@ -316,35 +317,35 @@ def test_two_processes_match_one(compressed, trained_teacher, corpus, tmp_path):
 
 
 def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus, tmp_path):
-    def error(*args):
-        result = minidisc(*args, check=False)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        return result.stderr.strip().splitlines()[-1]
-
     base = options(trained_teacher, corpus, tmp_path / "out")
-    assert "does not exist" in error("compress", *base[:1], tmp_path / "missing", *base[2:])
-    assert "DeepSpeed config" in error("compress", *base, "--deepspeed", tmp_path / "none.json")
-    assert "not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o2"),
-                                      "--target-sparsity", "0.75")
-    assert "--sparsest 0.97 is not on the grid" in error("compress", *options(pruned_dirs["opt"], corpus,
-                                                                             tmp_path / "o3"), "--sparsest", "0.97")
-    assert "--sparsest 0.8 is below --target-sparsity 0.9" in error("compress", *base, "--sparsest", "0.8")
-    assert "has no sandwich: drop them" in error("distill", *base, "--student-stage", "joint")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    assert "not empty" in error("compress", *options(trained_teacher, corpus, foreign))
-    assert (foreign / "precious.txt").read_text() == "keep me"
     bad_ds = tmp_path / "bad.json"
     bad_ds.write_text("{not json")
-    assert "not valid JSON" in error("distill", *base, "--deepspeed", bad_ds)
-    # the built-in lm-eval tasks need enough test text: said before any training, not after it
-    short = tmp_path / "short.txt"
+    short = tmp_path / "short.txt"  # the built-in lm-eval tasks need more test text: said before any training
     short.write_text("A few words.\n\nAnd a few more.\n")
-    out = tmp_path / "short-test"
-    message = error("distill", *options(pruned_dirs["opt"], corpus, out), "--test-data", short, "--test-samples", "1",
-                    "--seq-len", "4", "--eval-tasks", "minidisc_ppl", "minidisc_cloze")
-    assert "minidisc_cloze needs 4 documents" in message and not (out / "work" / "student").exists()
+    short_out = tmp_path / "short-test"
+    cases = [
+        (["compress", *base[:1], tmp_path / "missing", *base[2:]], "does not exist"),
+        (["compress", *base, "--deepspeed", tmp_path / "none.json"], "DeepSpeed config"),
+        (["compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o2"), "--target-sparsity", "0.75"],
+         "not on the grid"),
+        (["compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o3"), "--sparsest", "0.97"],
+         "--sparsest 0.97 is not on the grid"),
+        (["compress", *base, "--sparsest", "0.8"], "--sparsest 0.8 is below --target-sparsity 0.9"),
+        (["distill", *base, "--student-stage", "joint"], "has no sandwich: drop them"),
+        (["compress", *options(trained_teacher, corpus, foreign)], "not empty"),
+        (["distill", *base, "--deepspeed", bad_ds], "not valid JSON"),
+        (["distill", *options(pruned_dirs["opt"], corpus, short_out), "--test-data", short, "--test-samples", "1",
+          "--seq-len", "4", "--eval-tasks", "minidisc_ppl", "minidisc_cloze"], "minidisc_cloze needs 4 documents"),
+    ]
+    results = minidisc_forked([argv for argv, _ in cases], tmp_path / "logs")
+    for (argv, message), result in zip(cases, results):
+        assert result["exit"] == 2 and "Traceback" not in result["stderr"], (argv, result["stderr"][-3000:])
+        assert message in result["stderr"].strip().splitlines()[-1], (argv, result["stderr"][-3000:])
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    assert not (short_out / "work" / "student").exists()
 
 
 def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
