@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from engine.pruning.widths import format_sparsity
+
 console = Console(stderr=True)
 log = logging.getLogger("engine.progress")
 
@@ -104,7 +106,7 @@ class Monitor:
         stage, now = self._stage, time.perf_counter()
         if self.trackers:
             tokens_per_s = self.tokens_per_step / max(now - stage["step_at"], 1e-9)
-            values = {f"train/{part}/s={_sparsity(w)}": value for w, parts in losses.items()
+            values = {f"train/{part}/s={format_sparsity(w)}": value for w, parts in losses.items()
                       for part, value in parts.items()}
             values.update({"train/lr": lr, "train/tokens_per_s": tokens_per_s,
                            **({"train/grad_norm": grad_norm} if grad_norm is not None else {})})
@@ -112,7 +114,7 @@ class Monitor:
         stage["step_at"] = now
         if self._bar:
             self._bar.update(self._task, completed=step, info="loss " + " ".join(
-                f"{_sparsity(w)}:{parts['loss']:.3f}" for w, parts in losses.items()))
+                f"{format_sparsity(w)}:{parts['loss']:.3f}" for w, parts in losses.items()))
         if not self.terminal and self._line_due(step, now):
             tokens_per_s = (step - stage["line_step"]) * self.tokens_per_step / max(now - stage["line_at"], 1e-9)
             log.info("%s", self._line(step, losses, lr, grad_norm, tokens_per_s, now))
@@ -124,9 +126,9 @@ class Monitor:
             return
         values = {f"eval/{key}/teacher": stats["teacher"][key] for key in ("accuracy", "loss")}
         for w in p:
-            values.update({f"eval/accuracy/s={_sparsity(w)}": stats[w]["accuracy"],
-                           f"eval/loss/s={_sparsity(w)}": stats[w]["loss"], f"eval/p/s={_sparsity(w)}": p[w],
-                           f"eval/tradeoff/s={_sparsity(w)}": tradeoffs[w]})
+            s = format_sparsity(w)
+            values.update({f"eval/accuracy/s={s}": stats[w]["accuracy"], f"eval/loss/s={s}": stats[w]["loss"],
+                           f"eval/p/s={s}": p[w], f"eval/tradeoff/s={s}": tradeoffs[w]})
         self.trackers.log(step, values)
 
     def finish(self, values: dict[str, float]) -> None:
@@ -147,7 +149,7 @@ class Monitor:
         done = step - stage["first"]
         stage_s = now - stage["started"]
         stage_eta = stage_s / done * (stage["total"] - step)
-        widths = " ".join(f"s={_sparsity(w)} {parts['loss']:.4f}" for w, parts in losses.items())
+        widths = " ".join(f"s={format_sparsity(w)} {parts['loss']:.4f}" for w, parts in losses.items())
         grad = f" grad {grad_norm:.3g}" if grad_norm is not None else ""
         line = (f"{stage['name']} {step}/{stage['total']} ({100 * step / stage['total']:.0f}%) | loss {widths} | "
                 f"lr {lr:.2e}{grad} | {tokens_per_s:,.0f} tok/s | stage {_duration(stage_s)}, ETA "
@@ -164,10 +166,6 @@ class Monitor:
         if self._stage["name"] not in names or not self.plan[self._stage["name"]]:
             return None
         return sum(self.plan[n] for n in names[names.index(self._stage["name"]) + 1:])
-
-
-def _sparsity(permille: int) -> str:
-    return f"{permille / 1000:g}"
 
 
 def _duration(seconds: float) -> str:
