@@ -3,6 +3,7 @@ off a terminal and the trackers (`Monitor`)."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 
@@ -17,8 +18,14 @@ log = logging.getLogger("engine.progress")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    handler = RichHandler(console=console, show_path=False, log_time_format="[%X]")
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    """Rich, wrapped to the window, in a terminal; elsewhere (a batch log) one plain line per record, which grep
+    and tail read whole."""
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, log_time_format="[%X]")
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    else:
+        logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                            stream=sys.stderr, force=True)
 
 
 def _columns(info: bool = False):
