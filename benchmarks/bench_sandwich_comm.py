@@ -76,6 +76,7 @@ def counters(world: int) -> dict:
 def worker(args) -> None:
     import engine
     from engine.config import RunConfig
+    from engine.data import Mixture
     from engine.distillation.loss import Objective
     from engine.training import distributed as dist
     from engine.training import trainer
@@ -99,7 +100,7 @@ def worker(args) -> None:
     plan = engine.PruningPlan.load(args.pruned)
     objective = Objective.of(cfg)
     blocks = torch.randint(3, MODEL["vocab_size"], (64, args.seq_len), generator=torch.Generator().manual_seed(0))
-    order = BatchOrder(blocks, seed=0)
+    order = BatchOrder(Mixture.of(blocks, seed=0))
 
     # Per-phase counts: wrap the step's parts only to read the counters before and after each call.
     phases = {}

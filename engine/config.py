@@ -29,8 +29,11 @@ class RunConfig:
     teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA or OPT) with its tokenizer; a "
                           "directory written by `minidisc prune` is used as is, any other is pruned first. `compress` "
                           "with neither --teacher nor --data runs the built-in example", metavar="DIR")
-    data: str = option(None, "training text: .txt, .jsonl/.json, .parquet, .csv, or a datasets save_to_disk folder",
-                       metavar="FILE")
+    data: list[str | dict] | None = option(
+        None, "training data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), or a datasets "
+        "save_to_disk folder. Several sources are mixed by weight: PATH@WEIGHT or PATH@WEIGHT@FIELD (a recipe: a list "
+        "of {path, weight, text_field}). Records whose field holds chat messages go through the tokenizer's chat "
+        "template and only the assistant's tokens are trained on (README, \"Data\")", nargs="+", metavar="SOURCE")
     dev_data: str | None = option(None, "dev text in the same formats; it selects (p(s), best snapshots, MaxiDisc's "
                                   "winner) (default: records held out of --data, the same for every --seed)",
                                   metavar="FILE")
@@ -39,7 +42,13 @@ class RunConfig:
                                    "--data)", metavar="FILE")
     out: str = option(None, "output directory: ta/, student/, baselines/, report.json, report.md, plots, work/ "
                       "(checkpoints); the built-in example writes ./minidisc-demo", metavar="DIR")
-    text_field: str = option("text", "record field holding the text in json/jsonl/parquet/csv data", metavar="NAME")
+    text_field: str = option("text", "record field holding the text, or the chat messages, in json/jsonl/parquet/csv "
+                             "data (a missing 'text' falls back to 'messages')", metavar="NAME")
+    token_cache: str | None = option(None, "folder of the token files the data is tokenised into once and reused by "
+                                     "--resume and later runs (default MINIDISC_CACHE/tokens, else "
+                                     "~/.cache/minidisc/tokens); every node must see it", metavar="DIR")
+    data_workers: int = option(0, "processes that tokenise the data (0 = one per CPU core, up to 8; one below 10,000 "
+                               "records)", metavar="N")
     # the MiniDisc schedule
     target_sparsity: float = option(0.9, "fraction of attention units and FFN neurons the student removes (0.9 = a "
                                     "10%%-scale student)", metavar="S")
@@ -187,13 +196,20 @@ class RunConfig:
         if not 0 < self.sandwich_share < 1:
             raise UserError(f"--sandwich-share {self.sandwich_share:g}: give a fraction between 0 and 1, e.g. 0.2")
         if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens,
-               self.log_every) < 0:
-            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm, --sample-tokens and "
-                            "--log-every cannot be negative")
+               self.log_every, self.data_workers) < 0:
+            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm, --sample-tokens, "
+                            "--log-every and --data-workers cannot be negative")
+        self.sources()
         for name in ("lam", "weight_decay", "logit_weight", "hidden_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name):g} cannot be negative")
         return self
+
+    def sources(self) -> list:
+        """--data as sources (path, weight, field)."""
+        from engine.data.sources import parse_sources
+
+        return parse_sources(self.data)
 
     def cluster_shape(self) -> tuple[int, int, float]:
         """(nodes, GPUs per node, GiB per GPU) of --cluster."""
@@ -295,6 +311,10 @@ def _coerce(key: str, value):
             return float(value)
         if kind.startswith("list"):
             items = value if isinstance(value, list) else [value]
+            if kind.startswith("list[str | dict]"):
+                if any(not isinstance(v, (str, dict)) for v in items):
+                    raise ValueError
+                return items
             if kind.startswith("list[str]"):
                 choices = FIELDS[key].metadata.get("choices")
                 if choices and any(str(v) not in choices for v in items):

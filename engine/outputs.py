@@ -29,6 +29,14 @@ LOCK = ".lock"  # in a run's --out: the pid and host of the process running it
 RUN_FILE = "run.json"
 
 
+def cache_dir() -> Path:
+    """Where minidisc keeps what it reuses across runs (the built-in example, token files): MINIDISC_CACHE, else
+    ~/.cache/minidisc."""
+    if os.environ.get("MINIDISC_CACHE"):
+        return Path(os.environ["MINIDISC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minidisc"
+
+
 def is_ours(directory: Path) -> bool:
     return (directory / MARKER).is_file()
 
@@ -54,7 +62,7 @@ def atomic_output_dir(out, kind: str):
     if out.exists() and not (out.is_dir() and (is_ours(out) or not any(out.iterdir()))):
         raise UserError(f"output {out} exists and was not written by minidisc: choose a new --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale(out)
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
     scratch.mkdir()
     try:
@@ -73,7 +81,7 @@ def atomic_output_dir(out, kind: str):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _remove_stale(out: Path) -> None:
+def remove_stale(out: Path) -> None:
     """Remove the scratch (`.NAME.partial-PID`) and replaced (`.NAME.old-PID`) folders a killed writer left."""
     for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
         pid = stale.name.rpartition("-")[2]

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# token files (and anything else minidisc caches) go to a folder of this session, not the user's ~/.cache
+os.environ.setdefault("MINIDISC_CACHE", tempfile.mkdtemp(prefix="minidisc-test-cache-"))
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -53,30 +53,31 @@ class TeacherOutputs:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, input_ids, attention_mask=None) -> TeacherOutputs:
+def teacher_outputs(teacher, input_ids) -> TeacherOutputs:
     """The teacher's side of every width's loss. Only the hidden states the loss reads are kept (None for the
     others): they live across all K widths of a step, and the rest would cost (L + 1 - L/6) x tokens x H."""
     # Through the top module (ZeRO-3 starts its parameter trace there: prefetch, persistent parameters kept), with
     # the logits of one position only: the loss reads the head itself.
-    out = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    out = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
     read = set(hidden_layer_indices(len(out.hidden_states) - 1))
     hidden = tuple(h if i in read else None for i, h in enumerate(out.hidden_states))
     head = teacher.get_output_embeddings()
     return TeacherOutputs(hidden, head.weight, head.bias)
 
 
-def width_loss(student, teacher_out: TeacherOutputs, input_ids, attention_mask=None,
+def width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
                objective: Objective = Objective()) -> dict[str, torch.Tensor]:
     """Distillation losses of `student` (a causal LM, e.g. the supernet's model at its current width).
 
-    Returns {"loss", "logit", "hidden", "ce"} (scalars). Token t predicts t+1, so the last position and
-    padding positions are ignored.
+    Returns {"loss", "logit", "hidden", "ce"} (scalars). `loss_mask` [B, T] marks the tokens that count (None:
+    all; chat data: the assistant's). Token t predicts t+1, so position t's logit and CE terms count when token
+    t+1 does, and the hidden-state term where token t does. Sequences are right-padded, if at all, so no attention
+    mask is needed: under causal attention no real token sees the padding after it.
     """
-    out = student.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    next_keep = keep.clone()
-    next_keep[:, :-1] &= keep[:, 1:]
-    next_keep[:, -1] = False
+    out = student.model(input_ids=input_ids, output_hidden_states=True)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    next_keep = torch.zeros_like(keep)
+    next_keep[:, :-1] = keep[:, 1:]
     head = student.get_output_embeddings()
     logit = kernels.fused_linear_distill_loss(
         out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,

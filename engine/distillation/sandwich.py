@@ -25,16 +25,16 @@ def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], 
     return metrics
 
 
-def _next_token_stats(model, input_ids, attention_mask):
+def _next_token_stats(model, input_ids, loss_mask):
     """(correct top-1 predictions, summed CE, counted tokens) of a causal LM over non-padding next tokens, from its
     last hidden states and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V]
     logits. Under ZeRO-3 the head is gathered for the call, like the decoder layers in the model's forward."""
     import deepspeed
 
-    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    keep = keep[:, :-1] & keep[:, 1:]
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    keep = keep[:, 1:]  # position t counts when its target, token t + 1, does (right padding: no attention mask)
     lm = model.model if isinstance(model, Supernet) else model
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    hidden = lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
     head = lm.get_output_embeddings()
     params = [p for p in (head.weight, head.bias) if p is not None]
     with deepspeed.zero.GatheredParameters(params, enabled=hasattr(head.weight, "ds_id")):
@@ -48,7 +48,7 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
                     reduce: Callable = lambda totals: totals) -> dict:
     """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
 
-    Each batch (input_ids, attention_mask or None) is loaded and run through the teacher once; then every
+    Each batch (input_ids, loss mask or None) is loaded and run through the teacher once; then every
     width sees the same batch. `select(permille)` activates a width (default `student.set_sparsity`; a
     no-op for a plain model); `reduce` sums the [correct, loss, tokens] totals over processes.
     Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy", "loss", "tokens"}.
@@ -57,11 +57,11 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
     totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
     modes = [(module, module.training) for module in student.modules()]  # each its own: a wrapper's may differ
     student.eval()
-    for input_ids, attention_mask in batches:
-        totals[0] += torch.stack(_next_token_stats(teacher, input_ids, attention_mask)).double().cpu()
+    for input_ids, loss_mask in batches:
+        totals[0] += torch.stack(_next_token_stats(teacher, input_ids, loss_mask)).double().cpu()
         for i, permille in enumerate(sparsities, start=1):
             select(permille)
-            totals[i] += torch.stack(_next_token_stats(student, input_ids, attention_mask)).double().cpu()
+            totals[i] += torch.stack(_next_token_stats(student, input_ids, loss_mask)).double().cpu()
     for module, training in modes:
         module.training = training
     totals = dict(zip(["teacher", *sparsities], reduce(totals)))
@@ -70,12 +70,12 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
 
 
 @torch.no_grad()
-def score_model(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
-    """Next-token accuracy and loss of a plain causal LM on token blocks [n, T] (the test split)."""
+def score_model(model, split, batch_size: int, device) -> dict:
+    """Next-token accuracy and loss of a plain causal LM on a split (`engine.data.Split`: the test blocks)."""
     totals = torch.zeros(3, dtype=torch.float64)
     model.eval()
-    for ids in blocks.split(batch_size):
-        ids = ids.to(device)
-        totals += torch.stack(_next_token_stats(model, ids, None)).double().cpu()
+    for ids, mask in split.batches(batch_size):
+        mask = None if mask is None else mask.to(device)
+        totals += torch.stack(_next_token_stats(model, ids.to(device), mask)).double().cpu()
     tokens = totals[2].clamp(min=1)
     return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2])}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from engine.data import load_text_dataset, token_blocks
+from engine.data import parse_sources
+from engine.data.splits import calibration_blocks
 from engine.errors import UserError
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
@@ -64,24 +65,26 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
     return plan
 
 
-def prune(teacher: str | Path, data: str | Path, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
+def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
           seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
           device: str = "cpu") -> PruningPlan:
-    """Prune a teacher checkpoint directory on a data file and write the reordered teacher to `out`."""
+    """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
+    PATH@WEIGHT strings) and write the reordered teacher to `out`."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
-    calibration = token_blocks(load_text_dataset(data, text_field), tokenizer, seq_len, calib_samples, seed,
-                               text_field)
+    sources = parse_sources(data)
+    calibration = calibration_blocks(sources, text_field, tokenizer, seq_len, calib_samples, seed)
     model = load_causal_lm(teacher).to(device)
     loaded = time.perf_counter()
-    log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, data)
+    names = ", ".join(s.path for s in sources)
+    log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, names)
     plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size)
     scored = time.perf_counter()
-    plan.extra["calibration"] = {"data": str(data), "samples": len(calibration), "seq_len": seq_len, "seed": seed,
-                                 "text_field": text_field}
+    plan.extra["calibration"] = {"data": [vars(s) for s in sources], "samples": len(calibration), "seq_len": seq_len,
+                                 "seed": seed, "text_field": text_field}
     with atomic_output_dir(out, kind="pruned-teacher") as scratch:
         model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)

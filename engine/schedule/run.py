@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from engine.config import RunConfig
-from engine.data import hold_out, load_text_dataset, token_blocks
+from engine.data import load_records, load_text_dataset, token_cache
+from engine.data.chat import check_chat_template
+from engine.data.splits import describe, held_out_texts, open_data, summary
 from engine.distillation.loss import Objective
 from engine.distillation.selection import relative, tradeoff
 from engine.errors import UserError
@@ -57,7 +59,7 @@ from engine.training.trainer import run_stage
 log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume (they do not change what is computed).
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
-             "eval_include", "eval_text", "log_every", "report_to"}
+             "eval_include", "eval_text", "log_every", "report_to", "token_cache", "data_workers"}
 
 
 def check_teacher(cfg: RunConfig):
@@ -122,10 +124,10 @@ class Run:
         check_teacher(cfg)
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(TrainConfig.of(cfg), widths_per_step=1)  # readable, and compatible with --optimizer
-        load_text_dataset(cfg.data, cfg.text_field)
-        for path in (cfg.dev_data, cfg.test_data):
-            if path:
-                load_text_dataset(path, cfg.text_field)
+        sources = [(s.path, s.text_field or cfg.text_field) for s in cfg.sources()]
+        for path, field in sources + [(p, cfg.text_field) for p in (cfg.dev_data, cfg.test_data) if p]:
+            if load_records(path, field)[2]:
+                check_chat_template(load_tokenizer(cfg.teacher), f"data {path}")
         check_trackers(cfg.report_to or [])
         if cfg.eval_tasks:
             check_tasks(cfg.eval_tasks, cfg.eval_include)
@@ -143,7 +145,7 @@ class Run:
                 grid = grid_with_target([parse_sparsity(s) for s in self.cfg.grid or []],
                                         parse_sparsity(self.cfg.target_sparsity), parse_sparsity(self.cfg.sparsest))
                 log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
-                prune(teacher, self.cfg.data, pruned, grid=grid, calib_samples=self.cfg.calib_samples,
+                prune(teacher, self.cfg.sources(), pruned, grid=grid, calib_samples=self.cfg.calib_samples,
                       seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
                       ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
                       device=str(dist.device()))
@@ -151,42 +153,35 @@ class Run:
         return pruned
 
     def _data(self) -> Data:
-        """Token blocks, tokenised once by rank 0 into work/data.pt (so every rank and every resumed run
-        trains on the very same blocks). Dev and test come from their own files or are held out of --data at
-        record boundaries with a fixed seed, so they do not move with --seed or --max-steps."""
-        cfg, cache = self.cfg, self.work / "data.pt"
+        """Rank 0 tokenises each source once into a token file and writes work/data.json: which documents each split
+        takes (`engine.data.splits`). Every rank maps the token files and reads its own batches; a resumed run
+        finds the same description, or is refused if the data changed."""
+        cfg, path = self.cfg, self.work / "data.json"
+        root = token_cache(cfg.token_cache)
         started = time.perf_counter()
         with dist.main_first("tokenising the data") as main:
-            if main and not cache.is_file():
-                tokenizer = load_tokenizer(self.teacher_dir)
-                splits, wanted = {}, {}
-                for name, path, n_blocks in (("dev", cfg.dev_data, cfg.eval_samples),
-                                             ("test", cfg.test_data, cfg.test_samples)):
-                    if path:
-                        splits[name] = token_blocks(load_text_dataset(path, cfg.text_field), tokenizer, cfg.seq_len,
-                                                    n_blocks, None, cfg.text_field)
-                    else:
-                        wanted[name] = n_blocks
-                records = load_text_dataset(cfg.data, cfg.text_field)
-                if wanted:
-                    held_out, texts, records = hold_out(records, tokenizer, cfg.seq_len, wanted, cfg.text_field)
-                    splits.update(held_out)
-                    splits["test_texts"] = texts.get("test")
-                steps = max(cfg.max_steps, self.sandwich_steps if self.command == "compress" else 0)
-                splits["train"] = token_blocks(records, tokenizer, cfg.seq_len, steps * cfg.batch_size, cfg.seed,
-                                               cfg.text_field)
-                if len(splits["dev"]) < dist.world_size():
-                    raise UserError(f"the dev split has {len(splits['dev'])} blocks, fewer than the "
-                                    f"{dist.world_size()} processes; give more dev text or a smaller --seq-len")
-                torch.save(splits, cache.with_name(".data.pt.partial"))
+            if main:
+                splits = {"dev": (cfg.dev_data, cfg.eval_samples), "test": (cfg.test_data, cfg.test_samples)}
+                described = describe(cfg.sources(), splits, cfg.text_field, load_tokenizer(self.teacher_dir),
+                                     cfg.seq_len, root, cfg.data_workers)
+                if path.is_file() and json.loads(path.read_text()) != described:
+                    raise UserError(f"--resume: the data changed since the run started ({path} no longer matches "
+                                    "--data's files or the tokenizer); resume on the same data")
+                dev_blocks = sum(part["blocks"] for part in described["dev"])
+                if dev_blocks < dist.world_size():
+                    raise UserError(f"the dev split has {dev_blocks} blocks, fewer than the {dist.world_size()} "
+                                    "processes; give more dev text or a smaller --seq-len")
+                path.with_name(".data.json.partial").write_text(json.dumps(described, indent=1) + "\n")
                 faults.kill_point("data:tokenised")
-                cache.with_name(".data.pt.partial").replace(cache)  # whole or absent: a resumed run trusts it
-                sizes = ", ".join(f"{len(splits[k])} {k}" for k in ("train", "dev", "test"))
-                log.info("data: %s blocks of %d tokens", sizes, cfg.seq_len)
-        blocks = torch.load(cache)
+                path.with_name(".data.json.partial").replace(path)  # whole or absent: a resumed run trusts it
+        self.described = json.loads(path.read_text())
+        data = Data(*open_data(self.described, root, cfg.seed))
+        log.info("data: %d train, %d dev, %d test blocks of %d tokens", len(data.train), len(data.dev),
+                 len(data.test), cfg.seq_len)
+        steps = max(cfg.max_steps, self.sandwich_steps if self.command == "compress" else 0)
+        self.data_sources = summary(self.described, root, data.train, steps * cfg.batch_size)
         self.phases["data"] = round(time.perf_counter() - started, 2)
-        self.test_texts = blocks.get("test_texts")  # the held-out test records, for --eval-tasks
-        return Data(blocks["train"], blocks["dev"], blocks["test"])
+        return data
 
     # --- pieces used by the commands ---------------------------------------------------------------------------
     def width_of(self, permille: int):
@@ -317,11 +312,12 @@ class Run:
         return score_checkpoint(path, self.data.test, batch, device, dtype)
 
     def data_summary(self) -> dict:
-        """Where dev and test came from and how many blocks each split holds."""
+        """Where dev and test came from, how many blocks each split holds, and each source's share."""
         cfg = self.cfg
         return {"seq_len": cfg.seq_len, **{f"{name}_blocks": len(getattr(self.data, name))
                                            for name in ("train", "dev", "test")},
-                "dev": cfg.dev_data or "held out of --data", "test": cfg.test_data or "held out of --data"}
+                "dev": cfg.dev_data or "held out of --data", "test": cfg.test_data or "held out of --data",
+                **self.data_sources}
 
     def _timed(self, phase: str, work, *args):
         started = time.perf_counter()
@@ -335,7 +331,7 @@ class Run:
             return None
         tokenizer = load_tokenizer(self.teacher_dir)
         prompts = (encode_prompts(tokenizer, self.cfg.sample_prompts) if self.cfg.sample_prompts
-                   else default_prompts(self.data.dev))
+                   else default_prompts(self.data.dev.ids))
         log.info("generating samples: %d prompts x %d tokens per model", len(prompts), self.cfg.sample_tokens)
         return {"new_tokens": self.cfg.sample_tokens,
                 "prompts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
@@ -345,7 +341,9 @@ class Run:
     def eval_texts(self) -> list[str]:
         """The text the built-in lm-eval tasks are made of: --eval-text, --test-data, or the held-out test records."""
         source = self.cfg.eval_text or self.cfg.test_data
-        return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field]) if source else self.test_texts
+        if source:
+            return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field])
+        return held_out_texts(self.described, token_cache(self.cfg.token_cache), "test")
 
     def benchmarks(self, report: dict) -> dict:
         """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""

@@ -17,10 +17,10 @@ from engine.models.loading import load_causal_lm
 from engine.tools.report_format import models_of
 
 
-def score_checkpoint(path, blocks: torch.Tensor, batch_size: int, device, dtype) -> dict:
+def score_checkpoint(path, split, batch_size: int, device, dtype) -> dict:
     """Test accuracy and loss of the checkpoint in `path` (freed afterwards)."""
     model = load_causal_lm(path, dtype=dtype).to(device)
-    stats = score_model(model, blocks, batch_size, device)
+    stats = score_model(model, split, batch_size, device)
     del model
     gc.collect()
     if torch.cuda.is_available():

@@ -26,8 +26,9 @@ def _add_prune(sub):
                        "reordered teacher (HF checkpoint + tokenizer) and pruning.json to --out.")
     p.add_argument("--teacher", required=True, metavar="DIR", help="Hugging Face checkpoint directory of the "
                    "teacher (LlamaForCausalLM or OPTForCausalLM) with its tokenizer")
-    p.add_argument("--data", required=True, metavar="FILE", help="calibration text: .txt, .jsonl/.json, .parquet, "
-                   ".csv, or a folder written by datasets' save_to_disk")
+    p.add_argument("--data", required=True, nargs="+", metavar="SOURCE", help="calibration data, as compress's "
+                   "--data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), or a "
+                   "save_to_disk folder; several sources give blocks by weight (PATH@WEIGHT[@FIELD])")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; an earlier minidisc "
                    "output is replaced, any other existing non-empty directory is refused)")
     p.add_argument("--sparsities", nargs="+", metavar="S", help="candidate grid as fractions removed in [0, 1) "

@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.config import REPO_CONFIGS
 from engine.data import load_text_dataset, token_blocks
 from engine.errors import UserError
-from engine.outputs import atomic_output_dir, is_ours
+from engine.outputs import atomic_output_dir, cache_dir, is_ours
 from engine.progress import progress
 from engine.tools.harness import BUILTIN_TASKS
 
@@ -55,12 +55,6 @@ BUILTINS = {
                              baselines=["kd-matched", "kd", "ce"])),
 }
 DEFAULT_OUT = "minidisc-demo"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("MINIDISC_CACHE"):
-        return Path(os.environ["MINIDISC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minidisc"
 
 
 def builtin_options() -> dict:

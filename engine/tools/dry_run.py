@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, split_batch
-from engine.data import check_data_path
+from engine.data import resolve
 from engine.errors import UserError
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.widths import (
@@ -33,13 +33,20 @@ from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_co
 from engine.training.stage import TrainConfig
 
 
+def _described(path: str, weight: float = 1.0) -> str:
+    """A source's format and file count (`resolve` checks them without reading), e.g. "json, 12 files, weight 0.7"."""
+    builder, files = resolve(path)
+    count = "" if builder == "save_to_disk" or len(files) == 1 else f", {len(files)} files"
+    return f"{builder}{count}" + (f", weight {weight:g}" if weight != 1 else "")
+
+
 def dry_run(cfg: RunConfig, command: str) -> dict:
     """Validate and describe the run; returns what it printed as data."""
     config = check_teacher(cfg)
-    data = {"data": check_data_path(cfg.data)}
+    data = {"data": [_described(s.path, s.weight) for s in cfg.sources()]}
     for name in ("dev_data", "test_data"):
         if getattr(cfg, name):
-            data[name] = check_data_path(getattr(cfg, name))
+            data[name] = _described(getattr(cfg, name))
     grid = _grid(cfg)
     candidates = _candidates(cfg, config, grid)
     past = past_target(grid, parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.sparsest))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.data.blocks import Mixture, Split
 from engine.pruning.widths import widths_per_step
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import micro_batch
@@ -10,32 +11,28 @@ from engine.training.stage import Stage, TrainConfig
 
 
 class BatchOrder:
-    """Global sample i of the stream is block perm_e[i % n] with perm_e a seeded permutation per epoch, so a
-    step's batch depends on the step alone (resume needs no data-loader state). Process r, micro-batch a
-    takes its own slice of the global batch, so any process count sees the same global batches."""
+    """Global sample i of the stream is the training Mixture's sample i (a function of the seed), so a step's batch
+    depends on the step alone (resume needs no data-loader state). Process r, micro-batch a takes its own slice of
+    the global batch, so any process count sees the same global batches, and reads only its own blocks."""
 
-    def __init__(self, blocks: torch.Tensor, seed: int):
-        self.blocks, self.seed, self._perms = blocks, seed, {}
+    def __init__(self, train: Mixture):
+        self.train = train
 
-    def _index(self, i: int) -> int:
-        epoch, position = divmod(i, len(self.blocks))
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(len(self.blocks),
-                                                 generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._perms[epoch][position])
-
-    def batch(self, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
+    def batch(self, step: int, micro: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids [micro_batch, seq_len], loss mask or None)."""
         size = micro_batch(cfg)
         start = step * cfg.batch_size + (micro * dist.world_size() + dist.rank()) * size
-        return self.blocks[[self._index(i) for i in range(start, start + size)]]
+        return self.train.take(range(start, start + size))
 
 
-def dev_batches(dev: torch.Tensor, cfg: TrainConfig) -> list:
-    """This process's share of the dev blocks (every process gets as many batches: ZeRO-3 forwards are
-    collective)."""
+def dev_batches(dev: Split, cfg: TrainConfig) -> list:
+    """This process's share of the dev blocks, (ids, loss mask or None) per batch (every process gets as many
+    batches: ZeRO-3 forwards are collective)."""
     usable = len(dev) - len(dev) % dist.world_size()
-    mine = dev[:usable][dist.rank()::dist.world_size()]
-    return [(ids.to(dist.device()), None) for ids in mine.split(micro_batch(cfg))]
+    mine = Split(dev.ids[:usable][dist.rank()::dist.world_size()],
+                 None if dev.mask is None else dev.mask[:usable][dist.rank()::dist.world_size()])
+    return [(ids.to(dist.device()), None if mask is None else mask.to(dist.device()))
+            for ids, mask in mine.batches(micro_batch(cfg))]
 
 
 def widths_at(stage: Stage, cfg: TrainConfig, step: int) -> list[int]:

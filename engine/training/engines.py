@@ -32,8 +32,8 @@ class Distiller(nn.Module):
     def lm(self):
         return self.student.model if isinstance(self.student, Supernet) else self.student
 
-    def forward(self, input_ids, attention_mask, teacher_out, objective: Objective):
-        return width_loss(self.lm, teacher_out, input_ids, attention_mask, objective)
+    def forward(self, input_ids, loss_mask, teacher_out, objective: Objective):
+        return width_loss(self.lm, teacher_out, input_ids, loss_mask, objective)
 
 
 def _load_model(directory: Path, ds_config: dict):

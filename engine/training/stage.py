@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from engine.distillation.loss import Objective
 from engine.errors import UserError
 from engine.pruning.widths import PERMILLE, Width
+
+if TYPE_CHECKING:
+    from engine.data.blocks import Mixture, Split
 
 
 class Diverged(UserError):
@@ -21,11 +22,12 @@ class Diverged(UserError):
 
 @dataclass
 class Data:
-    """Token blocks [n, seq_len]: the training stream, the dev split (selects) and the test split (reports)."""
+    """The training stream (`engine.data.Mixture`), the dev split (selects) and the test split (reports)
+    (`engine.data.Split`s: blocks [n, seq_len] and their loss masks)."""
 
-    train: torch.Tensor
-    dev: torch.Tensor
-    test: torch.Tensor | None = None
+    train: Mixture
+    dev: Split
+    test: Split | None = None
 
 
 @dataclass(frozen=True)

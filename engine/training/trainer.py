@@ -84,15 +84,15 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
         if backwards < accum * len(widths):  # the boundary's step waits for the check below
             engine.step()
 
-    for ids in micro_batches:
-        ids = ids.to(device)
+    for ids, mask in micro_batches:
+        ids, mask = ids.to(device), None if mask is None else mask.to(device)
         with timer("teacher forwards"):
             t_out = teacher_outputs(teacher.module, ids)
         # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
-            metrics = sandwich_step(lambda: engine(ids, None, t_out, objective), select, widths, backward)
+            metrics = sandwich_step(lambda: engine(ids, mask, t_out, objective), select, widths, backward)
         step_losses += torch.stack([torch.stack([metrics[w][part].float() for part in PARTS]) for w in widths]) / accum
     flags = torch.stack([(~torch.isfinite(step_losses[:, 0])).any().float(),
                          torch.tensor(float(faults.signal_received()), device=device)])
@@ -147,7 +147,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
         state.seconds = round(before + time.perf_counter() - started, 2)
         with timer("checkpoints"):
             save_checkpoint(engine, checkpoints, state)
-    order = BatchOrder(data.train, cfg.seed)
+    order = BatchOrder(data.train)
     dev = dev_batches(data.dev, cfg)
     log.info("stage %s: %s -> %s, widths %s, %d steps from step %d", stage.name, short_path(stage.teacher_dir),
              short_path(stage.student_dir), ", ".join(format_sparsity(w) for w in stage.widths), cfg.max_steps,

@@ -32,7 +32,7 @@ def test_objective_terms_match_their_definitions(setup):
     teacher, supernet, ids, mask = setup
     supernet.set_sparsity(500)
     objective = Objective(kind="forward_kl", temperature=2.0, ce_weight=0.3)
-    losses = width_loss(supernet.model, teacher_outputs(teacher, ids, mask), ids, mask, objective)
+    losses = width_loss(supernet.model, teacher_outputs(teacher, ids), ids, mask, objective)
     s_out = supernet.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     t_out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     next_keep = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -55,7 +55,7 @@ def test_objective_terms_match_their_definitions(setup):
 def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup):
     teacher, supernet, ids, mask = setup
     widths = [500, 700, 900]
-    t_out = teacher_outputs(teacher, ids, mask)
+    t_out = teacher_outputs(teacher, ids)
     supernet.zero_grad()
     sandwich_step(lambda: width_loss(supernet.model, t_out, ids, mask), supernet.set_sparsity, widths)
     sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}

@@ -10,6 +10,7 @@ import torch
 
 import engine
 from engine.config import RunConfig
+from engine.data import Mixture, Split
 from engine.training import distributed as dist
 from engine.training.memory import live_tensor_bytes
 from engine.training.stage import Data, Stage, TrainConfig
@@ -26,7 +27,7 @@ fp32 = Path(__file__).parents[2] / "ds_configs" / "zero3_train_fp32.json"
 cfg = RunConfig(teacher=str(pruned), data="-", out="-", max_steps=2, eval_every=1, batch_size=2, seq_len=16,
                 deepspeed=str(fp32))
 blocks = torch.randint(3, 500, (16, 16), generator=torch.Generator().manual_seed(0))
-data = Data(blocks[:8], blocks[8:12], blocks[12:])
+data = Data(Mixture.of(blocks[:8], seed=0), Split(blocks[8:12], None), Split(blocks[12:], None))
 plan = engine.PruningPlan.load(pruned)
 
 

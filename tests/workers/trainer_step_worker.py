@@ -12,6 +12,7 @@ import torch
 
 import engine
 from engine.config import RunConfig
+from engine.data import Mixture
 from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
 from engine.training import distributed as dist
@@ -52,7 +53,7 @@ initial = {n: p.detach().clone() for n, p in named}
 stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
 teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), len(widths))
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
-order = BatchOrder(blocks, seed=0)
+order = BatchOrder(Mixture.of(blocks, seed=0))
 collectives = []  # all_sum calls per step: the losses, the finite check and the requeue flag travel together
 all_sum = dist.all_sum
 dist.all_sum = lambda tensor: collectives.append(tensor.numel()) or all_sum(tensor)
@@ -64,7 +65,8 @@ for step in range(2):
     assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
     assert collectives[before:] == [len(widths) * len(PARTS) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
-    batch = torch.cat([blocks[[order._index(i) for i in range(step * 4, step * 4 + 4)]]])
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))  # epoch 0's order of the 8 blocks
+    batch = blocks[perm[step * 4: step * 4 + 4]]
     optimizer.zero_grad()
     t_out = teacher_outputs(teacher_ref, batch)
     for s in widths:

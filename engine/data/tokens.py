@@ -1,0 +1,162 @@
+"""Token files: a source tokenised once, with `datasets` (batched, in --data-workers processes), into a memory-mapped
+array on disk, reused by --resume and by every later run on the same files, field and tokenizer.
+
+A token file is a folder TOKEN_CACHE/NAME-KEY/ holding
+  tokens.bin    the documents' tokens one after another: uint16 when the vocabulary fits, else uint32
+  offsets.npy   int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+  mask.bin      chat sources only, uint8 per token: 1 where the token is the assistant's
+  meta.json     what it was made from
+It is built aside and renamed into place, so it is complete or absent. The documents come in the source's fixed
+hold-out order (`holdout_order`): held-out dev and test are its first documents, training a contiguous rest.
+KEY hashes the files (path, size, modification time), the field and the tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.chat import chat_tokens, check_chat_template
+from engine.data.sources import holdout_order, load_records, resolve
+from engine.outputs import cache_dir, remove_stale
+
+log = logging.getLogger(__name__)
+VERSION = 1
+SMALL = 10_000  # records: below this, one process tokenises faster than starting workers
+
+
+class TokenFile:
+    """A token file opened read-only and memory-mapped: reading a block touches that block's pages only."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
+        n = int(self.offsets[-1])
+        self.tokens = self._map("tokens.bin", self.meta["dtype"], n)
+        self.mask = self._map("mask.bin", "uint8", n) if self.chat else None
+
+    def _map(self, name: str, dtype: str, n: int):
+        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+
+    @property
+    def chat(self) -> bool:
+        return self.meta["chat"]
+
+    @property
+    def key(self) -> str:
+        return self.folder.name
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def token_cache(configured: str | None = None) -> Path:
+    """--token-cache, else MINIDISC_CACHE/tokens (default ~/.cache/minidisc/tokens)."""
+    return Path(configured) if configured else cache_dir() / "tokens"
+
+
+def token_file(path: str, text_field: str, tokenizer, root: Path, workers: int = 0) -> TokenFile:
+    """The token file of a source, built on first use (by one process: callers hold `dist.main_first`)."""
+    folder = Path(root) / token_key(path, text_field, tokenizer)
+    if not (folder / "meta.json").is_file():
+        _build(folder, path, text_field, tokenizer, workers)
+    return TokenFile(folder)
+
+
+def token_key(path: str, text_field: str, tokenizer) -> str:
+    """NAME-KEY of a source's token file: readable, and a hash of what its tokens depend on."""
+    from datasets.fingerprint import Hasher
+
+    _, files = resolve(path)
+    if Path(files[0]).is_dir():  # a save_to_disk folder
+        files = sorted(str(f) for f in Path(files[0]).rglob("*") if f.is_file())
+    stats = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    what = {"version": VERSION, "files": stats, "field": text_field, "tokenizer": Hasher.hash(tokenizer)}
+    digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path.split("*")[0].rstrip("/") or "data").name)[:48] or "data"
+    return f"{name}-{digest}"
+
+
+def _build(folder: Path, path: str, text_field: str, tokenizer, workers: int) -> None:
+    records, field, chat = load_records(path, text_field)
+    if chat:
+        check_chat_template(tokenizer, f"data {path}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(folder)
+    processes = workers or (min(os.cpu_count() or 1, 8) if len(records) >= SMALL else 1)
+    if processes > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one tokeniser
+    log.info("tokenising %s (%d records, %s, %d process%s) into %s", path, len(records), "chat" if chat else "text",
+             processes, "es" if processes > 1 else "", folder)
+    started = time.perf_counter()
+    records = records.select(holdout_order(len(records)))
+    mapped_dir = folder.parent / f".{folder.name}.map"  # datasets' cache of the map: a killed build resumes from it
+    mapped = records.map(partial(_encode_chat if chat else _encode_text, tokenizer, field), batched=True,
+                         num_proc=processes, remove_columns=records.column_names, features=_features(chat),
+                         cache_file_name=str(mapped_dir / "tokens.arrow"))
+    scratch = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        dtype = "uint16" if len(tokenizer) <= 2 ** 16 else "uint32"
+        n_tokens = _write(mapped, scratch, dtype, chat)
+        meta = {"version": VERSION, "source": path, "field": field, "chat": chat, "dtype": dtype,
+                "documents": len(mapped), "tokens": n_tokens, "tokenizer": tokenizer.name_or_path}
+        (scratch / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        del mapped
+        try:
+            scratch.rename(folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # else another run built the same file first
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(mapped_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info("tokenised %s: %s tokens in %d documents, %.0f s (%.0f tokens/s)", path, f"{n_tokens:,}", len(records),
+             seconds, n_tokens / max(seconds, 1e-9))
+
+
+def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
+    """Stream the map's arrow output into tokens.bin (and mask.bin), chunk by chunk; returns the token count."""
+    import pyarrow.compute as pc
+
+    lengths = []
+    with open(folder / "tokens.bin", "wb") as tokens, \
+            (open(folder / "mask.bin", "wb") if chat else nullcontext()) as mask:
+        for table in mapped.with_format("arrow").iter(batch_size=10_000):
+            ids = table.column("input_ids")
+            lengths.append(pc.list_value_length(ids).to_numpy(zero_copy_only=False))
+            tokens.write(pc.list_flatten(ids).to_numpy().astype(dtype).tobytes())
+            if chat:
+                mask.write(pc.list_flatten(table.column("mask")).to_numpy().astype("uint8").tobytes())
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths), dtype=np.int64)]) if lengths else np.zeros(1)
+    np.save(folder / "offsets.npy", offsets.astype(np.int64))
+    return int(offsets[-1])
+
+
+def _features(chat: bool):
+    import datasets
+
+    columns = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
+    return datasets.Features({**columns, "mask": datasets.Sequence(datasets.Value("int8"))} if chat else columns)
+
+
+def _encode_text(tokenizer, field: str, batch: dict) -> dict:
+    texts = [t if t and t.strip() else "" for t in batch[field]]
+    ids = tokenizer(texts)["input_ids"]
+    return {"input_ids": [i if t else [] for i, t in zip(ids, texts)]}
+
+
+def _encode_chat(tokenizer, field: str, batch: dict) -> dict:
+    pairs = [chat_tokens(tokenizer, messages) if messages else ([], []) for messages in batch[field]]
+    return {"input_ids": [ids for ids, _ in pairs], "mask": [mask for _, mask in pairs]}
