@@ -1,8 +1,10 @@
 """Tiny LLaMA (MHA and GQA) and OPT teachers built from configs, a SentencePiece tokenizer and text data."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # token files (and anything else minidisc caches) go to a folder of this session, not the user's ~/.cache
-os.environ.setdefault("MINIDISC_CACHE", tempfile.mkdtemp(prefix="minidisc-test-cache-"))
+if "MINIDISC_CACHE" not in os.environ:
+    os.environ["MINIDISC_CACHE"] = tempfile.mkdtemp(prefix="minidisc-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MINIDISC_CACHE"], ignore_errors=True)
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -86,6 +86,26 @@ def minidisc(*args, timeout=600, check=True, env=None) -> subprocess.CompletedPr
     return result
 
 
+def held_out_blocks(out: Path, cache: Path | None = None) -> dict[str, torch.Tensor]:
+    """The dev and test blocks of a run (text sources), read from its work/data.json and token files directly:
+    each part's documents concatenated and cut into --seq-len blocks."""
+    import numpy as np
+
+    described = json.loads((Path(out) / "work" / "data.json").read_text())
+    root = Path(cache or os.environ["MINIDISC_CACHE"]) / "tokens"
+    size, splits = described["seq_len"], {}
+    for name in ("dev", "test"):
+        blocks = []
+        for part in described[name]:
+            folder = root / part["key"]
+            offsets = np.load(folder / "offsets.npy")
+            dtype = json.loads((folder / "meta.json").read_text())["dtype"]
+            tokens = np.fromfile(folder / "tokens.bin", dtype=dtype)[offsets[part["first"]]: offsets[part["end"]]]
+            blocks += [tokens[i * size: (i + 1) * size] for i in range(part["blocks"])]
+        splits[name] = torch.tensor(np.stack(blocks).astype(np.int64))
+    return splits
+
+
 @torch.no_grad()
 def accuracy_on(model_dir: Path, blocks: torch.Tensor) -> float:
     """Next-token accuracy of a saved checkpoint on token blocks, computed independently of the engine."""

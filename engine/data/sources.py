@@ -32,7 +32,8 @@ def parse_sources(spec) -> list[Source]:
     """--data as given: a path, or a list of paths, compact `PATH@WEIGHT` / `PATH@WEIGHT@FIELD` strings and (recipes)
     mappings {path, weight, text_field}."""
     items = spec if isinstance(spec, (list, tuple)) else [spec]
-    sources = [_mapping(item) if isinstance(item, dict) else _compact(str(item)) for item in items]
+    sources = [item if isinstance(item, Source) else _mapping(item) if isinstance(item, dict) else _compact(str(item))
+               for item in items]
     if not sources:
         raise UserError("--data is empty: give a file, a folder, a glob or several of them")
     for source in sources:
@@ -101,7 +102,8 @@ def resolve(path: str) -> tuple[str, list[str]]:
     formats = {data_format(f) for f in files}
     if None in formats:
         bad = next(f for f in files if data_format(f) is None)
-        raise UserError(f"data file {bad}: unsupported extension '{Path(bad).suffix}'; use one of {sorted(FORMATS)} (optionally .gz)")
+        raise UserError(f"data file {bad}: unsupported extension '{Path(bad).suffix}'; use one of {sorted(FORMATS)} "
+                        "(optionally .gz)")
     if len(formats) > 1:
         raise UserError(f"--data {path} mixes formats ({', '.join(sorted(formats))}): give each as its own source")
     empty = next((f for f in files if Path(f).stat().st_size == 0), None)

@@ -15,6 +15,7 @@ from helpers import (
     accuracy_on,
     assert_same_weights,
     free_port,
+    held_out_blocks,
     kill_chain,
     minidisc,
     minidisc_forked,
@@ -30,7 +31,9 @@ pytestmark = [pytest.mark.slow]
 
 
 # The uninterrupted runs several tests read: the end-to-end checks, the 2-process comparison, the kill matrices.
-COMPRESS_OPTIONS = ("--lam", "0", "--baselines", "kd-matched")  # lam 0: a TA is chosen, so it is exported
+# lam 0 and p = exp(-dev loss): a TA is chosen (a denser width's loss is lower; the tiny run's dev accuracies are
+# too close to order them), so it is exported
+COMPRESS_OPTIONS = ("--lam", "0", "--metric", "exp_loss", "--baselines", "kd-matched")
 TRACKING = ("--log-every", "3", "--report-to", "tensorboard", "csv", "wandb")  # no effect on what is computed
 
 
@@ -63,7 +66,7 @@ def test_compress_end_to_end(compressed):
     for row in rows:
         assert row["tradeoff"] == pytest.approx(tradeoff(row["p"], round(row["sparsity"] * 1000), report["lam"]))
         assert 0 < row["p"] <= 1.5 and 0 < row["accuracy"] < 1
-    assert report["teacher"]["dev_accuracy"] > 0.1  # the trained teacher predicts something
+    assert report["teacher"]["dev_accuracy"] > 0.05  # the trained teacher predicts something (chance: 1/512)
     selected = report["selected_ta"]
     if best["sparsity"] < 0.9:
         assert selected["sparsity"] == best["sparsity"] and (out / "ta" / "config.json").is_file()
@@ -72,7 +75,7 @@ def test_compress_end_to_end(compressed):
     else:
         assert selected is None and not (out / "ta").exists()
     # the student on disk is the model the report describes: on test, and on the dev split that selected it
-    splits = torch.load(out / "work" / "data.pt")
+    splits = held_out_blocks(out)
     student = report["student"]
     assert accuracy_on(out / "student", splits["test"]) == pytest.approx(student["accuracy"], abs=1e-9)
     assert accuracy_on(out / "student", splits["dev"]) == pytest.approx(student["dev_accuracy"], abs=1e-6)
@@ -138,7 +141,7 @@ def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus
     best = max(target_evals, key=lambda p: p["accuracy"])
     student = report["student"]
     assert student["best_step"] == best["step"] and student["dev_accuracy"] == pytest.approx(best["accuracy"])
-    splits = torch.load(out / "work" / "data.pt")
+    splits = held_out_blocks(out)
     assert accuracy_on(out / "student", splits["test"]) == pytest.approx(student["accuracy"], abs=1e-9)
     from transformers import AutoModelForCausalLM
 
@@ -199,7 +202,7 @@ def test_trackers_and_progress_lines_carry_the_reports_numbers(compressed):
     report = json.loads((out / "report.json").read_text())
     assert_tracked_curves(out, tracked_csv)
     assert_tracked_curves(out, tracked_tensorboard)
-    assert tracked_csv(out, "run")["selected_ta"] == {0: report["selected_ta"]["sparsity"]}
+    assert tracked_csv(out, "run")["selected_ta"] == {0: (report["selected_ta"] or {"sparsity": 0.0})["sparsity"]}
     runs = list((out / "tracking" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     logged = runs[0].read_bytes()  # W&B's record log holds each key and its value's JSON as plain bytes

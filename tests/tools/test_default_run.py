@@ -7,8 +7,7 @@ import os
 import subprocess
 
 import pytest
-import torch
-from helpers import MINIDISC, accuracy_on, run_python
+from helpers import MINIDISC, accuracy_on, held_out_blocks, run_python
 
 from engine.tools.demo import VERSION
 from engine.tools.report_format import models_of
@@ -45,7 +44,7 @@ def test_default_run_writes_consistent_artifacts(default_run):
     assert report["selected_ta"] is None or (out / "ta" / "config.json").is_file()
 
     # every student on disk is the model the report describes (re-evaluated independently on test)
-    test = torch.load(out / "work" / "data.pt")["test"]
+    test = held_out_blocks(out, root / "cache")["test"]
     student = report["student"]
     assert accuracy_on(out / "student", test) == pytest.approx(student["accuracy"], abs=1e-9)
     for name, baseline in report["baselines"].items():
