@@ -203,3 +203,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert first.keys() == second.keys(), (a, b)
     for name in first:
         assert torch.equal(first[name], second[name]), (b, name)
+
+
+def tracked_csv(out: Path, stage: str) -> dict[str, dict[int, float]]:
+    """OUT/tracking/STAGE.csv as name -> step -> value, refusing a (step, name) logged twice."""
+    import csv
+
+    values = {}
+    with open(out / "tracking" / f"{stage}.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            by_step = values.setdefault(row["name"], {})
+            assert int(row["step"]) not in by_step, f"{stage}: {row} logged twice"
+            by_step[int(row["step"])] = float(row["value"])
+    return values

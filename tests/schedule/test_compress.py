@@ -2,6 +2,7 @@
 script (the way users run it), with the report checked against the artifacts it describes."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from helpers import (
     options,
     report_numbers,
     run_python,
+    tracked_csv,
 )
 
 from engine.distillation.selection import tradeoff
@@ -149,19 +151,6 @@ def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus
     assert sum(p.numel() for p in model.parameters()) == student["parameters"]
     stage = report["compute"]["student"]
     assert stage["width_tokens"] == len(trained("student")) * stage["tokens"]
-
-
-def tracked_csv(out: Path, stage: str) -> dict[str, dict[int, float]]:
-    """OUT/tracking/STAGE.csv as name -> step -> value, refusing a (step, name) logged twice."""
-    import csv
-
-    values = {}
-    with open(out / "tracking" / f"{stage}.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            by_step = values.setdefault(row["name"], {})
-            assert int(row["step"]) not in by_step, f"{stage}: {row} logged twice"
-            by_step[int(row["step"])] = float(row["value"])
-    return values
 
 
 def tracked_tensorboard(out: Path, stage: str) -> dict[str, dict[int, float]]:
@@ -329,7 +318,17 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     short = tmp_path / "short.txt"  # the built-in lm-eval tasks need more test text: said before any training
     short.write_text("A few words.\n\nAnd a few more.\n")
     short_out = tmp_path / "short-test"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(corpus["jsonl"], shards / "a.jsonl")
+    (shards / "b.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     cases = [
+        (["distill", *base, "--data", shards], "cannot read data file " + str(shards / "b.jsonl")),
+        (["distill", *base, "--data", f"{corpus['jsonl']}@3", f"{chat}@1"], "the tokenizer has no chat template"),
+        (["distill", *base, "--data", f"{corpus['jsonl']}@0"], "weight 0 must be a positive number"),
+        (["distill", *base, "--data", chat, "--text-field", "conversation"], "has no 'conversation' field"),
         (["compress", *base[:1], tmp_path / "missing", *base[2:]], "does not exist"),
         (["compress", *base, "--deepspeed", tmp_path / "none.json"], "DeepSpeed config"),
         (["compress", *options(pruned_dirs["opt"], corpus, tmp_path / "o2"), "--target-sparsity", "0.75"],
