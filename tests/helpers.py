@@ -98,7 +98,7 @@ def held_out_blocks(out: Path, cache: Path | None = None) -> dict[str, torch.Ten
         blocks = []
         for part in described[name]:
             folder = root / part["key"]
-            offsets = np.load(folder / "offsets.npy")
+            offsets = np.fromfile(folder / "offsets.bin", dtype=np.int64)
             dtype = json.loads((folder / "meta.json").read_text())["dtype"]
             tokens = np.fromfile(folder / "tokens.bin", dtype=dtype)[offsets[part["first"]]: offsets[part["end"]]]
             blocks += [tokens[i * size: (i + 1) * size] for i in range(part["blocks"])]

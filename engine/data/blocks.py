@@ -48,15 +48,14 @@ class Blocks:
 
     def truncated(self) -> int:
         """Chat documents longer than seq_len (their ends are cut off); packed text loses nothing."""
-        lengths = np.diff(self.file.offsets[self.first: self.end + 1])
-        return int((lengths > self.seq_len).sum()) if self.chat else 0
+        return int((self._lengths() > self.seq_len).sum()) if self.chat else 0
 
     def padding(self) -> int:
         """Padded positions of chat blocks (compute spent on nothing)."""
-        if not self.chat:
-            return 0
-        lengths = np.diff(self.file.offsets[self.first: self.end + 1])
-        return int(np.maximum(self.seq_len - lengths, 0).sum())
+        return int(np.maximum(self.seq_len - self._lengths(), 0).sum()) if self.chat else 0
+
+    def _lengths(self) -> np.ndarray:
+        return np.diff(self.file.offsets[self.first: self.end + 1])
 
 
 class TensorBlocks:

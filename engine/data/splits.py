@@ -1,14 +1,13 @@
 """A run's data: the training stream, dev and test, read from token files and described in OUT/work/data.json.
 
 Rank 0 tokenises each source once (`token_file`) and writes the description: which documents of which token file
-each split takes. Every rank then maps the token files read-only and reads only the blocks of its own batches.
+each split takes. Every rank then reads only the blocks of its own batches from the token files.
 Dev and test come from their own files, or are the first documents of each --data source in its fixed hold-out
 order, at most a tenth of its documents each, in proportion to the weights; they do not move with --seed or
 --max-steps. Training takes the rest.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 from engine.data.blocks import Blocks, Mixture, Split, token_blocks
 from engine.data.chat import check_chat_template
 from engine.data.sources import Source, holdout_order, load_records
-from engine.data.tokens import TokenFile, token_file, token_key
+from engine.data.tokens import TokenFile, token_file
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,10 @@ def _hold_out(file: TokenFile, cursors: list[int], i: int, need: int, seq_len: i
     if total <= splits:
         raise UserError(f"{file.meta['source']} has {total} record(s): too few to hold out dev and test at record "
                         "boundaries; give --dev-data and --test-data or more records")
-    end = first + need if file.chat else int(np.searchsorted(file.offsets, file.offsets[first] + need * seq_len))
-    end = min(end, first + max(1, total // HOLDOUT_SHARE), total - 1) if need else first
+    cap = min(first + max(1, total // HOLDOUT_SHARE), total - 1)
+    offsets = file.offsets[first: cap + 1]
+    end = first + need if file.chat else first + int(np.searchsorted(offsets, offsets[0] + need * seq_len))
+    end = min(end, cap) if need else first
     cursors[i] = end
     return {"key": file.key, "first": first, "end": end, "blocks": min(need, len(Blocks(file, first, end, seq_len)))}
 
@@ -88,7 +89,7 @@ def _check_split(name: str, parts: list[dict], wanted: int, seq_len: int) -> Non
 
 
 def open_data(described: dict, root: Path, seed: int):
-    """(training Mixture, dev Split, test Split) of a description, token files mapped read-only."""
+    """(training Mixture, dev Split, test Split) of a description, token files opened read-only."""
     files: dict[str, TokenFile] = {}
 
     def blocks(part):
@@ -126,27 +127,16 @@ def _truncated(root: Path, part: dict, seq_len: int) -> int:
     return Blocks(file, part["first"], part["first"] + part["blocks"], seq_len).truncated() if file.chat else 0
 
 
-def held_out_texts(described: dict, root: Path, name: str) -> list[str]:
+def held_out_texts(described: dict, name: str) -> list[str]:
     """The records of a held-out split's text sources, as written (for the built-in lm-eval tasks)."""
     texts = []
+    sources = {s["key"]: s for s in described["sources"]}
     for part in described[name]:
-        meta = TokenFile(root / part["key"]).meta
-        if not meta["chat"]:
-            records, field, _ = load_records(meta["source"], meta["field"])
+        source = sources.get(part["key"])  # None: the split's own file, which is not held out
+        if source and not source["chat"]:
+            records, field, _ = load_records(source["path"], source["field"])
             texts += records.select(holdout_order(len(records))[part["first"]: part["end"]])[field]
     return texts
-
-
-def check_keys(described: dict, sources: list[Source], text_field: str, tokenizer) -> None:
-    """--resume: the sources must still be the files the run was tokenised from."""
-    for saved, source in zip(described["sources"], sources):
-        if token_key(source.path, source.text_field or text_field, tokenizer) != saved["key"]:
-            raise UserError(f"--resume: {source.path} changed since the run started (files, sizes or times); resume "
-                            "on the same data")
-
-
-def read(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def calibration_blocks(sources: list[Source], text_field: str, tokenizer, seq_len: int, n: int, seed: int):

@@ -1,9 +1,9 @@
-"""Token files: a source tokenised once, with `datasets` (batched, in --data-workers processes), into a memory-mapped
-array on disk, reused by --resume and by every later run on the same files, field and tokenizer.
+"""Token files: a source tokenised once, with `datasets` (batched, in --data-workers processes), into an array on
+disk, reused by --resume and by every later run on the same files, field and tokenizer.
 
 A token file is a folder TOKEN_CACHE/NAME-KEY/ holding
   tokens.bin    the documents' tokens one after another: uint16 when the vocabulary fits, else uint32
-  offsets.npy   int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+  offsets.bin   int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
   mask.bin      chat sources only, uint8 per token: 1 where the token is the assistant's
   meta.json     what it was made from
 It is built aside and renamed into place, so it is complete or absent. The documents come in the source's fixed
@@ -28,25 +28,48 @@ import numpy as np
 from engine.data.chat import chat_tokens, check_chat_template
 from engine.data.sources import holdout_order, load_records, resolve
 from engine.outputs import cache_dir, remove_stale
+from engine.training import faults
 
 log = logging.getLogger(__name__)
 VERSION = 1
 SMALL = 10_000  # records: below this, one process tokenises faster than starting workers
 
 
+class FileArray:
+    """A 1-D array in a file, read with pread. Not memory-mapped: reading a mapping at random places maps in up to
+    64 KiB around each read (the kernel's fault-around, even under MADV_RANDOM), so a rank's resident memory would
+    grow towards the whole token file; this way a process holds only what it read."""
+
+    def __init__(self, path, dtype: str):
+        self.fd, self.dtype = os.open(path, os.O_RDONLY), np.dtype(dtype)
+        self.size = os.fstat(self.fd).st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            index = int(key) + (self.size if int(key) < 0 else 0)
+            return self[index: index + 1][0]
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            raise IndexError("FileArray reads contiguous slices only")
+        width = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd, max(stop - start, 0) * width, start * width), self.dtype)
+
+    def __del__(self):
+        os.close(self.fd)
+
+
 class TokenFile:
-    """A token file opened read-only and memory-mapped: reading a block touches that block's pages only."""
+    """A token file opened read-only; reading a block reads that block only (`FileArray`)."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
-        n = int(self.offsets[-1])
-        self.tokens = self._map("tokens.bin", self.meta["dtype"], n)
-        self.mask = self._map("mask.bin", "uint8", n) if self.chat else None
-
-    def _map(self, name: str, dtype: str, n: int):
-        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        self.offsets = FileArray(self.folder / "offsets.bin", "int64")
+        self.tokens = FileArray(self.folder / "tokens.bin", self.meta["dtype"])
+        self.mask = FileArray(self.folder / "mask.bin", "uint8") if self.chat else None
 
     @property
     def chat(self) -> bool:
@@ -109,10 +132,11 @@ def _build(folder: Path, path: str, text_field: str, tokenizer, workers: int) ->
     try:
         dtype = "uint16" if len(tokenizer) <= 2 ** 16 else "uint32"
         n_tokens = _write(mapped, scratch, dtype, chat)
-        meta = {"version": VERSION, "source": path, "field": field, "chat": chat, "dtype": dtype,
+        meta = {"version": VERSION, "source": os.path.abspath(path), "field": field, "chat": chat, "dtype": dtype,
                 "documents": len(mapped), "tokens": n_tokens, "tokenizer": tokenizer.name_or_path}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         del mapped
+        faults.kill_point("data:token-file")
         try:
             scratch.rename(folder)
         except OSError:
@@ -140,7 +164,7 @@ def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
             if chat:
                 mask.write(pc.list_flatten(table.column("mask")).to_numpy().astype("uint8").tobytes())
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths), dtype=np.int64)]) if lengths else np.zeros(1)
-    np.save(folder / "offsets.npy", offsets.astype(np.int64))
+    offsets.astype(np.int64).tofile(folder / "offsets.bin")
     return int(offsets[-1])
 
 

@@ -343,7 +343,7 @@ class Run:
         source = self.cfg.eval_text or self.cfg.test_data
         if source:
             return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field])
-        return held_out_texts(self.described, token_cache(self.cfg.token_cache), "test")
+        return held_out_texts(self.described, "test")
 
     def benchmarks(self, report: dict) -> dict:
         """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""

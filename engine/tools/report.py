@@ -146,6 +146,16 @@ def _compute_table(report: dict) -> list[str]:
     return _table(header, rows) if rows else []
 
 
+def _data_table(report: dict) -> list[str]:
+    sources = (report.get("data") or {}).get("sources") or []
+    rows = [[f"`{_cell(s['path'])}`", fixed(s["weight"], 3), "chat" if s["chat"] else "text", count(s["documents"]),
+             count(s["tokens"]), count(s["train_blocks"]), fixed(s["passes"], 2),
+             str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"] for s in sources]
+    header = ["source", "weight", "kind", "documents", "tokens", "training blocks", "passes", "cut at --seq-len",
+              "padding"]
+    return _table(header, rows) if rows else []
+
+
 def _phase_table(report: dict) -> list[str]:
     phases = report.get("phases") or {}
     if not phases:
@@ -212,6 +222,9 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
     compute = _compute_table(report)
     if compute:
         lines += ["## Compute per stage", "", *compute, ""]
+    data = _data_table(report)
+    if data:
+        lines += ["## Data", "", *data, ""]
     benchmarks = _benchmarks(report)
     if benchmarks:
         lines += ["## Benchmarks", "", *benchmarks]

@@ -55,6 +55,8 @@ def test_a_mixture_with_chat_data_resumes_to_the_same_student(mixture, tmp_path)
     text, chat = report["data"]["sources"]
     assert (text["chat"], chat["chat"], text["weight"], chat["weight"]) == (False, True, 3, 1)
     assert chat["field"] == "messages" and chat["truncated"] > 0 and 0 < chat["padding"] < 1
+    markdown = (tmp_path / "api" / "report.md").read_text()
+    assert "## Data" in markdown and f"| chat | {chat['documents']} |" in markdown
     # the test tokens counted: every next token of a text block, the assistant's of a chat block
     described = json.loads((tmp_path / "api" / "work" / "data.json").read_text())
     assert report["student"]["test_tokens"] == counted_tokens(described, "test")
@@ -93,7 +95,8 @@ def counted_tokens(described: dict, split: str) -> int:
         if not json.loads((folder / "meta.json").read_text())["chat"]:
             total += part["blocks"] * (size - 1)
             continue
-        offsets, mask = np.load(folder / "offsets.npy"), np.fromfile(folder / "mask.bin", dtype=np.uint8)
+        offsets = np.fromfile(folder / "offsets.bin", dtype=np.int64)
+        mask = np.fromfile(folder / "mask.bin", dtype=np.uint8)
         for d in range(part["first"], part["first"] + part["blocks"]):
             total += int(mask[offsets[d] + 1: min(offsets[d + 1], offsets[d] + size)].sum())
     return total

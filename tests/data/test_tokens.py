@@ -136,7 +136,7 @@ def test_held_out_splits_are_the_first_whole_documents(tmp_path, corpus, tokeniz
         assert len(blocks_of(docs[:-1], 32)) < n <= len(blocks_of(docs, 32))  # not one document more
     assert len(mixture) == (file.offsets[-1] - file.offsets[train["first"]]) // 32
     order = fixed_order(len(texts))
-    assert held_out_texts(described, tmp_path, "test") == [texts[i] for i in order[test["first"]: test["end"]]]
+    assert held_out_texts(described, "test") == [texts[i] for i in order[test["first"]: test["end"]]]
     alone = describe([Source(str(corpus["jsonl"]))], {"dev": (None, 8), "test": (str(corpus["dev"]), 4)}, "text",
                      tokenizer, 32, tmp_path)
     assert alone["dev"] == described["dev"]  # --test-data given: dev is unchanged

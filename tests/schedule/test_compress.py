@@ -209,7 +209,8 @@ def test_trackers_and_progress_lines_carry_the_reports_numbers(compressed):
 # names are `faults.kill_point`'s: `write:PARENT/NAME` inside an atomic output's write, before its rename).
 COMPRESS_KILLS = [
     "write:work/pruned",  # pruning: the reordered teacher written aside
-    "data:tokenised",  # tokenising: the token file written aside
+    "data:token-file",  # tokenising: a source's token file written aside, not renamed into place
+    "data:tokenised",  # tokenising: the run's data.json written aside
     "write:sandwich/best",  # sandwich, first evaluation: its best snapshot written aside, no checkpoint yet
     "sandwich:step@6",  # sandwich, between checkpoints (steps 5-6 are lost)
     "sandwich:trained",  # sandwich trained and checkpointed, its result not written
@@ -252,13 +253,16 @@ def test_a_kill_at_every_phase_of_compress_resumes_to_the_same_run(compressed, t
     whole, _ = compressed
     assert json.loads((whole / "report.json").read_text())["selected_ta"], "the reference run must export a TA"
     killed = tmp_path / "killed"
-    args = options(trained_teacher, corpus, killed, *COMPRESS_OPTIONS, "--report-to", "tensorboard", "csv")
+    tokens = tmp_path / "tokens"  # a token cache of its own, so that the chain builds the token files
+    args = options(trained_teacher, corpus, killed, *COMPRESS_OPTIONS, "--report-to", "tensorboard", "csv",
+                   "--token-cache", tokens)
     first = minidisc("compress", *args, check=False, env={faults.KILL_AT: COMPRESS_KILLS[0]})  # the console script
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     refused = minidisc("compress", *args, check=False)  # a killed run is continued only when asked to
     assert refused.returncode == 2 and "--resume" in refused.stderr
     runs = kill_chain("compress", [*args, "--resume"], COMPRESS_KILLS[1:], tmp_path / "logs")
     assert_killed_and_resumed_identically(runs, COMPRESS_KILLS[1:], whole, killed)
+    assert sorted(p.name.split("-")[0] for p in tokens.iterdir()) == ["dev.txt", "train.txt"]  # no scratch left
     assert_tracked_curves(killed, tracked_csv)  # the steps a kill made the run redo are tracked once
     assert_tracked_curves(killed, tracked_tensorboard)
 
