@@ -178,9 +178,10 @@ def _is_chat(ds, field: str, path: str) -> bool:
     return True
 
 
-def holdout_order(n: int) -> list[int]:
-    """The fixed order of a source's records (HOLDOUT_SEED): held-out splits take its start, training the rest."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+def holdout_order(n: int):
+    """The fixed order of a source's records (HOLDOUT_SEED): held-out splits take its start, training the rest.
+    A numpy array (`Dataset.select` takes it without a Python list of millions of ints)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED)).numpy()
 
 
 def load_text_dataset(path, text_field: str = "text"):
