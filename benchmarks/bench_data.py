@@ -29,14 +29,6 @@ from results_csv import append_rows
 SHARD_WORDS = 5_000_000
 
 
-def rss_mb(field: str = "VmRSS") -> float:
-    """This process's resident memory (VmRSS) or its peak (VmHWM; unlike ru_maxrss, not inherited across fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def write_corpus(folder: Path, words: int, vocabulary: list[str], seed: int) -> None:
     """jsonl shards of documents of 20-400 random words (a fixed seed: the same corpus every time)."""
     import numpy as np
@@ -58,7 +50,6 @@ def write_corpus(folder: Path, words: int, vocabulary: list[str], seed: int) -> 
 
 def worker(args) -> None:
     """One rank of the data path of a run (see the module docstring)."""
-    before = rss_mb()
     from transformers import AutoTokenizer
 
     from engine.config import RunConfig
@@ -66,10 +57,14 @@ def worker(args) -> None:
     from engine.data.splits import describe, open_data
     from engine.training import distributed as dist
     from engine.training.batches import BatchOrder
+    from engine.training.memory import status_kb
     from engine.training.stage import TrainConfig
 
+    def mb(field: str = "VmRSS") -> float:  # VmHWM, unlike ru_maxrss, is not inherited across fork
+        return round(status_kb(field) / 1024, 1)
+
     dist.init()
-    imported = rss_mb()
+    imported = mb()
     root = Path(args.cache)
     with dist.main_first("describing the data") as main:
         if main:
@@ -82,10 +77,8 @@ def worker(args) -> None:
     for step in range(args.steps):
         ids, _ = order.batch(step, 0, cfg)
         tokens += ids.numel()
-    peak = rss_mb("VmHWM")
-    result = {"rank": dist.rank(), "start_mb": round(before, 1), "imported_mb": round(imported, 1),
-              "end_mb": round(rss_mb(), 1), "end_anon_mb": round(rss_mb("RssAnon"), 1),
-              "end_file_mb": round(rss_mb("RssFile"), 1), "peak_mb": round(peak, 1), "tokens_read": tokens,
+    result = {"rank": dist.rank(), "imported_mb": imported, "end_mb": mb(), "end_anon_mb": mb("RssAnon"),
+              "end_file_mb": mb("RssFile"), "peak_mb": mb("VmHWM"), "tokens_read": tokens,
               "train_blocks": len(train)}
     Path(args.out).with_suffix(f".rank{dist.rank()}.json").write_text(json.dumps(result))
 

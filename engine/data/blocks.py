@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine.data.tokens import TokenFile
+from engine.errors import UserError
 
 PAD = 0  # a token id every vocabulary has; padded positions are never attended to by real tokens nor counted
 
@@ -83,8 +84,8 @@ class TensorBlocks:
 class Split:
     """A held-out split in memory: ids [n, seq_len] and the loss mask (None: every token counts)."""
 
-    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None):
-        self.ids, self.mask = ids, mask
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, truncated: int = 0):
+        self.ids, self.mask, self.truncated = ids, mask, truncated  # truncated: chat records cut at seq_len
 
     @classmethod
     def of(cls, parts: list[tuple[Blocks, int]]) -> "Split":
@@ -92,7 +93,8 @@ class Split:
         taken = [blocks.take(range(n)) for blocks, n in parts if n]
         ids = torch.from_numpy(np.concatenate([i for i, _ in taken]))
         mask = torch.from_numpy(np.concatenate([m for _, m in taken]))
-        return cls(ids, None if bool(mask.all()) and not any(b.chat for b, _ in parts) else mask)
+        truncated = sum(Blocks(b.file, b.first, b.first + n, b.seq_len).truncated() for b, n in parts if b.chat)
+        return cls(ids, mask if any(b.chat for b, _ in parts) else None, truncated)  # text counts every token
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -157,8 +159,6 @@ def token_blocks(ds, tokenizer, seq_len: int, max_blocks: int | None = None, see
                  text_field: str = "text", chunk: int = 256) -> torch.Tensor:
     """Blocks [n, seq_len] packed from the (shuffled, if `seed`) records, tokenised lazily: only what `max_blocks`
     needs (pruning's calibration, the built-in teacher's pretraining)."""
-    from engine.errors import UserError
-
     if seed is not None:
         ds = ds.shuffle(seed=seed)
     buffer: list[int] = []

@@ -105,7 +105,7 @@ def open_data(described: dict, root: Path, seed: int):
     return train, dev, test
 
 
-def summary(described: dict, root: Path, train: Mixture, steps_blocks: int) -> dict:
+def summary(described: dict, train: Mixture, dev: Split, test: Split, steps_blocks: int) -> dict:
     """What the report says of the data: each source's size, training blocks and passes over them, and the chat
     records cut at --seq-len and padding."""
     rows = []
@@ -118,13 +118,7 @@ def summary(described: dict, root: Path, train: Mixture, steps_blocks: int) -> d
             log.info("%s yields %d training blocks of %d tokens, fewer than its share of the run (%d): training "
                      "repeats them (%.1f passes)", source["path"], len(part), part.seq_len,
                      round(steps_blocks * share), passes)
-    return {"sources": rows, **{f"{name}_truncated": sum(_truncated(root, p, described["seq_len"])
-                                                         for p in described[name]) for name in ("dev", "test")}}
-
-
-def _truncated(root: Path, part: dict, seq_len: int) -> int:
-    file = TokenFile(root / part["key"])
-    return Blocks(file, part["first"], part["first"] + part["blocks"], seq_len).truncated() if file.chat else 0
+    return {"sources": rows, "dev_truncated": dev.truncated, "test_truncated": test.truncated}
 
 
 def held_out_texts(described: dict, name: str) -> list[str]:

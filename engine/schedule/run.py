@@ -125,9 +125,10 @@ class Run:
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(TrainConfig.of(cfg), widths_per_step=1)  # readable, and compatible with --optimizer
         sources = [(s.path, s.text_field or cfg.text_field) for s in cfg.sources()]
-        for path, field in sources + [(p, cfg.text_field) for p in (cfg.dev_data, cfg.test_data) if p]:
-            if load_records(path, field)[2]:
-                check_chat_template(load_tokenizer(cfg.teacher), f"data {path}")
+        chat = [path for path, field in sources + [(p, cfg.text_field) for p in (cfg.dev_data, cfg.test_data) if p]
+                if load_records(path, field)[2]]
+        if chat:
+            check_chat_template(load_tokenizer(cfg.teacher), f"data {chat[0]}")
         check_trackers(cfg.report_to or [])
         if cfg.eval_tasks:
             check_tasks(cfg.eval_tasks, cfg.eval_include)
@@ -154,7 +155,7 @@ class Run:
 
     def _data(self) -> Data:
         """Rank 0 tokenises each source once into a token file and writes work/data.json: which documents each split
-        takes (`engine.data.splits`). Every rank maps the token files and reads its own batches; a resumed run
+        takes (`engine.data.splits`). Every rank reads its own batches from the token files; a resumed run
         finds the same description, or is refused if the data changed."""
         cfg, path = self.cfg, self.work / "data.json"
         root = token_cache(cfg.token_cache)
@@ -179,7 +180,7 @@ class Run:
         log.info("data: %d train, %d dev, %d test blocks of %d tokens", len(data.train), len(data.dev),
                  len(data.test), cfg.seq_len)
         steps = max(cfg.max_steps, self.sandwich_steps if self.command == "compress" else 0)
-        self.data_sources = summary(self.described, root, data.train, steps * cfg.batch_size)
+        self.data_sources = summary(self.described, data.train, data.dev, data.test, steps * cfg.batch_size)
         self.phases["data"] = round(time.perf_counter() - started, 2)
         return data
 

@@ -19,7 +19,8 @@ def _cuda() -> bool:
     return dist.device().type == "cuda"
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, RssAnon, RssFile, ...), None where unreadable."""
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
@@ -45,7 +46,7 @@ def usage() -> dict:
     if _cuda():
         return {"kind": "cuda allocated", "live_mb": round(torch.cuda.memory_allocated() / MB, 1),
                 "peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
-    live, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    live, peak = status_kb("VmRSS"), status_kb("VmHWM")
     return {"kind": "cpu resident", "live_mb": None if live is None else round(live / 1024, 1),
             "peak_mb": None if peak is None else round(peak / 1024, 1)}
 
