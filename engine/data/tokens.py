@@ -36,9 +36,9 @@ SMALL = 10_000  # records: below this, one process tokenises faster than startin
 
 
 class FileArray:
-    """A 1-D array in a file, read with pread. Not memory-mapped: reading a mapping at random places maps in up to
-    64 KiB around each read (the kernel's fault-around, even under MADV_RANDOM), so a rank's resident memory would
-    grow towards the whole token file; this way a process holds only what it read."""
+    """A 1-D array in a file, read with pread. Not memory-mapped: reading a mapping at random places also maps in the
+    pages around each read (the kernel's fault-around, even under MADV_RANDOM), so a rank's resident memory grew
+    towards the whole token file (bench_data.py); this way a process holds only what it read."""
 
     def __init__(self, path, dtype: str):
         self.fd, self.dtype = os.open(path, os.O_RDONLY), np.dtype(dtype)
