@@ -1,8 +1,10 @@
 """ZeRO-3 communication of one sandwich training step as a function of K, the widths trained per step.
 
 Runs the engine's own step, engine.training.trainer.train_step on engines from build_engines (a ZeRO-3 teacher
-and the supernet student, gradient_accumulation_steps = K), under the `deepspeed` launcher with 2 CPU processes
-(gloo), for K = 1, 2, 4, 6: the widths are the first K of the pruning grid (0, 100, 200, ... per mille).
+and the supernet student), under the `deepspeed` launcher with 2 CPU processes (gloo), for K = 1, 2, 4, 6: the
+widths are the first K of the pruning grid (0, 100, 200, ... per mille). The step runs the widths as the product
+does (--stack-widths: all K in one forward and one backward) or, with --no-stack-widths, one after another (a
+forward and a backward each, gradient_accumulation_steps = K).
 Each K builds fresh engines, runs one warm-up step, then --steps measured steps.
 
 How it counts: DeepSpeed's comms logger ("comms_logger", prof_all, added to a copy of the DeepSpeed config).
@@ -19,6 +21,7 @@ partitioned, i.e. non-persistent, parameters). Times include the logger's (small
     python benchmarks/bench_sandwich_comm.py                    # prune a small LLaMA in a temp dir, K = 1 2 4 6
     python benchmarks/bench_sandwich_comm.py --ks 1 2 --steps 2 --no-csv
     python benchmarks/bench_sandwich_comm.py --zero stage3_max_reuse_distance=0 stage3_prefetch_bucket_size=0
+    python benchmarks/bench_sandwich_comm.py --no-stack-widths  # the widths one after another
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def worker(args) -> None:
     ds_path = Path(args.out).with_name(f"ds_rank{dist.rank()}.json")
     ds_path.write_text(json.dumps(ds))
     cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=1000, warmup_ratio=0.0,
-                    batch_size=args.batch, deepspeed=str(ds_path))
+                    batch_size=args.batch, deepspeed=str(ds_path), stack_widths=args.stack_widths)
     plan = engine.PruningPlan.load(args.pruned)
     objective = Objective.of(cfg)
     blocks = torch.randint(3, MODEL["vocab_size"], (64, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -121,10 +124,11 @@ def worker(args) -> None:
     for k in args.ks:
         widths = list(plan.grid[:k])
         stage = Stage(f"k{k}", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
-        teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), k)
+        backwards = 1 if cfg.stack_widths else k
+        teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
         for label in ("forward", "backward", "step"):  # ds_engine(...) calls the instance's forward
             setattr(ds_engine, label, marked(label, getattr(ds_engine, label)))
-        select = lambda s, net=distiller.student: net.set_width(plan.width(s))  # noqa: E731
+        select = lambda group, net=distiller.student: net.stack([plan.width(s) for s in group])  # noqa: E731
         # One full gather of a model: every partitioned (non-persistent) parameter, padded shard x world.
         gatherable = lambda m: sum(p.ds_tensor.ds_numel * world * p.ds_tensor.element_size()  # noqa: E731
                                    for p in m.parameters() if not p.ds_persist)
@@ -133,7 +137,8 @@ def worker(args) -> None:
             comms_logger.reset_data()
             phases.clear()
             started = time.perf_counter()
-            outcome = trainer.train_step(teacher, ds_engine, select, [order.batch(step, 0, cfg)], widths, objective)
+            outcome = trainer.train_step(teacher, ds_engine, select, [order.batch(step, 0, cfg)], widths, objective,
+                                         stack=cfg.stack_widths)
             seconds = time.perf_counter() - started
             assert outcome.finite, outcome
             steps.append({"s": seconds, **counters(world), **{f"{lb}_{key}": v for (lb, key), v in phases.items()}})
@@ -164,6 +169,9 @@ def main() -> None:
     parser.add_argument("--ds-config", default=str(REPO / "ds_configs" / "zero3_train_fp32.json"))
     parser.add_argument("--zero", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override zero_optimization keys of --ds-config (VALUE is JSON)")
+    parser.add_argument("--stack-widths", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the K widths stacked in one forward and backward (the product's default), or one "
+                        "after another")
     parser.add_argument("--pruned", help="an existing `minidisc prune` output (default: build one in a temp dir)")
     parser.add_argument("--no-csv", action="store_true", help="print only, append nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the launch below
@@ -184,6 +192,7 @@ def main() -> None:
         cmd = [launcher, "--num_gpus", "2", "--master_port", port, __file__, "--worker",
                "--pruned", pruned, "--out", out, "--steps", args.steps, "--batch", args.batch,
                "--seq-len", args.seq_len, "--ds-config", args.ds_config, "--ks", *args.ks,
+               "--stack-widths" if args.stack_widths else "--no-stack-widths",
                *(["--zero", *args.zero] if args.zero else [])]
         run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -194,14 +203,17 @@ def main() -> None:
     rows, base = report["rows"], report["rows"][0]
     mb = 2**20
     config = Path(args.ds_config).name + "".join(f" {z}" for z in args.zero)
-    print(f"2 processes (gloo, CPU), {config}, LLaMA {MODEL}, batch {args.batch} x seq {args.seq_len}; per step, "
-          f"mean of {args.steps} steps after 1 warm-up (time: median); MB = full tensors moved (all-gather outputs, "
-          f"reduce-scatter inputs); student fwd/bwd/opt step, teacher fwd: the all-gathers inside those calls")
+    order = "stacked" if args.stack_widths else "one after another"
+    print(f"2 processes (gloo, CPU), {config}, widths {order}, LLaMA {MODEL}, batch {args.batch} x seq "
+          f"{args.seq_len}; per step, mean of {args.steps} steps after 1 warm-up (time: median); MB = full tensors "
+          "moved (all-gather outputs, reduce-scatter inputs); student fwd/bwd/opt step, teacher fwd: the all-gathers "
+          "inside those calls")
     header = (f"{'K':>2} {'AG calls':>8} {'AG MB':>7} {'teacher':>7} {'fwd':>7} {'bwd':>7} {'opt':>7} {'other':>6} "
               f"{'gathers/width':>13} {'RS MB':>7} {'step s':>7} {'AG/K=1':>7} {'RS/K=1':>7} {'s/K=1':>7}")
     print(header + "\n" + "-" * len(header))
     common = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": "cpu, 2 processes (gloo)",
-              "ds_config": config, "hidden": MODEL["hidden_size"], "layers": MODEL["num_hidden_layers"],
+              "ds_config": config, "stack_widths": args.stack_widths, "hidden": MODEL["hidden_size"],
+              "layers": MODEL["num_hidden_layers"],
               "batch": args.batch, "seq_len": args.seq_len}
     csv_rows = []
     for r in rows:

@@ -72,6 +72,10 @@ class RunConfig:
                                          "only", nargs="+", choices=["kd", "kd-matched", "kd-steps", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
+    stack_widths: bool = option(True, "run a step's widths in one forward and one backward, every decoder layer "
+                                "running all of them in turn: ZeRO-3 gathers each layer once per step instead of "
+                                "once per width, and the activations of all the step's widths are alive together "
+                                "(--no-stack-widths: one width after another, the activations of one)")
     sparsest: float = option(0.0, "the sparsest width `compress` trains (0 = the target). Grid widths past the "
                              "target (the reference trains 0.95 for a 0.9 target) are trained in the sandwich and "
                              "in a joint student stage, but are never the TA", metavar="S")
@@ -262,8 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = meta.pop("help")
         default = f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        if f.type == "bool":  # a default of True is turned off by --no-NAME
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
         if "type" not in meta and "choices" not in meta:
             meta["type"] = {"int": int, "float": float}.get(f.type.split(" ")[0], str)

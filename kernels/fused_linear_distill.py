@@ -6,6 +6,11 @@ of the student hidden states, head weight and bias at once, so no N x V tensor e
 and "sum" the gradients are finished in the forward and only scaled in the backward (no second pass over
 the vocabulary); for "none" the backward recomputes the chunks with the per-token upstream gradients.
 
+The student hidden states may stack K students along the first dimension (e.g. K widths of one supernet, each
+run on the same tokens): the teacher's hidden states are then read once per student, never copied K times, and
+`return_copy_losses=True` also returns each student's own loss. With identical masks, the "mean" over all rows
+is the mean of the K students' means.
+
 Under DeepSpeed ZeRO-3 call it inside the forward of the module that owns the head (its weight is gathered
 there and the gradient returned here is reduce-scattered into the partition), or gather explicitly with
 `deepspeed.zero.GatheredParameters`.
@@ -58,11 +63,19 @@ class Options(NamedTuple):
     row_loss: Callable  # (student [n, V], teacher [n, V], kind, beta, T, need_grad) -> (losses, grad_logits)
 
 
-def _chunk_losses(o: Options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights=None, grads=None):
+def _chunks(n_student: int, n_teacher: int, step: int):
+    """(student rows, teacher rows) of every chunk: a chunk never spans two of the stacked students."""
+    for first in range(0, n_student, max(n_teacher, 1)):
+        for start in range(0, n_teacher, step):
+            stop = min(start + step, n_teacher)
+            yield slice(first + start, first + stop), slice(start, stop)
+
+
+def _chunk_losses(o: Options, h_s, w_s, b_s, h_t, w_t, b_t, rows, teacher_rows, row_weights=None, grads=None):
     """Losses of a token chunk; with `grads`, also adds the chunk's gradients (rows scaled by row_weights)."""
     with torch.no_grad():
         student = _logits(h_s[rows], w_s, b_s, o.vocab)
-        teacher = _logits(h_t[rows], w_t, b_t, o.vocab)
+        teacher = _logits(h_t[teacher_rows], w_t, b_t, o.vocab)
         losses, grad_logits = o.row_loss(student, teacher, o.kind, o.beta, o.temperature, grads is not None)
         if grads is not None:
             grad_logits.mul_(row_weights[rows, None])
@@ -82,27 +95,29 @@ def _zero_grads(h_s, w_s, b_s):
 
 
 class FusedLinearDistill(torch.autograd.Function):
-    """reduce=True: returns sum_i row_weights[i] * loss_i (gradients finished in the forward);
-    reduce=False: returns the per-token losses and recomputes the chunks in the backward."""
+    """reduce=True: returns (sum_i row_weights[i] * loss_i, the per-token losses, not differentiable), the
+    gradients finished in the forward; reduce=False: returns the per-token losses and recomputes the chunks in the
+    backward. Student row r is compared with teacher row r mod len(teacher rows) (stacked students)."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, row_weights, options: Options, chunk_size, reduce):
-        n, step = h_s.shape[0], chunk_rows(options.vocab, chunk_size, h_s.device)
-        losses = torch.empty(n, dtype=torch.float32, device=h_s.device)
+        step = chunk_rows(options.vocab, chunk_size, h_s.device)
+        losses = torch.empty(h_s.shape[0], dtype=torch.float32, device=h_s.device)
         grads = _zero_grads(h_s, w_s, b_s) if reduce else None
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            losses[rows] = _chunk_losses(options, h_s, w_s, b_s, h_t, w_t, b_t, rows, row_weights, grads)
+        for rows, teacher_rows in _chunks(h_s.shape[0], h_t.shape[0], step):
+            losses[rows] = _chunk_losses(options, h_s, w_s, b_s, h_t, w_t, b_t, rows, teacher_rows, row_weights,
+                                         grads)
         ctx.options, ctx.step, ctx.reduce, ctx.has_bias = options, step, reduce, b_s is not None
         if reduce:
             ctx.save_for_backward(*[g for g in grads if g is not None])
+            ctx.mark_non_differentiable(losses)
             zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-            return torch.where(row_weights > 0, losses * row_weights, zero).sum()
+            return torch.where(row_weights > 0, losses * row_weights, zero).sum(), losses
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, row_weights)
         return losses
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         if ctx.reduce:  # grad_out is the scalar upstream gradient
             if getattr(ctx, "consumed", False):
                 raise RuntimeError("fused_linear_distill_loss: a second backward through the same loss is not "
@@ -114,9 +129,8 @@ class FusedLinearDistill(torch.autograd.Function):
         else:
             h_s, w_s, b_s, h_t, w_t, b_t, kept = ctx.saved_tensors
             grads = _zero_grads(h_s, w_s, b_s)
-            for start in range(0, h_s.shape[0], ctx.step):
-                _chunk_losses(ctx.options, h_s, w_s, b_s, h_t, w_t, b_t, slice(start, start + ctx.step),
-                              grad_out * kept, grads)
+            for rows, teacher_rows in _chunks(h_s.shape[0], h_t.shape[0], ctx.step):
+                _chunk_losses(ctx.options, h_s, w_s, b_s, h_t, w_t, b_t, rows, teacher_rows, grad_out * kept, grads)
             grad_h, grad_w, grad_b = grads
         dtype = ctx.options.weight_dtype
         return (grad_h, grad_w.to(dtype), None if grad_b is None else grad_b.to(dtype),
@@ -125,14 +139,20 @@ class FusedLinearDistill(torch.autograd.Function):
 
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                               teacher_bias=None, kind="forward_kl", beta=0.5, temperature=1.0, mask=None,
-                              reduction="mean", backend="auto", vocab_size=None, chunk_size=None):
+                              reduction="mean", backend="auto", vocab_size=None, chunk_size=None,
+                              return_copy_losses=False):
     """Distillation divergence of `student_hidden @ student_weight.T (+ bias)` against the teacher's, never
     materialising the [N, V] logits. Hidden states are [N, H] or [B, T, H] (H may differ between student
-    and teacher); heads are [V, H]. Gradients flow to the student hidden states, weight and bias."""
+    and teacher); heads are [V, H]. Gradients flow to the student hidden states, weight and bias.
+
+    The student's first dimension may be K times the teacher's ([K*N, H] or [K*B, T, H]): K students stacked,
+    each against the same teacher tokens; `mask` has the student's leading shape. With `return_copy_losses`
+    (reductions "mean" and "sum") also returns each student's loss under the reduction, [K], not differentiable."""
     kind = check_options(kind, beta, temperature, reduction, backend)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student and teacher hidden states have different token shapes: "
-                         f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
+    copies = _copies(student_hidden.shape[:-1], teacher_hidden.shape[:-1])
+    if return_copy_losses and reduction == "none":
+        raise ValueError("return_copy_losses needs reduction 'mean' or 'sum' (with 'none' every token's loss is "
+                         "returned already)")
     for name, hidden, weight in (("student", student_hidden, student_weight), ("teacher", teacher_hidden,
                                                                                teacher_weight)):
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -153,4 +173,21 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     options = Options(kind, float(beta), float(temperature), vocab, student_weight.dtype, row_loss)
     out = FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, row_weights, options,
                                    chunk_size, reduction != "none")
-    return reduce_losses(out, flat_mask, "none", leading) if reduction == "none" else out
+    if reduction == "none":
+        return reduce_losses(out, flat_mask, "none", leading)
+    loss, losses = out
+    if not return_copy_losses:
+        return loss
+    kept = kept.view(copies, -1)
+    sums = (torch.where(kept > 0, losses.view(copies, -1), 0.0) * kept).sum(1)
+    return loss, sums if reduction == "sum" else sums / kept.sum(1).clamp(min=1)
+
+
+def _copies(student_shape, teacher_shape) -> int:
+    """K, the number of students stacked in the student's first dimension (1: the shapes are equal)."""
+    copies = student_shape[0] // max(teacher_shape[0], 1) if len(student_shape) else 1
+    if student_shape[1:] != teacher_shape[1:] or copies < 1 or copies * teacher_shape[0] != student_shape[0]:
+        raise ValueError(f"student and teacher hidden states have different token shapes: {tuple(student_shape)} vs "
+                         f"{tuple(teacher_shape)} (the student's first dimension may be a multiple of the teacher's: "
+                         "stacked students)")
+    return copies

@@ -69,31 +69,47 @@ def width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
                objective: Objective = Objective()) -> dict[str, torch.Tensor]:
     """Distillation losses of `student` (a causal LM, e.g. the supernet's model at its current width).
 
-    Returns {"loss", "logit", "hidden", "ce"} (scalars). `loss_mask` [B, T] marks the tokens that count (None:
-    all; chat data: the assistant's). Token t predicts t+1, so position t's logit and CE terms count when token
-    t+1 does, and the hidden-state term where token t does. Sequences are right-padded, if at all, so no attention
-    mask is needed: under causal attention no real token sees the padding after it.
+    Returns {"loss", "logit", "hidden", "ce"} (scalars; only "loss" carries gradients). `loss_mask` [B, T] marks
+    the tokens that count (None: all; chat data: the assistant's). Token t predicts t+1, so position t's logit and
+    CE terms count when token t+1 does, and the hidden-state term where token t does. Sequences are right-padded,
+    if at all, so no attention mask is needed: under causal attention no real token sees the padding after it.
     """
-    out = student.model(input_ids=input_ids, output_hidden_states=True)
+    loss, parts = stacked_width_loss(student, teacher_out, input_ids, loss_mask, objective, widths=1)
+    return {"loss": loss, **{name: value[0] for name, value in parts.items() if name != "loss"}}
+
+
+def stacked_width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
+                       objective: Objective = Objective(), widths: int = 1) -> tuple[torch.Tensor, dict]:
+    """`width_loss` of `widths` widths in one forward: the student runs the batch repeated `widths` times, copy k
+    at the k-th width (`Supernet.stack`). Returns (the mean of the widths' losses, the one tensor to back-propagate;
+    {"loss", "logit", "hidden", "ce"}: each width's value [widths], detached)."""
+    ids = input_ids.repeat(widths, 1)
+    # No KV cache: the stacked layers run once per width and would append each width's keys to the same cache.
+    out = student.model(input_ids=ids, output_hidden_states=True, use_cache=False)
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     next_keep = torch.zeros_like(keep)
     next_keep[:, :-1] = keep[:, 1:]
     head = student.get_output_embeddings()
-    logit = kernels.fused_linear_distill_loss(
+    logit, logits = kernels.fused_linear_distill_loss(
         out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
         student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
-        temperature=objective.temperature, mask=next_keep)
+        temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
     layers = hidden_layer_indices(len(out.hidden_states) - 1)
     hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep) for i in layers) / len(layers)
-    ce = torch.zeros((), device=logit.device)
+    ce = torch.zeros(widths, device=logit.device)
     if objective.ce_weight:
-        logits = head(out.last_hidden_state[:, :-1])
         labels = input_ids[:, 1:].masked_fill(~next_keep[:, :-1], -100)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-    loss = objective.logit_weight * logit + objective.hidden_weight * hidden + objective.ce_weight * ce
-    return {"loss": loss, "logit": logit.detach(), "hidden": hidden.detach(), "ce": ce.detach()}
+        ce = torch.stack([F.cross_entropy(head(h[:, :-1]).flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                          for h in out.last_hidden_state.chunk(widths)])
+    # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
+    loss = objective.logit_weight * logit + objective.hidden_weight * hidden.mean() + objective.ce_weight * ce.mean()
+    hidden, ce = hidden.detach(), ce.detach()
+    each = objective.logit_weight * logits + objective.hidden_weight * hidden + objective.ce_weight * ce
+    return loss, {"loss": each, "logit": logits, "hidden": hidden, "ce": ce}
 
 
 def _masked_mse(student, teacher, keep):
-    diff = (student.float() - teacher.float()).pow(2).mean(-1)  # per token
-    return (diff * keep).sum() / keep.sum().clamp(min=1)
+    """Per-token MSE over the kept tokens, per stacked width: student [K*B, T, H] against teacher [B, T, H] -> [K]."""
+    student = student.unflatten(0, (-1, teacher.shape[0]))
+    diff = (student.float() - teacher.float()).pow(2).mean(-1)  # per width and token
+    return (diff * keep).flatten(1).sum(1) / keep.sum().clamp(min=1)

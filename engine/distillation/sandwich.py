@@ -10,18 +10,19 @@ import kernels
 from engine.models.supernet import Supernet
 
 
-def sandwich_step(forward: Callable[[], dict], select: Callable[[int], object], sparsities,
-                  backward: Callable = torch.Tensor.backward) -> dict:
-    """Forward and backward every width against the same teacher outputs (which `forward` closes over),
-    each loss weighted 1/K and back-propagated at once, so one width's activations are freed before the
-    next. `select(permille)` activates a width; `forward()` returns its losses ({"loss", ...});
-    `backward` is `Tensor.backward` or a DeepSpeed engine's. The caller steps the optimizer once after."""
+def sandwich_step(forward: Callable[[int], tuple], select: Callable[[list[int]], object], sparsities,
+                  backward: Callable = torch.Tensor.backward, stack: bool = False) -> dict:
+    """Forward and backward every width against the same teacher outputs (which `forward` closes over), each
+    width's loss weighted 1/K. Either one width after another, each back-propagated at once so its activations are
+    freed before the next, or (`stack`) all K in one forward and one backward. `select(permilles)` activates the
+    widths of one forward; `forward(n)` returns (the mean loss of its n widths, {"loss", ...}: each width's
+    values); `backward` is `Tensor.backward` or a DeepSpeed engine's. The caller steps the optimizer once after."""
     metrics = {}
-    for permille in sparsities:
-        select(permille)
-        losses = forward()
-        backward(losses["loss"] / len(sparsities))
-        metrics[permille] = {name: value.detach() for name, value in losses.items()}
+    for group in [list(sparsities)] if stack else [[s] for s in sparsities]:
+        select(group)
+        loss, parts = forward(len(group))
+        backward(loss * len(group) / len(sparsities))
+        metrics.update({s: {name: value[i] for name, value in parts.items()} for i, s in enumerate(group)})
     return metrics
 
 

@@ -5,11 +5,17 @@ partitions are untouched) that slices a prefix of its rows/columns inside its ow
 DeepSpeed's pre-forward hook has gathered the full weight. Gradients flow into the shared full weights.
 At width w the forward equals the teacher masked to w (see `engine.pruning.masks`), including layers that keep
 no heads or no neurons.
+
+Several widths can run in one forward (`stack`): the batch holds one copy of the inputs per width, and every
+decoder layer runs each copy at its width before the next layer starts. Under ZeRO-3 a layer's parameters are
+then gathered once per forward (and once per backward) for all K widths, instead of once per width; the price
+is that the activations of all K widths are alive together until the backward.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -69,6 +75,10 @@ class Supernet(nn.Module):
                 for linear, _ in group.rows + group.cols:
                     linear.__class__ = SliceableLinear
         self.full_width = Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
+        self.stacked: list[Width] = []
+        self._layers = list(zip(self.family.layers(model), groups))  # (decoder layer, its two unit groups)
+        for index, layer in enumerate(self.family.layers(model)):
+            layer.forward = self._stacked_forward(index, layer.forward)
         self.set_width(self.full_width)
 
     @classmethod
@@ -89,19 +99,72 @@ class Supernet(nn.Module):
 
     def set_width(self, width: Width) -> None:
         """Activate any per-layer width (kept attention units and FFN neurons per layer)."""
-        n_rep = self.family.query_heads_per_unit
-        for layer, groups, kept_attn, kept_ffn in zip(
-            self.family.layers(self.model), self.family.groups(self.model), width.attention, width.ffn
-        ):
-            for group, kept in zip(groups, (kept_attn, kept_ffn)):
-                if not 0 <= kept <= group.num_units:
-                    raise ValueError(f"width keeps {kept} units of a layer that has {group.num_units}")
-                for linear, per_unit in group.rows:
-                    linear.active_out = kept * per_unit
-                for linear, per_unit in group.cols:
-                    linear.active_in = kept * per_unit
-            self.family.set_active_heads(self.family.attention(layer), kept_attn * n_rep)
-        self.width = width
+        self.stack([width])
+
+    def stack(self, widths: list[Width]) -> None:
+        """Activate K widths at once: the model's batch is then K equal parts, part k at widths[k] (K = 1: the
+        usual forward at one width)."""
+        for width in widths:
+            for (_, groups), kept_attn, kept_ffn in zip(self._layers, width.attention, width.ffn):
+                for group, kept in zip(groups, (kept_attn, kept_ffn)):
+                    if not 0 <= kept <= group.num_units:
+                        raise ValueError(f"width keeps {kept} units of a layer that has {group.num_units}")
+        self.stacked = list(widths)
+        if len(widths) == 1:
+            for index in range(len(self._layers)):
+                self._set_layer_width(index, widths[0])
+
+    def _set_layer_width(self, index: int, width: Width) -> None:
+        layer, groups = self._layers[index]
+        for group, kept in zip(groups, (width.attention[index], width.ffn[index])):
+            for linear, per_unit in group.rows:
+                linear.active_out = kept * per_unit
+            for linear, per_unit in group.cols:
+                linear.active_in = kept * per_unit
+        heads = width.attention[index] * self.family.query_heads_per_unit
+        self.family.set_active_heads(self.family.attention(layer), heads)
+
+    def _stacked_forward(self, index: int, forward):
+        """Decoder layer `index`'s forward, run once per stacked width on that width's part of the batch."""
+        def stacked(*args, **kwargs):
+            widths = self.stacked
+            if len(widths) <= 1:
+                return forward(*args, **kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rows = hidden.shape[0]
+            outputs = []
+            for k, width in enumerate(widths):
+                self._set_layer_width(index, width)
+                part = _batch_part(rows, k, len(widths))
+                outputs.append(forward(*map(part, args), **{name: part(value) for name, value in kwargs.items()}))
+            return _concat(outputs)
+
+        return stacked
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _batch_part(rows: int, k: int, parts: int):
+    """A function giving part k of `parts` of any batched tensor argument (leading dimension `rows`, at least 2-D:
+    hidden states, masks, position ids or embeddings); tuples part-wise; anything else unchanged (e.g. a [1, T]
+    position tensor, a 1-D cache position)."""
+    size = rows // parts
+
+    def part(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+            return value[k * size:(k + 1) * size]
+        if isinstance(value, tuple):
+            return tuple(part(v) for v in value)
+        return value
+
+    return part
+
+
+def _concat(outputs: list):
+    """The parts' outputs joined along the batch: tensors, or tuples whose tensors are joined (OPT's layers)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    return type(first)(torch.cat(parts) if isinstance(parts[0], torch.Tensor) and parts[0].dim() else parts[0]
+                       for parts in zip(*outputs))

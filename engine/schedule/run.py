@@ -59,7 +59,7 @@ from engine.training.trainer import run_stage
 log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume (they do not change what is computed).
 RESUMABLE = {"resume", "deepspeed", "teacher_deepspeed", "cluster", "sample_prompts", "sample_tokens", "eval_tasks",
-             "eval_include", "eval_text", "log_every", "report_to", "token_cache", "data_workers"}
+             "eval_include", "eval_text", "log_every", "report_to", "token_cache", "data_workers", "stack_widths"}
 
 
 def check_teacher(cfg: RunConfig):
@@ -123,7 +123,7 @@ class Run:
         cfg = self.cfg
         check_teacher(cfg)
         read_ds_config(cfg.teacher_ds_config())
-        train_ds_config(TrainConfig.of(cfg), widths_per_step=1)  # readable, and compatible with --optimizer
+        train_ds_config(TrainConfig.of(cfg), backwards_per_step=1)  # readable, and compatible with --optimizer
         sources = [(s.path, s.text_field or cfg.text_field) for s in cfg.sources()]
         chat = [path for path, field in sources + [(p, cfg.text_field) for p in (cfg.dev_data, cfg.test_data) if p]
                 if load_records(path, field)[2]]

@@ -51,8 +51,9 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     candidates = _candidates(cfg, config, grid)
     past = past_target(grid, parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.sparsest))
     per_step = widths_per_step(len(candidates) + len(past), cfg.sandwich_sample) if command == "compress" else 1
+    backwards = 1 if cfg.stack_widths else per_step  # per micro-batch: DeepSpeed's accumulation steps
     read_ds_config(cfg.teacher_ds_config())
-    train = train_ds_config(TrainConfig.of(cfg), per_step)  # readable, and compatible with --optimizer
+    train = train_ds_config(TrainConfig.of(cfg), backwards)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None
     gpus = cluster.gpus if cluster else 1
     micro = split_batch(cfg.batch_size, gpus, cfg.grad_accum, "GPUs")
@@ -61,7 +62,7 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
             "stages": _stages(cfg, command, candidates, per_step, grid),
             "deepspeed": {"train": str(cfg.train_ds_config()), "teacher": str(cfg.teacher_ds_config()),
                           "micro_batch": micro,
-                          "gradient_accumulation_steps": per_step * cfg.grad_accum,
+                          "gradient_accumulation_steps": backwards * cfg.grad_accum,
                           "bf16": bf16_enabled(train)}}
     if cluster:
         summary["memory"] = _memory(cfg, config, cluster, train, candidates)
@@ -143,7 +144,8 @@ def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates
                              grid=tuple(round(c["sparsity"] * PERMILLE) for c in candidates),
                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
                              sandwich_sample=cfg.sandwich_sample,
-                             gradient_checkpointing=cfg.gradient_checkpointing).validate()
+                             gradient_checkpointing=cfg.gradient_checkpointing,
+                             stack_widths=cfg.stack_widths).validate()
     row = mp._placement(config, cluster, options, cfg.teacher_placement, trained)
     gib = lambda n: round(n / mp.GIB, 2)  # noqa: E731
     return {"placement": row.name, "teacher_gib": gib(row.teacher_bytes), "params_grads_gib":

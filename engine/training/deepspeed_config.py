@@ -61,14 +61,15 @@ def _set_owned(config: dict, key: str, value, path: Path, option: str) -> None:
     config[key] = value
 
 
-def train_ds_config(cfg: TrainConfig, widths_per_step: int) -> dict:
+def train_ds_config(cfg: TrainConfig, backwards_per_step: int) -> dict:
     path = cfg.train_ds_path
     config = read_ds_config(path)
     config.pop("train_batch_size", None)
     _set_owned(config, "train_micro_batch_size_per_gpu", micro_batch(cfg), path, "--batch-size")
-    # Each width's backward is one DeepSpeed micro-step, so it steps once per global batch.
-    _set_owned(config, "gradient_accumulation_steps", widths_per_step * cfg.grad_accum, path,
-               "the widths per step x --grad-accum")
+    # Each backward (one per width, or one for the stacked widths) is a DeepSpeed micro-step: it steps once per
+    # global batch.
+    _set_owned(config, "gradient_accumulation_steps", backwards_per_step * cfg.grad_accum, path,
+               "the backwards per step (--stack-widths) x --grad-accum")
     _set_owned(config, "gradient_clipping", cfg.max_grad_norm, path, "--max-grad-norm")
     if cfg.optimizer != "adamw" and "optimizer" in config:
         raise UserError(f"--optimizer {cfg.optimizer} cannot replace the optimizer block of {path} "

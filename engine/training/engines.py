@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.distillation.loss import Objective, width_loss
+from engine.distillation.loss import Objective, stacked_width_loss
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
 from engine.pruning.families import family_for
@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 BETAS, EPS = (0.9, 0.95), 1e-8  # AdamW, as in LLaMA pre-training
 
 class Distiller(nn.Module):
-    """What the trained engine wraps. Its forward is the distillation loss of the active width, so under
-    ZeRO-3 the student's LM head is gathered by DeepSpeed while the fused loss reads it."""
+    """What the trained engine wraps. Its forward is the distillation loss of the active widths (one, or
+    `widths` stacked: `Supernet.stack`), so under ZeRO-3 the student's LM head is gathered by DeepSpeed while
+    the fused loss reads it."""
 
     def __init__(self, student: nn.Module):
         super().__init__()
@@ -32,8 +33,8 @@ class Distiller(nn.Module):
     def lm(self):
         return self.student.model if isinstance(self.student, Supernet) else self.student
 
-    def forward(self, input_ids, loss_mask, teacher_out, objective: Objective):
-        return width_loss(self.lm, teacher_out, input_ids, loss_mask, objective)
+    def forward(self, input_ids, loss_mask, teacher_out, objective: Objective, widths: int = 1):
+        return stacked_width_loss(self.lm, teacher_out, input_ids, loss_mask, objective, widths)
 
 
 def _load_model(directory: Path, ds_config: dict):
@@ -134,6 +135,16 @@ def checkpoint_layers(model: nn.Module) -> None:
         layer.forward = forward
 
 
+def gather_whole_layers(model: nn.Module) -> None:
+    """Make ZeRO-3 gather each decoder layer as one unit (a "leaf module": its parameters fetched once before its
+    forward and once before its backward), not linear by linear. Stacked widths call every linear once per width;
+    with a small stage3_max_reuse_distance (a model too large to keep gathered) each call would gather it again."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for layer in family_for(model.config).layers(model):
+        set_z3_leaf_module(layer, True)
+
+
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -142,19 +153,22 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
 
 
-def build_engines(stage: Stage, cfg: TrainConfig, widths_per_step: int):
-    """(teacher, student engine, Distiller, configs kept alive, train config) for a stage."""
+def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):
+    """(teacher, student engine, Distiller, configs kept alive, train config) for a stage whose step runs
+    `backwards_per_step` backwards per micro-batch (the widths one by one, or 1 when they are stacked)."""
     import deepspeed
 
-    train_config = train_ds_config(cfg, widths_per_step)
+    train_config = train_ds_config(cfg, backwards_per_step)
     frozen_config = teacher_ds_config(cfg, train_config)
     teacher_engine, teacher_hf = load_teacher(stage.teacher_dir, cfg, frozen_config)
 
     model, student_hf = _load_model(stage.student_dir, train_config)
-    if cfg.gradient_checkpointing:
-        checkpoint_layers(model)
     if stage.supernet:
         model = Supernet(model)  # widths come from stage.width_of
+        if cfg.stack_widths:
+            gather_whole_layers(model.model)
+    if cfg.gradient_checkpointing:  # around the supernet's stacked layers: the recomputation runs every width again
+        checkpoint_layers(model.model if stage.supernet else model)
     distiller = Distiller(model)
     named = list(distiller.named_parameters())
     groups = [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},

@@ -48,6 +48,7 @@ class TrainConfig:
     teacher_placement: str
     gradient_checkpointing: bool
     sandwich_sample: int
+    stack_widths: bool
     lam: float
     metric: str
     resume: bool

@@ -5,7 +5,8 @@ sandwich) or a plain pruned model (a TA or a student, one width). Both run the s
 
     for every step:                          one optimiser step per global batch
         teacher forward once (no grad)       hidden states + gathered LM head
-        for every width (1/K each):          forward, distillation loss, backward at once
+        the widths, stacked (1/K each):      one forward (each layer runs every width), the loss, one backward
+                                             (--no-stack-widths: forward, loss and backward per width)
         one all-reduce                       the losses, the finite check, the requeue flag
         DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum (if finite)
         every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
@@ -63,9 +64,10 @@ class StepOutcome:
 
 
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
-               timer: StageTimer | None = None) -> StepOutcome:
+               timer: StageTimer | None = None, stack: bool = False) -> StepOutcome:
     """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
-    1/(K x micro-batches)) back-propagated at once. The losses stay on the device until one all-reduce, before the
+    1/(K x micro-batches)) back-propagated, the widths stacked in one forward or one after another (`select` takes
+    a list of widths: those of one forward). The losses stay on the device until one all-reduce, before the
     optimiser steps, carries them with the finite check and the requeue flag: one collective and one host sync
     per step, whatever K and the accumulation."""
     import deepspeed
@@ -75,13 +77,13 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
     head_params = [p for p in (head.weight, head.bias) if p is not None]
     accum, device = len(micro_batches), dist.device()
     step_losses = torch.zeros(len(widths), len(PARTS), dtype=torch.float32, device=device)
-    backwards = 0
+    backwards, per_step = 0, accum * (1 if stack else len(widths))
 
     def backward(loss):
         nonlocal backwards
         engine.backward(loss / accum, scale_wrt_gas=False)
         backwards += 1
-        if backwards < accum * len(widths):  # the boundary's step waits for the check below
+        if backwards < per_step:  # the boundary's step waits for the check below
             engine.step()
 
     for ids, mask in micro_batches:
@@ -92,7 +94,8 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
-            metrics = sandwich_step(lambda: engine(ids, mask, t_out, objective), select, widths, backward)
+            metrics = sandwich_step(lambda n: engine(ids, mask, t_out, objective, n), select, widths, backward,
+                                    stack)
         step_losses += torch.stack([torch.stack([metrics[w][part].float() for part in PARTS]) for w in widths]) / accum
     flags = torch.stack([(~torch.isfinite(step_losses[:, 0])).any().float(),
                          torch.tensor(float(faults.signal_received()), device=device)])
@@ -129,10 +132,13 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
            started: float, monitor: Monitor) -> StageState:
     """Build the stage's engines, train (or resume) to its end or early stop, release the engines. `started`:
     when this process began the stage (`state.seconds` adds it to the seconds of the checkpoint it resumed)."""
+    stack = cfg.stack_widths and stage.supernet
     with timer("build engines"):
-        teacher, engine, distiller, keep_alive, train_config = build_engines(stage, cfg, len(widths_at(stage, cfg, 0)))
+        teacher, engine, distiller, keep_alive, train_config = build_engines(
+            stage, cfg, 1 if stack else len(widths_at(stage, cfg, 0)))
     objective = stage.objective
-    select = (lambda s: distiller.student.set_width(stage.width_of(s))) if stage.supernet else (lambda s: None)
+    select = ((lambda group: distiller.student.stack([stage.width_of(s) for s in group])) if stage.supernet
+              else (lambda group: None))
     checkpoints = stage_dir / "checkpoints"
     state = StageState()
     torch.manual_seed(cfg.seed + dist.rank())
@@ -160,7 +166,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             widths = widths_at(stage, cfg, step)
             micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
             with timer("training steps"):
-                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer=timer)
+                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer, stack)
             if not outcome.finite:
                 _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
             faults.kill_point(f"{stage.name}:step")
@@ -170,7 +176,8 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             monitor.step(state.step, dict(zip(widths, outcome.parts)), engine.get_lr()[0], _grad_norm(engine))
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 with timer("evaluation"):
-                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select, monitor)
+                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, lambda s: select([s]),
+                                         monitor)
                 if improved:
                     with timer("best snapshots"):
                         save_best(stage, distiller, engine, train_config, stage_dir / "best", state)

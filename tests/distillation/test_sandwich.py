@@ -7,7 +7,7 @@ from helpers import tiny_model
 
 import engine
 import kernels
-from engine.distillation.loss import Objective, hidden_layer_indices, teacher_outputs, width_loss
+from engine.distillation.loss import Objective, hidden_layer_indices, stacked_width_loss, teacher_outputs, width_loss
 from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import choose_ta, tradeoff
 
@@ -52,23 +52,54 @@ def test_objective_terms_match_their_definitions(setup):
     torch.testing.assert_close(losses["loss"].detach(), 0.5 * logit + 0.5 * hidden + 0.3 * ce, rtol=1e-5, atol=1e-6)
 
 
-def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup):
+@pytest.mark.parametrize("order", ["per-width", "stacked", "stacked-checkpointed"])
+def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, order):
+    """Every way of running a sandwich step (one width after another; the widths stacked in one forward, also with
+    each layer recomputed in the backward) gives the mean of the widths' gradients, each computed alone, and each
+    width's own loss terms."""
+    from engine.training.engines import checkpoint_layers
+
     teacher, supernet, ids, mask = setup
-    widths = [500, 700, 900]
+    if order == "stacked-checkpointed":
+        checkpoint_layers(supernet.model)
+    widths, objective = [500, 700, 900], Objective(ce_weight=0.3)
     t_out = teacher_outputs(teacher, ids)
     supernet.zero_grad()
-    sandwich_step(lambda: width_loss(supernet.model, t_out, ids, mask), supernet.set_sparsity, widths)
+    metrics = sandwich_step(lambda n: stacked_width_loss(supernet.model, t_out, ids, mask, objective, n),
+                            lambda group: supernet.stack([supernet.plan.width(s) for s in group]), widths,
+                            stack=order != "per-width")
     sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}
     expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
     for permille in widths:  # each width alone, separately
         supernet.zero_grad()
         supernet.set_sparsity(permille)
-        width_loss(supernet.model, t_out, ids, mask)["loss"].backward()
+        losses = width_loss(supernet.model, t_out, ids, mask, objective)
+        losses["loss"].backward()
         for n, p in supernet.named_parameters():
             expected[n] += p.grad / len(widths)
+        for part, value in losses.items():
+            torch.testing.assert_close(metrics[permille][part], value.detach(), rtol=1e-5, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in sandwich.values())
     for n in sandwich:
         torch.testing.assert_close(sandwich[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_stacked_widths_need_one_gather_per_layer(setup):
+    """Stacked, each decoder layer is called once per forward for all widths (ZeRO-3 gathers a layer per call), and
+    the widths really differ: each copy of the batch gets its own width's hidden states."""
+    teacher, supernet, ids, mask = setup
+    layers = supernet.family.layers(supernet.model)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    supernet.stack([supernet.plan.width(s) for s in (0, 500, 900)])
+    stacked = supernet.model.model(input_ids=ids.repeat(3, 1), use_cache=False).last_hidden_state
+    assert calls == list(range(len(layers)))
+    for hook in hooks:
+        hook.remove()
+    for k, permille in enumerate((0, 500, 900)):
+        supernet.set_sparsity(permille)
+        alone = supernet.model.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(stacked[k * len(ids):(k + 1) * len(ids)], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_one_pass_evaluation_equals_each_width_alone(setup):

@@ -6,6 +6,7 @@ from functools import lru_cache
 import pytest
 import torch
 
+import engine
 from engine.pruning.widths import Width
 from engine.tools.cli import main
 from engine.tools.memory_plan.advice import recommend
@@ -150,15 +151,19 @@ def test_adamw8bit_saves_six_bytes_per_parameter():
 
 
 # --- activations against what autograd really saves -------------------------------------------------------------
-def measure_activations(config, batch=2, seq=64, checkpointing=False) -> int:
+def measure_activations(config, batch=2, seq=64, checkpointing=False, stacked=None) -> int:
     """Bytes of distinct non-parameter storages autograd saves in a bf16 forward with output_hidden_states,
-    plus hidden states that only the returned tuple keeps alive (as while the loss is computed)."""
+    plus hidden states that only the returned tuple keeps alive (as while the loss is computed). `stacked`: the
+    supernet's widths, run stacked on the batch repeated once per width."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if stacked:
+        engine.Supernet(model).stack(stacked)
+        batch *= len(stacked)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -217,6 +222,22 @@ def test_activations_of_a_width_match_a_model_that_narrow():
     assert planned_model_activations(small_llama(), 128, 500) == pytest.approx(measure_activations(narrow), rel=0.01)
 
 
+def test_stacked_widths_hold_the_sum_of_their_activations():
+    """Stacked (the default), a step holds every width's activations at once: the plan counts the sum over the
+    widths a step may train, measured here on the supernet's stacked forward of the full and the half width."""
+    full, half = Width((4,) * 3, (688,) * 3), Width((2,) * 3, (344,) * 3)
+    planned = planned_model_activations(small_llama(), 128, 0) + planned_model_activations(small_llama(), 128, 500)
+    assert planned == pytest.approx(measure_activations(small_llama(), stacked=[full, half]), rel=0.01)
+    assert PlanOptions(truncate=500).widths_held == [500, 600, 700, 800, 850, 900]
+    assert PlanOptions(truncate=500, sandwich_sample=2).widths_held == [500, 600, 700, 900]  # the most it may draw
+    assert PlanOptions(truncate=500, stack_widths=False).widths_held == [500]
+    config = preset_config("llama-2-7b")
+    stacked = rows_by_name(config, Cluster(1, 8, 80))["zero3 / adamw"]
+    one_by_one = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(stack_widths=False))["zero3 / adamw"]
+    assert stacked.activation_bytes == sum(activation_bytes(config, 256, w) for w in PlanOptions().widths_held)
+    assert one_by_one.activation_bytes == activation_bytes(config, 256, 500) < stacked.activation_bytes
+
+
 def test_opt_ffn_bytes_per_neuron():
     """ReLU saves its output, which is also fc2's input: 2 bytes per neuron and token, not 4."""
     s = Shapes.of(small_opt())
@@ -264,8 +285,9 @@ def test_activation_physics():
     assert activation_bytes(config, 4 * 2048, checkpointing=True) < full / 5
     assert activation_bytes(config, 8 * 2048) == 2 * full
     assert activation_bytes(config, 4 * 2048, 500) < full
-    wide = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=0))["zero3 / adamw"]
-    narrow = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=500))["zero3 / adamw"]
+    one_by_one = dict(stack_widths=False)  # the widest width's activations alone
+    wide = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=0, **one_by_one))["zero3 / adamw"]
+    narrow = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=500, **one_by_one))["zero3 / adamw"]
     assert wide.activation_bytes == activation_bytes(config, 256) > narrow.activation_bytes
 
 
@@ -328,6 +350,7 @@ def test_nothing_fits_says_what_to_change(capsys):
     assert main(["plan", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr().out
     assert "nothing fits" in out and "more GPUs" in out and "--gradient-checkpointing" in out
+    assert "--no-stack-widths" in out
     report = plan_json(capsys, "llama-2-70b", "--gpu-memory", 16)
     assert report["recommended"] is None and not any(row["fits"] for row in report["placements"])
 

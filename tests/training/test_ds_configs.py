@@ -110,7 +110,7 @@ def test_engine_configs_are_accepted(train, teacher):
 
     cfg = RunConfig(teacher="x", data="x", out="x", batch_size=8, grad_accum=2, max_grad_norm=0.5,
                     deepspeed=str(DS_CONFIGS / train), teacher_deepspeed=str(DS_CONFIGS / teacher))
-    trained = train_ds_config(TrainConfig.of(cfg), widths_per_step=3)
+    trained = train_ds_config(TrainConfig.of(cfg), backwards_per_step=3)
     frozen = teacher_ds_config(TrainConfig.of(cfg), trained)
     parsed_trained, parsed_frozen = deepspeed_config(trained), deepspeed_config(frozen)
     assert parsed_trained.train_micro_batch_size_per_gpu == 4  # 8 sequences / (1 process x 2 accumulation)

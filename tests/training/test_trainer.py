@@ -21,9 +21,10 @@ def one_process(out, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_trainer_step_matches_pytorch_one_process(grad_accum, pruned_dirs, tmp_path):
-    report = one_process(tmp_path / "r.json", "--pruned", pruned_dirs["llama_gqa"], "--grad-accum", grad_accum)
+@pytest.mark.parametrize("grad_accum,stack", [(1, 1), (2, 0)])
+def test_trainer_step_matches_pytorch_one_process(grad_accum, stack, pruned_dirs, tmp_path):
+    report = one_process(tmp_path / "r.json", "--pruned", pruned_dirs["llama_gqa"], "--grad-accum", grad_accum,
+                         "--stack", stack)
     assert report["world_size"] == 1
     assert report["moved"] > 1e-3  # the weights really changed
     assert report["error"] <= 1e-5, report
@@ -33,10 +34,12 @@ def test_trainer_step_matches_pytorch_one_process(grad_accum, pruned_dirs, tmp_p
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_trainer_step_matches_pytorch_two_processes(grad_accum, pruned_dirs, tmp_path):
+@pytest.mark.parametrize("grad_accum,stack", [(1, 0), (2, 1)])
+def test_trainer_step_matches_pytorch_two_processes(grad_accum, stack, pruned_dirs, tmp_path):
+    """The widths one after another, or stacked in one forward (ZeRO-3 gathering whole layers, each recomputed in
+    the backward): both are the per-width reference's step."""
     report = launch_two_ranks("trainer_step_worker.py", tmp_path / "r.json", "--pruned", pruned_dirs["opt"],
-                              "--grad-accum", grad_accum)
+                              "--grad-accum", grad_accum, "--stack", stack, "--checkpointing", stack)
     assert report["world_size"] == 2
     assert report["moved"] > 1e-3
     assert report["error"] <= 1e-5, report

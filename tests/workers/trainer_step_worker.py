@@ -26,6 +26,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--grad-accum", type=int, default=1)
+parser.add_argument("--stack", type=int, default=0, help="1: the widths stacked in one forward (--stack-widths)")
+parser.add_argument("--checkpointing", type=int, default=0, help="1: --gradient-checkpointing")
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
@@ -35,7 +37,8 @@ dist.init()
 EPS = engines.EPS = 1e-3
 fp32 = Path(__file__).parents[2] / "ds_configs" / "zero3_train_fp32.json"
 cfg = RunConfig(teacher=args.pruned, data="-", out="-", max_steps=4, warmup_ratio=0.0, lr=3e-3, max_grad_norm=0.0,
-                batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2)
+                batch_size=4, grad_accum=args.grad_accum, weight_decay=0.1, deepspeed=str(fp32), ce_weight=0.2,
+                gradient_checkpointing=bool(args.checkpointing))
 plan = engine.PruningPlan.load(args.pruned)
 widths = [500, 700, 900]
 objective = Objective.of(cfg)
@@ -51,17 +54,18 @@ schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(TrainConfig.o
 initial = {n: p.detach().clone() for n, p in named}
 
 stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
-teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), len(widths))
+backwards = 1 if args.stack else len(widths)  # per micro-batch
+teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
 order = BatchOrder(Mixture.of(blocks, seed=0))
 collectives = []  # all_sum calls per step: the losses, the finite check and the requeue flag travel together
 all_sum = dist.all_sum
 dist.all_sum = lambda tensor: collectives.append(tensor.numel()) or all_sum(tensor)
-select = lambda s: distiller.student.set_width(plan.width(s))  # noqa: E731
+select = lambda group: distiller.student.stack([plan.width(s) for s in group])  # noqa: E731
 for step in range(2):
     micro = [order.batch(step, a, cfg) for a in range(cfg.grad_accum)]
     before = len(collectives)
-    outcome = train_step(teacher, ds_engine, select, micro, widths, objective)
+    outcome = train_step(teacher, ds_engine, select, micro, widths, objective, stack=bool(args.stack))
     assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
     assert collectives[before:] == [len(widths) * len(PARTS) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
@@ -95,7 +99,7 @@ def full_weights():
 
 kept = full_weights()
 poisoned = train_step(teacher, ds_engine, select, [order.batch(2, a, cfg) for a in range(cfg.grad_accum)], widths,
-                      replace(objective, hidden_weight=float("nan")))
+                      replace(objective, hidden_weight=float("nan")), stack=bool(args.stack))
 unchanged = all(torch.equal(a, b) for a, b in zip(kept, full_weights()))
 if dist.is_main():
     Path(args.out).write_text(json.dumps({"world_size": dist.world_size(), "error": error, "worst": worst,

@@ -96,14 +96,18 @@ def advice(config, cluster: Cluster, options: PlanOptions) -> list[str]:
     if options.micro_batch(cluster) > 1:
         lean = replace(lean, batch_size=cluster.gpus * options.grad_accum)
         tips.append(f"--batch-size {lean.batch_size} (micro-batch 1): {_verdict(_smallest(config, cluster, lean))}")
+    if options.stack_widths and len(options.widths_held) > 1:
+        one_by_one = replace(options, stack_widths=False)
+        tips.append(f"--no-stack-widths: {_verdict(_smallest(config, cluster, one_by_one))}")
+        lean = replace(lean, stack_widths=False)
     if not options.gradient_checkpointing:
         checkpointed = replace(options, gradient_checkpointing=True)
         tips.append(f"--gradient-checkpointing: {_verdict(_smallest(config, cluster, checkpointed))}")
         lean = replace(lean, gradient_checkpointing=True)
     if lean != options and not any(tip.split(": ", 1)[1].startswith("fits") for tip in tips):
         more, row = _more_nodes(config, cluster, lean)
-        tips.append(f"micro-batch 1 with gradient checkpointing and more GPUs: {_verdict(row)} at {more.nodes} "
-                    f"nodes x {cluster.gpus_per_node} GPUs")
+        tips.append(f"all of the above with more GPUs: {_verdict(row)} at {more.nodes} nodes x "
+                    f"{cluster.gpus_per_node} GPUs")
     return tips
 
 
@@ -120,6 +124,7 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
                     "headroom": HEADROOM},
         "run": {"micro_batch": options.micro_batch(cluster), "seq_len": options.seq_len,
                 "grad_accum": options.grad_accum, "gradient_checkpointing": options.gradient_checkpointing,
+                "stack_widths": options.stack_widths,
                 "candidates": [format_sparsity(s) for s in options.candidates],
                 "widths_per_step": options.widths_per_step, "tokens_per_micro_batch": tokens},
         "parameters": {"teacher": total, "supernet": total, "largest_layer": largest_layer_parameters(config),
@@ -172,12 +177,14 @@ def print_plan(report: dict) -> None:
                   "too; CPU/node includes DeepSpeed's 1.5x pinned-buffer factor")
     console.print(f"micro-batch {run['micro_batch']} x {run['seq_len']} tokens, {len(run['candidates'])} candidate "
                   f"widths ({', '.join(run['candidates'])}), {run['widths_per_step']} trained per step"
+                  f"{' (stacked)' if run['stack_widths'] else ' (one after another)'}"
                   f"{', gradient checkpointing' if run['gradient_checkpointing'] else ''}")
     if report["recommended"]:
         ds = report["ds_config"]
         console.print(f"recommended: {report['reason']}")
         console.print(f"run it with: minidisc compress {ds['options']}"
-                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''} ...")
+                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''}"
+                      f"{'' if run['stack_widths'] else ' --no-stack-widths'} ...")
     else:
         console.print(f"[bold red]{report['reason']}[/]; what to change:")
         for tip in report["advice"]:
@@ -189,7 +196,8 @@ def options_from_args(args) -> tuple[Cluster, PlanOptions]:
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.cpu_memory)
     options = PlanOptions(target=parse_sparsity(args.target_sparsity), truncate=parse_sparsity(args.truncate),
                           grid=grid, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                          sandwich_sample=args.sandwich_sample, gradient_checkpointing=args.gradient_checkpointing)
+                          sandwich_sample=args.sandwich_sample, gradient_checkpointing=args.gradient_checkpointing,
+                          stack_widths=args.stack_widths)
     return cluster.validate(), options.validate()
 
 

@@ -4,7 +4,8 @@ A sandwich step holds, on every GPU at once:
 
     teacher        the frozen teacher (ZeRO-3 shard, a full bf16 copy, or bitsandbytes int8/nf4)
     model states   the trained supernet under ZeRO-3: bf16 parameters, fp32 gradients, optimiser states
-    activations    what autograd saves for ONE width: widths run forward+backward one after another
+    activations    what autograd saves for the step's widths: all of them when they are stacked in one forward
+                   (--stack-widths, the default), else the widest (one after another)
     loss buffers   the teacher's outputs, kept across the K widths, and the fused KL loss's working set
 
 Everything is computed from the config alone (no weights, so a 70B plan takes milliseconds) by pure
@@ -83,6 +84,7 @@ class PlanOptions:
     grad_accum: int = 1
     sandwich_sample: int = 0
     gradient_checkpointing: bool = False
+    stack_widths: bool = True
 
     def validate(self) -> "PlanOptions":
         check_target_and_truncate(self.target, self.truncate)
@@ -104,6 +106,15 @@ class PlanOptions:
     @property
     def widths_per_step(self) -> int:
         return widths.widths_per_step(len(self.candidates), self.sandwich_sample)
+
+    @property
+    def widths_held(self) -> list[int]:
+        """The widths whose activations are alive at once, at most: every width of a step when they are stacked
+        (with --sandwich-sample, the widest ones it may draw and the sparsest), else the widest alone."""
+        candidates, k = sorted(self.candidates), self.widths_per_step
+        if not self.stack_widths:
+            return candidates[:1]
+        return candidates if k >= len(candidates) else candidates[:k - 1] + candidates[-1:]
 
     def micro_batch(self, cluster: Cluster) -> int:
         """Sequences per GPU per forward (as `engine.training.trainer.micro_batch`)."""
@@ -219,8 +230,8 @@ def mse_bytes(s: Shapes) -> int:
 
 def activation_bytes(config, tokens: int, permille: int = 0, checkpointing: bool = False) -> int:
     """Bytes held for one width's backward at the end of its forward, for `tokens` = micro-batch x
-    sequence length, at the candidate `permille` (0 = the full model). Widths are forwarded and
-    back-propagated one after another, so only the widest candidate's activations count.
+    sequence length, at the candidate `permille` (0 = the full model). A step holds the sum over
+    `PlanOptions.widths_held` (stacked widths recompute a layer for all of them at once).
 
     Without checkpointing: L x `layer_activation_bytes` at the width's (global) share of heads and
     neurons + `hidden_state_bytes` + `mse_bytes` + `_model_level_bytes`, all x tokens. With
@@ -310,7 +321,8 @@ def _placement(config, cluster: Cluster, options: PlanOptions, teacher: str, tra
     return Placement(
         teacher=teacher, trained=trained, teacher_bytes=teacher_bytes(config, teacher, cluster),
         params_grads_bytes=states.params_grads, optimizer_bytes=states.optimizer,
-        activation_bytes=activation_bytes(config, tokens, min(options.candidates), options.gradient_checkpointing),
+        activation_bytes=sum(activation_bytes(config, tokens, width, options.gradient_checkpointing)
+                             for width in options.widths_held),
         loss_bytes=sum(loss_buffer_bytes(config, tokens).values()), usable_bytes=cluster.usable_bytes,
         cpu_per_node_bytes=states.cpu_per_node, cpu_fits=cpu_fits)
 
