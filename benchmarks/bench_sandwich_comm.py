@@ -3,8 +3,8 @@
 Runs the engine's own step, engine.training.trainer.train_step on engines from build_engines (a ZeRO-3 teacher
 and the supernet student), under the `deepspeed` launcher with 2 CPU processes (gloo), for K = 1, 2, 4, 6: the
 widths are the first K of the pruning grid (0, 100, 200, ... per mille). The step runs the widths as the product
-does (--stack-widths: all K in one forward and one backward) or, with --no-stack-widths, one after another (a
-forward and a backward each, gradient_accumulation_steps = K).
+does by default (--stack-widths 0: all K in one forward and one backward) or --stack-widths N per forward (1: one
+after another, a forward and a backward each, gradient_accumulation_steps = K).
 Each K builds fresh engines, runs one warm-up step, then --steps measured steps.
 
 How it counts: DeepSpeed's comms logger ("comms_logger", prof_all, added to a copy of the DeepSpeed config).
@@ -21,7 +21,7 @@ partitioned, i.e. non-persistent, parameters). Times include the logger's (small
     python benchmarks/bench_sandwich_comm.py                    # prune a small LLaMA in a temp dir, K = 1 2 4 6
     python benchmarks/bench_sandwich_comm.py --ks 1 2 --steps 2 --no-csv
     python benchmarks/bench_sandwich_comm.py --zero stage3_max_reuse_distance=0 stage3_prefetch_bucket_size=0
-    python benchmarks/bench_sandwich_comm.py --no-stack-widths  # the widths one after another
+    python benchmarks/bench_sandwich_comm.py --stack-widths 1  # the widths one after another
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def worker(args) -> None:
     from engine.config import RunConfig
     from engine.data import Mixture
     from engine.distillation.loss import Objective
+    from engine.pruning.widths import forwards_per_batch
     from engine.training import distributed as dist
     from engine.training import trainer
     from engine.training.batches import BatchOrder
@@ -124,7 +125,7 @@ def worker(args) -> None:
     for k in args.ks:
         widths = list(plan.grid[:k])
         stage = Stage(f"k{k}", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
-        backwards = 1 if cfg.stack_widths else k
+        backwards = forwards_per_batch(k, cfg.stack_widths)
         teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
         for label in ("forward", "backward", "step"):  # ds_engine(...) calls the instance's forward
             setattr(ds_engine, label, marked(label, getattr(ds_engine, label)))
@@ -138,7 +139,7 @@ def worker(args) -> None:
             phases.clear()
             started = time.perf_counter()
             outcome = trainer.train_step(teacher, ds_engine, select, [order.batch(step, 0, cfg)], widths, objective,
-                                         stack=cfg.stack_widths)
+                                         per_forward=cfg.stack_widths)
             seconds = time.perf_counter() - started
             assert outcome.finite, outcome
             steps.append({"s": seconds, **counters(world), **{f"{lb}_{key}": v for (lb, key), v in phases.items()}})
@@ -169,9 +170,9 @@ def main() -> None:
     parser.add_argument("--ds-config", default=str(REPO / "ds_configs" / "zero3_train_fp32.json"))
     parser.add_argument("--zero", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override zero_optimization keys of --ds-config (VALUE is JSON)")
-    parser.add_argument("--stack-widths", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the K widths stacked in one forward and backward (the product's default), or one "
-                        "after another")
+    parser.add_argument("--stack-widths", type=int, default=0, metavar="N",
+                        help="widths per forward: 0 = all K in one forward and backward (the product's default), 1 = "
+                        "one after another")
     parser.add_argument("--pruned", help="an existing `minidisc prune` output (default: build one in a temp dir)")
     parser.add_argument("--no-csv", action="store_true", help="print only, append nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the launch below
@@ -192,7 +193,7 @@ def main() -> None:
         cmd = [launcher, "--num_gpus", "2", "--master_port", port, __file__, "--worker",
                "--pruned", pruned, "--out", out, "--steps", args.steps, "--batch", args.batch,
                "--seq-len", args.seq_len, "--ds-config", args.ds_config, "--ks", *args.ks,
-               "--stack-widths" if args.stack_widths else "--no-stack-widths",
+               "--stack-widths", args.stack_widths,
                *(["--zero", *args.zero] if args.zero else [])]
         run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -203,7 +204,7 @@ def main() -> None:
     rows, base = report["rows"], report["rows"][0]
     mb = 2**20
     config = Path(args.ds_config).name + "".join(f" {z}" for z in args.zero)
-    order = "stacked" if args.stack_widths else "one after another"
+    order = f"{args.stack_widths} per forward" if args.stack_widths else "all stacked in one forward"
     print(f"2 processes (gloo, CPU), {config}, widths {order}, LLaMA {MODEL}, batch {args.batch} x seq "
           f"{args.seq_len}; per step, mean of {args.steps} steps after 1 warm-up (time: median); MB = full tensors "
           "moved (all-gather outputs, reduce-scatter inputs); student fwd/bwd/opt step, teacher fwd: the all-gathers "

@@ -72,10 +72,11 @@ class RunConfig:
                                          "only", nargs="+", choices=["kd", "kd-matched", "kd-steps", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
-    stack_widths: bool = option(True, "run a step's widths in one forward and one backward, every decoder layer "
-                                "running all of them in turn: ZeRO-3 gathers each layer once per step instead of "
-                                "once per width, and the activations of all the step's widths are alive together "
-                                "(--no-stack-widths: one width after another, the activations of one)")
+    stack_widths: int = option(0, "widths per forward in a sandwich step: 0 = all of the step's widths in one "
+                               "forward and one backward, each decoder layer running them in turn (ZeRO-3 gathers "
+                               "a layer once per step, not once per width; their activations are alive together); "
+                               "n = groups of n; 1 = one width after another (the least activation memory)",
+                               metavar="N")
     sparsest: float = option(0.0, "the sparsest width `compress` trains (0 = the target). Grid widths past the "
                              "target (the reference trains 0.95 for a 0.9 target) are trained in the sandwich and "
                              "in a joint student stage, but are never the TA", metavar="S")
@@ -199,10 +200,10 @@ class RunConfig:
             self.cluster_shape()
         if not 0 < self.sandwich_share < 1:
             raise UserError(f"--sandwich-share {self.sandwich_share:g}: give a fraction between 0 and 1, e.g. 0.2")
-        if min(self.sandwich_sample, self.sandwich_steps, self.patience, self.max_grad_norm, self.sample_tokens,
-               self.log_every, self.data_workers) < 0:
-            raise UserError("--sandwich-sample, --sandwich-steps, --patience, --max-grad-norm, --sample-tokens, "
-                            "--log-every and --data-workers cannot be negative")
+        if min(self.sandwich_sample, self.sandwich_steps, self.stack_widths, self.patience, self.max_grad_norm,
+               self.sample_tokens, self.log_every, self.data_workers) < 0:
+            raise UserError("--sandwich-sample, --sandwich-steps, --stack-widths, --patience, --max-grad-norm, "
+                            "--sample-tokens, --log-every and --data-workers cannot be negative")
         self.sources()
         for name in ("lam", "weight_decay", "logit_weight", "hidden_weight", "ce_weight"):
             if getattr(self, name) < 0:
@@ -266,9 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = meta.pop("help")
         default = f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":  # a default of True is turned off by --no-NAME
-            action = argparse.BooleanOptionalAction if default else "store_true"
-            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         if "type" not in meta and "choices" not in meta:
             meta["type"] = {"int": int, "float": float}.get(f.type.split(" ")[0], str)

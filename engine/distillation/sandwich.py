@@ -11,14 +11,16 @@ from engine.models.supernet import Supernet
 
 
 def sandwich_step(forward: Callable[[int], tuple], select: Callable[[list[int]], object], sparsities,
-                  backward: Callable = torch.Tensor.backward, stack: bool = False) -> dict:
+                  backward: Callable = torch.Tensor.backward, per_forward: int = 1) -> dict:
     """Forward and backward every width against the same teacher outputs (which `forward` closes over), each
-    width's loss weighted 1/K. Either one width after another, each back-propagated at once so its activations are
-    freed before the next, or (`stack`) all K in one forward and one backward. `select(permilles)` activates the
-    widths of one forward; `forward(n)` returns (the mean loss of its n widths, {"loss", ...}: each width's
-    values); `backward` is `Tensor.backward` or a DeepSpeed engine's. The caller steps the optimizer once after."""
-    metrics = {}
-    for group in [list(sparsities)] if stack else [[s] for s in sparsities]:
+    width's loss weighted 1/K: `per_forward` widths stacked in each forward (0 = all K), each group
+    back-propagated at once, so its activations are freed before the next group's forward (1 = one width after
+    another). `select(permilles)` activates the widths of one forward; `forward(n)` returns (the mean loss of its n
+    widths, {"loss", ...}: each width's values); `backward` is `Tensor.backward` or a DeepSpeed engine's. The
+    caller steps the optimizer once after."""
+    metrics, sparsities = {}, list(sparsities)
+    size = per_forward or len(sparsities)
+    for group in [sparsities[i:i + size] for i in range(0, len(sparsities), size)]:
         select(group)
         loss, parts = forward(len(group))
         backward(loss * len(group) / len(sparsities))

@@ -81,6 +81,12 @@ def widths_per_step(candidates: int, sandwich_sample: int) -> int:
     return min(candidates, sandwich_sample + 2) if sandwich_sample else candidates
 
 
+def forwards_per_batch(widths: int, per_forward: int) -> int:
+    """Student forwards (and backwards) per micro-batch of a step training `widths` widths, `per_forward` stacked in
+    each (--stack-widths; 0 = all in one)."""
+    return -(-widths // (per_forward or widths))  # ceil
+
+
 @dataclass(frozen=True)
 class Width:
     """Kept units per layer: attention units (heads, or KV groups under GQA) and FFN neurons."""

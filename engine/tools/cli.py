@@ -130,8 +130,8 @@ def _add_plan(sub):
                    "every candidate, n > 0 = the largest, the smallest and n others (default 0)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward: "
                    "keep only layer inputs")
-    p.add_argument("--stack-widths", action=argparse.BooleanOptionalAction, default=True, help="a step's widths in "
-                   "one forward, their activations alive together (the default), or one after another")
+    p.add_argument("--stack-widths", type=int, default=0, metavar="N", help="widths per forward in a sandwich step, "
+                   "their activations alive together: 0 = all of a step's (default), 1 = one after another")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 

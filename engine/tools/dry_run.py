@@ -20,6 +20,7 @@ from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.widths import (
     PERMILLE,
     candidate_widths,
+    forwards_per_batch,
     grid_with_target,
     joint_widths,
     parse_sparsity,
@@ -51,7 +52,7 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
     candidates = _candidates(cfg, config, grid)
     past = past_target(grid, parse_sparsity(cfg.target_sparsity), parse_sparsity(cfg.sparsest))
     per_step = widths_per_step(len(candidates) + len(past), cfg.sandwich_sample) if command == "compress" else 1
-    backwards = 1 if cfg.stack_widths else per_step  # per micro-batch: DeepSpeed's accumulation steps
+    backwards = forwards_per_batch(per_step, cfg.stack_widths)  # per micro-batch: DeepSpeed's accumulation steps
     read_ds_config(cfg.teacher_ds_config())
     train = train_ds_config(TrainConfig.of(cfg), backwards)  # readable, and compatible with --optimizer
     cluster = mp.Cluster(*cfg.cluster_shape()).validate() if cfg.cluster else None

@@ -155,7 +155,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
 
 def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):
     """(teacher, student engine, Distiller, configs kept alive, train config) for a stage whose step runs
-    `backwards_per_step` backwards per micro-batch (the widths one by one, or 1 when they are stacked)."""
+    `backwards_per_step` backwards per micro-batch (one per group of stacked widths)."""
     import deepspeed
 
     train_config = train_ds_config(cfg, backwards_per_step)
@@ -165,7 +165,7 @@ def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):
     model, student_hf = _load_model(stage.student_dir, train_config)
     if stage.supernet:
         model = Supernet(model)  # widths come from stage.width_of
-        if cfg.stack_widths:
+        if cfg.stack_widths != 1:
             gather_whole_layers(model.model)
     if cfg.gradient_checkpointing:  # around the supernet's stacked layers: the recomputation runs every width again
         checkpoint_layers(model.model if stage.supernet else model)

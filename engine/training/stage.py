@@ -48,7 +48,7 @@ class TrainConfig:
     teacher_placement: str
     gradient_checkpointing: bool
     sandwich_sample: int
-    stack_widths: bool
+    stack_widths: int
     lam: float
     metric: str
     resume: bool

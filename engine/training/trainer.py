@@ -6,7 +6,7 @@ sandwich) or a plain pruned model (a TA or a student, one width). Both run the s
     for every step:                          one optimiser step per global batch
         teacher forward once (no grad)       hidden states + gathered LM head
         the widths, stacked (1/K each):      one forward (each layer runs every width), the loss, one backward
-                                             (--no-stack-widths: forward, loss and backward per width)
+                                             (--stack-widths n: per group of n widths)
         one all-reduce                       the losses, the finite check, the requeue flag
         DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum (if finite)
         every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
@@ -34,7 +34,7 @@ from engine.distillation.loss import Objective, teacher_outputs
 from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import best_tradeoff, performance, snapshot_moves, tradeoff
 from engine.progress import Monitor
-from engine.pruning.widths import PERMILLE, format_sparsity
+from engine.pruning.widths import PERMILLE, format_sparsity, forwards_per_batch
 from engine.training import distributed as dist
 from engine.training import faults
 from engine.training.batches import BatchOrder, dev_batches, widths_at
@@ -64,10 +64,10 @@ class StepOutcome:
 
 
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
-               timer: StageTimer | None = None, stack: bool = False) -> StepOutcome:
+               timer: StageTimer | None = None, per_forward: int = 1) -> StepOutcome:
     """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
-    1/(K x micro-batches)) back-propagated, the widths stacked in one forward or one after another (`select` takes
-    a list of widths: those of one forward). The losses stay on the device until one all-reduce, before the
+    1/(K x micro-batches)) back-propagated, `per_forward` widths stacked in each forward (0 = all; `select` takes
+    the list of widths of one forward). The losses stay on the device until one all-reduce, before the
     optimiser steps, carries them with the finite check and the requeue flag: one collective and one host sync
     per step, whatever K and the accumulation."""
     import deepspeed
@@ -77,7 +77,7 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
     head_params = [p for p in (head.weight, head.bias) if p is not None]
     accum, device = len(micro_batches), dist.device()
     step_losses = torch.zeros(len(widths), len(PARTS), dtype=torch.float32, device=device)
-    backwards, per_step = 0, accum * (1 if stack else len(widths))
+    backwards, per_step = 0, accum * forwards_per_batch(len(widths), per_forward)
 
     def backward(loss):
         nonlocal backwards
@@ -95,7 +95,7 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
             metrics = sandwich_step(lambda n: engine(ids, mask, t_out, objective, n), select, widths, backward,
-                                    stack)
+                                    per_forward)
         step_losses += torch.stack([torch.stack([metrics[w][part].float() for part in PARTS]) for w in widths]) / accum
     flags = torch.stack([(~torch.isfinite(step_losses[:, 0])).any().float(),
                          torch.tensor(float(faults.signal_received()), device=device)])
@@ -132,10 +132,10 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
            started: float, monitor: Monitor) -> StageState:
     """Build the stage's engines, train (or resume) to its end or early stop, release the engines. `started`:
     when this process began the stage (`state.seconds` adds it to the seconds of the checkpoint it resumed)."""
-    stack = cfg.stack_widths and stage.supernet
+    per_forward = cfg.stack_widths if stage.supernet else 1
     with timer("build engines"):
         teacher, engine, distiller, keep_alive, train_config = build_engines(
-            stage, cfg, 1 if stack else len(widths_at(stage, cfg, 0)))
+            stage, cfg, forwards_per_batch(len(widths_at(stage, cfg, 0)), per_forward))
     objective = stage.objective
     select = ((lambda group: distiller.student.stack([stage.width_of(s) for s in group])) if stage.supernet
               else (lambda group: None))
@@ -166,7 +166,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             widths = widths_at(stage, cfg, step)
             micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
             with timer("training steps"):
-                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer, stack)
+                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer, per_forward)
             if not outcome.finite:
                 _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
             faults.kill_point(f"{stage.name}:step")

@@ -52,22 +52,22 @@ def test_objective_terms_match_their_definitions(setup):
     torch.testing.assert_close(losses["loss"].detach(), 0.5 * logit + 0.5 * hidden + 0.3 * ce, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("order", ["per-width", "stacked", "stacked-checkpointed"])
-def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, order):
-    """Every way of running a sandwich step (one width after another; the widths stacked in one forward, also with
-    each layer recomputed in the backward) gives the mean of the widths' gradients, each computed alone, and each
-    width's own loss terms."""
+@pytest.mark.parametrize("per_forward,checkpointed", [(1, False), (0, False), (2, False), (0, True)])
+def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward, checkpointed):
+    """Every way of running a sandwich step (one width after another; all stacked in one forward, also with each
+    layer recomputed in the backward; two, then one) gives the mean of the widths' gradients, each computed alone,
+    and each width's own loss terms."""
     from engine.training.engines import checkpoint_layers
 
     teacher, supernet, ids, mask = setup
-    if order == "stacked-checkpointed":
+    if checkpointed:
         checkpoint_layers(supernet.model)
     widths, objective = [500, 700, 900], Objective(ce_weight=0.3)
     t_out = teacher_outputs(teacher, ids)
     supernet.zero_grad()
     metrics = sandwich_step(lambda n: stacked_width_loss(supernet.model, t_out, ids, mask, objective, n),
                             lambda group: supernet.stack([supernet.plan.width(s) for s in group]), widths,
-                            stack=order != "per-width")
+                            per_forward=per_forward)
     sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}
     expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
     for permille in widths:  # each width alone, separately

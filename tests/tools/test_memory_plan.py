@@ -230,10 +230,11 @@ def test_stacked_widths_hold_the_sum_of_their_activations():
     assert planned == pytest.approx(measure_activations(small_llama(), stacked=[full, half]), rel=0.01)
     assert PlanOptions(truncate=500).widths_held == [500, 600, 700, 800, 850, 900]
     assert PlanOptions(truncate=500, sandwich_sample=2).widths_held == [500, 600, 700, 900]  # the most it may draw
-    assert PlanOptions(truncate=500, stack_widths=False).widths_held == [500]
+    assert PlanOptions(truncate=500, stack_widths=2).widths_held == [500, 600]  # the first forward's
+    assert PlanOptions(truncate=500, stack_widths=1).widths_held == [500]
     config = preset_config("llama-2-7b")
     stacked = rows_by_name(config, Cluster(1, 8, 80))["zero3 / adamw"]
-    one_by_one = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(stack_widths=False))["zero3 / adamw"]
+    one_by_one = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(stack_widths=1))["zero3 / adamw"]
     assert stacked.activation_bytes == sum(activation_bytes(config, 256, w) for w in PlanOptions().widths_held)
     assert one_by_one.activation_bytes == activation_bytes(config, 256, 500) < stacked.activation_bytes
 
@@ -285,7 +286,7 @@ def test_activation_physics():
     assert activation_bytes(config, 4 * 2048, checkpointing=True) < full / 5
     assert activation_bytes(config, 8 * 2048) == 2 * full
     assert activation_bytes(config, 4 * 2048, 500) < full
-    one_by_one = dict(stack_widths=False)  # the widest width's activations alone
+    one_by_one = dict(stack_widths=1)  # the widest width's activations alone
     wide = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=0, **one_by_one))["zero3 / adamw"]
     narrow = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(truncate=500, **one_by_one))["zero3 / adamw"]
     assert wide.activation_bytes == activation_bytes(config, 256) > narrow.activation_bytes
@@ -304,7 +305,7 @@ def test_recommendation_prefers_exact_teachers_then_no_offload():
     config = preset_config("llama-2-70b")
     best, reason = recommend(plan_memory(config, Cluster(4, 8, 80), PlanOptions()))
     assert best.name == "zero3 / adamw" and "replicated / adamw" in reason
-    best, _ = recommend(plan_memory(config, Cluster(1, 8, 80), PlanOptions(seq_len=2048)))
+    best, _ = recommend(plan_memory(config, Cluster(1, 8, 80), PlanOptions(seq_len=2048, stack_widths=1)))
     assert best.fits and best.teacher in ("replicated", "zero3") and best.trained != "adamw"
     best, _ = recommend(plan_memory(preset_config("opt-1.3b"), Cluster(1, 1, 80), PlanOptions()))
     assert best.name == "replicated / adamw"
@@ -350,7 +351,14 @@ def test_nothing_fits_says_what_to_change(capsys):
     assert main(["plan", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr().out
     assert "nothing fits" in out and "more GPUs" in out and "--gradient-checkpointing" in out
-    assert "--no-stack-widths" in out
+    assert "--stack-widths 1: still needs" in out  # the fewest widths per forward do not fit either
+    argv = ["plan", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80", "--seq-len", "2048"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out  # all six widths of a step do not fit in one forward; fewer do
+    config, cluster = preset_config("llama-2-70b"), Cluster(1, 8, 80)
+    most = next(n for n in range(5, 0, -1) if recommend(plan_memory(config, cluster, PlanOptions(
+        seq_len=2048, stack_widths=n)))[0])  # the most widths per forward that fit
+    assert "nothing fits" in out and f"--stack-widths {most}: fits" in out
     report = plan_json(capsys, "llama-2-70b", "--gpu-memory", 16)
     assert report["recommended"] is None and not any(row["fits"] for row in report["placements"])
 

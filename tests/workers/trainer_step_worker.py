@@ -15,6 +15,7 @@ from engine.config import RunConfig
 from engine.data import Mixture
 from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
+from engine.pruning.widths import forwards_per_batch
 from engine.training import distributed as dist
 from engine.training import engines
 from engine.training.batches import BatchOrder
@@ -26,7 +27,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--grad-accum", type=int, default=1)
-parser.add_argument("--stack", type=int, default=0, help="1: the widths stacked in one forward (--stack-widths)")
+parser.add_argument("--stack", type=int, default=1, help="widths per forward (--stack-widths; 0 = all)")
 parser.add_argument("--checkpointing", type=int, default=0, help="1: --gradient-checkpointing")
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
@@ -54,7 +55,7 @@ schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(TrainConfig.o
 initial = {n: p.detach().clone() for n, p in named}
 
 stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
-backwards = 1 if args.stack else len(widths)  # per micro-batch
+backwards = forwards_per_batch(len(widths), args.stack)  # per micro-batch
 teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
 order = BatchOrder(Mixture.of(blocks, seed=0))
@@ -65,7 +66,7 @@ select = lambda group: distiller.student.stack([plan.width(s) for s in group])  
 for step in range(2):
     micro = [order.batch(step, a, cfg) for a in range(cfg.grad_accum)]
     before = len(collectives)
-    outcome = train_step(teacher, ds_engine, select, micro, widths, objective, stack=bool(args.stack))
+    outcome = train_step(teacher, ds_engine, select, micro, widths, objective, per_forward=args.stack)
     assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
     assert collectives[before:] == [len(widths) * len(PARTS) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
@@ -99,7 +100,7 @@ def full_weights():
 
 kept = full_weights()
 poisoned = train_step(teacher, ds_engine, select, [order.batch(2, a, cfg) for a in range(cfg.grad_accum)], widths,
-                      replace(objective, hidden_weight=float("nan")), stack=bool(args.stack))
+                      replace(objective, hidden_weight=float("nan")), per_forward=args.stack)
 unchanged = all(torch.equal(a, b) for a, b in zip(kept, full_weights()))
 if dist.is_main():
     Path(args.out).write_text(json.dumps({"world_size": dist.world_size(), "error": error, "worst": worst,

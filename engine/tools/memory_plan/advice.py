@@ -86,6 +86,15 @@ def _verdict(row: Placement) -> str:
     return f"fits ({row.name})" if row.fits else f"still needs {row.total_bytes / GIB:.1f} GiB"
 
 
+def _most_stacked(config, cluster: Cluster, options: PlanOptions) -> PlanOptions:
+    """The options with the most widths per forward, fewer than now, that fit (else one width per forward)."""
+    for n in range(len(options.widths_held) - 1, 1, -1):
+        fewer = replace(options, stack_widths=n)
+        if _smallest(config, cluster, fewer).fits:
+            return fewer
+    return replace(options, stack_widths=1)
+
+
 def advice(config, cluster: Cluster, options: PlanOptions) -> list[str]:
     """What to change when nothing fits: each remedy alone, then all together, with whether it is enough.
     More GPUs keep the micro-batch (the global batch grows with them)."""
@@ -96,10 +105,10 @@ def advice(config, cluster: Cluster, options: PlanOptions) -> list[str]:
     if options.micro_batch(cluster) > 1:
         lean = replace(lean, batch_size=cluster.gpus * options.grad_accum)
         tips.append(f"--batch-size {lean.batch_size} (micro-batch 1): {_verdict(_smallest(config, cluster, lean))}")
-    if options.stack_widths and len(options.widths_held) > 1:
-        one_by_one = replace(options, stack_widths=False)
-        tips.append(f"--no-stack-widths: {_verdict(_smallest(config, cluster, one_by_one))}")
-        lean = replace(lean, stack_widths=False)
+    if len(options.widths_held) > 1:
+        stacked = _most_stacked(config, cluster, options)
+        tips.append(f"--stack-widths {stacked.stack_widths}: {_verdict(_smallest(config, cluster, stacked))}")
+        lean = replace(lean, stack_widths=1)
     if not options.gradient_checkpointing:
         checkpointed = replace(options, gradient_checkpointing=True)
         tips.append(f"--gradient-checkpointing: {_verdict(_smallest(config, cluster, checkpointed))}")
@@ -124,7 +133,7 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
                     "headroom": HEADROOM},
         "run": {"micro_batch": options.micro_batch(cluster), "seq_len": options.seq_len,
                 "grad_accum": options.grad_accum, "gradient_checkpointing": options.gradient_checkpointing,
-                "stack_widths": options.stack_widths,
+                "stack_widths": options.stack_widths, "widths_per_forward": len(options.widths_held),
                 "candidates": [format_sparsity(s) for s in options.candidates],
                 "widths_per_step": options.widths_per_step, "tokens_per_micro_batch": tokens},
         "parameters": {"teacher": total, "supernet": total, "largest_layer": largest_layer_parameters(config),
@@ -177,14 +186,14 @@ def print_plan(report: dict) -> None:
                   "too; CPU/node includes DeepSpeed's 1.5x pinned-buffer factor")
     console.print(f"micro-batch {run['micro_batch']} x {run['seq_len']} tokens, {len(run['candidates'])} candidate "
                   f"widths ({', '.join(run['candidates'])}), {run['widths_per_step']} trained per step"
-                  f"{' (stacked)' if run['stack_widths'] else ' (one after another)'}"
+                  f", {run['widths_per_forward']} per forward"
                   f"{', gradient checkpointing' if run['gradient_checkpointing'] else ''}")
     if report["recommended"]:
         ds = report["ds_config"]
+        stacked = f" --stack-widths {run['stack_widths']}" if run["stack_widths"] else ""
         console.print(f"recommended: {report['reason']}")
         console.print(f"run it with: minidisc compress {ds['options']}"
-                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''}"
-                      f"{'' if run['stack_widths'] else ' --no-stack-widths'} ...")
+                      f"{' --gradient-checkpointing' if run['gradient_checkpointing'] else ''}{stacked} ...")
     else:
         console.print(f"[bold red]{report['reason']}[/]; what to change:")
         for tip in report["advice"]:

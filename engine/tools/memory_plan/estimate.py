@@ -4,8 +4,8 @@ A sandwich step holds, on every GPU at once:
 
     teacher        the frozen teacher (ZeRO-3 shard, a full bf16 copy, or bitsandbytes int8/nf4)
     model states   the trained supernet under ZeRO-3: bf16 parameters, fp32 gradients, optimiser states
-    activations    what autograd saves for the step's widths: all of them when they are stacked in one forward
-                   (--stack-widths, the default), else the widest (one after another)
+    activations    what autograd saves for the widths of one forward: all the step's widths by default, stacked
+                   (--stack-widths 0), the widest n with --stack-widths n, the widest alone with 1
     loss buffers   the teacher's outputs, kept across the K widths, and the fused KL loss's working set
 
 Everything is computed from the config alone (no weights, so a 70B plan takes milliseconds) by pure
@@ -84,7 +84,7 @@ class PlanOptions:
     grad_accum: int = 1
     sandwich_sample: int = 0
     gradient_checkpointing: bool = False
-    stack_widths: bool = True
+    stack_widths: int = 0  # widths per forward; 0 = all of a step's
 
     def validate(self) -> "PlanOptions":
         check_target_and_truncate(self.target, self.truncate)
@@ -94,8 +94,8 @@ class PlanOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
         if self.seq_len < 2:
             raise UserError("--seq-len must be at least 2 (a token and the next one)")
-        if self.sandwich_sample < 0:
-            raise UserError("--sandwich-sample cannot be negative")
+        if self.sandwich_sample < 0 or self.stack_widths < 0:
+            raise UserError("--sandwich-sample and --stack-widths cannot be negative")
         return self
 
     @property
@@ -109,12 +109,11 @@ class PlanOptions:
 
     @property
     def widths_held(self) -> list[int]:
-        """The widths whose activations are alive at once, at most: every width of a step when they are stacked
-        (with --sandwich-sample, the widest ones it may draw and the sparsest), else the widest alone."""
+        """The widths whose activations are alive at once, at most: those of the first forward of a step (its
+        widest, --stack-widths of them; with --sandwich-sample, the widest ones it may draw, then the sparsest)."""
         candidates, k = sorted(self.candidates), self.widths_per_step
-        if not self.stack_widths:
-            return candidates[:1]
-        return candidates if k >= len(candidates) else candidates[:k - 1] + candidates[-1:]
+        step = candidates if k >= len(candidates) else candidates[:k - 1] + candidates[-1:]
+        return step[:self.stack_widths or k]
 
     def micro_batch(self, cluster: Cluster) -> int:
         """Sequences per GPU per forward (as `engine.training.trainer.micro_batch`)."""
