@@ -122,7 +122,9 @@ def test_dry_run_lists_the_widths_each_stage_trains(pruned_dirs, corpus, tmp_pat
     stages = {s["stage"]: s for s in summary["stages"]}
     assert stages["sandwich"]["widths_per_step"] == 5  # 0.7 .. 0.9 and 0.95
     assert stages["student"]["widths_per_step"] == 4  # past a 0.7 TA: 0.8, 0.85, 0.9, 0.95
-    assert summary["deepspeed"]["gradient_accumulation_steps"] == 5
+    assert summary["deepspeed"]["gradient_accumulation_steps"] == 1  # the 5 widths stacked in one forward
+    grouped = dry_run(replace(cfg, stack_widths=2), "compress")["deepspeed"]["gradient_accumulation_steps"]
+    assert grouped == 3  # forwards of 2, 2 and 1 widths
     # the sandwich's steps follow from --sandwich-share once the widths' FLOPs are known; --sandwich-steps fixes them
     assert stages["sandwich"]["steps"] is None and stages["sandwich"]["note"] == "0.2 of FLOPs"
     assert stages["student"]["steps"] == cfg.max_steps
