@@ -28,22 +28,26 @@ def sandwich_step(forward: Callable[[int], tuple], select: Callable[[list[int]],
     return metrics
 
 
-def _next_token_stats(model, input_ids, loss_mask):
-    """(correct top-1 predictions, summed CE, counted tokens) of a causal LM over non-padding next tokens, from its
-    last hidden states and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V]
-    logits. Under ZeRO-3 the head is gathered for the call, like the decoder layers in the model's forward."""
+def _next_token_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
+    """[correct top-1 predictions, summed CE, counted tokens] of a causal LM over non-padding next tokens, per
+    stacked width ([widths, 3], float64 on the CPU; `Supernet.stack` activates them), from its last hidden states
+    and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V] logits. Under ZeRO-3
+    the head is gathered for the call, like the decoder layers in the model's forward."""
     import deepspeed
 
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     keep = keep[:, 1:]  # position t counts when its target, token t + 1, does (right padding: no attention mask)
     lm = model.model if isinstance(model, Supernet) else model
-    hidden = lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = lm.model(input_ids=input_ids.repeat(widths, 1), use_cache=False).last_hidden_state[:, :-1]
     head = lm.get_output_embeddings()
     params = [p for p in (head.weight, head.bias) if p is not None]
+    rows = []
     with deepspeed.zero.GatheredParameters(params, enabled=hasattr(head.weight, "ds_id")):
-        correct, nll = kernels.fused_linear_token_stats(hidden, head.weight, input_ids[:, 1:], bias=head.bias,
-                                                        mask=keep)
-    return correct.sum(), nll.sum(), keep.sum()
+        for width_hidden in hidden.chunk(widths):
+            correct, nll = kernels.fused_linear_token_stats(width_hidden, head.weight, input_ids[:, 1:],
+                                                            bias=head.bias, mask=keep)
+            rows.append(torch.stack([correct.sum().double(), nll.sum().double(), keep.sum().double()]))
+    return torch.stack(rows).cpu()
 
 
 @torch.no_grad()
@@ -51,20 +55,21 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
                     reduce: Callable = lambda totals: totals) -> dict:
     """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
 
-    Each batch (input_ids, loss mask or None) is loaded and run through the teacher once; then every
-    width sees the same batch. `select(permille)` activates a width (default `student.set_sparsity`; a
-    no-op for a plain model); `reduce` sums the [correct, loss, tokens] totals over processes.
+    Each batch (input_ids, loss mask or None) is loaded and run through the teacher once; then every width sees
+    the same batch, all of them stacked in one forward (under ZeRO-3 each layer is gathered once for all widths;
+    without gradients only one layer's outputs per width are alive). `select(permilles)` activates them (default
+    `student.stack` at the plan's widths; a no-op for a plain model, given one width); `reduce` sums the
+    [correct, loss, tokens] totals over processes.
     Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy", "loss", "tokens"}.
     """
-    select = select or student.set_sparsity
+    select = select or (lambda group: student.stack([student.plan.width(s) for s in group]))
     totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
     modes = [(module, module.training) for module in student.modules()]  # each its own: a wrapper's may differ
     student.eval()
     for input_ids, loss_mask in batches:
-        totals[0] += torch.stack(_next_token_stats(teacher, input_ids, loss_mask)).double().cpu()
-        for i, permille in enumerate(sparsities, start=1):
-            select(permille)
-            totals[i] += torch.stack(_next_token_stats(student, input_ids, loss_mask)).double().cpu()
+        totals[0] += _next_token_stats(teacher, input_ids, loss_mask)[0]
+        select(list(sparsities))
+        totals[1:] += _next_token_stats(student, input_ids, loss_mask, len(sparsities))
     for module, training in modes:
         module.training = training
     totals = dict(zip(["teacher", *sparsities], reduce(totals)))
@@ -79,6 +84,6 @@ def score_model(model, split, batch_size: int, device) -> dict:
     model.eval()
     for ids, mask in split.batches(batch_size):
         mask = None if mask is None else mask.to(device)
-        totals += torch.stack(_next_token_stats(model, ids.to(device), mask)).double().cpu()
+        totals += _next_token_stats(model, ids.to(device), mask)[0]
     tokens = totals[2].clamp(min=1)
     return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2])}

@@ -176,8 +176,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             monitor.step(state.step, dict(zip(widths, outcome.parts)), engine.get_lr()[0], _grad_norm(engine))
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 with timer("evaluation"):
-                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, lambda s: select([s]),
-                                         monitor)
+                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select, monitor)
                 if improved:
                     with timer("best snapshots"):
                         save_best(stage, distiller, engine, train_config, stage_dir / "best", state)

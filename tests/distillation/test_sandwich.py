@@ -85,8 +85,9 @@ def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward
 
 
 def test_stacked_widths_need_one_gather_per_layer(setup):
-    """Stacked, each decoder layer is called once per forward for all widths (ZeRO-3 gathers a layer per call), and
-    the widths really differ: each copy of the batch gets its own width's hidden states."""
+    """Stacked, each decoder layer is called once per forward for all widths (ZeRO-3 gathers a layer per call), in
+    training and in the evaluation, and the widths really differ: each copy of the batch gets its own width's
+    hidden states."""
     teacher, supernet, ids, mask = setup
     layers = supernet.family.layers(supernet.model)
     calls = []
@@ -94,6 +95,8 @@ def test_stacked_widths_need_one_gather_per_layer(setup):
     supernet.stack([supernet.plan.width(s) for s in (0, 500, 900)])
     stacked = supernet.model.model(input_ids=ids.repeat(3, 1), use_cache=False).last_hidden_state
     assert calls == list(range(len(layers)))
+    evaluate_widths(supernet, teacher, [(ids, mask)], [0, 500, 900])
+    assert calls == 2 * list(range(len(layers)))
     for hook in hooks:
         hook.remove()
     for k, permille in enumerate((0, 500, 900)):
@@ -103,6 +106,7 @@ def test_stacked_widths_need_one_gather_per_layer(setup):
 
 
 def test_one_pass_evaluation_equals_each_width_alone(setup):
+    """The widths evaluated stacked in one forward per batch score exactly what each scores alone."""
     teacher, supernet, ids, mask = setup
     batches = [(ids, mask), (ids.flip(0), mask.flip(0))]
     together = evaluate_widths(supernet, teacher, batches, [0, 500, 900])
