@@ -5,10 +5,12 @@
 #      torch pin is the CPU build;
 #   2. the kernels' tests on CUDA against the torch references (the `gpu` marker: they pick CUDA by themselves);
 #   3. bench_distill_loss.py on the GPU shapes (naive, ours, Liger-Kernel), bench_token_stats.py (evaluation without
-#      full logits), the stage-memory test on CUDA and bench_distill_step.py;
+#      full logits), the stage-memory test on CUDA, bench_distill_step.py and bench_memory_plan.py (`minidisc plan`'s
+#      estimate against the measured peak of OPT-1.3B sandwich steps, widths stacked and one after another);
 #   4. the built-in example in bf16 with NCCL on one GPU (bench_builtin.py), with the kd and ce baselines.
-# `gpu_check.sh kernels` runs 2-3 (about 5 minutes on an H100) and `gpu_check.sh builtin` runs 4 (its sandwich alone
-# took 3 minutes there), so a machine lent for at most 10 minutes per command runs them as two commands.
+# `gpu_check.sh kernels` runs 2-3 (about 4 minutes on an H200 before bench_memory_plan.py, which is not timed yet)
+# and `gpu_check.sh builtin` runs 4 (over 5 minutes on an H200), so a machine lent for at most 10 minutes per
+# command runs them as two commands.
 # Every benchmark appends CSV rows tagged with the GPU's name to benchmarks/results/. A failing step does not stop
 # the later ones (GPU time is scarce); the exit status is 1 if any failed, and the failures are listed last.
 set -uo pipefail
@@ -34,6 +36,8 @@ step "KD loss: naive vs ours vs Liger-Kernel (benchmarks/results/distill_loss.cs
 step "evaluation statistics: full logits vs ours (benchmarks/results/token_stats.csv)" "$PYTHON" benchmarks/bench_token_stats.py
 step "three stages in one process free their CUDA memory" "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_memory.py
 step "one distillation step (benchmarks/results/distill_step.csv)" "$PYTHON" benchmarks/bench_distill_step.py --device cuda
+step "memory plan vs measured, widths stacked (benchmarks/results/memory_plan.csv)" "$PYTHON" benchmarks/bench_memory_plan.py
+step "memory plan vs measured, one width at a time" "$PYTHON" benchmarks/bench_memory_plan.py --stack-widths 1
 fi
 if [ "$part" != kernels ]; then
 # Without the kd-matched baseline: its 1,894 steps take 3 of the 6 minutes of the default run on an H200.
