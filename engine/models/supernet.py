@@ -132,6 +132,9 @@ class Supernet(nn.Module):
                 return forward(*args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             rows = hidden.shape[0]
+            if rows % len(widths):
+                raise ValueError(f"{len(widths)} stacked widths need a batch of {len(widths)} equal parts, got "
+                                 f"{rows} rows: repeat the batch once per width, or set_width for one width")
             outputs = []
             for k, width in enumerate(widths):
                 self._set_layer_width(index, width)

@@ -99,6 +99,8 @@ def test_stacked_widths_need_one_gather_per_layer(setup):
     assert calls == 2 * list(range(len(layers)))
     for hook in hooks:
         hook.remove()
+    with pytest.raises(ValueError, match="3 stacked widths need a batch of 3 equal parts, got 2 rows"):
+        supernet.model.model(input_ids=ids, use_cache=False)  # the batch not repeated
     for k, permille in enumerate((0, 500, 900)):
         supernet.set_sparsity(permille)
         alone = supernet.model.model(input_ids=ids).last_hidden_state
