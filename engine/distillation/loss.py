@@ -90,7 +90,7 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mas
     next_keep = torch.zeros_like(keep)
     next_keep[:, :-1] = keep[:, 1:]
     head = student.get_output_embeddings()
-    logit, logits = kernels.fused_linear_distill_loss(
+    logit, logit_each = kernels.fused_linear_distill_loss(
         out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
         student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
         temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
@@ -104,8 +104,8 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mas
     # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
     loss = objective.logit_weight * logit + objective.hidden_weight * hidden.mean() + objective.ce_weight * ce.mean()
     hidden, ce = hidden.detach(), ce.detach()
-    each = objective.logit_weight * logits + objective.hidden_weight * hidden + objective.ce_weight * ce
-    return loss, {"loss": each, "logit": logits, "hidden": hidden, "ce": ce}
+    each = objective.logit_weight * logit_each + objective.hidden_weight * hidden + objective.ce_weight * ce
+    return loss, {"loss": each, "logit": logit_each, "hidden": hidden, "ce": ce}
 
 
 def _masked_mse(student, teacher, keep):
