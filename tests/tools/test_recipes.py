@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MINIDISC, REPO, minidisc
+from helpers import MINIDISC, REPO, minidisc_forked
 
 from engine.tools.memory_plan.shapes import preset_config
 
@@ -94,19 +94,18 @@ def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     base = ["compress", "--config", recipe, "--teacher", checkpoints["opt-13b"], "--data", corpus["jsonl"],
             "--dev-data", corpus["jsonl"], "--dry-run"]
 
-    def error(*extra) -> str:
-        result = minidisc(*base, *extra, check=False)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        return result.stderr.strip().splitlines()[-1]
-
-    assert "exceeds the teacher's max_position_embeddings (2048)" in error("--seq-len", "4096")
-    assert "cannot be split evenly over 24 GPUs" in error("--cluster", "3x8x80")
-    assert "GiB per GPU but 1x1x16 leaves" in error("--cluster", "1x1x16", "--batch-size", "4", "--grad-accum", "1")
-    assert "write NODESxGPUSxGIB" in error("--cluster", "8 GPUs")
-    assert "data file" in error("--data", "/nonexistent/train.jsonl")
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "baselines": ["distill"]}))
-    assert "expects a list of kd, kd-matched, kd-steps, ce" in error("--config", changed)
+    cases = [(["--seq-len", "4096"], "exceeds the teacher's max_position_embeddings (2048)"),
+             (["--cluster", "3x8x80"], "cannot be split evenly over 24 GPUs"),
+             (["--cluster", "1x1x16", "--batch-size", "4", "--grad-accum", "1"], "GiB per GPU but 1x1x16 leaves"),
+             (["--cluster", "8 GPUs"], "write NODESxGPUSxGIB"),
+             (["--data", "/nonexistent/train.jsonl"], "data file"),
+             (["--config", changed], "expects a list of kd, kd-matched, kd-steps, ce")]
+    # one engine import, each command line in a fork of it (the console script itself: test_cli.py)
+    for (extra, wanted), result in zip(cases, minidisc_forked([base + extra for extra, _ in cases], tmp_path / "logs")):
+        assert result["exit"] == 2 and "Traceback" not in result["stderr"], result["stderr"][-2000:]
+        assert wanted in result["stderr"].strip().splitlines()[-1], (extra, result["stderr"][-500:])
 
 
 def test_dry_run_lists_the_widths_each_stage_trains(pruned_dirs, corpus, tmp_path):
