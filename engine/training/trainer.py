@@ -8,7 +8,7 @@ sandwich) or a plain pruned model (a TA or a student, one width). Both run the s
         the widths, stacked (1/K each):      one forward (each layer runs every width), the loss, one backward
                                              (--stack-widths n: per group of n widths)
         one all-reduce                       the losses, the finite check, the requeue flag
-        DeepSpeed steps at the boundary      gradient_accumulation_steps = K x --grad-accum (if finite)
+        DeepSpeed steps at the boundary      gradient_accumulation_steps = forwards x --grad-accum (if finite)
         every --eval-every steps:            all widths on the dev split in one pass, best-so-far p(s),
                                              snapshot of the best trade-off among the stage's candidates,
                                              atomic DeepSpeed checkpoint

@@ -141,6 +141,35 @@ def test_fused_linear_matches_reference(kind, beta, reduction, mask_pattern, wit
     check(loss, ref, grads, ref_grads, torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_stacked_students_against_one_teacher(reduction):
+    """K = 3 students stacked along the batch against one teacher (the sandwich's stacked widths): the teacher's rows
+    are reused per student (chunks of 17 rows never span two students), the loss is the reference's on the teacher
+    repeated 3 times, and each student's own loss comes back with return_copy_losses."""
+    g = torch.Generator().manual_seed(4)
+    b, t, v, h = 2, 19, 301, 40
+    h_s = torch.randn(3 * b, t, h, generator=g, requires_grad=True)
+    w_s = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_()
+    h_t, w_t = torch.randn(b, t, h, generator=g), torch.randn(v, h, generator=g) / h**0.5
+    mask = make_mask("random", (b, t), g).repeat(3, 1)
+    kw = dict(kind="jsd", beta=0.3, temperature=1.5, mask=mask, reduction=reduction)
+    out = kernels.fused_linear_distill_loss(h_s, w_s, h_t, w_t, backend="torch", chunk_size=17,
+                                            return_copy_losses=reduction != "none", **kw)
+    loss, each = out if reduction != "none" else (out, None)
+    ref = reference_fused(h_s, w_s, None, h_t.repeat(3, 1, 1), w_t, None, **kw)
+    upstream = torch.randn(ref.shape, generator=g) if reduction == "none" else torch.tensor(0.7)
+    check(loss, ref, torch.autograd.grad((loss * upstream).sum(), (h_s, w_s)),
+          torch.autograd.grad((ref * upstream).sum(), (h_s, w_s)), torch.float32)
+    if each is not None:
+        alone = [reference_fused(part, w_s, None, h_t, w_t, None, **{**kw, "mask": mask[:b]})
+                 for part in h_s.chunk(3)]
+        torch.testing.assert_close(each, torch.stack(alone).detach(), rtol=1e-5, atol=1e-6)
+        if reduction == "mean":  # every student keeps the same tokens: the mean is the mean of their means
+            torch.testing.assert_close(loss.detach(), each.mean(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="different token shapes"):
+        kernels.fused_linear_distill_loss(h_s[:5], w_s, h_t, w_t, backend="torch")  # 5 rows: not a multiple of 2
+
+
 def test_fused_linear_large_odd_shape():
     """The issue's odd shape: 4 x 423 tokens, vocabulary 1423, hidden 167."""
     g = torch.Generator().manual_seed(3)
