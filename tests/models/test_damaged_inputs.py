@@ -83,6 +83,7 @@ def test_a_sharded_checkpoint_missing_a_shard_is_refused(pruned_dirs, tmp_path):
     ("ce_weight", -1.0, "--ce-weight -1 cannot be negative"),
     ("lr", -1.0, "--lr and --temperature must be positive"),
     ("temperature", 0.0, "--lr and --temperature must be positive"),
+    ("stack_widths", -1, "--stack-widths, --patience"),
 ])
 def test_non_finite_and_negative_options_are_refused(field, value, message):
     with pytest.raises(UserError, match=pytest.importorskip("re").escape(message)):
