@@ -21,7 +21,11 @@ VOCAB = 512
 MINIDISC = str(Path(sys.executable).parent / "minidisc")
 
 
-# Odd sizes on purpose: intermediate 37 is not a multiple of 8, GQA has 3 query heads per KV group.
+# Odd sizes on purpose: intermediate 37 is not a multiple of 8, GQA has 3 query heads per KV group. The newer
+# families each add what LLaMA lacks: Mistral a sliding window shorter than the test sequences, Qwen2 q/k/v
+# biases, tied embeddings and sliding layers after the first, Qwen3 per-head q/k norms and head_dim x heads != hidden.
+# Qwen's embeddings have rows past its tokenizer (`extra_vocab`), as the published ones do: AutoTokenizer loads the
+# test tokenizer in a Qwen folder as a Qwen2Tokenizer, which adds <|endoftext|>.
 
 
 CONFIGS = {
@@ -31,6 +35,13 @@ CONFIGS = {
                       head_dim=8, intermediate_size=37, num_hidden_layers=3),
     "llama_gqa_bias": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
                            head_dim=8, intermediate_size=37, num_hidden_layers=3, attention_bias=True, mlp_bias=True),
+    "mistral": dict(model_type="mistral", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                    intermediate_size=37, num_hidden_layers=3, sliding_window=8),
+    "qwen2": dict(model_type="qwen2", hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                  intermediate_size=37, num_hidden_layers=3, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=1, tie_word_embeddings=True, extra_vocab=8),
+    "qwen3": dict(model_type="qwen3", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=37, num_hidden_layers=3, extra_vocab=8),
     "opt": dict(model_type="opt", hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
                 dropout=0.0, word_embed_proj_dim=48),
 }
@@ -38,20 +49,22 @@ CONFIGS = {
 
 def tiny_model(name: str, seed: int = 0, vocab_size: int = VOCAB):
     """A randomly initialised tiny causal LM (weights large enough that every unit matters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     options = dict(CONFIGS[name])
     model_type = options.pop("model_type")
+    vocab_size += options.pop("extra_vocab", 0)
+    if model_type == "opt":
+        options["pad_token_id"] = 0
     torch.manual_seed(seed)
-    if model_type == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **options))
-    else:
-        model = OPTForCausalLM(OPTConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                         **options))
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **options)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name_, p in model.named_parameters():
             if "norm" not in name_:
                 p.normal_(0, 0.15)
+            elif "q_norm" in name_ or "k_norm" in name_:  # per-head norms that differ by channel
+                p.uniform_(0.5, 1.5)
     return model.eval()
 
 

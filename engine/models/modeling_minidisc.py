@@ -1,10 +1,11 @@
-"""Hugging Face classes for pruned LLaMA/OPT checkpoints whose layers keep different numbers of units.
+"""Hugging Face classes for pruned checkpoints whose layers keep different numbers of units (LLaMA, Mistral,
+Qwen2/Qwen2.5, Qwen3 and OPT).
 
 This file imports only torch and transformers: `save_pretrained` copies it next to the weights, so a
 checkpoint loads with `trust_remote_code=True` on a machine without the minidisc package (inside the
 package, `engine.load_causal_lm` picks these classes by the config's `architectures`).
 
-The configs keep the stock `model_type` ("llama", "opt"): each is the stock config plus two per-layer
+The configs keep the stock `model_type` ("llama", "qwen3", "opt", ...): each is the stock config plus two per-layer
 lists, so AutoConfig and AutoTokenizer (which reads the model config first in transformers 5) load an
 exported folder with no custom code, no prompt and no warning. Only the model needs this file, through
 `auto_map` and `trust_remote_code=True`.
@@ -20,9 +21,23 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.opt.modeling_opt import OPTAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 
 def _cache_argument(forward, hidden_states, args, kwargs):
@@ -36,39 +51,57 @@ def _cache_argument(forward, hidden_states, args, kwargs):
     return None
 
 
-def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_states, cache, head_dim):
+def empty_attention_forward(attention: nn.Module, out_proj: nn.Module, hidden_states, cache):
     """Attention with no heads: the output projection applied to an empty input (its bias, or zeros)."""
+    empty_heads = hidden_states.new_zeros(*hidden_states.shape[:-1], 0, attention.head_dim)
     if cache is not None:  # keep the cache's length right for generation
-        empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], head_dim)
+        empty = empty_heads.transpose(1, 2)
         cache.update(empty, empty, attention.layer_idx)
     out = out_proj(hidden_states[..., :0])
-    # Exact zeros that keep q/k/v in the autograd graph: under DeepSpeed ZeRO-3 every parameter needs a
-    # gradient each step (a parameter that misses one gets its stale gradient applied again).
+    # Exact zeros that keep q/k/v (and Qwen3's per-head q/k norms) in the autograd graph: under DeepSpeed ZeRO-3
+    # every parameter needs a gradient each step (a parameter that misses one gets its stale gradient applied
+    # again). Calling the modules, not reading their weights, lets ZeRO-3 gather them first.
     for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
         out = out + proj(hidden_states).sum(-1, keepdim=True)
+    for norm in (getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)):
+        if norm is not None:
+            out = out + norm(empty_heads).sum((-2, -1))[..., None]
     return out, None
 
 
-# Both subclasses pass every argument through untouched (the parent's signature changes between
-# transformers releases) and only take over when the layer has no heads.
-class PrunableLlamaAttention(LlamaAttention):
-    """LlamaAttention that also runs with no heads; `num_heads` is the number of query heads it has."""
+class PrunableAttention:
+    """Mixin for an attention class: it also runs with no heads; `num_heads` is the number of query heads it has.
+
+    It passes every argument through untouched (the parent's signature changes between transformers releases)
+    and only takes over when the layer has no heads."""
+
+    out_proj_name = "o_proj"
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.num_heads == 0:
             cache = _cache_argument(super().forward, hidden_states, args, kwargs)
-            return empty_attention_forward(self, self.o_proj, hidden_states, cache, self.head_dim)
+            return empty_attention_forward(self, getattr(self, self.out_proj_name), hidden_states, cache)
         return super().forward(hidden_states, *args, **kwargs)
 
 
-class PrunableOPTAttention(OPTAttention):
-    """OPTAttention that also runs with no heads."""
+class PrunableLlamaAttention(PrunableAttention, LlamaAttention):
+    pass
 
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.num_heads == 0:
-            cache = _cache_argument(super().forward, hidden_states, args, kwargs)
-            return empty_attention_forward(self, self.out_proj, hidden_states, cache, self.head_dim)
-        return super().forward(hidden_states, *args, **kwargs)
+
+class PrunableMistralAttention(PrunableAttention, MistralAttention):
+    pass
+
+
+class PrunableQwen2Attention(PrunableAttention, Qwen2Attention):
+    pass
+
+
+class PrunableQwen3Attention(PrunableAttention, Qwen3Attention):
+    pass
+
+
+class PrunableOPTAttention(PrunableAttention, OPTAttention):
+    out_proj_name = "out_proj"
 
 
 class EmptyLinear(nn.Module):
@@ -107,6 +140,37 @@ def _check_layers(config, name: str, values) -> list[int]:
     return [int(v) for v in values]
 
 
+def _per_layer_lists(config) -> None:
+    """Fill and check a LLaMA-like per-layer config's two lists (default: every layer at full width)."""
+    config.kv_heads_per_layer = _check_layers(config, "kv_heads_per_layer", config.kv_heads_per_layer
+                                              or [config.num_key_value_heads] * config.num_hidden_layers)
+    config.intermediate_sizes = _check_layers(config, "intermediate_sizes", config.intermediate_sizes
+                                              or [config.intermediate_size] * config.num_hidden_layers)
+
+
+def _resize_llama_like_layers(model, prunable_attention: type) -> None:
+    """Give each decoder layer of a LLaMA-like model (LLaMA, Mistral, Qwen2, Qwen3: the same module names) the
+    KV heads and FFN neurons its config lists. Qwen3's q/k norms act per head over head_dim: no width changes them."""
+    config = model.config
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    hidden = config.hidden_size
+    for layer, kv_heads, neurons in zip(model.model.layers, config.kv_heads_per_layer, config.intermediate_sizes):
+        attn, mlp, head_dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+        if kv_heads == 0:  # the only layers that need more than the stock module
+            attn.__class__ = prunable_attention
+        attn.num_heads = kv_heads * n_rep
+        attn.q_proj = _resized(attn.q_proj, hidden, kv_heads * n_rep * head_dim)
+        attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
+        attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
+        attn.o_proj = _resized(attn.o_proj, kv_heads * n_rep * head_dim, hidden)
+        mlp.gate_proj = _resized(mlp.gate_proj, hidden, neurons)
+        mlp.up_proj = _resized(mlp.up_proj, hidden, neurons)
+        mlp.down_proj = _resized(mlp.down_proj, neurons, hidden)
+        mlp.intermediate_size = neurons
+
+
+# One config and one model class per LLaMA-like family: the stock classes plus the two per-layer lists. They
+# are spelled out (not made by a factory) because `auto_map` names them in this file by their class names.
 class MiniDiscLlamaConfig(LlamaConfig):
     model_type = "llama"  # the stock type: see the module docstring
     kv_heads_per_layer: list[int] | None = None
@@ -114,10 +178,7 @@ class MiniDiscLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.kv_heads_per_layer = _check_layers(self, "kv_heads_per_layer", self.kv_heads_per_layer
-                                                or [self.num_key_value_heads] * self.num_hidden_layers)
-        self.intermediate_sizes = _check_layers(self, "intermediate_sizes", self.intermediate_sizes
-                                                or [self.intermediate_size] * self.num_hidden_layers)
+        _per_layer_lists(self)
 
 
 class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
@@ -125,21 +186,64 @@ class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: MiniDiscLlamaConfig):
         super().__init__(config)
-        n_rep = config.num_attention_heads // config.num_key_value_heads
-        head_dim, hidden = config.head_dim, config.hidden_size
-        for layer, kv_heads, neurons in zip(self.model.layers, config.kv_heads_per_layer, config.intermediate_sizes):
-            attn, mlp = layer.self_attn, layer.mlp
-            if kv_heads == 0:  # the only layers that need more than the stock module
-                attn.__class__ = PrunableLlamaAttention
-            attn.num_heads = kv_heads * n_rep
-            attn.q_proj = _resized(attn.q_proj, hidden, kv_heads * n_rep * head_dim)
-            attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
-            attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
-            attn.o_proj = _resized(attn.o_proj, kv_heads * n_rep * head_dim, hidden)
-            mlp.gate_proj = _resized(mlp.gate_proj, hidden, neurons)
-            mlp.up_proj = _resized(mlp.up_proj, hidden, neurons)
-            mlp.down_proj = _resized(mlp.down_proj, neurons, hidden)
-            mlp.intermediate_size = neurons
+        _resize_llama_like_layers(self, PrunableLlamaAttention)
+        self.post_init()
+
+
+class MiniDiscMistralConfig(MistralConfig):
+    model_type = "mistral"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _per_layer_lists(self)
+
+
+class MiniDiscMistralForCausalLM(MistralForCausalLM):
+    config_class = MiniDiscMistralConfig
+
+    def __init__(self, config: MiniDiscMistralConfig):
+        super().__init__(config)
+        _resize_llama_like_layers(self, PrunableMistralAttention)
+        self.post_init()
+
+
+class MiniDiscQwen2Config(Qwen2Config):
+    model_type = "qwen2"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _per_layer_lists(self)
+
+
+class MiniDiscQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = MiniDiscQwen2Config
+
+    def __init__(self, config: MiniDiscQwen2Config):
+        super().__init__(config)
+        _resize_llama_like_layers(self, PrunableQwen2Attention)
+        self.post_init()
+
+
+class MiniDiscQwen3Config(Qwen3Config):
+    model_type = "qwen3"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _per_layer_lists(self)
+
+
+class MiniDiscQwen3ForCausalLM(Qwen3ForCausalLM):
+    config_class = MiniDiscQwen3Config
+
+    def __init__(self, config: MiniDiscQwen3Config):
+        super().__init__(config)
+        _resize_llama_like_layers(self, PrunableQwen3Attention)
         self.post_init()
 
 
@@ -177,4 +281,5 @@ class MiniDiscOPTForCausalLM(OPTForCausalLM):
 
 # Per-layer classes by the architecture name that exported configs list.
 PER_LAYER_CLASSES = {model.__name__: (model.config_class, model)
-                     for model in (MiniDiscLlamaForCausalLM, MiniDiscOPTForCausalLM)}
+                     for model in (MiniDiscLlamaForCausalLM, MiniDiscMistralForCausalLM, MiniDiscQwen2ForCausalLM,
+                                   MiniDiscQwen3ForCausalLM, MiniDiscOPTForCausalLM)}

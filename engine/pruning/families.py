@@ -10,23 +10,44 @@ Every family is described by the same two coupled groups per layer:
 Masking, reordering, slicing, parameter counting and export are written once against `UnitGroup`; what
 else differs between families (the configs of exported widths, the shapes and saved activations the memory
 plan counts) is a property of the adapter, so this is the only module that knows LLaMA from OPT.
+
+Mistral, Qwen2/Qwen2.5 and Qwen3 share LLaMA's module names and differ only where no unit is involved:
+biases on rows (Qwen2's q/k/v) move with their rows, Qwen3's q/k RMSNorms act on each head over head_dim
+(shared by all heads, so no width changes them), and sliding-window settings are config keys that exported
+configs keep.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import kernels
 from engine.errors import UserError
 from engine.models.modeling_minidisc import (
-    MiniDiscLlamaConfig,
     MiniDiscLlamaForCausalLM,
+    MiniDiscMistralForCausalLM,
     MiniDiscOPTConfig,
     MiniDiscOPTForCausalLM,
+    MiniDiscQwen2ForCausalLM,
+    MiniDiscQwen3ForCausalLM,
     PrunableLlamaAttention,
+    PrunableMistralAttention,
     PrunableOPTAttention,
+    PrunableQwen2Attention,
+    PrunableQwen3Attention,
 )
 
 
@@ -62,6 +83,7 @@ class SavedBytes:
     ids: int  # input ids (and position ids), int64
     final_norm: tuple[int, int]  # (bytes per h, constant)
     all_hidden_states: bool  # output_hidden_states keeps all L + 1 states alive (else only the final normed one)
+    head_norms: tuple[int, int] = (0, 0)  # per-head q/k norms (Qwen3): (bytes per q/k channel, per q/k head)
 
 
 class Family:
@@ -161,10 +183,15 @@ class LlamaFamily(Family):
     and the fp32 rsqrt (4) = 8h + 4; SwiGLU saves gate (SiLU's input), SiLU's output, up and their product
     (down_proj's input) = 4 x 2 bytes per neuron. Outside the layers: the input ids (8) and the final norm
     (fp32 input copy, normalised tensor, rsqrt: 6h + 4). The norms save an fp32 copy of their input, not the
-    bf16 input, so all L + 1 hidden states that `output_hidden_states` keeps are extra."""
+    bf16 input, so all L + 1 hidden states that `output_hidden_states` keeps are extra.
+
+    The LLaMA-like families below subclass it and name their own classes."""
 
     name = "llama"
     architectures = ("LlamaForCausalLM",)
+    config_class, model_class, per_layer_class = LlamaConfig, LlamaForCausalLM, MiniDiscLlamaForCausalLM
+    prunable_attention = PrunableLlamaAttention
+    heads_divide_hidden = True  # LlamaConfig requires hidden_size % num_attention_heads == 0, head_dim or not
     attention_proj_name = "o_proj"
     up_linears = 2
     saved_bytes = SavedBytes(norms=(16, 8), ffn_per_neuron=8, ids=8, final_norm=(6, 4), all_hidden_states=True)
@@ -181,8 +208,6 @@ class LlamaFamily(Family):
     def intermediate_size(self) -> int:
         return self.config.intermediate_size
 
-    prunable_attention = PrunableLlamaAttention
-
     def layers(self, model):
         return model.model.layers
 
@@ -194,8 +219,8 @@ class LlamaFamily(Family):
         return lambda: delattr(mlp, "forward")
 
     def stock_attention_units(self, wanted):
-        # LlamaConfig (transformers 5) requires hidden_size % num_attention_heads == 0, head_dim or not.
-        valid = [k for k in range(1, self.num_kv_heads + 1) if self.hidden_size % (k * self.query_heads_per_unit) == 0]
+        valid = [k for k in range(1, self.num_kv_heads + 1)
+                 if not self.heads_divide_hidden or self.hidden_size % (k * self.query_heads_per_unit) == 0]
         return min(valid, key=lambda k: (abs(k - wanted), -k))
 
     def ffn_group(self, layer):
@@ -205,23 +230,71 @@ class LlamaFamily(Family):
 
     @classmethod
     def preset_config(cls, shape):
-        return LlamaConfig(tie_word_embeddings=False, **shape)
+        return cls.config_class(**{"tie_word_embeddings": False, **shape})
 
     def pruned_config(self, base, width, uniform):
         base = {**base, "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
         if uniform:
             base.update(num_attention_heads=width.attention[0] * self.query_heads_per_unit,
                         num_key_value_heads=width.attention[0], intermediate_size=width.ffn[0])
-            return LlamaForCausalLM, LlamaConfig(**base, architectures=["LlamaForCausalLM"])
-        return MiniDiscLlamaForCausalLM, MiniDiscLlamaConfig(
+            return self.model_class, self.config_class(**base, architectures=[self.model_class.__name__])
+        per_layer = self.per_layer_class
+        return per_layer, per_layer.config_class(
             **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
-            architectures=["MiniDiscLlamaForCausalLM"])
+            architectures=[per_layer.__name__])
+
+    def biases(self) -> tuple[bool, bool]:
+        """(q/k/v biases, output-projection bias)."""
+        bias = bool(getattr(self.config, "attention_bias", False))
+        return bias, bias
 
     def shape_traits(self):
-        get = lambda name, default: getattr(self.config, name, default)  # noqa: E731
-        return dict(embed_dim=self.hidden_size, positions=0, tied=bool(get("tie_word_embeddings", False)),
-                    attn_bias=bool(get("attention_bias", False)), mlp_bias=bool(get("mlp_bias", False)),
-                    norm_bias=False, final_norm=True)
+        qkv_bias, out_bias = self.biases()
+        return dict(embed_dim=self.hidden_size, positions=0, tied=bool(getattr(self.config, "tie_word_embeddings", False)),
+                    qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=bool(getattr(self.config, "mlp_bias", False)),
+                    head_norms=self.saved_bytes.head_norms != (0, 0), norm_bias=False, final_norm=True)
+
+
+class MistralFamily(LlamaFamily):
+    """Mistral: LLaMA's layers without biases; `sliding_window` stays in exported configs."""
+
+    name = "mistral"
+    architectures = ("MistralForCausalLM",)
+    config_class, model_class, per_layer_class = MistralConfig, MistralForCausalLM, MiniDiscMistralForCausalLM
+    prunable_attention = PrunableMistralAttention
+    heads_divide_hidden = False
+
+    def biases(self):
+        return False, False
+
+
+class Qwen2Family(LlamaFamily):
+    """Qwen2 and Qwen2.5: LLaMA's layers with q/k/v biases (not on o_proj); `use_sliding_window`,
+    `sliding_window`, `max_window_layers` and `layer_types` stay in exported configs."""
+
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    config_class, model_class, per_layer_class = Qwen2Config, Qwen2ForCausalLM, MiniDiscQwen2ForCausalLM
+    prunable_attention = PrunableQwen2Attention
+    heads_divide_hidden = False
+
+    def biases(self):
+        return True, False
+
+
+class Qwen3Family(LlamaFamily):
+    """Qwen3: LLaMA's layers with an RMSNorm over head_dim on every query and key head, before RoPE. Each saves
+    per token what a LLaMA norm does, per q/k channel instead of per hidden channel: the fp32 input copy (4) and
+    the normalised bf16 tensor (2) per channel and the fp32 rsqrt (4) per head; its output is only rotated, which
+    saves nothing of its size."""
+
+    name = "qwen3"
+    architectures = ("Qwen3ForCausalLM",)
+    config_class, model_class, per_layer_class = Qwen3Config, Qwen3ForCausalLM, MiniDiscQwen3ForCausalLM
+    prunable_attention = PrunableQwen3Attention
+    heads_divide_hidden = False
+    saved_bytes = SavedBytes(norms=(16, 8), ffn_per_neuron=8, ids=8, final_norm=(6, 4), all_hidden_states=True,
+                             head_norms=(6, 4))
 
 
 class OPTFamily(Family):
@@ -280,7 +353,8 @@ class OPTFamily(Family):
         bias = bool(get("enable_bias", True))
         return dict(embed_dim=get("word_embed_proj_dim", None) or self.hidden_size,
                     positions=self.config.max_position_embeddings + 2,  # OPT offsets positions by 2
-                    tied=bool(get("tie_word_embeddings", True)), attn_bias=bias, mlp_bias=bias,
+                    tied=bool(get("tie_word_embeddings", True)), qkv_bias=bias, out_bias=bias, mlp_bias=bias,
+                    head_norms=False,
                     norm_bias=bool(get("layer_norm_elementwise_affine", True)),
                     final_norm=bool(get("do_layer_norm_before", True)) and not get("_remove_final_layer_norm", False))
 
@@ -294,8 +368,10 @@ class _MaskedReLU(nn.Module):
         return kernels.masked_relu(x, self.mask)
 
 
-FAMILIES = {"llama": LlamaFamily, "minidisc_llama": LlamaFamily, "opt": OPTFamily, "minidisc_opt": OPTFamily}
-SUPPORTED = "LlamaForCausalLM (model_type 'llama', MHA or grouped-query attention) and OPTForCausalLM ('opt')"
+FAMILIES = {family.name: family for family in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, OPTFamily)}
+FAMILIES |= {"minidisc_llama": LlamaFamily, "minidisc_opt": OPTFamily}  # model types of older exports
+SUPPORTED = ("LlamaForCausalLM ('llama'), MistralForCausalLM ('mistral'), Qwen2ForCausalLM ('qwen2', Qwen2 and "
+             "Qwen2.5), Qwen3ForCausalLM ('qwen3'), each with MHA or grouped-query attention, and OPTForCausalLM ('opt')")
 
 
 def family_for(config) -> Family:

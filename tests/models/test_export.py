@@ -10,7 +10,10 @@ from helpers import CONFIGS, run_python, tiny_model
 from huggingface_hub import ModelCard
 
 import engine
-from engine.pruning.families import family_for
+from engine.pruning.families import FAMILIES, family_for
+
+# What an export must carry over from the teacher's config unchanged (sliding-window attention).
+KEPT_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "tie_word_embeddings")
 
 # Loads each case's checkpoint the way a user would and reports its class and the logits' error.
 LOADER = r"""
@@ -96,12 +99,24 @@ def test_per_layer_export_from_checkpoint_alone(exported, tmp_path):
 def test_uniform_export_is_stock_transformers(exported, tmp_path):
     cases = [c for c in exported if c["uniform"]]
     for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=True, trust_remote_code=False)):
-        expected = "LlamaForCausalLM" if CONFIGS[case["name"]]["model_type"] == "llama" else "OPTForCausalLM"
+        model_type = CONFIGS[case["name"]]["model_type"]
+        expected = "." + FAMILIES[model_type].architectures[0]
         assert result["class"].startswith("transformers.models.") and result["class"].endswith(expected), result
         assert result["max_error"] <= 1e-5, (case["name"], result)
         assert len(set(case["width"].attention)) == 1 and len(set(case["width"].ffn)) == 1
         config = json.loads(Path(case["dir"], "config.json").read_text())
-        assert config["model_type"] in ("llama", "opt") and "auto_map" not in config
+        assert config["model_type"] == model_type and "auto_map" not in config
+
+
+def test_exports_keep_the_teachers_attention_settings(exported, pruned_dirs):
+    """Sliding windows (Mistral's, Qwen2's per-layer types) and tying come through both kinds of export."""
+    for case in exported:
+        teacher = json.loads((pruned_dirs[case["name"]] / "config.json").read_text())
+        config = json.loads(Path(case["dir"], "config.json").read_text())
+        for key in KEPT_KEYS:
+            assert config.get(key) == teacher.get(key), (case["name"], case["uniform"], key)
+    windows = {c["name"] for c in exported if json.loads(Path(c["dir"], "config.json").read_text()).get("sliding_window")}
+    assert {"mistral", "qwen2"} <= windows  # the check above compared real windows
 
 
 TOKENIZER_LOADER = r"""
@@ -163,7 +178,7 @@ def test_bf16_teacher_stays_bf16(corpus, tokenizer_dir, tmp_path):
         assert json.loads((tmp_path / directory / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_bias", "opt"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_bias", "qwen3", "opt"])
 @pytest.mark.parametrize("uniform", [False, True])
 def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dirs, tmp_path, monkeypatch):
     """A stage's start (sparsity 0.9 with a trained TA at 0.5 written over its prefixes) is built from the

@@ -58,7 +58,9 @@ def test_counts_from_config_equal_the_meta_model(name):
 
 def test_presets_have_the_published_sizes():
     published = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
-                 "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "opt-1.3b": 1_315_758_080}
+                 "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "opt-1.3b": 1_315_758_080,
+                 "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512,
+                 "qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360}
     for name, count in published.items():
         assert parameter_count(preset_config(name)) == count, name
     assert preset_config("llama-3-8b").num_key_value_heads == 8
@@ -70,6 +72,10 @@ TINY = {
     "llama_bias": ("llama", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
                                  intermediate_size=37, num_hidden_layers=3, attention_bias=True, mlp_bias=True,
                                  tie_word_embeddings=True)),
+    "qwen2_tied": ("qwen2", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=37,
+                                 num_hidden_layers=3, tie_word_embeddings=True)),
+    "qwen3_bias": ("qwen3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=37, num_hidden_layers=3, attention_bias=True)),
     "opt_project": ("opt", dict(hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
                                 word_embed_proj_dim=32)),
     "opt_post_norm": ("opt", dict(hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
@@ -78,10 +84,10 @@ TINY = {
 
 
 def tiny_config(name, **overrides):
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import AutoConfig
 
     family, options = TINY[name]
-    return (LlamaConfig if family == "llama" else OPTConfig)(vocab_size=97, **{**options, **overrides})
+    return AutoConfig.for_model(family, vocab_size=97, **{**options, **overrides})
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -189,6 +195,14 @@ def small_llama(**overrides):
     return LlamaConfig(**{**options, **overrides})
 
 
+def small_qwen3(**overrides):
+    from transformers import Qwen3Config
+
+    options = dict(vocab_size=101, hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                   intermediate_size=688, num_hidden_layers=3, tie_word_embeddings=False)
+    return Qwen3Config(**{**options, **overrides})
+
+
 def small_opt(**overrides):
     from transformers import OPTConfig
 
@@ -207,7 +221,7 @@ def planned_model_activations(config, tokens, permille=0, checkpointing=False) -
     return planned
 
 
-@pytest.mark.parametrize("make", [small_llama, small_opt], ids=["llama", "opt"])
+@pytest.mark.parametrize("make", [small_llama, small_qwen3, small_opt], ids=["llama", "qwen3", "opt"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_matches_saved_tensors(make, checkpointing):
     config = make()

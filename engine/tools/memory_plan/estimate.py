@@ -203,10 +203,13 @@ def layer_activation_bytes(s: Shapes, q_dim: int, kv_dim: int, heads: int, neuro
     v and the output kept by flash attention (2 x (2q + 2kv)), whose view is the output projection's input,
     and the log-sum-exp (4 bytes per head). The norms and the FFN are the family's (`SavedBytes`):
         LLaMA: 16h + 8 + 4q + 4kv + 4 heads + 8i        OPT: 8h + 16 + 4q + 4kv + 4 heads + 2i
+        Qwen3: LLaMA's + 6(q + kv) + 4(heads + kv heads) for its per-head q/k norms
     h = hidden, q/kv = query/key-value dims kept, i = FFN neurons kept."""
     per_hidden, constant = s.saved.norms
+    per_channel, per_head = s.saved.head_norms
     attention = 2 * (2 * q_dim + 2 * kv_dim) + 4 * heads
-    return per_hidden * s.hidden + constant + attention + s.saved.ffn_per_neuron * neurons
+    head_norms = per_channel * (q_dim + kv_dim) + per_head * (heads + kv_dim // s.head_dim)
+    return per_hidden * s.hidden + constant + attention + head_norms + s.saved.ffn_per_neuron * neurons
 
 
 def _model_level_bytes(s: Shapes) -> int:

@@ -31,7 +31,7 @@ def _config_from_json(path: Path):
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in CONFIG_MAPPING:
         raise UserError(f"{path} has model_type {model_type!r}, which transformers does not know; give the "
-                        "config.json of a LLaMA or OPT checkpoint")
+                        "config.json of a LLaMA, Mistral, Qwen2, Qwen3 or OPT checkpoint")
     return CONFIG_MAPPING[model_type].from_dict(data)
 
 
@@ -52,7 +52,7 @@ def load_model_config(spec: str):
     family_for(config)  # LLaMA and OPT only
     if is_per_layer(config):
         raise UserError(f"{spec} is an exported MiniDisc model with per-layer widths; plan the compression of a "
-                        "stock LLaMA/OPT teacher")
+                        "stock teacher")
     return config
 
 
@@ -72,8 +72,10 @@ class Shapes:
     embed_dim: int  # width of the token embeddings and LM head (OPT's word_embed_proj_dim)
     positions: int  # learned position embeddings (OPT), 0 for rotary
     tied: bool
-    attn_bias: bool  # q/k/v/o biases
+    qkv_bias: bool  # biases on the q/k/v rows (LLaMA with attention_bias, Qwen2, OPT)
+    out_bias: bool  # a bias on the attention output projection (not Qwen2)
     mlp_bias: bool
+    head_norms: bool  # RMSNorms over head_dim on queries and keys (Qwen3): 2 x head_dim weights per layer
     norm_bias: bool  # LayerNorm (OPT) has a bias, RMSNorm (LLaMA) does not
     final_norm: bool
 
@@ -97,6 +99,11 @@ class Shapes:
     def norm_params(self) -> int:
         return self.hidden * (2 if self.norm_bias else 1)
 
+    @property
+    def layer_norm_params(self) -> int:
+        """A decoder layer's norms: two over the hidden size, and Qwen3's two over head_dim."""
+        return 2 * self.norm_params + (2 * self.head_dim if self.head_norms else 0)
+
 
 def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
@@ -104,8 +111,8 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
 
 def decoder_linears(s: Shapes) -> list[int]:
     """Parameter counts of one decoder layer's linears (weights + biases), the ones int8/nf4 quantise."""
-    attention = [_linear(s.hidden, s.q_dim, s.attn_bias), _linear(s.hidden, s.kv_dim, s.attn_bias),
-                 _linear(s.hidden, s.kv_dim, s.attn_bias), _linear(s.q_dim, s.hidden, s.attn_bias)]
+    attention = [_linear(s.hidden, s.q_dim, s.qkv_bias), _linear(s.hidden, s.kv_dim, s.qkv_bias),
+                 _linear(s.hidden, s.kv_dim, s.qkv_bias), _linear(s.q_dim, s.hidden, s.out_bias)]
     ffn = [_linear(s.hidden, s.intermediate, s.mlp_bias)] * s.up_linears + [
         _linear(s.intermediate, s.hidden, s.mlp_bias)]
     return attention + ffn
@@ -125,14 +132,14 @@ def _embeddings(s: Shapes) -> list[int]:
 def parameter_count(config) -> int:
     """Parameters of the model, tied weights counted once, from the config alone (no instantiation)."""
     s = Shapes.of(config)
-    per_layer = sum(decoder_linears(s)) + 2 * s.norm_params
+    per_layer = sum(decoder_linears(s)) + s.layer_norm_params
     return (s.layers * per_layer + sum(_embeddings(s)) + sum(_projections(s))
             + (s.norm_params if s.final_norm else 0))
 
 
 def largest_layer_parameters(config) -> int:
     """The largest single module's own parameters: what ZeRO-3 gathers at once (DeepSpeed's `model_to_params`
-    takes the same maximum over modules). For LLaMA/OPT it is the embedding or the LM head."""
+    takes the same maximum over modules). For these families it is the embedding or the LM head."""
     s = Shapes.of(config)
     return max(decoder_linears(s) + _embeddings(s) + _projections(s))
 
@@ -144,7 +151,7 @@ def unit_parameters(config) -> tuple[int, int]:
     layer, so a width's count depends only on how many units it keeps in total."""
     s = Shapes.of(config)
     q_rows, kv_rows = s.q_dim // s.kv_heads, s.head_dim
-    bias = int(s.attn_bias)
+    bias = int(s.qkv_bias)
     attention = q_rows * (s.hidden + bias) + 2 * kv_rows * (s.hidden + bias) + q_rows * s.hidden
     neuron = s.up_linears * (s.hidden + int(s.mlp_bias)) + s.hidden
     return attention, neuron
