@@ -1,4 +1,5 @@
-"""MiniDisc engine: structured pruning + distillation of LLaMA/OPT with one-trial TA scheduling.
+"""MiniDisc engine: structured pruning + distillation of LLaMA, Mistral, Qwen and OPT models with one-trial TA
+scheduling.
 
 The public API below is imported on first use, so `import engine` (and `minidisc --help`) does not load
 torch, transformers and DeepSpeed until something needs them.

@@ -26,9 +26,10 @@ def option(default, help: str, **argparse_kwargs):
 @dataclass
 class RunConfig:
     # what to compress, on what
-    teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA or OPT) with its tokenizer; a "
-                          "directory written by `minidisc prune` is used as is, any other is pruned first. `compress` "
-                          "with neither --teacher nor --data runs the built-in example", metavar="DIR")
+    teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA, Mistral, Qwen2/2.5, Qwen3 "
+                          "or OPT) with its tokenizer; a directory written by `minidisc prune` is used as is, any "
+                          "other is pruned first. `compress` with neither --teacher nor --data runs the built-in "
+                          "example", metavar="DIR")
     data: list[str | dict] | None = option(
         None, "training data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), or a datasets "
         "save_to_disk folder. Several sources are mixed by weight: PATH@WEIGHT or PATH@WEIGHT@FIELD (a recipe: a list "

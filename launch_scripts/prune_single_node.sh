@@ -5,7 +5,7 @@
 #       bash launch_scripts/prune_single_node.sh [extra `minidisc prune` options]
 #
 # Environment:
-#   TEACHER        Hugging Face checkpoint directory (LLaMA or OPT) with its tokenizer   (required)
+#   TEACHER        Hugging Face checkpoint directory (LLaMA, Mistral, Qwen2, Qwen3, OPT) with its tokenizer (required)
 #   DATA           calibration data: .txt, .jsonl, .parquet, .csv or a save_to_disk folder (required)
 #   OUT            output directory for the reordered teacher and pruning.json         (required)
 #   DEVICE         torch device for calibration                                        (default: cuda if present, else cpu)

@@ -250,8 +250,9 @@ class LlamaFamily(Family):
 
     def shape_traits(self):
         qkv_bias, out_bias = self.biases()
-        return dict(embed_dim=self.hidden_size, positions=0, tied=bool(getattr(self.config, "tie_word_embeddings", False)),
-                    qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=bool(getattr(self.config, "mlp_bias", False)),
+        get = lambda name: bool(getattr(self.config, name, False))  # noqa: E731
+        return dict(embed_dim=self.hidden_size, positions=0, tied=get("tie_word_embeddings"),
+                    qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=get("mlp_bias"),
                     head_norms=self.saved_bytes.head_norms != (0, 0), norm_bias=False, final_norm=True)
 
 
@@ -371,7 +372,8 @@ class _MaskedReLU(nn.Module):
 FAMILIES = {family.name: family for family in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, OPTFamily)}
 FAMILIES |= {"minidisc_llama": LlamaFamily, "minidisc_opt": OPTFamily}  # model types of older exports
 SUPPORTED = ("LlamaForCausalLM ('llama'), MistralForCausalLM ('mistral'), Qwen2ForCausalLM ('qwen2', Qwen2 and "
-             "Qwen2.5), Qwen3ForCausalLM ('qwen3'), each with MHA or grouped-query attention, and OPTForCausalLM ('opt')")
+             "Qwen2.5), Qwen3ForCausalLM ('qwen3'), each with MHA or grouped-query attention, and OPTForCausalLM "
+             "('opt')")
 
 
 def family_for(config) -> Family:

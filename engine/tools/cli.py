@@ -193,7 +193,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="minidisc", description="Compress LLaMA/OPT models by structured pruning "
+    parser = Parser(prog="minidisc", description="Compress LLaMA, Mistral, Qwen and OPT models by structured pruning "
                                      "and distillation, choosing the teacher assistant in one trial (MiniDisc).")
     parser.add_argument("--version", action="version", version=f"minidisc {_version()}")
     _add_common(parser, lambda value: value)

@@ -115,7 +115,8 @@ def test_exports_keep_the_teachers_attention_settings(exported, pruned_dirs):
         config = json.loads(Path(case["dir"], "config.json").read_text())
         for key in KEPT_KEYS:
             assert config.get(key) == teacher.get(key), (case["name"], case["uniform"], key)
-    windows = {c["name"] for c in exported if json.loads(Path(c["dir"], "config.json").read_text()).get("sliding_window")}
+    windows = {c["name"] for c in exported
+               if json.loads(Path(c["dir"], "config.json").read_text()).get("sliding_window")}
     assert {"mistral", "qwen2"} <= windows  # the check above compared real windows
 
 

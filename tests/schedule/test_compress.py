@@ -367,18 +367,24 @@ def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
 
 
 def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, corpus, tmp_path):
+    """A whole `compress --uniform` on a Qwen2 teacher (q/k/v biases, tied embeddings, sliding layers) gives a
+    stock Qwen2 checkpoint that keeps the teacher's attention settings."""
     out = tmp_path / "uniform"
-    minidisc("compress", *options(pruned_dirs["opt"], corpus, out, "--uniform", "--truncate", "0.7",
+    minidisc("compress", *options(pruned_dirs["qwen2"], corpus, out, "--uniform", "--truncate", "0.7",
                                   "--max-steps", "4", "--sandwich-steps", "4", "--eval-every", "2"))
     config = json.loads((out / "student" / "config.json").read_text())
-    assert config["model_type"] == "opt" and config["architectures"] == ["OPTForCausalLM"]
+    teacher = json.loads((pruned_dirs["qwen2"] / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["num_attention_heads"] < teacher["num_attention_heads"]  # heads were pruned, uniformly
+    assert [config[k] for k in ("sliding_window", "layer_types", "tie_word_embeddings")] == [
+        teacher[k] for k in ("sliding_window", "layer_types", "tie_word_embeddings")]
     code = ("import sys, json; from transformers import AutoModelForCausalLM; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
             "print(json.dumps([type(m).__name__, sum(p.numel() for p in m.parameters())]))")
     result = run_python(code, out / "student", env={"PYTHONPATH": ""})
     name, parameters = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "report.json").read_text())
-    assert name == "OPTForCausalLM" and parameters == report["student"]["parameters"]
+    assert name == "Qwen2ForCausalLM" and parameters == report["student"]["parameters"]
     refused = minidisc("compress", *options(trained_teacher, corpus, tmp_path / "u2", "--uniform",
                                             "--grid", "0", "0.5", "0.99", "--target-sparsity", "0.99",
                                             "--truncate", "0.99", "--ffn-multiple", "1"), check=False)

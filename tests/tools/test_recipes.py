@@ -19,6 +19,9 @@ RECIPES = {  # recipe -> (preset with the published shapes, data format it reads
     "llama-3-8b-25pct": ("llama-3-8b", "parquet"),
     "opt-13b-10pct": ("opt-13b", "save_to_disk"),
     "opt-1.3b-10pct": ("opt-1.3b", "txt"),
+    "mistral-7b-10pct": ("mistral-7b", "jsonl"),
+    "qwen2.5-7b-25pct": ("qwen2.5-7b", "parquet"),
+    "qwen3-8b-25pct": ("qwen3-8b", "save_to_disk"),
 }
 
 

@@ -49,7 +49,7 @@ def load_model_config(spec: str):
                         f"({', '.join(PRESETS)})")
     else:
         raise UserError(f"unknown preset '{spec}' and no such path; presets: {', '.join(PRESETS)}")
-    family_for(config)  # LLaMA and OPT only
+    family_for(config)  # a supported family
     if is_per_layer(config):
         raise UserError(f"{spec} is an exported MiniDisc model with per-layer widths; plan the compression of a "
                         "stock teacher")
