@@ -49,7 +49,8 @@ def pruned_dirs(corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     for name in CONFIGS:
         root = tmp_path_factory.mktemp(name)
         teacher = save_teacher(name, root / "teacher", tokenizer_dir)
-        engine.prune(teacher, corpus["jsonl"], root / "pruned", calib_samples=4, seq_len=32, batch_size=2)
+        engine.prune(teacher, corpus["jsonl"], root / "pruned", calib_samples=4, seq_len=32, batch_size=2,
+                     attention_unit=CONFIGS[name].get("attention_unit", "kv-group"))
         out[name] = root / "pruned"
     return out
 

@@ -42,6 +42,11 @@ CONFIGS = {
                   max_window_layers=1, tie_word_embeddings=True, extra_vocab=8),
     "qwen3": dict(model_type="qwen3", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   intermediate_size=37, num_hidden_layers=3, extra_vocab=8),
+    # query-head attention units (`minidisc prune --attention-unit query-head`)
+    "llama_gqa_qh": dict(model_type="llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                         head_dim=8, intermediate_size=37, num_hidden_layers=3, attention_unit="query-head"),
+    "qwen3_qh": dict(model_type="qwen3", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     intermediate_size=37, num_hidden_layers=3, extra_vocab=8, attention_unit="query-head"),
     "opt": dict(model_type="opt", hidden_size=48, num_attention_heads=6, ffn_dim=37, num_hidden_layers=3,
                 dropout=0.0, word_embed_proj_dim=48),
 }
@@ -54,10 +59,13 @@ def tiny_model(name: str, seed: int = 0, vocab_size: int = VOCAB):
     options = dict(CONFIGS[name])
     model_type = options.pop("model_type")
     vocab_size += options.pop("extra_vocab", 0)
+    attention_unit = options.pop("attention_unit", None)
     if model_type == "opt":
         options["pad_token_id"] = 0
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **options)
+    if attention_unit:
+        config.minidisc_attention_unit = attention_unit  # what `minidisc prune` writes
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name_, p in model.named_parameters():

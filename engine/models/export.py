@@ -34,7 +34,7 @@ for _config, _model in PER_LAYER_CLASSES.values():
 
 
 _DROP = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
-         "kv_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")
+         "kv_heads_per_layer", "query_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")
 
 
 def _is_uniform(width: Width) -> bool:
@@ -48,18 +48,31 @@ def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtyp
     return family.pruned_config(base, width, uniform)
 
 
-def kept_regions(model, family, width: Width) -> dict[str, tuple[slice, ...]]:
-    """Per prunable tensor of `model` (reordered, full; the meta device will do), the prefix `width` keeps."""
+def _kept(group, kept: int, per_unit: int) -> slice | torch.Tensor:
+    """The part of a coupled dimension that keeping `kept` units keeps: a prefix, or the indices of a prefix of
+    every block (query-head units)."""
+    return slice(0, kept * per_unit) if group.blocks == 1 else group.index(torch.arange(kept), per_unit)
+
+
+def kept_regions(model, family, width: Width) -> dict[str, tuple]:
+    """Per prunable tensor of `model` (reordered; the meta device will do), what `width` keeps of it: per dimension
+    a slice or a tensor of indices, for `tensor[region]`. `model` may be any width containing `width`."""
     names = {id(module): name for name, module in model.named_modules()}
     regions = {}
+
+    def keep_rows(linear, rows):
+        regions[f"{names[id(linear)]}.weight"] = (rows, slice(None))
+        if linear.bias is not None:
+            regions[f"{names[id(linear)]}.bias"] = (rows,)
+
     for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
         for group, kept in zip(groups, (kept_attn, kept_ffn)):
             for linear, per_unit in group.rows:
-                regions[f"{names[id(linear)]}.weight"] = (slice(0, kept * per_unit), slice(None))
-                if linear.bias is not None:
-                    regions[f"{names[id(linear)]}.bias"] = (slice(0, kept * per_unit),)
+                keep_rows(linear, _kept(group, kept, per_unit))
             for linear, per_unit in group.cols:
-                regions[f"{names[id(linear)]}.weight"] = (slice(None), slice(0, kept * per_unit))
+                regions[f"{names[id(linear)]}.weight"] = (slice(None), _kept(group, kept, per_unit))
+            for linear in group.whole if kept == 0 else ():
+                keep_rows(linear, slice(0, 0))
     return regions
 
 
@@ -95,11 +108,14 @@ class CheckpointTensors:
         with safe_open(self.files[name], "pt") as f:
             return f.get_slice(name).get_shape()
 
-    def read(self, name: str, region: tuple[slice, ...]) -> torch.Tensor:
+    def read(self, name: str, region: tuple) -> torch.Tensor:
+        """The tensor's `region` (slices, or index tensors: read whole first) from the file."""
         from safetensors import safe_open
 
         with safe_open(self.files[name], "pt") as f:
-            return f.get_slice(name)[region]
+            if all(isinstance(part, slice) for part in region):
+                return f.get_slice(name)[region]
+            return f.get_tensor(name)[region]
 
 
 @contextmanager
@@ -123,23 +139,20 @@ def _parameters_on_meta():
 @torch.no_grad()
 def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
                       trained=None):
-    """The model at `width` of the reordered checkpoint in `directory`, read tensor by tensor and only the prefix
-    the width keeps, with the weights of `trained` (a checkpoint whose tensors are prefixes of the same ones: a TA,
-    the sandwich's snapshot) written over the prefixes they cover. Peak memory is the result plus one tensor, never
-    the full model (except for checkpoints that are not safetensors under the model's own names: loaded whole)."""
-    from transformers import AutoModelForCausalLM
-
+    """The model at `width` of the reordered checkpoint in `directory`, read tensor by tensor and only the part
+    the width keeps; with `trained` (a wider width of the same weights: a TA, the sandwich's snapshot), the tensors
+    it has are read from it instead, the same part of them. Peak memory is the result plus one tensor, never the
+    full model (except for checkpoints that are not safetensors under the model's own names: loaded whole)."""
     try:
         source = CheckpointTensors(directory)
         top = CheckpointTensors(trained) if trained is not None else None
     except (OSError, KeyError):
         return _sliced_whole(directory, width, uniform, dtype, trained)
-    config = load_config(directory)
-    family = family_for(config)
-    with _parameters_on_meta(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*meta.*")
-        full = AutoModelForCausalLM.from_config(config)
+    config, family, full = _skeleton(directory)
     regions, state, first_name = kept_regions(full, family, width), {}, {}
+    if top is not None:
+        _, trained_family, trained_model = _skeleton(trained)
+        trained_regions = kept_regions(trained_model, trained_family, width)
     for name, tensor in full.state_dict(keep_vars=True).items():
         if id(tensor) in first_name:  # tied to a tensor already read (an LM head tied to the embeddings)
             state[name] = state[first_name[id(tensor)]]
@@ -147,13 +160,26 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
         if name not in source.files:
             return _sliced_whole(directory, width, uniform, dtype, trained)
         first_name[id(tensor)] = name
-        sliced = source.read(name, regions.get(name, (slice(None),) * tensor.dim())).to(dtype)
+        everything = (slice(None),) * tensor.dim()
         if top is not None and name in top.files:
-            covered = tuple(slice(0, min(n, s)) for n, s in zip(top.shape(name), sliced.shape))
-            sliced[covered] = top.read(name, covered).to(dtype)
-        state[name] = sliced.contiguous()
+            sliced = top.read(name, trained_regions.get(name, everything))
+        else:
+            sliced = source.read(name, regions.get(name, everything))
+        state[name] = sliced.to(dtype).contiguous()
     model_class, pruned = pruned_config(config, family, width, uniform, dtype)
     return materialize(model_class, pruned, state, full)
+
+
+def _skeleton(directory):
+    """(config, family, model with its parameters on the meta device) of a checkpoint folder."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(directory)
+    per_layer = next((m for c, m in PER_LAYER_CLASSES.values() if type(config) is c), None)
+    with _parameters_on_meta(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta.*")
+        model = per_layer(config) if per_layer else AutoModelForCausalLM.from_config(config)
+    return config, family_for(config), model
 
 
 def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
@@ -187,11 +213,20 @@ def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, tr
     """`sliced_checkpoint` with both checkpoints loaded whole in memory."""
     full = load_causal_lm(directory)
     state = full.state_dict()
-    if trained is not None:  # write the trained weights into the prefixes they came from
+    if trained is not None:  # write the trained weights into the parts of the teacher's they came from
         state = {k: v.clone() for k, v in state.items()}
-        for name, tensor in load_causal_lm(trained).state_dict().items():
-            state[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+        model = load_causal_lm(trained)
+        family = family_for(model.config)
+        regions = kept_regions(full, family_for(full.config), _width_of(model, family))
+        for name, tensor in model.state_dict().items():
+            state[name][regions.get(name, (slice(None),) * tensor.dim())] = tensor
     return pruned_model(full, width, uniform, dtype, state=state)
+
+
+def _width_of(model, family) -> Width:
+    """The units each layer of a (pruned) model has."""
+    groups = family.groups(model)
+    return Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
 
 
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:

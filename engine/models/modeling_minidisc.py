@@ -10,10 +10,11 @@ lists, so AutoConfig and AutoTokenizer (which reads the model config first in tr
 exported folder with no custom code, no prompt and no warning. Only the model needs this file, through
 `auto_map` and `trust_remote_code=True`.
 
-Per layer i the config lists `kv_heads_per_layer[i]` key/value heads (each with
-num_attention_heads // num_key_value_heads query heads; for plain multi-head attention that is one
-query head per KV head) and `intermediate_sizes[i]` FFN neurons. Either may be 0: an attention block
-without heads, or an FFN without neurons, outputs its output projection's bias (zeros without bias).
+Per layer i the config lists `kv_heads_per_layer[i]` key/value heads, `query_heads_per_layer[i]` query heads
+(LLaMA-like families: a multiple of the KV heads, the same number in each KV group; by default
+num_attention_heads // num_key_value_heads per KV head) and `intermediate_sizes[i]` FFN neurons. Any may be 0:
+an attention block without heads, or an FFN without neurons, outputs its output projection's bias (zeros
+without bias).
 """
 from __future__ import annotations
 
@@ -141,28 +142,37 @@ def _check_layers(config, name: str, values) -> list[int]:
 
 
 def _per_layer_lists(config) -> None:
-    """Fill and check a LLaMA-like per-layer config's two lists (default: every layer at full width)."""
+    """Fill and check a LLaMA-like per-layer config's lists (default: every layer at full width)."""
     config.kv_heads_per_layer = _check_layers(config, "kv_heads_per_layer", config.kv_heads_per_layer
                                               or [config.num_key_value_heads] * config.num_hidden_layers)
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    config.query_heads_per_layer = _check_layers(config, "query_heads_per_layer", config.query_heads_per_layer
+                                                 or [kv * n_rep for kv in config.kv_heads_per_layer])
+    for kv, query in zip(config.kv_heads_per_layer, config.query_heads_per_layer):
+        if (query % kv if kv else query):
+            raise ValueError(f"query_heads_per_layer: {query} query heads cannot share {kv} KV heads evenly")
     config.intermediate_sizes = _check_layers(config, "intermediate_sizes", config.intermediate_sizes
                                               or [config.intermediate_size] * config.num_hidden_layers)
 
 
 def _resize_llama_like_layers(model, prunable_attention: type) -> None:
     """Give each decoder layer of a LLaMA-like model (LLaMA, Mistral, Qwen2, Qwen3: the same module names) the
-    KV heads and FFN neurons its config lists. Qwen3's q/k norms act per head over head_dim: no width changes them."""
+    query and KV heads and FFN neurons its config lists. Qwen3's q/k norms act per head over head_dim: no width
+    changes them."""
     config = model.config
-    n_rep = config.num_attention_heads // config.num_key_value_heads
     hidden = config.hidden_size
-    for layer, kv_heads, neurons in zip(model.model.layers, config.kv_heads_per_layer, config.intermediate_sizes):
+    for layer, kv_heads, query_heads, neurons in zip(model.model.layers, config.kv_heads_per_layer,
+                                                     config.query_heads_per_layer, config.intermediate_sizes):
         attn, mlp, head_dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
         if kv_heads == 0:  # the only layers that need more than the stock module
             attn.__class__ = prunable_attention
-        attn.num_heads = kv_heads * n_rep
-        attn.q_proj = _resized(attn.q_proj, hidden, kv_heads * n_rep * head_dim)
+        else:
+            attn.num_key_value_groups = query_heads // kv_heads  # what repeat_kv uses
+        attn.num_heads = query_heads
+        attn.q_proj = _resized(attn.q_proj, hidden, query_heads * head_dim)
         attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
         attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
-        attn.o_proj = _resized(attn.o_proj, kv_heads * n_rep * head_dim, hidden)
+        attn.o_proj = _resized(attn.o_proj, query_heads * head_dim, hidden)
         mlp.gate_proj = _resized(mlp.gate_proj, hidden, neurons)
         mlp.up_proj = _resized(mlp.up_proj, hidden, neurons)
         mlp.down_proj = _resized(mlp.down_proj, neurons, hidden)
@@ -174,6 +184,7 @@ def _resize_llama_like_layers(model, prunable_attention: type) -> None:
 class MiniDiscLlamaConfig(LlamaConfig):
     model_type = "llama"  # the stock type: see the module docstring
     kv_heads_per_layer: list[int] | None = None
+    query_heads_per_layer: list[int] | None = None
     intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
@@ -193,6 +204,7 @@ class MiniDiscLlamaForCausalLM(LlamaForCausalLM):
 class MiniDiscMistralConfig(MistralConfig):
     model_type = "mistral"
     kv_heads_per_layer: list[int] | None = None
+    query_heads_per_layer: list[int] | None = None
     intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
@@ -212,6 +224,7 @@ class MiniDiscMistralForCausalLM(MistralForCausalLM):
 class MiniDiscQwen2Config(Qwen2Config):
     model_type = "qwen2"
     kv_heads_per_layer: list[int] | None = None
+    query_heads_per_layer: list[int] | None = None
     intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
@@ -231,6 +244,7 @@ class MiniDiscQwen2ForCausalLM(Qwen2ForCausalLM):
 class MiniDiscQwen3Config(Qwen3Config):
     model_type = "qwen3"
     kv_heads_per_layer: list[int] | None = None
+    query_heads_per_layer: list[int] | None = None
     intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):

@@ -26,21 +26,29 @@ from engine.pruning.widths import Width
 
 
 class SliceableLinear(nn.Linear):
-    """nn.Linear that uses only its first `active_out` rows and `active_in` columns (None = all)."""
+    """nn.Linear that uses only `active_out` of its rows and `active_in` of its columns (None = all): the first
+    ones, or with `blocks` > 1 an equal prefix of each of that many equal blocks (query-head units: the first query
+    heads of every KV group)."""
 
     active_out: int | None = None
     active_in: int | None = None
+    blocks: int = 1
 
     def forward(self, x):
         if self.active_out == 0 or self.active_in == 0:
             return self._empty_forward(x)
         weight, bias = self.weight, self.bias
         if self.active_out is not None:
-            weight = weight[: self.active_out]
-            bias = None if bias is None else bias[: self.active_out]
+            weight = self._prefix(weight, 0, self.active_out)
+            bias = None if bias is None else self._prefix(bias, 0, self.active_out)
         if self.active_in is not None:
-            weight = weight[:, : self.active_in]
+            weight = self._prefix(weight, 1, self.active_in)
         return F.linear(x, weight, bias)
+
+    def _prefix(self, tensor, dim: int, kept: int):
+        if self.blocks == 1:
+            return tensor.narrow(dim, 0, kept)
+        return tensor.unflatten(dim, (self.blocks, -1)).narrow(dim + 1, 0, kept // self.blocks).flatten(dim, dim + 1)
 
     def _empty_forward(self, x):
         """Output of a slice with no rows or no columns, without a matmul (ZeRO-3's linear cannot
@@ -73,6 +81,9 @@ class Supernet(nn.Module):
             self.family.attention(layer).__class__ = self.family.prunable_attention
             for group in (attn_group, ffn_group):
                 for linear, _ in group.rows + group.cols:
+                    linear.__class__ = SliceableLinear
+                    linear.blocks = group.blocks
+                for linear in group.whole:
                     linear.__class__ = SliceableLinear
         self.full_width = Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
         self.stacked: list[Width] = []
@@ -118,11 +129,12 @@ class Supernet(nn.Module):
         layer, groups = self._layers[index]
         for group, kept in zip(groups, (width.attention[index], width.ffn[index])):
             for linear, per_unit in group.rows:
-                linear.active_out = kept * per_unit
+                linear.active_out = kept * per_unit * group.blocks
             for linear, per_unit in group.cols:
-                linear.active_in = kept * per_unit
-        heads = width.attention[index] * self.family.query_heads_per_unit
-        self.family.set_active_heads(self.family.attention(layer), heads)
+                linear.active_in = kept * per_unit * group.blocks
+            for linear in group.whole:
+                linear.active_out = None if kept else 0
+        self.family.set_active_heads(self.family.attention(layer), width.attention[index])
 
     def _stacked_forward(self, index: int, forward):
         """Decoder layer `index`'s forward, run once per stacked width on that width's part of the batch."""

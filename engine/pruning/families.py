@@ -2,8 +2,13 @@
 
 Every family is described by the same two coupled groups per layer:
 
-- attention units: a KV group (its `n_rep` query heads plus its key/value head; for multi-head attention
-  n_rep = 1, i.e. one head). Rows of q/k/v and columns of the output projection move together.
+- attention units, one of two kinds (`--attention-unit`):
+  - `kv-group` (the default): a KV group, its `n_rep` query heads plus its key/value head (for multi-head
+    attention n_rep = 1, i.e. one head). Rows of q/k/v and columns of the output projection move together.
+  - `query-head`, under grouped-query attention: unit j is the j-th query head of every KV group, so a layer
+    keeps the same number of query heads in each group (`repeat_kv` stays valid). The layer's k/v heads are kept
+    whole while it keeps any unit and go with the last one. Scores are measured per query head; reordering sorts
+    each group's heads, and unit j scores the sum of the groups' j-th best.
 - FFN neurons: rows of the up-side linears (gate+up for LLaMA, fc1 for OPT) and columns of the down-side
   linear (down_proj, fc2).
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -58,11 +64,24 @@ class UnitGroup:
     `rows`: (linear, output rows per unit) whose outputs (and biases) belong to units.
     `cols`: (linear, input columns per unit) whose inputs belong to units; the first one is where the
     unit mask is applied (its input is the per-unit activation).
+    `blocks`: the coupled dimension is `blocks` equal blocks that each hold every unit once (query-head units:
+    one block per KV group), so a width keeps a prefix of every block.
+    `whole`: linears whose rows are all kept while the group keeps any unit, and all removed with the last one.
     """
 
     rows: tuple[tuple[nn.Linear, int], ...]
     cols: tuple[tuple[nn.Linear, int], ...]
     num_units: int
+    blocks: int = 1
+    whole: tuple[nn.Linear, ...] = ()
+
+    def index(self, units: torch.Tensor, per_unit: int) -> torch.Tensor:
+        """Indices in a coupled dimension covering `units` in every block, in that order: `units` is one order
+        for all blocks [n], or one per block [blocks, n]."""
+        units = torch.as_tensor(units)
+        units = units.expand(self.blocks, -1) if units.dim() == 1 else units
+        first = torch.arange(self.blocks)[:, None] * self.num_units  # each block's first unit
+        return (((first + units) * per_unit)[..., None] + torch.arange(per_unit)).flatten()
 
     @property
     def mask_site(self) -> nn.Linear:
@@ -98,6 +117,11 @@ class Family:
 
     def __init__(self, config):
         self.config = config
+        # `minidisc prune --attention-unit` writes its choice into the pruned teacher's config (exports inherit it)
+        self.attention_unit = getattr(config, "minidisc_attention_unit", None) or "kv-group"
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise UserError(f"minidisc_attention_unit {self.attention_unit!r} in the model's config is not one of "
+                            f"{', '.join(ATTENTION_UNITS)}")
 
     # --- shapes -----------------------------------------------------------------------------------
     @property
@@ -109,8 +133,24 @@ class Family:
         return self.config.hidden_size
 
     @property
-    def query_heads_per_unit(self) -> int:
+    def query_heads_per_group(self) -> int:
         return self.config.num_attention_heads // self.num_kv_heads
+
+    @property
+    def query_head_units(self) -> bool:
+        """Whether attention units are query-head units (`minidisc prune` only chooses them for a GQA teacher; a
+        slice of it keeps them even when its groups have one query head left)."""
+        return self.attention_unit == "query-head"
+
+    @property
+    def query_heads_per_unit(self) -> int:
+        return self.num_kv_heads if self.query_head_units else self.query_heads_per_group
+
+    def heads(self, kept: int) -> tuple[int, int]:
+        """(query heads, KV heads) of a layer keeping `kept` attention units."""
+        if self.query_head_units:
+            return kept * self.num_kv_heads, self.num_kv_heads if kept else 0
+        return kept * self.query_heads_per_group, kept
 
     @property
     def num_kv_heads(self) -> int:
@@ -131,25 +171,39 @@ class Family:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def attention_group(self, layer: nn.Module) -> UnitGroup:
-        attn, d, n_rep = layer.self_attn, self.head_dim, self.query_heads_per_unit
+    def attention_group(self, layer: nn.Module, per_head: bool = False) -> UnitGroup:
+        """The layer's attention units; `per_head`: every query head its own unit, for scoring query-head units."""
+        attn, d = layer.self_attn, self.head_dim
         out_proj = getattr(attn, self.attention_proj_name)
-        return UnitGroup(
-            rows=((attn.q_proj, n_rep * d), (attn.k_proj, d), (attn.v_proj, d)),
-            cols=((out_proj, n_rep * d),),
-            num_units=attn.k_proj.out_features // d,
-        )
+        kv_heads = attn.k_proj.out_features // d
+        if per_head:
+            return UnitGroup(rows=((attn.q_proj, d),), cols=((out_proj, d),), num_units=attn.q_proj.out_features // d)
+        if self.query_head_units:
+            blocks = max(kv_heads, 1)  # a layer that kept no units has no k/v heads (and no query heads)
+            return UnitGroup(rows=((attn.q_proj, d),), cols=((out_proj, d),),
+                             num_units=attn.q_proj.out_features // (d * blocks), blocks=blocks,
+                             whole=(attn.k_proj, attn.v_proj))
+        n_rep = self.query_heads_per_group
+        return UnitGroup(rows=((attn.q_proj, n_rep * d), (attn.k_proj, d), (attn.v_proj, d)),
+                         cols=((out_proj, n_rep * d),), num_units=kv_heads)
 
     def ffn_group(self, layer: nn.Module) -> UnitGroup:
         raise NotImplementedError
 
-    def groups(self, model: nn.Module) -> list[tuple[UnitGroup, UnitGroup]]:
-        """(attention group, FFN group) for every decoder layer."""
-        return [(self.attention_group(layer), self.ffn_group(layer)) for layer in self.layers(model)]
+    def groups(self, model: nn.Module, per_head: bool = False) -> list[tuple[UnitGroup, UnitGroup]]:
+        """(attention group, FFN group) for every decoder layer (`per_head`: see `attention_group`)."""
+        return [(self.attention_group(layer, per_head), self.ffn_group(layer)) for layer in self.layers(model)]
 
-    def set_active_heads(self, attention: nn.Module, num_query_heads: int) -> None:
+    def unit_scores(self, head_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one layer's scores per query head (in head order), query-head units: (each KV group's heads in
+        descending order [groups, n_rep], the units' scores: the sum over groups of their j-th best head)."""
+        by_group = head_scores.reshape(self.num_kv_heads, -1)
+        ranked = torch.sort(by_group, dim=1, descending=True, stable=True)
+        return ranked.indices, ranked.values.sum(0)
+
+    def set_active_heads(self, attention: nn.Module, kept: int) -> None:
         """Tell an attention module how many query heads its (sliced) projections now produce."""
-        attention.num_heads = num_query_heads
+        attention.num_heads = self.heads(kept)[0]
 
     def stock_attention_units(self, wanted: int) -> int:
         """The attention-unit count nearest to `wanted` that the family's stock config can describe."""
@@ -211,6 +265,11 @@ class LlamaFamily(Family):
     def layers(self, model):
         return model.model.layers
 
+    def set_active_heads(self, attention, kept):
+        query, kv = self.heads(kept)
+        attention.num_heads = query
+        attention.num_key_value_groups = query // kv if kv else self.query_heads_per_group  # what repeat_kv uses
+
     def mask_ffn_activation(self, layer, mask):
         mlp = layer.mlp
         if self.config.hidden_act not in ("silu", "swish"):
@@ -219,8 +278,9 @@ class LlamaFamily(Family):
         return lambda: delattr(mlp, "forward")
 
     def stock_attention_units(self, wanted):
-        valid = [k for k in range(1, self.num_kv_heads + 1)
-                 if not self.heads_divide_hidden or self.hidden_size % (k * self.query_heads_per_unit) == 0]
+        units = self.query_heads_per_group if self.query_head_units else self.num_kv_heads
+        valid = [k for k in range(1, units + 1)
+                 if not self.heads_divide_hidden or self.hidden_size % self.heads(k)[0] == 0]
         return min(valid, key=lambda k: (abs(k - wanted), -k))
 
     def ffn_group(self, layer):
@@ -235,13 +295,13 @@ class LlamaFamily(Family):
     def pruned_config(self, base, width, uniform):
         base = {**base, "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
         if uniform:
-            base.update(num_attention_heads=width.attention[0] * self.query_heads_per_unit,
-                        num_key_value_heads=width.attention[0], intermediate_size=width.ffn[0])
+            query, kv = self.heads(width.attention[0])
+            base.update(num_attention_heads=query, num_key_value_heads=kv, intermediate_size=width.ffn[0])
             return self.model_class, self.config_class(**base, architectures=[self.model_class.__name__])
-        per_layer = self.per_layer_class
+        per_layer, heads = self.per_layer_class, [self.heads(kept) for kept in width.attention]
         return per_layer, per_layer.config_class(
-            **base, kv_heads_per_layer=list(width.attention), intermediate_sizes=list(width.ffn),
-            architectures=[per_layer.__name__])
+            **base, kv_heads_per_layer=[kv for _, kv in heads], query_heads_per_layer=[q for q, _ in heads],
+            intermediate_sizes=list(width.ffn), architectures=[per_layer.__name__])
 
     def biases(self) -> tuple[bool, bool]:
         """(q/k/v biases, output-projection bias)."""
@@ -369,6 +429,7 @@ class _MaskedReLU(nn.Module):
         return kernels.masked_relu(x, self.mask)
 
 
+ATTENTION_UNITS = ("kv-group", "query-head")
 FAMILIES = {family.name: family for family in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, OPTFamily)}
 FAMILIES |= {"minidisc_llama": LlamaFamily, "minidisc_opt": OPTFamily}  # model types of older exports
 SUPPORTED = ("LlamaForCausalLM ('llama'), MistralForCausalLM ('mistral'), Qwen2ForCausalLM ('qwen2', Qwen2 and "
@@ -385,18 +446,32 @@ def family_for(config) -> Family:
     return FAMILIES[model_type](config)
 
 
+def _removed(group: UnitGroup, kept: int) -> tuple[int, int]:
+    """(weights, biases) that keeping `kept` of a group's units removes from its linears."""
+    removed = (group.num_units - kept) * group.blocks
+    weights = biases = 0
+    for linear, per_unit in group.rows:
+        weights += removed * per_unit * linear.in_features
+        biases += removed * per_unit * (linear.bias is not None)
+    for linear, per_unit in group.cols:
+        weights += removed * per_unit * linear.out_features
+    for linear in group.whole if kept == 0 else ():
+        weights += linear.in_features * linear.out_features
+        biases += linear.out_features * (linear.bias is not None)
+    return weights, biases
+
+
+def _removed_per_group(model, family: Family, width):
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+        yield _removed(groups[0], kept_attn)
+        yield _removed(groups[1], kept_ffn)
+
+
 def count_parameters(model, family: Family, width) -> int:
     """Parameters of `model` restricted to `width` (tied weights counted once; works under ZeRO-3)."""
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in unique)
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
-        for group, kept in zip(groups, (kept_attn, kept_ffn)):
-            removed = group.num_units - kept
-            for linear, per_unit in group.rows:
-                total -= removed * per_unit * (linear.in_features + (linear.bias is not None))
-            for linear, per_unit in group.cols:
-                total -= removed * per_unit * linear.out_features
-    return total
+    return total - sum(weights + biases for weights, biases in _removed_per_group(model, family, width))
 
 
 def forward_flops(model, family: Family, width, context: int) -> int:
@@ -405,10 +480,6 @@ def forward_flops(model, family: Family, width, context: int) -> int:
     attention width of every layer: the scores and the weighted values, 2 FLOPs each per key and attention
     channel, over the half of the context a causal token sees on average."""
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
-        for group, kept in zip(groups, (kept_attn, kept_ffn)):
-            removed = group.num_units - kept
-            weights -= sum(removed * per_unit * linear.in_features for linear, per_unit in group.rows)
-            weights -= sum(removed * per_unit * linear.out_features for linear, per_unit in group.cols)
-    attention = sum(kept * family.query_heads_per_unit * family.head_dim for kept in width.attention)
+    weights -= sum(removed for removed, _ in _removed_per_group(model, family, width))
+    attention = sum(family.heads(kept)[0] * family.head_dim for kept in width.attention)
     return 2 * weights + 2 * context * attention

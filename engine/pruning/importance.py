@@ -22,19 +22,21 @@ def unit_importance(model: nn.Module, family: Family, batches, fused: bool = Tru
 
     `batches` yields LongTensors of token ids [B, T]; labels are the inputs (causal LM loss). The model's
     own parameters get no gradient: only the masks need one, which saves the weight-gradient memory.
-    fused=True applies the masks with the masked-pruning kernels (dL/dmask from their backward pass).
+    fused=True applies the masks with the masked-pruning kernels (dL/dmask from their backward pass). Under
+    query-head units the attention scores are per query head (`Family.unit_scores` turns them into units').
     """
+    per_head = family.query_head_units
     was_training = model.training
     model.eval()
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    attention_masks, ffn_masks = ones_masks(model, family, requires_grad=True)
+    attention_masks, ffn_masks = ones_masks(model, family, requires_grad=True, per_head=per_head)
     masks = attention_masks + ffn_masks
     totals = [torch.zeros_like(m, dtype=torch.float64) for m in masks]
     device = next(model.parameters()).device
     try:
-        with masked(model, family, attention_masks, ffn_masks, fused=fused):
+        with masked(model, family, attention_masks, ffn_masks, fused=fused, per_head=per_head):
             for input_ids in progress(batches, description="importance"):
                 input_ids = input_ids.to(device)
                 loss = model(input_ids=input_ids, labels=input_ids).loss

@@ -16,21 +16,23 @@ from engine.pruning.families import Family, UnitGroup
 from engine.pruning.widths import Width
 
 
-def _mask_input_hook(mask: torch.Tensor, cols_per_unit: int, fused: bool):
+def _mask_input_hook(mask: torch.Tensor, cols_per_unit: int, fused: bool, blocks: int = 1):
     def hook(module, args):
         x = args[0]
+        mask_ = mask.repeat(blocks) if blocks > 1 else mask  # the same units in every block (query-head units)
         if fused:  # dL/dmask comes out of the kernel's backward pass
-            masked = kernels.masked_heads(x, mask, cols_per_unit)
+            masked = kernels.masked_heads(x, mask_, cols_per_unit)
         else:
-            masked = (x.unflatten(-1, (mask.numel(), cols_per_unit)) * mask.to(x.dtype)[:, None]).flatten(-2)
+            masked = (x.unflatten(-1, (mask_.numel(), cols_per_unit)) * mask_.to(x.dtype)[:, None]).flatten(-2)
         return (masked,) + tuple(args[1:])
 
     return hook
 
 
 @contextmanager
-def masked(model: nn.Module, family: Family, attention_masks, ffn_masks, fused: bool = False):
-    """Apply per-layer masks (1-D tensors, one value per unit) for the duration of the block.
+def masked(model: nn.Module, family: Family, attention_masks, ffn_masks, fused: bool = False, per_head: bool = False):
+    """Apply per-layer masks (1-D tensors, one value per unit) for the duration of the block (`per_head`: one value
+    per query head, as importance scores query-head units).
 
     fused=True uses the masked-pruning kernels: the per-head mask through `kernels.masked_heads`, and the
     FFN mask inside the activation (`masked_swiglu` for LLaMA, `masked_relu` for OPT) where the family's
@@ -39,9 +41,9 @@ def masked(model: nn.Module, family: Family, attention_masks, ffn_masks, fused: 
     undo = []
     try:
         for layer, (attn_group, ffn_group), attn_mask, ffn_mask in zip(
-            family.layers(model), family.groups(model), attention_masks, ffn_masks
+            family.layers(model), family.groups(model, per_head), attention_masks, ffn_masks
         ):
-            hook = _mask_input_hook(attn_mask, attn_group.cols_per_unit, fused)
+            hook = _mask_input_hook(attn_mask, attn_group.cols_per_unit, fused, attn_group.blocks)
             undo.append(attn_group.mask_site.register_forward_pre_hook(hook).remove)
             restore = family.mask_ffn_activation(layer, ffn_mask) if fused else None
             if restore is None:
@@ -54,19 +56,20 @@ def masked(model: nn.Module, family: Family, attention_masks, ffn_masks, fused: 
             restore()
 
 
-def ones_masks(model: nn.Module, family: Family, requires_grad: bool = False):
+def ones_masks(model: nn.Module, family: Family, requires_grad: bool = False, per_head: bool = False):
     """Masks of ones for every layer: (attention masks, FFN masks)."""
     device = next(model.parameters()).device
 
     def ones(group: UnitGroup):
         return torch.ones(group.num_units, device=device, dtype=torch.float32, requires_grad=requires_grad)
 
-    groups = family.groups(model)
+    groups = family.groups(model, per_head)
     return [ones(a) for a, _ in groups], [ones(f) for _, f in groups]
 
 
 def width_masks(model: nn.Module, family: Family, width: Width):
-    """0/1 masks keeping the first `width` units of every layer (weights must be reordered)."""
+    """0/1 masks keeping the first `width` units of every layer (of every block: weights must be reordered). A
+    layer keeping no query-head units loses its k/v heads too, which then have no effect on the output."""
     attention, ffn = ones_masks(model, family)
     for mask, kept in zip(attention + ffn, width.attention + width.ffn):
         mask[kept:] = 0

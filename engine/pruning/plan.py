@@ -34,6 +34,7 @@ class PruningPlan:
     attention_scores: list[list[float]]  # per layer, normalised, descending (reordered)
     ffn_scores: list[list[float]]
     query_heads_per_unit: int = 1
+    attention_unit: str = "kv-group"  # or "query-head" (`engine.pruning.families`)
     grid: tuple[int, ...] = DEFAULT_GRID  # per-mille
     ffn_multiple: int = 8
     candidates: list[dict] = field(default_factory=list)  # filled by `prune` for the report
@@ -97,6 +98,7 @@ class PruningPlan:
             "format": FORMAT,
             "family": self.family,
             "query_heads_per_unit": self.query_heads_per_unit,
+            "attention_unit": self.attention_unit,
             "grid": [format_sparsity(p) for p in self.grid],
             "ffn_multiple": self.ffn_multiple,
             "importance": {"attention": self.attention_scores, "ffn": self.ffn_scores},
@@ -116,12 +118,14 @@ class PruningPlan:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
                 raise UserError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
-            known = {"format", "family", "query_heads_per_unit", "grid", "ffn_multiple", "importance", "candidates"}
+            known = {"format", "family", "query_heads_per_unit", "attention_unit", "grid", "ffn_multiple", "importance",
+                     "candidates"}
             return cls(
                 family=data["family"],
                 attention_scores=data["importance"]["attention"],
                 ffn_scores=data["importance"]["ffn"],
                 query_heads_per_unit=data["query_heads_per_unit"],
+                attention_unit=data.get("attention_unit", "kv-group"),  # plans written before the option
                 grid=tuple(parse_sparsity(s) for s in data["grid"]),
                 ffn_multiple=data["ffn_multiple"],
                 candidates=data.get("candidates", []),

@@ -12,7 +12,7 @@ from engine.data.splits import calibration_blocks
 from engine.errors import UserError
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
-from engine.pruning.families import count_parameters, family_for
+from engine.pruning.families import ATTENTION_UNITS, count_parameters, family_for
 from engine.pruning.importance import normalize_per_layer, unit_importance
 from engine.pruning.plan import PruningPlan
 from engine.pruning.reorder import reorder
@@ -33,8 +33,8 @@ def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
             "scale": (PERMILLE - permille) / PERMILLE,
             "attention_units": list(width.attention),
             "ffn_neurons": list(width.ffn),
-            "kept_heads": sum(width.attention) * plan.query_heads_per_unit,
-            "kept_kv_heads": sum(width.attention),
+            "kept_heads": sum(family.heads(kept)[0] for kept in width.attention),
+            "kept_kv_heads": sum(family.heads(kept)[1] for kept in width.attention),
             "kept_neurons": sum(width.ffn),
             "parameters": params,
             "parameter_fraction": params / full,
@@ -42,20 +42,32 @@ def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
     return rows
 
 
+def _ranked(family, raw: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[float]]]:
+    """(the orders `reorder` takes, normalised scores in descending order) per layer, from raw importance. With
+    query-head units (`family` given and using them) the raw scores are per head: `reorder` sorts each KV group's
+    heads, and the units' scores (`Family.unit_scores`) are already descending."""
+    if family is not None and family.query_head_units:
+        orders, unit_scores = zip(*(family.unit_scores(s) for s in raw))
+        return list(orders), [s.tolist() for s in normalize_per_layer(list(unit_scores))]
+    scores = normalize_per_layer(raw)
+    orders = [torch.sort(s, descending=True, stable=True).indices for s in scores]
+    return orders, [s[o].tolist() for s, o in zip(scores, orders)]
+
+
 def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_GRID, ffn_multiple: int = 8,
                   batch_size: int = 4) -> PruningPlan:
     """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan."""
     family = family_for(model.config)
     raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
-    attention, ffn = normalize_per_layer(raw_attention), normalize_per_layer(raw_ffn)
-    attention_orders = [torch.sort(s, descending=True, stable=True).indices for s in attention]
-    ffn_orders = [torch.sort(s, descending=True, stable=True).indices for s in ffn]
+    attention_orders, attention_scores = _ranked(family, raw_attention)
+    ffn_orders, ffn_scores = _ranked(None, raw_ffn)
     reorder(model, family, attention_orders, ffn_orders)
     plan = PruningPlan(
         family=family.name,
-        attention_scores=[s[o].tolist() for s, o in zip(attention, attention_orders)],
-        ffn_scores=[s[o].tolist() for s, o in zip(ffn, ffn_orders)],
+        attention_scores=attention_scores,
+        ffn_scores=ffn_scores,
         query_heads_per_unit=family.query_heads_per_unit,
+        attention_unit=family.attention_unit,
         grid=tuple(grid),
         ffn_multiple=ffn_multiple,
     )
@@ -67,17 +79,24 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
 
 def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
           seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
-          device: str = "cpu") -> PruningPlan:
+          device: str = "cpu", attention_unit: str = "kv-group") -> PruningPlan:
     """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
-    PATH@WEIGHT strings) and write the reordered teacher to `out`."""
+    PATH@WEIGHT strings) and write the reordered teacher to `out`. `attention_unit`: `kv-group` or `query-head`
+    (`engine.pruning.families`); the choice is written into the reordered teacher's config."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
+    if attention_unit not in ATTENTION_UNITS:
+        raise UserError(f"--attention-unit {attention_unit}: choose one of {', '.join(ATTENTION_UNITS)}")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
     sources = parse_sources(data)
     calibration = calibration_blocks(sources, text_field, tokenizer, seq_len, calib_samples, seed)
     model = load_causal_lm(teacher).to(device)
+    if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1:
+        model.config.minidisc_attention_unit = attention_unit  # (without GQA a query head is a KV group)
+    elif hasattr(model.config, "minidisc_attention_unit"):  # a teacher that is itself an export of a pruned one
+        del model.config.minidisc_attention_unit
     loaded = time.perf_counter()
     names = ", ".join(s.path for s in sources)
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, names)

@@ -1,7 +1,8 @@
 """Permute and slice the coupled weights of each layer, unit by unit.
 
 After `reorder`, units sit in descending importance, so every candidate width is a prefix slice of the
-same weights: the candidates are nested and share one copy. Permuting units changes no output.
+same weights (of every block, for query-head units): the candidates are nested and share one copy. Permuting
+units changes no output.
 """
 from __future__ import annotations
 
@@ -11,28 +12,29 @@ from torch import nn
 from engine.pruning.families import Family, UnitGroup
 
 
-def unit_index(units: torch.Tensor, per_unit: int) -> torch.Tensor:
-    """Row/column indices covering the given units, `per_unit` consecutive indices each."""
-    return (units[:, None] * per_unit + torch.arange(per_unit)).flatten()
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    index = index.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(0, index), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.index_select(0, index), linear.bias.requires_grad)
+    linear.out_features = len(index)
 
 
 @torch.no_grad()
 def _select_units(group: UnitGroup, units: torch.Tensor) -> None:
-    """Keep `units` (in that order) in every coupled linear of the group, in place."""
+    """Keep `units` (in that order; one order per block for a [blocks, n] tensor) in every coupled linear of the
+    group, in place."""
     for linear, per_unit in group.rows:
-        index = unit_index(units, per_unit).to(linear.weight.device)
-        linear.weight = nn.Parameter(linear.weight.index_select(0, index), linear.weight.requires_grad)
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.index_select(0, index), linear.bias.requires_grad)
-        linear.out_features = len(index)
+        _keep_rows(linear, group.index(units, per_unit))
     for linear, per_unit in group.cols:
-        index = unit_index(units, per_unit).to(linear.weight.device)
+        index = group.index(units, per_unit).to(linear.weight.device)
         linear.weight = nn.Parameter(linear.weight.index_select(1, index), linear.weight.requires_grad)
         linear.in_features = len(index)
 
 
 def reorder(model: nn.Module, family: Family, attention_orders, ffn_orders) -> None:
-    """Permute every layer's units into the given orders (e.g. descending importance), in place."""
+    """Permute every layer's units into the given orders (e.g. descending importance), in place. An attention
+    order may be one per block ([KV groups, n_rep] for query-head units: each group's heads, best first)."""
     for (attn_group, ffn_group), attn_order, ffn_order in zip(family.groups(model), attention_orders, ffn_orders):
         _select_units(attn_group, torch.as_tensor(attn_order))
         _select_units(ffn_group, torch.as_tensor(ffn_order))
@@ -44,5 +46,8 @@ def slice_to_width(model: nn.Module, family: Family, width) -> None:
         family.layers(model), family.groups(model), width.attention, width.ffn
     ):
         _select_units(attn_group, torch.arange(kept_attn))
+        if kept_attn == 0:
+            for linear in attn_group.whole:
+                _keep_rows(linear, torch.arange(0))
         _select_units(ffn_group, torch.arange(kept_ffn))
-        family.set_active_heads(family.attention(layer), kept_attn * family.query_heads_per_unit)
+        family.set_active_heads(family.attention(layer), kept_attn)

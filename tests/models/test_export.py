@@ -108,6 +108,25 @@ def test_uniform_export_is_stock_transformers(exported, tmp_path):
         assert config["model_type"] == model_type and "auto_map" not in config
 
 
+def test_query_head_exports_keep_every_kv_head_until_a_layer_empties(exported):
+    """Query-head units: every exported layer keeps all KV heads and the same query heads in each KV group, or no
+    heads at all; some layer lost query heads without losing its KV heads (what KV-group units cannot do)."""
+    partial = 0
+    for case in (c for c in exported if CONFIGS[c["name"]].get("attention_unit") == "query-head"):
+        config = json.loads(Path(case["dir"], "config.json").read_text())
+        teacher = CONFIGS[case["name"]]
+        teacher_kv, teacher_q = teacher["num_key_value_heads"], teacher["num_attention_heads"]
+        if case["uniform"]:
+            layers = [(config["num_key_value_heads"], config["num_attention_heads"])]
+        else:
+            layers = list(zip(config["kv_heads_per_layer"], config["query_heads_per_layer"]))
+        for kv, query in layers:
+            assert (kv, query % teacher_kv) == (teacher_kv, 0) if query else kv == 0, (case["dir"], layers)
+            partial += 0 < query < teacher_q
+        assert config["minidisc_attention_unit"] == "query-head"
+    assert partial
+
+
 def test_exports_keep_the_teachers_attention_settings(exported, pruned_dirs):
     """Sliding windows (Mistral's, Qwen2's per-layer types) and tying come through both kinds of export."""
     for case in exported:
@@ -179,12 +198,12 @@ def test_bf16_teacher_stays_bf16(corpus, tokenizer_dir, tmp_path):
         assert json.loads((tmp_path / directory / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_bias", "qwen3", "opt"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_bias", "qwen3", "llama_gqa_qh", "opt"])
 @pytest.mark.parametrize("uniform", [False, True])
 def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dirs, tmp_path, monkeypatch):
     """A stage's start (sparsity 0.9 with a trained TA at 0.5 written over its prefixes) is built from the
     checkpoints' tensors one at a time, equal to slicing the whole teacher in memory, which it never loads."""
-    from engine.models.export import pruned_model, sliced_checkpoint
+    from engine.models.export import kept_regions, pruned_model, sliced_checkpoint
     from engine.models.loading import load_causal_lm
 
     pruned = pruned_dirs[name]
@@ -197,8 +216,9 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
             p.add_(torch.randn_like(p))
     ta.save_pretrained(tmp_path / "ta")
     state = {k: v.clone() for k, v in full.state_dict().items()}  # the in-memory way: the TA over the teacher
+    ta_part = kept_regions(full, family, width_of(500))  # prefixes, or prefixes of every KV group's query heads
     for key, tensor in ta.state_dict().items():
-        state[key][tuple(slice(0, n) for n in tensor.shape)] = tensor
+        state[key][ta_part.get(key, (slice(None),))] = tensor
     expected = pruned_model(full, width_of(900), uniform, state=state).state_dict()
 
     import transformers

@@ -6,7 +6,7 @@ from helpers import launch_two_ranks
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("name", ["qwen3", "opt"])  # LLaMA-GQA runs 2 processes in test_trainer
+@pytest.mark.parametrize("name", ["qwen3_qh", "opt"])  # LLaMA-GQA runs 2 processes in test_trainer
 def test_supernet_under_zero3_two_processes(name, pruned_dirs, tmp_path):
     report = launch_two_ranks("zero3_supernet_worker.py", tmp_path / "report.json", "--pruned", pruned_dirs[name])
     assert report["world_size"] == 2
