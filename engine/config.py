@@ -109,6 +109,10 @@ class RunConfig:
     calib_samples: int = option(64, "calibration sequences for the importance scores (when pruning)", metavar="N")
     ffn_multiple: int = option(8, "round each layer's FFN removals to a multiple of M neurons (when pruning)",
                                metavar="M")
+    attention_unit: str = option("kv-group", "what an attention unit is under grouped-query attention (when "
+                                 "pruning): kv-group, a KV head with its query heads; query-head, the j-th query head "
+                                 "of every KV group, so a layer keeps the same query heads in each group and its KV "
+                                 "heads until it keeps none", choices=["kv-group", "query-head"])
     seed: int = option(0, "seed for data order, width sampling and dropout", metavar="N")
     # optimisation
     lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay to 0)", metavar="LR")

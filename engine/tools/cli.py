@@ -20,12 +20,13 @@ log = logging.getLogger("minidisc")
 
 def _add_prune(sub):
     p = sub.add_parser("prune", help="score units on calibration data, reorder the teacher, list the candidates",
-                       description="Step 1 of MiniDisc: accumulate |dL/dmask| of every attention head (KV group "
-                       "under GQA) and FFN neuron over calibration batches, normalise per layer, rank globally, "
+                       description="Step 1 of MiniDisc: accumulate |dL/dmask| of every attention unit (a head; "
+                       "under GQA a KV group, or with --attention-unit query-head the j-th query head of every KV "
+                       "group) and FFN neuron over calibration batches, normalise per layer, rank globally, "
                        "and permute the weights so every candidate width is a prefix slice. Writes the "
                        "reordered teacher (HF checkpoint + tokenizer) and pruning.json to --out.")
     p.add_argument("--teacher", required=True, metavar="DIR", help="Hugging Face checkpoint directory of the "
-                   "teacher (LlamaForCausalLM or OPTForCausalLM) with its tokenizer")
+                   "teacher (LLaMA, Mistral, Qwen2/2.5, Qwen3 or OPT) with its tokenizer")
     p.add_argument("--data", required=True, nargs="+", metavar="SOURCE", help="calibration data, as compress's "
                    "--data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), or a "
                    "save_to_disk folder; several sources give blocks by weight (PATH@WEIGHT[@FIELD])")
@@ -41,6 +42,10 @@ def _add_prune(sub):
                    "per backward pass (default 4)")
     p.add_argument("--ffn-multiple", type=int, default=8, metavar="M", help="round each layer's FFN removals to a "
                    "multiple of M neurons (default 8; 1 disables rounding)")
+    p.add_argument("--attention-unit", default="kv-group", choices=["kv-group", "query-head"],
+                   help="under grouped-query attention: kv-group (a KV head with its query heads; the default) or "
+                   "query-head (the j-th query head of every KV group: layers keep the same query heads per group, "
+                   "and their KV heads until they keep none)")
     p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text for "
                    "json/jsonl/parquet/csv data (default 'text')")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling the calibration records (default 0)")
@@ -264,7 +269,8 @@ def run(args) -> None:
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_batch_size,
-                     ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device)
+                     ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device,
+                     attention_unit=args.attention_unit)
         print_candidates(plan)
     elif args.command == "export":
         from engine.models.export import export

@@ -101,7 +101,8 @@ def _candidates(cfg: RunConfig, config, grid) -> list[dict]:
     for s in candidate_widths(grid, truncate, target):
         parameters = exact.get(s, width_parameters(config, s))
         rows.append({"sparsity": s / PERMILLE, "parameters": parameters, "fraction": parameters / teacher,
-                     "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform)})
+                     "exact": s in exact or (cfg.ffn_multiple == 1 and not cfg.uniform
+                                             and cfg.attention_unit == "kv-group")})
     return rows
 
 

@@ -188,3 +188,18 @@ def test_forward_flops_match_a_flop_counter(name):
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     expected = counts.pop("aten.bmm") / 2 + sum(counts.values())
     assert forward_flops(model, family, width, context=16) * ids.numel() == expected
+
+
+def test_query_head_units_rank_each_kv_groups_heads():
+    """Query-head units: heads are scored one by one, each KV group's heads are sorted best first, and unit j scores
+    the sum of every group's j-th best head (normalised per layer like any unit)."""
+    model = tiny_model("llama_gqa_qh")
+    family = family_for(model.config)
+    heads, _ = unit_importance(copy.deepcopy(model), family, list(calibration().split(2)))
+    plan = engine.prune_teacher(model, None, calibration(), batch_size=2)
+    assert plan.attention_unit == "query-head" and plan.attention_sizes == [3, 3, 3]  # 6 heads = 2 groups x 3
+    for layer, scores in enumerate(heads):
+        by_group = scores.reshape(2, 3)
+        assert plan.extra["original_index"]["attention"][layer] == by_group.argsort(1, descending=True).tolist()
+        units = by_group.sort(1, descending=True).values.sum(0)
+        torch.testing.assert_close(torch.tensor(plan.attention_scores[layer], dtype=units.dtype), units / units.norm())

@@ -128,10 +128,13 @@ def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, m
 
 def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus, tmp_path):
     """--sparsest 0.95: the sandwich also trains 0.95, which is never a candidate TA. --student-stage joint: the TA's
-    snapshot trains as a supernet at every width past the TA, and the student is the target's best dev snapshot."""
+    snapshot trains as a supernet at every width past the TA, and the student is the target's best dev snapshot.
+    With query-head attention units: the TA's slice keeps every KV group's first query heads, not a flat prefix."""
     out = tmp_path / "joint"
     minidisc("compress", *options(trained_teacher, corpus, out, "--grid", "0", "0.5", "0.7", "0.9", "0.95",
-                                  "--sparsest", "0.95", "--student-stage", "joint", "--lam", "0"))
+                                  "--sparsest", "0.95", "--student-stage", "joint", "--lam", "0",
+                                  "--attention-unit", "query-head"))
+    assert json.loads((out / "work" / "pruned" / "pruning.json").read_text())["attention_unit"] == "query-head"
     report = json.loads((out / "report.json").read_text())
     trained = lambda stage: {point["width"] for point in report["curves"][stage]["train"]}  # noqa: E731
     assert trained("sandwich") == {0.5, 0.7, 0.9, 0.95}
