@@ -42,24 +42,29 @@ def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
     return rows
 
 
-def _ranked(family, raw: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[float]]]:
+NORMS = {"layer": normalize_per_layer, "none": list}  # --attention-norm
+
+
+def _ranked(family, raw: list[torch.Tensor], norm: str = "layer") -> tuple[list[torch.Tensor], list[list[float]]]:
     """(the orders `reorder` takes, normalised scores in descending order) per layer, from raw importance. With
     query-head units (`family` given and using them) the raw scores are per head: `reorder` sorts each KV group's
     heads, and the units' scores (`Family.unit_scores`) are already descending."""
     if family is not None and family.query_head_units:
         orders, unit_scores = zip(*(family.unit_scores(s) for s in raw))
-        return list(orders), [s.tolist() for s in normalize_per_layer(list(unit_scores))]
-    scores = normalize_per_layer(raw)
+        return list(orders), [s.tolist() for s in NORMS[norm](list(unit_scores))]
+    scores = NORMS[norm](raw)
     orders = [torch.sort(s, descending=True, stable=True).indices for s in scores]
     return orders, [s[o].tolist() for s, o in zip(scores, orders)]
 
 
 def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_GRID, ffn_multiple: int = 8,
-                  batch_size: int = 4) -> PruningPlan:
-    """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan."""
+                  batch_size: int = 4, attention_norm: str = "layer") -> PruningPlan:
+    """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan. `attention_norm`:
+    `layer` divides each layer's attention scores by their L2 norm before the global ranking (FFN scores always
+    are); `none` ranks them as measured, which keeps the differences between layers that have few units."""
     family = family_for(model.config)
     raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
-    attention_orders, attention_scores = _ranked(family, raw_attention)
+    attention_orders, attention_scores = _ranked(family, raw_attention, attention_norm)
     ffn_orders, ffn_scores = _ranked(None, raw_ffn)
     reorder(model, family, attention_orders, ffn_orders)
     plan = PruningPlan(
@@ -72,6 +77,7 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
         ffn_multiple=ffn_multiple,
     )
     plan.candidates = candidate_rows(plan, model, family)
+    plan.extra["attention_norm"] = attention_norm
     plan.extra["original_index"] = {"attention": [o.tolist() for o in attention_orders],
                                     "ffn": [o.tolist() for o in ffn_orders]}
     return plan
@@ -79,14 +85,17 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
 
 def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
           seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
-          device: str = "cpu", attention_unit: str = "kv-group") -> PruningPlan:
+          device: str = "cpu", attention_unit: str = "kv-group", attention_norm: str = "layer") -> PruningPlan:
     """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
     PATH@WEIGHT strings) and write the reordered teacher to `out`. `attention_unit`: `kv-group` or `query-head`
-    (`engine.pruning.families`); the choice is written into the reordered teacher's config."""
+    (`engine.pruning.families`); the choice is written into the reordered teacher's config. `attention_norm`:
+    see `prune_teacher`."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     if attention_unit not in ATTENTION_UNITS:
         raise UserError(f"--attention-unit {attention_unit}: choose one of {', '.join(ATTENTION_UNITS)}")
+    if attention_norm not in NORMS:
+        raise UserError(f"--attention-norm {attention_norm}: choose one of {', '.join(NORMS)}")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
@@ -100,7 +109,8 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     loaded = time.perf_counter()
     names = ", ".join(s.path for s in sources)
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, names)
-    plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size)
+    plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size,
+                         attention_norm=attention_norm)
     scored = time.perf_counter()
     plan.extra["calibration"] = {"data": [vars(s) for s in sources], "samples": len(calibration), "seq_len": seq_len,
                                  "seed": seed, "text_field": text_field}

@@ -149,7 +149,7 @@ class Run:
                 prune(teacher, self.cfg.sources(), pruned, grid=grid, calib_samples=self.cfg.calib_samples,
                       seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
                       ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
-                      attention_unit=self.cfg.attention_unit,
+                      attention_unit=self.cfg.attention_unit, attention_norm=self.cfg.attention_norm,
                       device=str(dist.device()))
         self.phases["prune"] = round(time.perf_counter() - started, 2)
         return pruned

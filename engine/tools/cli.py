@@ -46,6 +46,10 @@ def _add_prune(sub):
                    help="under grouped-query attention: kv-group (a KV head with its query heads; the default) or "
                    "query-head (the j-th query head of every KV group: layers keep the same query heads per group, "
                    "and their KV heads until they keep none)")
+    p.add_argument("--attention-norm", default="layer", choices=["layer", "none"],
+                   help="attention importance before the global ranking: layer (divided by each layer's L2 norm, as "
+                   "FFN scores always are; the default) or none (as measured, keeping the differences between "
+                   "layers with few units)")
     p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text for "
                    "json/jsonl/parquet/csv data (default 'text')")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling the calibration records (default 0)")
@@ -270,7 +274,7 @@ def run(args) -> None:
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_batch_size,
                      ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device,
-                     attention_unit=args.attention_unit)
+                     attention_unit=args.attention_unit, attention_norm=args.attention_norm)
         print_candidates(plan)
     elif args.command == "export":
         from engine.models.export import export

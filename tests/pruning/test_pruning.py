@@ -203,3 +203,16 @@ def test_query_head_units_rank_each_kv_groups_heads():
         assert plan.extra["original_index"]["attention"][layer] == by_group.argsort(1, descending=True).tolist()
         units = by_group.sort(1, descending=True).values.sum(0)
         torch.testing.assert_close(torch.tensor(plan.attention_scores[layer], dtype=units.dtype), units / units.norm())
+
+
+def test_attention_norm_none_ranks_attention_as_measured():
+    """--attention-norm none: attention scores are ranked as measured (no per-layer normalisation); FFN scores are
+    still divided by their layer's L2 norm."""
+    model = tiny_model("llama_gqa")
+    raw, _ = unit_importance(copy.deepcopy(model), family_for(model.config), list(calibration().split(2)))
+    plan = engine.prune_teacher(model, None, calibration(), batch_size=2, attention_norm="none")
+    for layer, scores in enumerate(raw):
+        torch.testing.assert_close(torch.tensor(plan.attention_scores[layer], dtype=scores.dtype),
+                                   scores.sort(descending=True).values)
+    assert all(abs(torch.tensor(s).norm().item() - 1) < 1e-9 for s in plan.ffn_scores)
+    assert plan.extra["attention_norm"] == "none"
