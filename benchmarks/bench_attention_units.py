@@ -115,6 +115,7 @@ def short_kd(pruned: Path, builtin: Path, out: Path, max_steps: int) -> dict:
     if not report_path.is_file():
         options = {**builtin_options(), "teacher": str(pruned), "out": str(out), "target_sparsity": KD_SPARSITY / 1000,
                    "max_steps": max_steps, "eval_every": max(1, max_steps // 3), "eval_tasks": [], "sample_tokens": 0,
+                   "baselines": [],
                    "data": str(builtin / "train.txt"), "dev_data": str(builtin / "dev.txt"),
                    "test_data": str(builtin / "test.txt")}
         engine.distill(RunConfig(**options).validate())

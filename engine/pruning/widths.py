@@ -89,7 +89,7 @@ def forwards_per_batch(widths: int, per_forward: int) -> int:
 
 @dataclass(frozen=True)
 class Width:
-    """Kept units per layer: attention units (heads, or KV groups under GQA) and FFN neurons."""
+    """Kept units per layer: attention units (heads; KV groups or query-head units under GQA) and FFN neurons."""
 
     attention: tuple[int, ...]
     ffn: tuple[int, ...]

@@ -244,3 +244,15 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
         torch.save(ta.state_dict(), tmp_path / "ta-bin" / "pytorch_model.bin")
         whole = sliced_checkpoint(pruned, width_of(900), uniform, trained=tmp_path / "ta-bin").state_dict()
         assert all(torch.equal(whole[key], expected[key]) for key in expected)
+
+
+def test_per_layer_config_refuses_query_heads_that_kv_heads_cannot_share():
+    from engine.models.modeling_minidisc import MiniDiscLlamaConfig
+
+    shapes = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2)
+    config = MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 0], query_heads_per_layer=[4, 0])
+    assert config.query_heads_per_layer == [4, 0]
+    assert MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 1]).query_heads_per_layer == [6, 3]  # 3 per group
+    for query in ([3, 0], [4, 2]):
+        with pytest.raises(ValueError, match="cannot share"):
+            MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 0], query_heads_per_layer=query)

@@ -196,7 +196,7 @@ def test_query_head_units_rank_each_kv_groups_heads():
     model = tiny_model("llama_gqa_qh")
     family = family_for(model.config)
     heads, _ = unit_importance(copy.deepcopy(model), family, list(calibration().split(2)))
-    plan = engine.prune_teacher(model, None, calibration(), batch_size=2)
+    plan = engine.prune_teacher(model, None, calibration(), batch_size=2, attention_norm="layer")
     assert plan.attention_unit == "query-head" and plan.attention_sizes == [3, 3, 3]  # 6 heads = 2 groups x 3
     for layer, scores in enumerate(heads):
         by_group = scores.reshape(2, 3)
@@ -216,3 +216,9 @@ def test_attention_norm_none_ranks_attention_as_measured():
                                    scores.sort(descending=True).values)
     assert all(abs(torch.tensor(s).norm().item() - 1) < 1e-9 for s in plan.ffn_scores)
     assert plan.extra["attention_norm"] == "none"
+    # auto: none under GQA, the per-layer L2 norm for multi-head attention
+    assert engine.prune_teacher(tiny_model("llama_gqa"), None, calibration(), batch_size=2).extra["attention_norm"] \
+        == "none"
+    mha = engine.prune_teacher(tiny_model("llama_mha"), None, calibration(), batch_size=2)
+    assert mha.extra["attention_norm"] == "layer"
+    assert all(abs(torch.tensor(s).norm().item() - 1) < 1e-6 for s in mha.attention_scores)
