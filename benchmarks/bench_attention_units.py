@@ -6,10 +6,10 @@ Teachers, pretrained on the built-in corpus with the built-in tokenizer (engine.
     gqa2  the same shapes with 2 KV groups (4 query heads each)
     gqa3  hidden 240, 6 query heads of 40 dimensions in 3 KV groups
 For every teacher x `--attention-unit` (kv-group, query-head) x `--attention-norm` (layer, none):
-    one-shot  `minidisc prune` (64 calibration blocks of 128 tokens), then the supernet at sparsity 0.3 and 0.5
+    one-shot  `minidisc prune` (64 calibration blocks of 128 tokens), then the supernet at sparsity 0.3, 0.5 and 0.9
               with no training: perplexity and next-token accuracy on the dev blocks;
-    KD        plain KD (`minidisc distill`) of the 0.5 width from the teacher, --max-steps steps: dev and test accuracy
-              of the best dev snapshot.
+    KD        plain KD (`minidisc distill`) of the 0.5 and the 0.9 width from the teacher, --max-steps steps: dev and
+              test accuracy of the best dev snapshot.
 Appends one row per (teacher, unit, norm, sparsity) to benchmarks/results/attention_units.csv and prints the table.
 A finished piece (pruned teacher, KD report) is read back, so a killed run continues where it was.
 
@@ -42,7 +42,7 @@ TEACHERS = {  # name -> LlamaConfig shapes (vocabulary, positions and the rest f
                  num_key_value_heads=3),
     "gqa4": None,  # the built-in teacher
 }
-UNITS, NORMS, ONE_SHOT, KD_SPARSITY = ("kv-group", "query-head"), ("layer", "none"), (300, 500), 500
+UNITS, NORMS, ONE_SHOT, KD_SPARSITIES = ("kv-group", "query-head"), ("layer", "none"), (300, 500, 900), (500, 900)
 GRID = (0, 300, 500, 700, 900)
 
 
@@ -105,15 +105,15 @@ def one_shot(pruned: Path, blocks) -> dict[int, dict]:
     return results
 
 
-def short_kd(pruned: Path, builtin: Path, out: Path, max_steps: int) -> dict:
-    """Plain KD of the KD_SPARSITY width: the best dev snapshot's dev and test accuracy."""
+def short_kd(pruned: Path, builtin: Path, out: Path, max_steps: int, permille: int) -> dict:
+    """Plain KD of the width at `permille`: the best dev snapshot's dev and test accuracy."""
     import engine
     from engine.config import RunConfig
     from engine.tools.demo import builtin_options
 
     report_path = out / "report.json"
     if not report_path.is_file():
-        options = {**builtin_options(), "teacher": str(pruned), "out": str(out), "target_sparsity": KD_SPARSITY / 1000,
+        options = {**builtin_options(), "teacher": str(pruned), "out": str(out), "target_sparsity": permille / 1000,
                    "max_steps": max_steps, "eval_every": max(1, max_steps // 3), "eval_tasks": [], "sample_tokens": 0,
                    "baselines": [],
                    "data": str(builtin / "train.txt"), "dev_data": str(builtin / "dev.txt"),
@@ -155,7 +155,8 @@ def main() -> None:
                                  attention_unit=unit, attention_norm=norm)
                 plan = engine.PruningPlan.load(pruned)
                 shots = one_shot(pruned, blocks)
-                kd = short_kd(pruned, builtin, args.work / "kd" / tag, args.max_steps)
+                kd = {s: short_kd(pruned, builtin, args.work / "kd" / f"{tag}-{s}", args.max_steps, s)
+                      for s in KD_SPARSITIES}
                 for permille, shot in shots.items():
                     candidate = next(r for r in plan.candidates if round(r["sparsity"] * 1000) == permille)
                     rows.append({
@@ -163,7 +164,7 @@ def main() -> None:
                         "query_heads": config["num_attention_heads"], "attention_unit": unit, "attention_norm": norm,
                         "sparsity": permille / 1000, "kept_heads": candidate["kept_heads"],
                         "kept_kv_heads": candidate["kept_kv_heads"], "attention_units": candidate["attention_units"],
-                        "parameters": candidate["parameters"], **shot, **(kd if permille == KD_SPARSITY else {}),
+                        "parameters": candidate["parameters"], **shot, **kd.get(permille, {}),
                     })
                     print(json.dumps(rows[-1]), flush=True)
                 print(f"{tag}: {time.perf_counter() - started:.0f} s", flush=True)

@@ -113,11 +113,10 @@ class RunConfig:
                                  "pruning): kv-group, a KV head with its query heads; query-head, the j-th query head "
                                  "of every KV group, so a layer keeps the same query heads in each group and its KV "
                                  "heads until it keeps none", choices=["kv-group", "query-head"])
-    attention_norm: str = option("auto", "attention importance before the global ranking (when pruning): layer "
-                                 "divides each layer's scores by their L2 norm (as FFN scores always are); none ranks "
-                                 "them as measured, keeping the differences between layers with few units; auto: none "
-                                 "under grouped-query attention (better on every GQA teacher measured), else layer",
-                                 choices=["auto", "layer", "none"])
+    attention_norm: str = option("layer", "attention importance before the global ranking (when pruning): layer "
+                                 "divides each layer's scores by their L2 norm, as FFN scores always are; none ranks "
+                                 "them as measured, keeping the differences between layers with few units (better "
+                                 "one-shot, worse at high sparsity after training: README)", choices=["layer", "none"])
     seed: int = option(0, "seed for data order, width sampling and dropout", metavar="N")
     # optimisation
     lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay to 0)", metavar="LR")

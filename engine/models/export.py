@@ -19,7 +19,7 @@ from engine.errors import UserError
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.outputs import atomic_output_dir
-from engine.pruning.families import count_parameters, family_for
+from engine.pruning.families import count_parameters, family_for, model_width
 from engine.pruning.plan import PruningPlan
 from engine.pruning.widths import Width, format_sparsity, parse_sparsity
 from engine.tools.model_card import write_model_card
@@ -101,12 +101,6 @@ class CheckpointTensors:
 
             with safe_open(directory / "model.safetensors", "pt") as f:
                 self.files = dict.fromkeys(f.keys(), directory / "model.safetensors")
-
-    def shape(self, name: str) -> list[int]:
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_slice(name).get_shape()
 
     def read(self, name: str, region: tuple) -> torch.Tensor:
         """The tensor's `region` (slices, or index tensors: read whole first) from the file."""
@@ -217,16 +211,11 @@ def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, tr
         state = {k: v.clone() for k, v in state.items()}
         model = load_causal_lm(trained)
         family = family_for(model.config)
-        regions = kept_regions(full, family_for(full.config), _width_of(model, family))
+        regions = kept_regions(full, family_for(full.config), model_width(model, family))
         for name, tensor in model.state_dict().items():
             state[name][regions.get(name, (slice(None),) * tensor.dim())] = tensor
     return pruned_model(full, width, uniform, dtype, state=state)
 
-
-def _width_of(model, family) -> Width:
-    """The units each layer of a (pruned) model has."""
-    groups = family.groups(model)
-    return Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
 
 
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:

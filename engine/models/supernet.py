@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.loading import load_causal_lm
-from engine.pruning.families import family_for
+from engine.pruning.families import family_for, model_width
 from engine.pruning.plan import PruningPlan
 from engine.pruning.widths import Width
 
@@ -85,7 +85,7 @@ class Supernet(nn.Module):
                     linear.blocks = group.blocks
                 for linear in group.whole:
                     linear.__class__ = SliceableLinear
-        self.full_width = Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
+        self.full_width = model_width(model, self.family)
         self.stacked: list[Width] = []
         self._layers = list(zip(self.family.layers(model), groups))  # (decoder layer, its two unit groups)
         for index, layer in enumerate(self.family.layers(model)):

@@ -55,6 +55,7 @@ from engine.models.modeling_minidisc import (
     PrunableQwen2Attention,
     PrunableQwen3Attention,
 )
+from engine.pruning.widths import Width
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,12 @@ def family_for(config) -> Family:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
         raise UserError(f"unsupported model family '{model_type}' ({archs}); MiniDisc supports {SUPPORTED}")
     return FAMILIES[model_type](config)
+
+
+def model_width(model, family: Family) -> Width:
+    """The units each layer of `model` has (a reordered teacher's full width, or a pruned model's own)."""
+    groups = family.groups(model)
+    return Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
 
 
 def _removed(group: UnitGroup, kept: int) -> tuple[int, int]:

@@ -42,7 +42,7 @@ def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
     return rows
 
 
-NORMS = {"layer": normalize_per_layer, "none": list}  # --attention-norm (and "auto": see `prune_teacher`)
+NORMS = {"layer": normalize_per_layer, "none": list}  # --attention-norm
 
 
 def _ranked(family, raw: list[torch.Tensor], norm: str = "layer") -> tuple[list[torch.Tensor], list[list[float]]]:
@@ -58,15 +58,12 @@ def _ranked(family, raw: list[torch.Tensor], norm: str = "layer") -> tuple[list[
 
 
 def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_GRID, ffn_multiple: int = 8,
-                  batch_size: int = 4, attention_norm: str = "auto") -> PruningPlan:
+                  batch_size: int = 4, attention_norm: str = "layer") -> PruningPlan:
     """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan. `attention_norm`:
     `layer` divides each layer's attention scores by their L2 norm before the global ranking (FFN scores always
-    are); `none` ranks them as measured, which keeps the differences between layers that have few units; `auto`
-    is `none` under grouped-query attention (better on every GQA teacher measured: README, "Attention units
-    under GQA") and `layer` otherwise (the paper's choice; not measured here)."""
+    are); `none` ranks them as measured, which keeps the differences between layers that have few units (better
+    one-shot, worse at 0.9 after training on the built-in teacher: README, "Attention units under GQA")."""
     family = family_for(model.config)
-    if attention_norm == "auto":
-        attention_norm = "none" if family.query_heads_per_group > 1 else "layer"
     raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
     attention_orders, attention_scores = _ranked(family, raw_attention, attention_norm)
     ffn_orders, ffn_scores = _ranked(None, raw_ffn)
@@ -89,7 +86,7 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
 
 def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
           seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
-          device: str = "cpu", attention_unit: str = "kv-group", attention_norm: str = "auto") -> PruningPlan:
+          device: str = "cpu", attention_unit: str = "kv-group", attention_norm: str = "layer") -> PruningPlan:
     """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
     PATH@WEIGHT strings) and write the reordered teacher to `out`. `attention_unit`: `kv-group` or `query-head`
     (`engine.pruning.families`); the choice is written into the reordered teacher's config. `attention_norm`:
@@ -98,8 +95,8 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     if attention_unit not in ATTENTION_UNITS:
         raise UserError(f"--attention-unit {attention_unit}: choose one of {', '.join(ATTENTION_UNITS)}")
-    if attention_norm not in (*NORMS, "auto"):
-        raise UserError(f"--attention-norm {attention_norm}: choose one of auto, {', '.join(NORMS)}")
+    if attention_norm not in NORMS:
+        raise UserError(f"--attention-norm {attention_norm}: choose one of {', '.join(NORMS)}")
     started = time.perf_counter()
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")

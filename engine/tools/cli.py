@@ -46,11 +46,10 @@ def _add_prune(sub):
                    help="under grouped-query attention: kv-group (a KV head with its query heads; the default) or "
                    "query-head (the j-th query head of every KV group: layers keep the same query heads per group, "
                    "and their KV heads until they keep none)")
-    p.add_argument("--attention-norm", default="auto", choices=["auto", "layer", "none"],
+    p.add_argument("--attention-norm", default="layer", choices=["layer", "none"],
                    help="attention importance before the global ranking: layer (divided by each layer's L2 norm, as "
-                   "FFN scores always are), none (as measured, keeping the differences between layers with few "
-                   "units), or auto (the default: none under grouped-query attention, better on every GQA teacher "
-                   "measured; layer otherwise)")
+                   "FFN scores always are; the default) or none (as measured, keeping the differences between "
+                   "layers with few units: better one-shot, worse at high sparsity after training)")
     p.add_argument("--text-field", default="text", metavar="NAME", help="record field holding the text for "
                    "json/jsonl/parquet/csv data (default 'text')")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling the calibration records (default 0)")
