@@ -160,6 +160,7 @@ def _resize_llama_like_layers(model, prunable_attention: type) -> None:
     query and KV heads and FFN neurons its config lists. Qwen3's q/k norms act per head over head_dim: no width
     changes them."""
     config = model.config
+    _per_layer_lists(config)  # (transformers < 5.23 configs are not dataclasses: no __post_init__ filled them)
     hidden = config.hidden_size
     for layer, kv_heads, query_heads, neurons in zip(model.model.layers, config.kv_heads_per_layer,
                                                      config.query_heads_per_layer, config.intermediate_sizes):

@@ -246,13 +246,19 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
         assert all(torch.equal(whole[key], expected[key]) for key in expected)
 
 
-def test_per_layer_config_refuses_query_heads_that_kv_heads_cannot_share():
-    from engine.models.modeling_minidisc import MiniDiscLlamaConfig
+def test_per_layer_model_takes_query_heads_its_kv_heads_can_share():
+    """Per layer: the listed query heads (by default 3 per KV head, the teacher's), refused in one line when the
+    KV heads cannot share them evenly. Checked on the model, as older transformers fill configs in no hook."""
+    from engine.models.modeling_minidisc import MiniDiscLlamaConfig, MiniDiscLlamaForCausalLM
 
-    shapes = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2)
-    config = MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 0], query_heads_per_layer=[4, 0])
-    assert config.query_heads_per_layer == [4, 0]
-    assert MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 1]).query_heads_per_layer == [6, 3]  # 3 per group
+    shapes = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2, vocab_size=32)
+
+    def query_heads(**lists):
+        model = MiniDiscLlamaForCausalLM(MiniDiscLlamaConfig(**shapes, **lists))
+        return [layer.self_attn.q_proj.out_features // 8 for layer in model.model.layers]
+
+    assert query_heads(kv_heads_per_layer=[2, 0], query_heads_per_layer=[4, 0]) == [4, 0]
+    assert query_heads(kv_heads_per_layer=[2, 1]) == [6, 3]
     for query in ([3, 0], [4, 2]):
         with pytest.raises(ValueError, match="cannot share"):
-            MiniDiscLlamaConfig(**shapes, kv_heads_per_layer=[2, 0], query_heads_per_layer=query)
+            query_heads(kv_heads_per_layer=[2, 0], query_heads_per_layer=query)
