@@ -277,8 +277,9 @@ def kd_step_flops(options: dict) -> int:
     from transformers import AutoModelForCausalLM
 
     from engine.models.loading import load_config
-    from engine.pruning.families import family_for, forward_flops
+    from engine.pruning.families import family_for
     from engine.pruning.plan import PruningPlan
+    from engine.pruning.units import forward_flops
     from engine.pruning.widths import parse_sparsity
 
     config, plan = load_config(options["teacher"]), PruningPlan.load(options["teacher"])

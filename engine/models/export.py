@@ -19,8 +19,9 @@ from engine.errors import UserError
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.outputs import atomic_output_dir
-from engine.pruning.families import count_parameters, family_for, model_width
+from engine.pruning.families import family_for
 from engine.pruning.plan import PruningPlan
+from engine.pruning.units import count_parameters, model_width
 from engine.pruning.widths import Width, format_sparsity, parse_sparsity
 from engine.tools.model_card import write_model_card
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.loading import load_causal_lm
-from engine.pruning.families import family_for, model_width
+from engine.pruning.families import family_for
 from engine.pruning.plan import PruningPlan
+from engine.pruning.units import model_width
 from engine.pruning.widths import Width
 
 

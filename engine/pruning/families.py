@@ -26,71 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 import kernels
 from engine.errors import UserError
-from engine.models.modeling_minidisc import (
-    MiniDiscLlamaForCausalLM,
-    MiniDiscMistralForCausalLM,
-    MiniDiscOPTConfig,
-    MiniDiscOPTForCausalLM,
-    MiniDiscQwen2ForCausalLM,
-    MiniDiscQwen3ForCausalLM,
-    PrunableLlamaAttention,
-    PrunableMistralAttention,
-    PrunableOPTAttention,
-    PrunableQwen2Attention,
-    PrunableQwen3Attention,
-)
-from engine.pruning.widths import Width
-
-
-@dataclass(frozen=True)
-class UnitGroup:
-    """Linears of one layer coupled through one kind of prunable unit.
-
-    `rows`: (linear, output rows per unit) whose outputs (and biases) belong to units.
-    `cols`: (linear, input columns per unit) whose inputs belong to units; the first one is where the
-    unit mask is applied (its input is the per-unit activation).
-    `blocks`: the coupled dimension is `blocks` equal blocks that each hold every unit once (query-head units:
-    one block per KV group), so a width keeps a prefix of every block.
-    `whole`: linears whose rows are all kept while the group keeps any unit, and all removed with the last one.
-    """
-
-    rows: tuple[tuple[nn.Linear, int], ...]
-    cols: tuple[tuple[nn.Linear, int], ...]
-    num_units: int
-    blocks: int = 1
-    whole: tuple[nn.Linear, ...] = ()
-
-    def index(self, units: torch.Tensor, per_unit: int) -> torch.Tensor:
-        """Indices in a coupled dimension covering `units` in every block, in that order: `units` is one order
-        for all blocks [n], or one per block [blocks, n]."""
-        units = torch.as_tensor(units)
-        units = units.expand(self.blocks, -1) if units.dim() == 1 else units
-        first = torch.arange(self.blocks)[:, None] * self.num_units  # each block's first unit
-        return (((first + units) * per_unit)[..., None] + torch.arange(per_unit)).flatten()
-
-    @property
-    def mask_site(self) -> nn.Linear:
-        return self.cols[0][0]
-
-    @property
-    def cols_per_unit(self) -> int:
-        return self.cols[0][1]
+from engine.models import modeling_minidisc as ours
+from engine.pruning.units import UnitGroup
 
 
 @dataclass(frozen=True)
@@ -244,8 +186,9 @@ class LlamaFamily(Family):
 
     name = "llama"
     architectures = ("LlamaForCausalLM",)
-    config_class, model_class, per_layer_class = LlamaConfig, LlamaForCausalLM, MiniDiscLlamaForCausalLM
-    prunable_attention = PrunableLlamaAttention
+    config_class, model_class = transformers.LlamaConfig, transformers.LlamaForCausalLM
+    per_layer_class = ours.MiniDiscLlamaForCausalLM
+    prunable_attention = ours.PrunableLlamaAttention
     heads_divide_hidden = True  # LlamaConfig requires hidden_size % num_attention_heads == 0, head_dim or not
     attention_proj_name = "o_proj"
     up_linears = 2
@@ -322,8 +265,9 @@ class MistralFamily(LlamaFamily):
 
     name = "mistral"
     architectures = ("MistralForCausalLM",)
-    config_class, model_class, per_layer_class = MistralConfig, MistralForCausalLM, MiniDiscMistralForCausalLM
-    prunable_attention = PrunableMistralAttention
+    config_class, model_class = transformers.MistralConfig, transformers.MistralForCausalLM
+    per_layer_class = ours.MiniDiscMistralForCausalLM
+    prunable_attention = ours.PrunableMistralAttention
     heads_divide_hidden = False
 
     def biases(self):
@@ -336,8 +280,9 @@ class Qwen2Family(LlamaFamily):
 
     name = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
-    config_class, model_class, per_layer_class = Qwen2Config, Qwen2ForCausalLM, MiniDiscQwen2ForCausalLM
-    prunable_attention = PrunableQwen2Attention
+    config_class, model_class = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+    per_layer_class = ours.MiniDiscQwen2ForCausalLM
+    prunable_attention = ours.PrunableQwen2Attention
     heads_divide_hidden = False
 
     def biases(self):
@@ -352,8 +297,9 @@ class Qwen3Family(LlamaFamily):
 
     name = "qwen3"
     architectures = ("Qwen3ForCausalLM",)
-    config_class, model_class, per_layer_class = Qwen3Config, Qwen3ForCausalLM, MiniDiscQwen3ForCausalLM
-    prunable_attention = PrunableQwen3Attention
+    config_class, model_class = transformers.Qwen3Config, transformers.Qwen3ForCausalLM
+    per_layer_class = ours.MiniDiscQwen3ForCausalLM
+    prunable_attention = ours.PrunableQwen3Attention
     heads_divide_hidden = False
     saved_bytes = SavedBytes(norms=(16, 8), ffn_per_neuron=8, ids=8, final_norm=(6, 4), all_hidden_states=True,
                              head_norms=(6, 4))
@@ -382,7 +328,7 @@ class OPTFamily(Family):
     def ffn_group(self, layer):
         return UnitGroup(rows=((layer.fc1, 1),), cols=((layer.fc2, 1),), num_units=layer.fc1.out_features)
 
-    prunable_attention = PrunableOPTAttention
+    prunable_attention = ours.PrunableOPTAttention
 
     def mask_ffn_activation(self, layer, mask):
         if self.config.activation_function != "relu":
@@ -398,15 +344,16 @@ class OPTFamily(Family):
     @classmethod
     def preset_config(cls, shape):
         # OPT ties its LM head to the input embeddings; its FFN is 4 x hidden.
-        return OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
-                         tie_word_embeddings=True, **shape)
+        return transformers.OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
+                                      tie_word_embeddings=True, **shape)
 
     def pruned_config(self, base, width, uniform):
         if uniform:
             if width.attention[0] != self.num_kv_heads:
                 raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
-            return OPTForCausalLM, OPTConfig(**{**base, "ffn_dim": width.ffn[0]}, architectures=["OPTForCausalLM"])
-        return MiniDiscOPTForCausalLM, MiniDiscOPTConfig(
+            return transformers.OPTForCausalLM, transformers.OPTConfig(**{**base, "ffn_dim": width.ffn[0]},
+                                                                       architectures=["OPTForCausalLM"])
+        return ours.MiniDiscOPTForCausalLM, ours.MiniDiscOPTConfig(
             **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn),
             architectures=["MiniDiscOPTForCausalLM"])
 
@@ -445,48 +392,3 @@ def family_for(config) -> Family:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
         raise UserError(f"unsupported model family '{model_type}' ({archs}); MiniDisc supports {SUPPORTED}")
     return FAMILIES[model_type](config)
-
-
-def model_width(model, family: Family) -> Width:
-    """The units each layer of `model` has (a reordered teacher's full width, or a pruned model's own)."""
-    groups = family.groups(model)
-    return Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
-
-
-def _removed(group: UnitGroup, kept: int) -> tuple[int, int]:
-    """(weights, biases) that keeping `kept` of a group's units removes from its linears."""
-    removed = (group.num_units - kept) * group.blocks
-    weights = biases = 0
-    for linear, per_unit in group.rows:
-        weights += removed * per_unit * linear.in_features
-        biases += removed * per_unit * (linear.bias is not None)
-    for linear, per_unit in group.cols:
-        weights += removed * per_unit * linear.out_features
-    for linear in group.whole if kept == 0 else ():
-        weights += linear.in_features * linear.out_features
-        biases += linear.out_features * (linear.bias is not None)
-    return weights, biases
-
-
-def _removed_per_group(model, family: Family, width):
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
-        yield _removed(groups[0], kept_attn)
-        yield _removed(groups[1], kept_ffn)
-
-
-def count_parameters(model, family: Family, width) -> int:
-    """Parameters of `model` restricted to `width` (tied weights counted once; works under ZeRO-3)."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in unique)
-    return total - sum(weights + biases for weights, biases in _removed_per_group(model, family, width))
-
-
-def forward_flops(model, family: Family, width, context: int) -> int:
-    """Forward FLOPs per token of `model` restricted to `width`, the estimate of Kaplan et al. (2020): 2 per
-    weight of every linear layer (the LM head included, embedding lookups free) plus 2 x context x the
-    attention width of every layer: the scores and the weighted values, 2 FLOPs each per key and attention
-    channel, over the half of the context a causal token sees on average."""
-    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    weights -= sum(removed for removed, _ in _removed_per_group(model, family, width))
-    attention = sum(family.heads(kept)[0] * family.head_dim for kept in width.attention)
-    return 2 * weights + 2 * context * attention

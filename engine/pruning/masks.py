@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import kernels
-from engine.pruning.families import Family, UnitGroup
+from engine.pruning.families import Family
+from engine.pruning.units import UnitGroup
 from engine.pruning.widths import Width
 
 

@@ -12,10 +12,11 @@ from engine.data.splits import calibration_blocks
 from engine.errors import UserError
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
-from engine.pruning.families import ATTENTION_UNITS, count_parameters, family_for
+from engine.pruning.families import ATTENTION_UNITS, family_for
 from engine.pruning.importance import normalize_per_layer, unit_importance
 from engine.pruning.plan import PruningPlan
 from engine.pruning.reorder import reorder
+from engine.pruning.units import count_parameters
 from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.pruning.families import Family, UnitGroup
+from engine.pruning.families import Family
+from engine.pruning.units import UnitGroup
 
 
 def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:

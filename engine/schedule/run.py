@@ -30,9 +30,10 @@ from engine.models.loading import (
 )
 from engine.outputs import atomic_output_dir, claim_run_dir, is_ours
 from engine.progress import Monitor
-from engine.pruning.families import count_parameters, family_for, forward_flops
+from engine.pruning.families import family_for
 from engine.pruning.plan import PLAN_FILE, PruningPlan
 from engine.pruning.prune import prune
+from engine.pruning.units import count_parameters, forward_flops
 from engine.pruning.widths import (
     PERMILLE,
     candidate_widths,

@@ -173,7 +173,7 @@ def test_forward_flops_match_a_flop_counter(name):
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.models.export import pruned_model
-    from engine.pruning.families import forward_flops
+    from engine.pruning.units import forward_flops
 
     model = tiny_model(name)
     family = family_for(model.config)

@@ -104,7 +104,8 @@ def test_counts_of_unusual_configs(name):
 def test_width_counts_equal_count_parameters_on_any_layer_split(name):
     """The candidate counts depend only on the total units kept: check against engine.pruning.families.count_parameters
     with the kept units spread unevenly over the layers (as a global ranking does)."""
-    from engine.pruning.families import count_parameters, family_for
+    from engine.pruning.families import family_for
+    from engine.pruning.units import count_parameters
 
     config, model = preset_config(name), meta_model(name)
     s = Shapes.of(config)
