@@ -14,6 +14,7 @@ Appends one row per (teacher, unit, norm, sparsity) to benchmarks/results/attent
 A finished piece (pruned teacher, KD report) is read back, so a killed run continues where it was.
 
     python benchmarks/bench_attention_units.py [--max-steps 150] [--work /tmp/attention-units]
+    python benchmarks/bench_attention_units.py --units kv-group --norms none   # one slice of the table
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source tree too
 from results_csv import append_rows  # noqa: E402
+
+from engine.pruning.prune import NORMS as ENGINE_NORMS  # noqa: E402
 
 TEACHERS = {  # name -> LlamaConfig shapes (vocabulary, positions and the rest from the built-in teacher)
     "gqa2": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -129,6 +132,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=150, help="KD steps (default 150)")
     parser.add_argument("--dev-blocks", type=int, default=96)
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    parser.add_argument("--units", nargs="+", default=list(UNITS), choices=UNITS)
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(ENGINE_NORMS),
+                        help="--attention-norm values to compare: a new entry in engine.pruning.prune.NORMS is one")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
@@ -145,8 +151,8 @@ def main() -> None:
         teacher = teacher_dir(name, args.work, builtin)
         blocks = dev_blocks(builtin, teacher, seq_len, args.dev_blocks)
         config = json.loads((teacher / "config.json").read_text())
-        for unit in UNITS:
-            for norm in NORMS:
+        for unit in args.units:
+            for norm in args.norms:
                 tag = f"{name}-{unit}-{norm}"
                 pruned = args.work / "pruned" / tag
                 started = time.perf_counter()

@@ -232,12 +232,16 @@ def print_candidates(plan, title: str = "MiniDisc candidates") -> None:
     Console().print(table)  # results go to stdout; logs and progress to stderr
 
 
-def _builtin_defaults(args) -> dict | None:
+def _is_builtin(args) -> bool:
     """`minidisc compress` naming no teacher and no data runs the built-in example (built once, cached)."""
     from engine.config import given
 
     values = given(args)
-    if args.command != "compress" or values.get("teacher") or values.get("data"):
+    return args.command == "compress" and not values.get("teacher") and not values.get("data")
+
+
+def _builtin_defaults(args) -> dict | None:
+    if not _is_builtin(args):
         return None
     from engine.tools.demo import builtin_options
     from engine.training import distributed
@@ -261,6 +265,10 @@ def run(args) -> None:
 
         if args.dry_run:
             from engine.tools.dry_run import dry_run
+
+            if _is_builtin(args):  # it would pretrain the built-in teacher first: not a dry run
+                raise UserError("--dry-run checks a run against its teacher: give --teacher and --data (or a recipe); "
+                                "`minidisc compress` alone runs the built-in example")
 
             dry_run(resolve(args), args.command)
             return

@@ -118,6 +118,7 @@ def test_bad_inputs_get_one_line_errors(teacher, corpus, tokenizer_dir, tmp_path
     assert "not on the pruning grid" in _error(capsys, export + ["0.33"])
     assert "no pruning.json" in _error(capsys, ["export", "--model", teacher, "--sparsity", "0.5", "--out", out])
     assert not (tmp_path / "student").exists()  # nothing half-written
+    assert "--dry-run checks a run against its teacher" in _error(capsys, ["compress", "--dry-run"])  # no pretraining
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path, corpus, capsys):

@@ -97,7 +97,9 @@ def test_default_run_writes_consistent_artifacts(default_run):
 
 def test_the_cached_teacher_is_reused(default_run):
     root, _, _ = default_run
-    second = run(root / "first", "compress", "--out", "again", cache=root / "cache")
+    # a shorter run than the built-in one (the reuse is what is checked): one baseline, no samples, one task
+    second = run(root / "first", "compress", "--out", "again", "--baselines", "kd", "--sample-tokens", "0",
+                 "--eval-tasks", "minidisc_ppl", cache=root / "cache")
     assert "reusing the pretrained teacher" in second.stderr and "pretraining the teacher" not in second.stderr
     refused = run(root / "first", "compress", cache=root / "cache", check=False)  # the first output is kept
     assert refused.returncode == 2 and "pass --resume" in refused.stderr

@@ -87,8 +87,8 @@ def test_minidisc_eval_equals_the_lm_eval_command_line(pruned_dirs, corpus, tmp_
 def test_eval_errors_are_one_line(pruned_dirs, tmp_path):
     for args, message in (([pruned_dirs["opt"], "--tasks", "no_such_task"], "unknown lm-eval task(s) no_such_task"),
                           ([tmp_path, "--tasks", "minidisc_ppl"], "not a Hugging Face checkpoint folder"),
-                          ([pruned_dirs["opt"], "--tasks", "minidisc_ppl"], "minidisc_ppl: use minidisc_ppl or "
-                                                                            "minidisc_cloze (made of --text FILE)")):
+                          ([pruned_dirs["opt"], "--tasks", "minidisc_ppl"], "minidisc_ppl is made of a text: give "
+                                                                            "--text FILE")):
         result = subprocess.run([MINIDISC, "eval", *map(str, args)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("minidisc: error: ")
         assert message in result.stderr, result.stderr[-2000:]
