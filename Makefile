@@ -12,7 +12,7 @@ TRANSFORMERS_ENDS := 5.0.0 5.24.0
 ENDS_TESTS := tests/models/test_export.py tests/tools/test_default_run.py
 ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
-.PHONY: demo test test-fast lint test-transformers-ends install gpu-check readme-options clean
+.PHONY: demo test test-fast lint test-transformers-ends test-dependency-ends install gpu-check readme-options clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ demo: install
 test-transformers-ends: $(ENDS_VENVS:%=%/.installed)
 	for venv in $(ENDS_VENVS); do echo "== $$venv"; $$venv/bin/python -m pytest -q $(ENDS_TESTS) || exit 1; done
 
+# Both ends of every range pyproject allows, each in its own venv without constraints.txt: a release check by hand
+# (.ci/dependency_ends.sh; CUDA builds of torch from PyPI, and the suite once per end). TESTS=... narrows it.
+test-dependency-ends:
+	bash .ci/dependency_ends.sh $(TESTS)
+
 lint: install
 	$(BIN)/ruff check .
 
@@ -63,4 +68,4 @@ gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(PART)
 
 clean:
-	rm -rf $(VENV) $(ENDS_VENVS) minidisc-demo
+	rm -rf $(VENV) $(ENDS_VENVS) .venv-lowest .venv-newest .venv-uv minidisc-demo

@@ -125,8 +125,8 @@ def check_tasks(tasks: list[str], include=None, builtin: bool = True) -> None:
         raise UserError("benchmark evaluation needs lm-evaluation-harness: pip install 'minidisc[eval]'") from None
     if include and not Path(include).is_dir():
         raise UserError(f"--include {include} is not a folder of lm-eval task YAMLs")
-    textless = [task for task in tasks if not builtin and task in BUILTIN_TASKS]
-    if textless:  # before lm_eval indexes its registry (seconds), which cannot have them
+    textless = [task for task in tasks if not (builtin or include) and task in BUILTIN_TASKS]
+    if textless:  # before lm_eval indexes its registry (seconds), which does not have them
         raise UserError(f"{', '.join(textless)} is made of a text: give --text FILE")
     others = [task for task in tasks if not (builtin and task in BUILTIN_TASKS)]
     if others:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make test-dependency-ends`: the suite at both ends of what pyproject allows, a release check run by hand (not by
+# .ci/run: each end downloads a CUDA build of torch from PyPI, several GB, and the suite takes 25 minutes per end).
+#   .venv-lowest  every direct dependency at its lower bound (uv --resolution lowest-direct): torch, transformers,
+#                 deepspeed, datasets, accelerate, matplotlib ... as old as pyproject lets a user have them;
+#   .venv-newest  every dependency at the newest release pyproject allows, as `pip install -e .` gives today.
+# Neither uses constraints.txt. Arguments are pytest's (default: the whole suite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || set -- tests
+export PIP_CONFIG_FILE=/dev/null  # a machine-wide pip cap (e.g. on torch) would hide the newest end
+unset PIP_CONSTRAINT
+[ -x .venv-uv/bin/uv ] || { python3 -m venv .venv-uv && .venv-uv/bin/pip install -q uv; }
+status=0
+for end in lowest newest; do
+  venv=.venv-$end
+  if [ ! -f $venv/.installed ]; then
+    rm -rf $venv && .venv-uv/bin/uv venv -q $venv --python python3
+    resolution=$([ $end = lowest ] && echo lowest-direct || echo highest)
+    .venv-uv/bin/uv pip install -q --python $venv/bin/python --resolution $resolution -e '.[dev,triton,eval,tracking]'
+    touch $venv/.installed
+  fi
+  echo "== $venv: $($venv/bin/python -c 'from importlib.metadata import version as v; print(", ".join(
+    f"{p} {v(p)}" for p in ("torch", "transformers", "deepspeed", "datasets", "accelerate", "triton", "numpy")))')"
+  $venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=1
+done
+exit $status
