@@ -81,7 +81,9 @@ def meta_model(config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # transformers 5.0 leaves tied embeddings untied on the meta device
+    return model
 
 
 def check_seq_len(config, seq_len: int, whose: str = "model's", flag: str = "--seq-len") -> None:
