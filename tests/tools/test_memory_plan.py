@@ -32,6 +32,9 @@ from engine.tools.memory_plan.shapes import (
 
 
 @lru_cache(maxsize=None)
+def preset_model(name):
+    """A preset's architecture on the meta device, built once per test session (the 70B ones take a while)."""
+    return meta_model(preset_config(name))
 
 
 def measured_counts(model) -> tuple[int, int]:
@@ -46,7 +49,7 @@ def measured_counts(model) -> tuple[int, int]:
 # --- parameter counts -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_counts_from_config_equal_the_meta_model(name):
-    total, largest = measured_counts(meta_model(preset_config(name)))
+    total, largest = measured_counts(preset_model(name))
     config = preset_config(name)
     assert parameter_count(config) == total
     assert largest_layer_parameters(config) == largest
@@ -99,8 +102,7 @@ def test_width_counts_equal_count_parameters_on_any_layer_split(name):
     from engine.pruning.families import family_for
     from engine.pruning.units import count_parameters
 
-    config = preset_config(name)
-    model = meta_model(config)
+    config, model = preset_config(name), preset_model(name)
     s = Shapes.of(config)
     for permille in (0, 500, 850, 900):
         width_count = width_parameters(config, permille)
@@ -127,7 +129,7 @@ OFFLOAD = {"adamw": (False, False), "offload-opt": (True, False), "offload-all":
 def test_model_states_agree_with_deepspeeds_estimator(name):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    total, largest = measured_counts(meta_model(preset_config(name)))  # measured on the model, not from our arithmetic
+    total, largest = measured_counts(preset_model(name))  # measured on the model, not from our arithmetic
     config = preset_config(name)
     worst = 0.0
     for nodes, gpus in ((1, 8), (4, 8), (2, 1)):
