@@ -18,12 +18,19 @@ PAD = 0  # a token id every vocabulary has; padded positions are never attended 
 
 
 class Blocks:
-    """Documents [first, end) of a token file as blocks of `seq_len` tokens (packed text or padded chat)."""
+    """Documents [first, end) of a token file, less the sorted documents `drop` (training duplicates of held-out
+    records), as blocks of `seq_len` tokens (packed text or padded chat)."""
 
-    def __init__(self, file: TokenFile, first: int, end: int, seq_len: int):
+    def __init__(self, file: TokenFile, first: int, end: int, seq_len: int, drop=()):
         self.file, self.first, self.end, self.seq_len = file, first, end, seq_len
-        self.start = int(file.offsets[first])
-        self.count = end - first if file.chat else (int(file.offsets[end]) - self.start) // seq_len
+        self.drop = np.asarray(drop, np.int64)
+        # the kept documents as runs [run_first, run_end) of consecutive ones: the packed text is their tokens in turn
+        starts, ends = np.r_[first, self.drop + 1], np.r_[self.drop, end]
+        self.run_first, self.run_end = starts[ends > starts], ends[ends > starts]
+        self.run_docs = np.r_[0, np.cumsum(self.run_end - self.run_first)]  # kept documents before each run
+        self.run_tokens = np.r_[0, np.cumsum([int(file.offsets[z]) - int(file.offsets[a])
+                                              for a, z in zip(self.run_first, self.run_end)], dtype=np.int64)]
+        self.count = int(self.run_docs[-1]) if file.chat else int(self.run_tokens[-1]) // seq_len
 
     @property
     def chat(self) -> bool:
@@ -36,16 +43,30 @@ class Blocks:
         """(ids [n, seq_len] int64, mask [n, seq_len] bool: the tokens the loss counts) of blocks `index`."""
         size, tokens = self.seq_len, self.file.tokens
         if not self.chat:
-            ids = np.stack([tokens[self.start + b * size: self.start + (b + 1) * size] for b in index])
-            ids = ids.astype(np.int64).reshape(len(index), size)
+            ids = np.stack([self._packed(b * size, size) for b in index]).astype(np.int64).reshape(len(index), size)
             return ids, np.ones_like(ids, dtype=bool)
         ids, mask = np.full((len(index), size), PAD, np.int64), np.zeros((len(index), size), bool)
         for row, b in enumerate(index):
-            a, z = int(self.file.offsets[self.first + b]), int(self.file.offsets[self.first + b + 1])
+            d = self._document(b)
+            a, z = int(self.file.offsets[d]), int(self.file.offsets[d + 1])
             z = min(z, a + size)
             ids[row, : z - a] = tokens[a:z]
             mask[row, : z - a] = self.file.mask[a:z]
         return ids, mask
+
+    def _packed(self, position: int, size: int) -> np.ndarray:
+        """`size` tokens of the kept documents' packed text from `position` on (across runs where it must)."""
+        pieces, run = [], int(np.searchsorted(self.run_tokens, position, side="right")) - 1
+        while size:
+            start = int(self.file.offsets[self.run_first[run]]) + position - int(self.run_tokens[run])
+            n = min(size, int(self.run_tokens[run + 1]) - position)
+            pieces.append(self.file.tokens[start: start + n])
+            position, size, run = position + n, size - n, run + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _document(self, b: int) -> int:
+        run = int(np.searchsorted(self.run_docs, b, side="right")) - 1
+        return int(self.run_first[run]) + b - int(self.run_docs[run])
 
     def truncated(self) -> int:
         """Chat documents longer than seq_len (their ends are cut off); packed text loses nothing."""
@@ -56,7 +77,7 @@ class Blocks:
         return int(np.maximum(self.seq_len - self._lengths(), 0).sum()) if self.chat else 0
 
     def _lengths(self) -> np.ndarray:
-        return np.diff(self.file.offsets[self.first: self.end + 1])
+        return np.delete(np.diff(self.file.offsets[self.first: self.end + 1]), self.drop - self.first)
 
 
 class TensorBlocks:

@@ -4,7 +4,7 @@ Rank 0 tokenises each source once (`token_file`) and writes the description: whi
 each split takes. Every rank then reads only the blocks of its own batches from the token files.
 Dev and test come from their own files, or are the first documents of each --data source in its fixed hold-out
 order, at most a tenth of its documents each, in proportion to the weights; they do not move with --seed or
---max-steps. Training takes the rest.
+--max-steps. Training takes the rest, less every document whose normalised text equals a dev or test record's.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def describe(sources: list[Source], splits: dict, text_field: str, tokenizer, se
     """Tokenise what is not yet (on one process) and say which documents each split takes. `splits` maps "dev" and
     "test" to (a file of their own or None, blocks wanted)."""
     files = [token_file(s.path, s.text_field or text_field, tokenizer, root, workers) for s in sources]
+    opened = {f.key: f for f in files}
     weights = [s.weight for s in sources]
     cursors = [0] * len(files)
     described = {"seq_len": seq_len, "sources": [_source(s, f) for s, f in zip(sources, files)]}
@@ -45,6 +46,7 @@ def describe(sources: list[Source], splits: dict, text_field: str, tokenizer, se
     for name, (path, wanted) in splits.items():
         if path:
             own = token_file(path, text_field, tokenizer, root, workers)
+            opened[own.key] = own
             blocks = min(wanted, len(Blocks(own, 0, len(own), seq_len)))
             described[name] = [{"key": own.key, "first": 0, "end": len(own), "blocks": blocks}]
         else:
@@ -53,11 +55,41 @@ def describe(sources: list[Source], splits: dict, text_field: str, tokenizer, se
         _check_split(name, described[name], wanted, seq_len)
     described["train"] = [{"key": f.key, "first": cursors[i], "end": len(f), "weight": w}
                           for i, (f, w) in enumerate(zip(files, weights))]
+    _drop_duplicates(described, opened, {name: path for name, (path, _) in splits.items()})
     for part, file, source in zip(described["train"], files, sources):
-        if not len(Blocks(file, part["first"], part["end"], seq_len)):
+        if not len(Blocks(file, part["first"], part["end"], seq_len, part.get("drop", ()))):
+            emptied = " and dropping its duplicates of held-out records" if part.get("drop") else ""
             raise UserError(f"--data {source.path}: no training block of --seq-len {seq_len} tokens is left after "
-                            "holding out dev and test; give more text, --dev-data/--test-data or a smaller --seq-len")
+                            f"holding out dev and test{emptied}; give more text, --dev-data/--test-data or a "
+                            "smaller --seq-len")
     return described
+
+
+def _drop_duplicates(described: dict, opened: dict[str, TokenFile], own: dict) -> None:
+    """Training documents whose normalised text (or conversation) equals a dev or test record's are left out of
+    training (`drop` in each training part, counted in `duplicates`): a held-out record the model trained on
+    measures memory, not generalisation. A held-out split whose every record occurs in training is refused: such
+    data holds out nothing. `opened`: every token file by key; `own`: each split's own file (None: held out)."""
+    def hashes(part):
+        return opened[part["key"]].hashes[part["first"]: part["end"]]
+
+    training = [hashes(part) for part in described["train"]]
+    seen = np.concatenate(training)
+    held = {}
+    for name in ("dev", "test"):
+        held[name] = np.concatenate([hashes(part) for part in described[name]])
+        held[name] = held[name][held[name] != 0]
+        if len(held[name]) and np.isin(held[name], seen).all():
+            where = f"--{name}-data {own[name]}" if own[name] else f"the {name} records held out of --data"
+            raise UserError(f"{where}: all {len(held[name])} of its records also occur in the training text of "
+                            "--data; held-out text must be text the model does not train on: give other dev/test "
+                            "text, or remove the repeated records from --data")
+    every = np.concatenate(list(held.values()))
+    for part, train in zip(described["train"], training):
+        duplicate = np.isin(train, every) & (train != 0)
+        part["duplicates"] = int(duplicate.sum())
+        if part["duplicates"]:
+            part["drop"] = (np.flatnonzero(duplicate) + part["first"]).tolist()
 
 
 def _source(source: Source, file: TokenFile) -> dict:
@@ -98,7 +130,7 @@ def open_data(described: dict, root: Path, seed: int):
                 raise UserError(f"token file {root / part['key']} is missing: rank 0 builds it; put --token-cache on "
                                 "a filesystem every node sees")
             files[part["key"]] = TokenFile(root / part["key"])
-        return Blocks(files[part["key"]], part["first"], part["end"], described["seq_len"])
+        return Blocks(files[part["key"]], part["first"], part["end"], described["seq_len"], part.get("drop", ()))
 
     train = Mixture([blocks(p) for p in described["train"]], [p["weight"] for p in described["train"]], seed)
     dev, test = (Split.of([(blocks(p), p["blocks"]) for p in described[name]]) for name in ("dev", "test"))
@@ -106,12 +138,13 @@ def open_data(described: dict, root: Path, seed: int):
 
 
 def summary(described: dict, train: Mixture, dev: Split, test: Split, steps_blocks: int) -> dict:
-    """What the report says of the data: each source's size, training blocks and passes over them, and the chat
-    records cut at --seq-len and padding."""
+    """What the report says of the data: each source's size, training blocks and passes over them, its training
+    records dropped as duplicates of held-out ones, and the chat records cut at --seq-len and padding."""
     rows = []
-    for source, part, share in zip(described["sources"], train.parts, train.weights):
+    for source, part, share, held in zip(described["sources"], train.parts, train.weights, described["train"]):
         passes = steps_blocks * share / max(len(part), 1)
         rows.append({**{k: source[k] for k in ("path", "weight", "field", "chat", "documents", "tokens")},
+                     "duplicates_dropped": held.get("duplicates", 0),
                      "train_blocks": len(part), "passes": round(passes, 3), "truncated": part.truncated(),
                      "padding": round(part.padding() / max(len(part) * part.seq_len, 1), 4)})
         if passes > 1:

@@ -5,6 +5,8 @@ A token file is a folder TOKEN_CACHE/NAME-KEY/ holding
   tokens.bin    the documents' tokens one after another: uint16 when the vocabulary fits, else uint32
   offsets.bin   int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
   mask.bin      chat sources only, uint8 per token: 1 where the token is the assistant's
+  hashes.bin    uint64 per document: a hash of its normalised text (`engine.data.overlap.record_hash`), which finds
+                training documents that duplicate a held-out one
   meta.json     what it was made from
 It is built aside and renamed into place, so it is complete or absent. The documents come in the source's fixed
 hold-out order (`holdout_order`): held-out dev and test are its first documents, training a contiguous rest.
@@ -26,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.chat import chat_tokens, check_chat_template
+from engine.data.overlap import record_hash
 from engine.data.sources import holdout_order, load_records, resolve
 from engine.outputs import cache_dir, remove_stale
 from engine.training import faults
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: hashes.bin
 SMALL = 10_000  # records: below this, one process tokenises faster than starting workers
 
 
@@ -70,6 +73,7 @@ class TokenFile:
         self.offsets = FileArray(self.folder / "offsets.bin", "int64")
         self.tokens = FileArray(self.folder / "tokens.bin", self.meta["dtype"])
         self.mask = FileArray(self.folder / "mask.bin", "uint8") if self.chat else None
+        self.hashes = FileArray(self.folder / "hashes.bin", "uint64")
 
     @property
     def chat(self) -> bool:
@@ -155,12 +159,13 @@ def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
     import pyarrow.compute as pc
 
     lengths = []
-    with open(folder / "tokens.bin", "wb") as tokens, \
+    with open(folder / "tokens.bin", "wb") as tokens, open(folder / "hashes.bin", "wb") as hashes, \
             (open(folder / "mask.bin", "wb") if chat else nullcontext()) as mask:
         for table in mapped.with_format("arrow").iter(batch_size=10_000):
             ids = table.column("input_ids")
             lengths.append(pc.list_value_length(ids).to_numpy(zero_copy_only=False))
             tokens.write(pc.list_flatten(ids).to_numpy().astype(dtype).tobytes())
+            hashes.write(table.column("hash").to_numpy().astype("uint64").tobytes())
             if chat:
                 mask.write(pc.list_flatten(table.column("mask")).to_numpy().astype("uint8").tobytes())
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths), dtype=np.int64)]) if lengths else np.zeros(1)
@@ -171,16 +176,17 @@ def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
 def _features(chat: bool):
     import datasets
 
-    columns = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
+    columns = {"input_ids": datasets.Sequence(datasets.Value("int32")), "hash": datasets.Value("uint64")}
     return datasets.Features({**columns, "mask": datasets.Sequence(datasets.Value("int8"))} if chat else columns)
 
 
 def _encode_text(tokenizer, field: str, batch: dict) -> dict:
     texts = [t if t and t.strip() else "" for t in batch[field]]
     ids = tokenizer(texts)["input_ids"]
-    return {"input_ids": [i if t else [] for i, t in zip(ids, texts)]}
+    return {"input_ids": [i if t else [] for i, t in zip(ids, texts)], "hash": [record_hash(t) for t in texts]}
 
 
 def _encode_chat(tokenizer, field: str, batch: dict) -> dict:
     pairs = [chat_tokens(tokenizer, messages) if messages else ([], []) for messages in batch[field]]
-    return {"input_ids": [ids for ids, _ in pairs], "mask": [mask for _, mask in pairs]}
+    return {"input_ids": [ids for ids, _ in pairs], "mask": [mask for _, mask in pairs],
+            "hash": [record_hash(messages) for messages in batch[field]]}

@@ -29,6 +29,11 @@ class Objective:
     hidden_weight: float = 0.5
     ce_weight: float = 0.0
 
+    @property
+    def needs_teacher(self) -> bool:
+        """False for training on the next tokens alone (no distillation): then no teacher runs in training."""
+        return bool(self.logit_weight or self.hidden_weight)
+
     @classmethod
     def of(cls, cfg) -> "Objective":
         """From a RunConfig (--loss, --temperature, --jsd-beta and the three weights)."""
@@ -78,31 +83,37 @@ def width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
     return {"loss": loss, **{name: value[0] for name, value in parts.items() if name != "loss"}}
 
 
-def stacked_width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
+def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, loss_mask=None,
                        objective: Objective = Objective(), widths: int = 1) -> tuple[torch.Tensor, dict]:
     """`width_loss` of `widths` widths in one forward: the student runs the batch repeated `widths` times, copy k
     at the k-th width (`Supernet.stack`). Returns (the mean of the widths' losses, the one tensor to back-propagate;
-    {"loss", "logit", "hidden", "ce"}: each width's value [widths], detached)."""
+    {"loss", "logit", "hidden", "ce"}: each width's value [widths], detached). `teacher_out` is None when the
+    objective needs no teacher (then the logit and hidden terms are 0)."""
     ids = input_ids.repeat(widths, 1)
     # No KV cache: the stacked layers run once per width and would append each width's keys to the same cache.
-    out = student.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    out = student.model(input_ids=ids, output_hidden_states=objective.needs_teacher, use_cache=False)
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     next_keep = torch.zeros_like(keep)
     next_keep[:, :-1] = keep[:, 1:]
     head = student.get_output_embeddings()
-    logit, logit_each = kernels.fused_linear_distill_loss(
-        out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
-        student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
-        temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
-    layers = hidden_layer_indices(len(out.hidden_states) - 1)
-    hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep) for i in layers) / len(layers)
+    logit = hidden = logit_each = torch.zeros(widths, device=out.last_hidden_state.device)
+    if objective.needs_teacher:
+        logit, logit_each = kernels.fused_linear_distill_loss(
+            out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
+            student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
+            temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
+        layers = hidden_layer_indices(len(out.hidden_states) - 1)
+        hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
+                     for i in layers) / len(layers)
     ce = torch.zeros(widths, device=logit.device)
     if objective.ce_weight:
         labels = input_ids[:, 1:].masked_fill(~next_keep[:, :-1], -100)
         ce = torch.stack([F.cross_entropy(head(h[:, :-1]).flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                           for h in out.last_hidden_state.chunk(widths)])
     # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
-    loss = objective.logit_weight * logit + objective.hidden_weight * hidden.mean() + objective.ce_weight * ce.mean()
+    loss = objective.ce_weight * ce.mean()
+    if objective.needs_teacher:
+        loss = loss + objective.logit_weight * logit + objective.hidden_weight * hidden.mean()
     hidden, ce = hidden.detach(), ce.detach()
     each = objective.logit_weight * logit_each + objective.hidden_weight * hidden + objective.ce_weight * ce
     return loss, {"loss": each, "logit": logit_each, "hidden": hidden, "ce": ce}

@@ -30,7 +30,12 @@ def sandwich_step(forward: Callable[[int], tuple], select: Callable[[list[int]],
 
 def _next_token_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
     """[correct top-1 predictions, summed CE, counted tokens] of a causal LM over non-padding next tokens, per
-    stacked width ([widths, 3], float64 on the CPU; `Supernet.stack` activates them), from its last hidden states
+    stacked width ([widths, 3], float64 on the CPU; `Supernet.stack` activates them)."""
+    return _block_stats(model, input_ids, loss_mask, widths).sum(1)
+
+
+def _block_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
+    """`_next_token_stats` per sequence of the batch ([widths, B, 3], float64 on the CPU), from its last hidden states
     and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V] logits. Under ZeRO-3
     the head is gathered for the call, like the decoder layers in the model's forward."""
     import deepspeed
@@ -46,7 +51,7 @@ def _next_token_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Ten
         for width_hidden in hidden.chunk(widths):
             correct, nll = kernels.fused_linear_token_stats(width_hidden, head.weight, input_ids[:, 1:],
                                                             bias=head.bias, mask=keep)
-            rows.append(torch.stack([correct.sum().double(), nll.sum().double(), keep.sum().double()]))
+            rows.append(torch.stack([correct.sum(1).double(), nll.sum(1).double(), keep.sum(1).double()], 1))
     return torch.stack(rows).cpu()
 
 
@@ -79,11 +84,15 @@ def evaluate_widths(student, teacher, batches, sparsities, select: Callable | No
 
 @torch.no_grad()
 def score_model(model, split, batch_size: int, device) -> dict:
-    """Next-token accuracy and loss of a plain causal LM on a split (`engine.data.Split`: the test blocks)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """Next-token accuracy and loss of a plain causal LM on a split (`engine.data.Split`: the test blocks), and each
+    block's [correct, tokens] (`blocks`: what paired intervals between models resample)."""
     model.eval()
+    blocks = []
     for ids, mask in split.batches(batch_size):
         mask = None if mask is None else mask.to(device)
-        totals += _next_token_stats(model, ids.to(device), mask)[0]
+        blocks.append(_block_stats(model, ids.to(device), mask)[0])
+    per_block = torch.cat(blocks)
+    totals = per_block.sum(0)
     tokens = totals[2].clamp(min=1)
-    return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2])}
+    return {"accuracy": (totals[0] / tokens).item(), "loss": (totals[1] / tokens).item(), "tokens": int(totals[2]),
+            "blocks": per_block[:, [0, 2]].long().tolist()}

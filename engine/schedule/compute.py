@@ -1,7 +1,9 @@
 """What a model cost to train: optimiser steps, tokens x widths, FLOPs and wall time of the stages behind it.
 
 FLOPs follow Kaplan et al. (2020): a forward pass costs F(w) per token (`forward_flops`), a training step
-3 F(w) per token (forward + backward), the frozen teacher one forward per token. A stage's training FLOPs are
+3 F(w) per token (forward + backward), the frozen teacher one forward per token, and its LM head (`head` FLOPs per
+token) once more for every width after the first: the fused loss recomputes the teacher's logits for each width it
+distils. Training on the next tokens alone (no distillation) runs no teacher. A stage's training FLOPs are
 read off its training curve, which holds one point per width trained per step (so --sandwich-sample and
 early stopping are counted as they ran); its evaluation FLOPs off its dev curve. Budgets are set in the same units
 (`matched_steps`, `sandwich_steps`).
@@ -16,17 +18,21 @@ from engine.training.stage import StageResult
 KEYS = ("steps", "tokens", "width_tokens", "train_flops", "eval_flops", "wall_s")
 
 
-def stage_compute(result: StageResult, flops: Callable[[int], int], teacher: int, tokens_per_step: int) -> dict:
+def stage_compute(result: StageResult, flops: Callable[[int], int], teacher: int | None, tokens_per_step: int,
+                  head: int = 0) -> dict:
     """The compute of one finished stage. `flops(permille)` is the forward FLOPs per token at a width;
-    `teacher` the sparsity of the stage's teacher (0, or the TA's); `tokens_per_step` = --batch-size x --seq-len."""
+    `teacher` the sparsity of the stage's teacher (0, or the TA's; None: no teacher ran in training);
+    `tokens_per_step` = --batch-size x --seq-len; `head` the teacher's LM-head FLOPs per token."""
     trained = [round(point["width"] * PERMILLE) for point in result.curves["train"]]
     evaluated = result.curves["eval"]
     eval_tokens = {point["step"]: point["tokens"] for point in evaluated}  # the teacher runs once per evaluation
+    eval_teacher = flops(teacher or 0)  # the dev pass runs the teacher even when training did not
+    teacher_train = 0 if teacher is None else result.steps * flops(teacher) + (len(trained) - result.steps) * head
     return {"steps": result.steps, "tokens": result.steps * tokens_per_step,
             "width_tokens": len(trained) * tokens_per_step,
-            "train_flops": tokens_per_step * (sum(3 * flops(w) for w in trained) + result.steps * flops(teacher)),
+            "train_flops": tokens_per_step * (sum(3 * flops(w) for w in trained) + teacher_train),
             "eval_flops": sum(p["tokens"] * flops(round(p["width"] * PERMILLE)) for p in evaluated)
-            + sum(eval_tokens.values()) * flops(teacher),
+            + sum(eval_tokens.values()) * eval_teacher,
             "wall_s": result.wall_s}
 
 
@@ -41,21 +47,23 @@ def matched_steps(budget_flops: int, step_flops: int) -> int:
     return max(1, round(budget_flops / step_flops))
 
 
-def step_flops(tokens_per_step: int, widths: list[int], teacher: int, flops: Callable[[int], int],
-               per_step: int | None = None) -> float:
+def step_flops(tokens_per_step: int, widths: list[int], teacher: int | None, flops: Callable[[int], int],
+               per_step: int | None = None, head: int = 0) -> float:
     """Training FLOPs of one optimiser step that trains `per_step` (default all) of `widths`, at their mean cost,
-    against one teacher forward at sparsity `teacher`: what a stage's progress line plans with."""
+    against one teacher forward at sparsity `teacher` (None: no teacher) and its LM head once more per extra width:
+    what a stage's progress line plans with."""
+    n = per_step or len(widths)
     mean = sum(3 * flops(w) for w in widths) / len(widths)
-    return tokens_per_step * ((per_step or len(widths)) * mean + flops(teacher))
+    return tokens_per_step * (n * mean + (0 if teacher is None else flops(teacher) + (n - 1) * head))
 
 
 def sandwich_steps(share: float, student_steps: int, widths: list[int], sandwich_sample: int,
-                   flops: Callable[[int], int], target: int) -> int:
+                   flops: Callable[[int], int], target: int, head: int = 0) -> int:
     """Sandwich steps that spend `share` of the compress pipeline's training FLOPs (at least 1). The student
     stage is counted as `student_steps` of plain KD from the teacher (its TA is chosen later); a sandwich step
     trains the `widths` (or, with --sandwich-sample, some of them: their mean cost each) under one teacher
-    forward."""
+    forward, and recomputes the teacher's LM head (`head` FLOPs per token) for each width after the first."""
     per_step = widths_per_step(len(widths), sandwich_sample)
-    sandwich = per_step * sum(3 * flops(w) for w in widths) / len(widths) + flops(0)
-    student = 3 * flops(target) + flops(0)
+    sandwich = step_flops(1, widths, 0, flops, per_step, head)
+    student = step_flops(1, [target], 0, flops)
     return max(1, round(share / (1 - share) * student_steps * student / sandwich))

@@ -93,13 +93,14 @@ def compress_plan(run: Run) -> dict[str, float]:
     cfg, target = run.cfg, run.target
     sandwich = run.candidates() + run.past_target()
     per_step = widths_per_step(len(sandwich), cfg.sandwich_sample)
-    plan = {"sandwich": run.sandwich_steps * step_flops(run.tokens_per_step, sandwich, 0, run.forward_flops, per_step),
+    plan = {"sandwich": run.sandwich_steps * step_flops(run.tokens_per_step, sandwich, 0, run.forward_flops, per_step,
+                                                        run.head_flops),
             "student": cfg.max_steps * run.step_flops(target)}
     steps = {"kd-steps": run.sandwich_steps + cfg.max_steps}
     for name in cfg.baselines or []:
         matched = name == "kd-matched"
         plan[f"baseline-{name}"] = plan["sandwich"] + plan["student"] if matched else \
-            steps.get(name, cfg.max_steps) * run.step_flops(target)
+            steps.get(name, cfg.max_steps) * run.step_flops(target, None if name == "ce" else 0)
     return plan
 
 
@@ -119,12 +120,11 @@ def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[
     """A comparison student of the target size from the same slice of the pruned teacher: `kd` distils it from
     the teacher (no TA) for --max-steps, `kd-matched` for the steps that spend the training FLOPs of the
     MiniDisc `pipeline` (its compute), `kd-steps` for the pipeline's optimiser steps; `ce` trains it on the
-    next tokens alone (no distillation) for --max-steps."""
+    next tokens alone (no distillation, no teacher forward in training) for --max-steps."""
     objective = Objective.of(run.cfg)
     if name == "ce":
         objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
-    step_flops = run.tokens_per_step * (3 * run.forward_flops(run.target) + run.forward_flops(0))
-    steps = {"kd-matched": matched_steps(pipeline["train_flops"], step_flops),
+    steps = {"kd-matched": matched_steps(pipeline["train_flops"], run.step_flops(run.target)),
              "kd-steps": pipeline["steps"]}.get(name, run.cfg.max_steps)
     init = run.slice_model(run.target, run.work / "student_init-direct")
     stage = f"baseline-{name}"

@@ -113,7 +113,8 @@ class Run:
             for permille in widths:
                 self.width_of(permille)
         self.sandwich_steps = cfg.sandwich_steps or sandwich_steps(  # --sandwich-share of the pipeline's FLOPs
-            cfg.sandwich_share, cfg.max_steps, widths, cfg.sandwich_sample, self.forward_flops, self.target)
+            cfg.sandwich_share, cfg.max_steps, widths, cfg.sandwich_sample, self.forward_flops, self.target,
+            self.head_flops)
         self.data = self._data()
         if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
             builtin_documents(self.eval_texts())
@@ -205,24 +206,33 @@ class Run:
         """Train one stage with the run's options (its distillation loss unless `objective` is given, --max-steps
         unless `max_steps` is) and record its time and compute. `teacher_width`: the teacher's sparsity;
         `candidates`: the widths its best snapshot may hold (default all)."""
+        objective = objective or Objective.of(self.cfg)
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      objective=objective or Objective.of(self.cfg), candidates=candidates)
+                      objective=objective, candidates=candidates)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
         result = run_stage(stage, train, self.data, self.work, self.monitor)
         self.phases[name] = result.wall_s
         self.stage_timings[name] = result.timings
         self.stage_memory[name] = result.memory
-        self.compute[name] = stage_compute(result, self.forward_flops, teacher_width, self.tokens_per_step)
+        self.compute[name] = stage_compute(result, self.forward_flops, teacher_width if objective.needs_teacher
+                                           else None, self.tokens_per_step, self.head_flops)
         return result
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
 
-    def step_flops(self, permille: int, teacher: int = 0) -> float:
-        """Training FLOPs of one step of a single-width stage (the width at `permille`, its teacher at `teacher`)."""
+    def step_flops(self, permille: int, teacher: int | None = 0) -> float:
+        """Training FLOPs of one step of a single-width stage (the width at `permille`, its teacher at `teacher`;
+        None: no teacher)."""
         return step_flops(self.tokens_per_step, [permille], teacher, self.forward_flops)
+
+    @cached_property
+    def head_flops(self) -> int:
+        """The teacher's LM-head FLOPs per token (hidden size and vocabulary are never pruned: every width's too)."""
+        head = self._shape_model.get_output_embeddings()
+        return 2 * head.in_features * head.out_features
 
     def forward_flops(self, permille: int) -> int:
         """Forward FLOPs per token of the width at `permille` (the teacher at 0)."""

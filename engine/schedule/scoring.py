@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import math
 
+import numpy as np
 import torch
 
 from engine.distillation.sandwich import score_model
@@ -30,13 +31,17 @@ def score_checkpoint(path, split, batch_size: int, device, dtype) -> dict:
 
 def score_report(report: dict, score) -> None:
     """Put test figures in `report` in place: `score(path)` measures a checkpoint. Models get accuracy, loss,
-    perplexity and relative accuracy (to the teacher's test accuracy) on test; MaxiDisc's per-candidate
-    students get `student_accuracy` on test; baselines get the student's gains over them."""
+    perplexity, relative accuracy (to the teacher's test accuracy) and each test block's correct predictions
+    (`test_correct`; the blocks' token counts are `test_block_tokens`) on test; MaxiDisc's per-candidate
+    students get `student_accuracy` on test; baselines get the student's gains over them, and the report the
+    regime check (`regime`)."""
     teacher_accuracy = None
     for _, role, metrics in models_of(report):
         stats = score(metrics["path"])
         metrics.update(dev_accuracy=metrics["accuracy"], dev_loss=metrics["loss"], accuracy=stats["accuracy"],
-                       loss=stats["loss"], perplexity=perplexity(stats["loss"]), test_tokens=stats["tokens"])
+                       loss=stats["loss"], perplexity=perplexity(stats["loss"]), test_tokens=stats["tokens"],
+                       test_correct=[c for c, _ in stats["blocks"]])
+        report["test_block_tokens"] = [t for _, t in stats["blocks"]]
         if role == "teacher":
             teacher_accuracy = stats["accuracy"]
         elif teacher_accuracy is not None:
@@ -45,16 +50,70 @@ def score_report(report: dict, score) -> None:
         if row.get("student_path"):
             row["student_dev_accuracy"] = row["student_accuracy"]
             row["student_accuracy"] = score(row["student_path"])["accuracy"]
+    compare(report)
+
+
+def compare(report: dict) -> None:
+    """The report's paired comparisons on the test blocks, from its models' test figures: the student against
+    each baseline (`student_vs_baselines`) and the regime check (`regime`)."""
     student, baselines = report.get("student"), report.get("baselines") or {}
-    report["student_vs_baselines"] = {name: gain(student, b) for name, b in baselines.items()}
+    tokens = report.get("test_block_tokens")
+    report["student_vs_baselines"] = {name: gain(student, b, tokens) for name, b in baselines.items()}
+    report["regime"] = regime(report.get("teacher"), baselines, tokens)
 
 
-def gain(student: dict, baseline: dict) -> dict:
-    """How much better the MiniDisc student is than a baseline on test (positive = better)."""
+def gain(student: dict, baseline: dict, tokens: list[int] | None = None) -> dict:
+    """How much better the MiniDisc student is than a baseline on test (positive = better), with the paired
+    bootstrap interval of the accuracy difference when the blocks' figures are known."""
     return {"accuracy": student["accuracy"] - baseline["accuracy"],
+            **paired_interval(student.get("test_correct"), baseline.get("test_correct"), tokens),
             "relative_accuracy": relative(student["accuracy"], baseline["accuracy"]) - 1,
             "loss": baseline["loss"] - student["loss"],
             "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
+
+
+BOOTSTRAP = 2000  # resamples of the test blocks: the interval's ends move by ~0.05 points between seeds
+
+
+def paired_interval(a: list[int] | None, b: list[int] | None, tokens: list[int] | None,
+                    level: float = 0.95, seed: int = 0) -> dict:
+    """The 95% paired bootstrap interval of accuracy(a) - accuracy(b), two models' correct predictions on the same
+    test blocks: the blocks are resampled with replacement, both models together, so what the blocks share (their
+    difficulty) cancels. {} when the figures are missing (a report from an older version)."""
+    if not (a and b and tokens) or not len(a) == len(b) == len(tokens):
+        return {}
+    a, b, n = np.asarray(a, float), np.asarray(b, float), np.asarray(tokens, float)
+    draws = np.random.default_rng(seed).integers(0, len(n), size=(BOOTSTRAP, len(n)))
+    diffs = (a[draws].sum(1) - b[draws].sum(1)) / np.maximum(n[draws].sum(1), 1)
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return {"accuracy_interval": [float(low), float(high)], "blocks": len(n), "bootstrap": BOOTSTRAP}
+
+
+KD_FOR_REGIME = ("kd", "kd-matched", "kd-steps")  # the plain-KD student the regime check reads, first found
+
+
+def regime(teacher: dict | None, baselines: dict, tokens: list[int] | None) -> dict:
+    """Does the teacher know more than the data? Teacher - no distillation and plain KD - no distillation on test
+    (paired intervals), and a warning when no distillation is at least as good as plain KD: then no teacher
+    signal, with or without a TA, can help on this data. Needs the `ce` baseline."""
+    ce = baselines.get("ce")
+    kd_name = next((name for name in KD_FOR_REGIME if name in baselines), None)
+    if ce is None or teacher is None:
+        return {"checked": False, "why": "add ce (no distillation) to --baselines to check that distillation can "
+                                         "help on this data"}
+    out = {"checked": True, "teacher_minus_ce": {"accuracy": teacher["accuracy"] - ce["accuracy"],
+                                                 **paired_interval(teacher.get("test_correct"),
+                                                                   ce.get("test_correct"), tokens)}}
+    if kd_name:
+        kd = baselines[kd_name]
+        out["kd"] = kd_name
+        out["kd_minus_ce"] = {"accuracy": kd["accuracy"] - ce["accuracy"],
+                              **paired_interval(kd.get("test_correct"), ce.get("test_correct"), tokens)}
+    helps = [out[key]["accuracy"] > 0 for key in ("teacher_minus_ce", "kd_minus_ce") if key in out]
+    out["warning"] = None if all(helps) else (
+        "the teacher adds nothing on this data: the student trained without distillation is at least as good, "
+        "so distillation, with or without a TA, cannot help here")
+    return out
 
 
 def perplexity(loss: float) -> float:

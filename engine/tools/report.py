@@ -76,7 +76,7 @@ def _summary(report: dict) -> str:
         if student.get("relative_accuracy") is not None:
             line += f" (relative accuracy {num(student['relative_accuracy'])})"
         parts.append(line + ".")
-    parts += _gains(report)
+    parts += regime_lines(report) + _gains(report)
     return " ".join(parts)
 
 
@@ -120,9 +120,35 @@ def _gains(report: dict) -> list[str]:
             ratio = baseline["compute"]["train_flops"] / student_compute["train_flops"]
             cost = f" ({MATCHED.get(name, f'given {ratio:.2g}x the training FLOPs of the MiniDisc pipeline')})"
         lines.append(f"On test, the student is {side} the {baseline.get('label', name)} student{cost} by "
-                     f"{100 * abs(gain['accuracy']):.2f} accuracy points ({100 * gain['relative_accuracy']:+.1f}% "
-                     f"relative); its loss differs by {-gain['loss']:+.3f}.")
+                     f"{100 * abs(gain['accuracy']):.2f} accuracy points{_interval(gain)} "
+                     f"({100 * gain['relative_accuracy']:+.1f}% relative); its loss differs by {-gain['loss']:+.3f}.")
     return lines
+
+
+def _interval(difference: dict) -> str:
+    """' (95% interval -0.42 to +0.31, paired over 96 test blocks)': the paired bootstrap interval of an accuracy
+    difference (first model minus second), in points."""
+    if not difference.get("accuracy_interval"):
+        return ""
+    low, high = (100 * x for x in difference["accuracy_interval"])
+    return f" (95% interval {low:+.2f} to {high:+.2f}, paired over {difference['blocks']} test blocks)"
+
+
+def regime_lines(report: dict) -> list[str]:
+    """Whether the teacher knows more than the data: the first thing to read before comparing schedules."""
+    regime = report.get("regime")
+    if not regime:
+        return []
+    if not regime.get("checked"):
+        return [f"Regime: not checked ({regime['why']})."]
+    parts = [f"teacher - no distillation {100 * regime['teacher_minus_ce']['accuracy']:+.2f} points"
+             f"{_interval(regime['teacher_minus_ce'])}"]
+    if regime.get("kd_minus_ce"):
+        label = ((report.get("baselines") or {}).get(regime["kd"]) or {}).get("label", regime["kd"])
+        parts.append(f"{label} - no distillation {100 * regime['kd_minus_ce']['accuracy']:+.2f} points"
+                     f"{_interval(regime['kd_minus_ce'])}")
+    line = "Regime (test accuracy): " + "; ".join(parts) + "."
+    return [line] + ([f"Warning: {regime['warning']}."] if regime.get("warning") else [])
 
 
 def _comparison_table(report: dict) -> list[str]:
@@ -149,10 +175,11 @@ def _compute_table(report: dict) -> list[str]:
 def _data_table(report: dict) -> list[str]:
     sources = (report.get("data") or {}).get("sources") or []
     rows = [[f"`{_cell(s['path'])}`", fixed(s["weight"], 3), "chat" if s["chat"] else "text", count(s["documents"]),
-             count(s["tokens"]), count(s["train_blocks"]), fixed(s["passes"], 2),
-             str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"] for s in sources]
-    header = ["source", "weight", "kind", "documents", "tokens", "training blocks", "passes", "cut at --seq-len",
-              "padding"]
+             count(s["tokens"]), str(s.get("duplicates_dropped", "—")), count(s["train_blocks"]),
+             fixed(s["passes"], 2), str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"]
+            for s in sources]
+    header = ["source", "weight", "kind", "documents", "tokens", "training duplicates of dev/test dropped",
+              "training blocks", "passes", "cut at --seq-len", "padding"]
     return _table(header, rows) if rows else []
 
 
@@ -284,8 +311,8 @@ def print_summary(report: dict) -> None:
         console.print(f"student s={num(get('sparsity'))}: {count(get('parameters'))} params, "
                       f"test accuracy {fixed(get('accuracy'))} (relative {fixed(get('relative_accuracy'))}), "
                       f"test loss {fixed(get('loss'))}, perplexity {fixed(get('perplexity'), 2)}")
-    for line in _gains(report):
-        console.print(line)
+    for line in regime_lines(report) + _gains(report):
+        console.print(line, style="bold red" if line.startswith("Warning") else None)
 
 
 def rerender(out_dir) -> list[Path]:

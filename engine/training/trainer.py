@@ -65,9 +65,9 @@ class StepOutcome:
 
 def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
                timer: StageTimer | None = None, per_forward: int = 1) -> StepOutcome:
-    """One optimiser step: per micro-batch one teacher forward, then every width's loss (weighted
-    1/(K x micro-batches)) back-propagated, `per_forward` widths stacked in each forward (0 = all; `select` takes
-    the list of widths of one forward). The losses stay on the device until one all-reduce, before the
+    """One optimiser step: per micro-batch one teacher forward (none without distillation), then every width's
+    loss (weighted 1/(K x micro-batches)) back-propagated, `per_forward` widths stacked in each forward (0 = all;
+    `select` takes the list of widths of one forward). The losses stay on the device until one all-reduce, before the
     optimiser steps, carries them with the finite check and the requeue flag: one collective and one host sync
     per step, whatever K and the accumulation."""
     import deepspeed
@@ -88,11 +88,14 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
 
     for ids, mask in micro_batches:
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
-        with timer("teacher forwards"):
-            t_out = teacher_outputs(teacher.module, ids)
+        t_out = None  # no distillation: the teacher does not run in training
+        if objective.needs_teacher:
+            with timer("teacher forwards"):
+                t_out = teacher_outputs(teacher.module, ids)
         # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
-        gathered = deepspeed.zero.GatheredParameters(head_params, enabled=hasattr(head.weight, "ds_id"))
+        gathered = deepspeed.zero.GatheredParameters(head_params, enabled=objective.needs_teacher and
+                                                     hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
             metrics = sandwich_step(lambda n: engine(ids, mask, t_out, objective, n), select, widths, backward,
                                     per_forward)

@@ -204,3 +204,40 @@ def test_the_snapshot_ends_at_the_width_choose_ta_picks_on_a_tie():
         if snapshot_moves(score, argmax, *snapshot):
             snapshot = (score, argmax)
     assert snapshot[1] == choose_ta(best, lam, target=900) == 500
+
+
+def test_no_distillation_needs_no_teacher_and_is_the_next_token_loss(setup):
+    """ce alone (the `ce` baseline): no teacher outputs at all, the loss and its gradient those of plain CE."""
+    _, supernet, ids, mask = setup
+    supernet.set_sparsity(500)
+    objective = Objective(logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
+    assert not objective.needs_teacher and Objective().needs_teacher
+    losses = width_loss(supernet.model, None, ids, mask, objective)
+    losses["loss"].backward()
+    got = [p.grad.clone() for p in supernet.parameters() if p.grad is not None]
+    supernet.zero_grad()
+    next_keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    labels = ids[:, 1:].masked_fill(~next_keep, -100)
+    ce = torch.nn.functional.cross_entropy(supernet(input_ids=ids).logits[:, :-1].flatten(0, 1), labels.flatten(),
+                                           ignore_index=-100)
+    ce.backward()
+    want = [p.grad for p in supernet.parameters() if p.grad is not None]
+    torch.testing.assert_close(losses["loss"].detach(), ce.detach(), rtol=1e-5, atol=1e-6)
+    assert losses["logit"] == 0 and losses["hidden"] == 0 and len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scoring_gives_each_test_blocks_figures(setup):
+    """score_model's per-block [correct, tokens] (what paired intervals resample) add up to its totals and equal
+    each block's full-logits figures."""
+    from engine.data.blocks import Split
+    from engine.distillation.sandwich import score_model
+
+    teacher, _, ids, mask = setup
+    stats = score_model(teacher, Split(ids, mask.bool()), batch_size=1, device="cpu")
+    assert len(stats["blocks"]) == len(ids)
+    assert sum(c for c, _ in stats["blocks"]) / sum(t for _, t in stats["blocks"]) == stats["accuracy"]
+    for (correct, tokens), row, row_mask in zip(stats["blocks"], ids, mask):
+        accuracy, _ = full_logits_stats(teacher, row[None], row_mask[None])
+        assert tokens == int((row_mask[:-1] & row_mask[1:]).sum()) and correct == round(accuracy * tokens)

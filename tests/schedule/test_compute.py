@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.schedule.compute import matched_steps, sandwich_steps, stage_compute, total
+from engine.schedule.compute import matched_steps, sandwich_steps, stage_compute, step_flops, total
 from engine.training.stage import StageResult
 
 FLOPS = {0: 1000, 500: 600, 900: 200}  # forward FLOPs per token at each width
@@ -51,3 +51,17 @@ def test_sandwich_steps_average_the_sampled_widths_and_keep_one_step():
     n = sandwich_steps(0.2, 1000, widths, 1, FLOPS.__getitem__, 900)
     assert n == round(0.25 * 1000 * (3 * FLOPS[900] + FLOPS[0]) / mean_step)
     assert sandwich_steps(0.01, 1, widths, 0, FLOPS.__getitem__, 900) == 1  # never an untrained sandwich
+
+
+def test_the_teachers_head_is_charged_per_width_and_no_distillation_runs_no_teacher():
+    # the fused loss recomputes the teacher's logits for every width after the first: step 1 trained two widths
+    stage = result(train=[(1, 0.5), (1, 0.9), (2, 0.9)], evals=[(2, 0.5, 30), (2, 0.9, 30)], steps=2)
+    plain = stage_compute(stage, FLOPS.__getitem__, teacher=0, tokens_per_step=10)
+    with_head = stage_compute(stage, FLOPS.__getitem__, teacher=0, tokens_per_step=10, head=70)
+    assert with_head["train_flops"] - plain["train_flops"] == 10 * 70  # one extra width, 10 tokens
+    assert with_head["eval_flops"] == plain["eval_flops"]
+    alone = stage_compute(stage, FLOPS.__getitem__, teacher=None, tokens_per_step=10, head=70)
+    assert alone["train_flops"] == 10 * (3 * 600 + 3 * 200 + 3 * 200)  # the students' steps and nothing else
+    assert alone["eval_flops"] == plain["eval_flops"]  # the dev pass still scores the teacher
+    assert step_flops(10, [900], None, FLOPS.__getitem__) == 10 * 3 * 200
+    assert step_flops(10, [500, 900], 0, FLOPS.__getitem__, head=70) == 10 * (3 * 600 + 3 * 200 + 1000 + 70)
