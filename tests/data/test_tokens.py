@@ -183,7 +183,7 @@ def test_a_mixture_gives_each_source_its_weight_in_every_prefix():
 
 def test_two_sources_split_dev_and_test_by_weight(tmp_path, corpus, tokenizer, texts):
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps({"body": t.upper()}) + "\n" for t in texts[:200]))
+    other.write_text("".join(json.dumps({"body": " ".join(t.split()[::-1])}) + "\n" for t in texts[:200]))
     sources = parse_sources([str(corpus["jsonl"]) + "@3", f"{other}@1@body"])
     described = describe(sources, {"dev": (None, 8), "test": (None, 8)}, "text", tokenizer, 32, tmp_path)
     assert [p["blocks"] for p in described["dev"]] == [6, 2] and [p["blocks"] for p in described["test"]] == [6, 2]

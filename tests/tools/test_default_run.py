@@ -53,6 +53,17 @@ def test_default_run_writes_consistent_artifacts(default_run):
         gain = report["student_vs_baselines"][name]
         assert gain["accuracy"] == pytest.approx(student["accuracy"] - baseline["accuracy"])
         assert gain["loss"] == pytest.approx(baseline["loss"] - student["loss"])
+        low, high = gain["accuracy_interval"]  # paired over the test blocks the report measured
+        assert low <= gain["accuracy"] <= high and gain["blocks"] == len(test)
+    # no distillation trains without a teacher: its steps cost the student's alone, the kd steps' teacher forward not
+    kd, ce = (report["baselines"][name]["compute"] for name in ("kd", "ce"))
+    assert kd["steps"] == ce["steps"] and ce["train_flops"] < kd["train_flops"]
+    assert report["stage_timings"]["baseline-ce"].get("teacher forwards") is None
+    regime = report["regime"]
+    assert regime["checked"] and regime["kd"] == "kd" and "accuracy_interval" in regime["teacher_minus_ce"]
+    assert regime["kd_minus_ce"]["accuracy"] == pytest.approx(
+        report["baselines"]["kd"]["accuracy"] - report["baselines"]["ce"]["accuracy"])
+    assert "Regime (test accuracy): teacher - no distillation" in result.stdout
     # --max-steps for the student stage and the kd and ce baselines; kd-matched gets the training FLOPs of sandwich +
     # student, the sandwich a fifth of them (--sandwich-share, the student stage counted as plain KD's steps)
     steps = {stage: max(p["step"] for p in curves["train"]) for stage, curves in report["curves"].items()}
