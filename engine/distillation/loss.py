@@ -58,13 +58,15 @@ class TeacherOutputs:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, input_ids) -> TeacherOutputs:
+def teacher_outputs(teacher, input_ids, hidden_states: bool = True) -> TeacherOutputs:
     """The teacher's side of every width's loss. Only the hidden states the loss reads are kept (None for the
-    others): they live across all K widths of a step, and the rest would cost (L + 1 - L/6) x tokens x H."""
+    others): they live across all K widths of a step, and the rest would cost (L + 1 - L/6) x tokens x H.
+    Without the hidden-state term (`hidden_states=False`) the last one alone, which the logits are made of."""
     # Through the top module (ZeRO-3 starts its parameter trace there: prefetch, persistent parameters kept), with
     # the logits of one position only: the loss reads the head itself.
     out = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
-    read = set(hidden_layer_indices(len(out.hidden_states) - 1))
+    last = len(out.hidden_states) - 1
+    read = set(hidden_layer_indices(last)) if hidden_states else {last}
     hidden = tuple(h if i in read else None for i, h in enumerate(out.hidden_states))
     head = teacher.get_output_embeddings()
     return TeacherOutputs(hidden, head.weight, head.bias)
@@ -91,7 +93,7 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, l
     objective needs no teacher (then the logit and hidden terms are 0)."""
     ids = input_ids.repeat(widths, 1)
     # No KV cache: the stacked layers run once per width and would append each width's keys to the same cache.
-    out = student.model(input_ids=ids, output_hidden_states=objective.needs_teacher, use_cache=False)
+    out = student.model(input_ids=ids, output_hidden_states=bool(objective.hidden_weight), use_cache=False)
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     next_keep = torch.zeros_like(keep)
     next_keep[:, :-1] = keep[:, 1:]
@@ -102,6 +104,7 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, l
             out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
             student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
             temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
+    if objective.hidden_weight:
         layers = hidden_layer_indices(len(out.hidden_states) - 1)
         hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
                      for i in layers) / len(layers)
@@ -112,8 +115,10 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, l
                           for h in out.last_hidden_state.chunk(widths)])
     # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
     loss = objective.ce_weight * ce.mean()
-    if objective.needs_teacher:
-        loss = loss + objective.logit_weight * logit + objective.hidden_weight * hidden.mean()
+    if objective.needs_teacher:  # the logit term even at weight 0: under ZeRO-3 the head needs its (zero) gradient
+        loss = loss + objective.logit_weight * logit
+    if objective.hidden_weight:
+        loss = loss + objective.hidden_weight * hidden.mean()
     hidden, ce = hidden.detach(), ce.detach()
     each = objective.logit_weight * logit_each + objective.hidden_weight * hidden + objective.ce_weight * ce
     return loss, {"loss": each, "logit": logit_each, "hidden": hidden, "ce": ce}

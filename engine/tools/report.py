@@ -158,9 +158,9 @@ def _comparison_table(report: dict) -> list[str]:
         rows.append([label, num(m.get("sparsity", 0.0)), count(m.get("parameters")), fixed(m.get("accuracy")),
                      fixed(m.get("loss")), fixed(m.get("perplexity"), 2), fixed(m.get("dev_accuracy")),
                      str(c.get("steps", "—")), count(c.get("width_tokens")), flops(c.get("train_flops")),
-                     seconds(c.get("wall_s"))])
+                     flops(c.get("eval_flops")), seconds(c.get("wall_s"))])
     header = ["model", "sparsity", "parameters", "test accuracy", "test loss", "test perplexity", "dev accuracy",
-              "steps", "tokens x widths", "training FLOPs", "training time"]
+              "steps", "tokens x widths", "training FLOPs", "evaluation FLOPs (dev selection)", "training time"]
     return _table(header, rows) if rows else []
 
 

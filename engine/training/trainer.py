@@ -91,7 +91,7 @@ def train_step(teacher, engine, select, micro_batches, widths, objective: Object
         t_out = None  # no distillation: the teacher does not run in training
         if objective.needs_teacher:
             with timer("teacher forwards"):
-                t_out = teacher_outputs(teacher.module, ids)
+                t_out = teacher_outputs(teacher.module, ids, hidden_states=bool(objective.hidden_weight))
         # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
         # (after the teacher forward, which re-partitions a head tied to the input embeddings).
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=objective.needs_teacher and

@@ -241,3 +241,15 @@ def test_scoring_gives_each_test_blocks_figures(setup):
     for (correct, tokens), row, row_mask in zip(stats["blocks"], ids, mask):
         accuracy, _ = full_logits_stats(teacher, row[None], row_mask[None])
         assert tokens == int((row_mask[:-1] & row_mask[1:]).sum()) and correct == round(accuracy * tokens)
+
+
+def test_without_the_hidden_term_the_teacher_keeps_its_last_state_only(setup):
+    teacher, supernet, ids, mask = setup
+    supernet.set_sparsity(700)
+    objective = Objective(hidden_weight=0.0, ce_weight=0.5)
+    lean = teacher_outputs(teacher, ids, hidden_states=False)
+    assert [h is not None for h in lean.hidden_states] == [False] * (len(lean.hidden_states) - 1) + [True]
+    got = width_loss(supernet.model, lean, ids, mask, objective)
+    want = width_loss(supernet.model, teacher_outputs(teacher, ids), ids, mask, objective)
+    torch.testing.assert_close(got["loss"], want["loss"])
+    assert got["hidden"] == 0 and got["logit"] > 0 and got["ce"] > 0
