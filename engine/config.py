@@ -69,8 +69,10 @@ class RunConfig:
                                          "the report: kd = plain KD from the teacher (no TA) for --max-steps, "
                                          "kd-matched = plain KD given the training FLOPs of the whole MiniDisc "
                                          "pipeline, kd-steps = plain KD given its optimiser steps, ce = the slice "
-                                         "trained on the data alone (no distillation) for --max-steps; `compress` "
-                                         "only", nargs="+", choices=["kd", "kd-matched", "kd-steps", "ce"])
+                                         "trained on the data alone (no distillation, no teacher) for --max-steps, "
+                                         "which with a plain-KD baseline checks that the teacher knows more than "
+                                         "the data; `compress` only", nargs="+",
+                                         choices=["kd", "kd-matched", "kd-steps", "ce"])
     sandwich_sample: int = option(0, "widths trained per step: 0 = every candidate; n > 0 = the largest, the smallest "
                                   "and n random others (the sandwich rule, cheaper)", metavar="N")
     stack_widths: int = option(0, "widths per forward in a sandwich step: 0 = all of the step's widths in one "
