@@ -5,7 +5,7 @@ each objective, and no distillation, over seeds. Dev selects each student's snap
     logit+hidden  the reference's (logit 0.5 + hidden-state MSE 0.5)
     logit         the logit KL alone
     logit+ce      logit 0.5 + next-token CE 0.5
-    logit+ce/T2   the same at temperature 2
+    logit+ce-T2   the same at temperature 2
 
 Each objective's row per seed has its paired difference from `ce` on the same test blocks with a 95% bootstrap
 interval (the regime check: does the teacher carry anything the data does not?). The summary gives per objective
@@ -41,7 +41,7 @@ OBJECTIVES = {
     "logit+hidden": dict(logit_weight=0.5, hidden_weight=0.5, ce_weight=0.0),
     "logit": dict(logit_weight=1.0, hidden_weight=0.0, ce_weight=0.0),
     "logit+ce": dict(logit_weight=0.5, hidden_weight=0.0, ce_weight=0.5),
-    "logit+ce/T2": dict(logit_weight=0.5, hidden_weight=0.0, ce_weight=0.5, temperature=2.0),
+    "logit+ce-T2": dict(logit_weight=0.5, hidden_weight=0.0, ce_weight=0.5, temperature=2.0),
 }
 COMPARED = ("seed", "max_steps", "lr", "batch_size", "seq_len", "target_sparsity", "eval_every", "eval_samples")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -92,14 +92,14 @@ def main() -> None:
     for seed in args.seeds:
         reports = {}
         for objective in args.objectives:
-            out = work / "-".join(f"{k}={v}" for k, v in sorted(args.set)) / f"{objective}-s{seed}"
+            out = work / "-".join(sorted(args.set)) / f"{objective}-s{seed}"
             wanted = {**options, **OBJECTIVES[objective], "seed": seed}
             reports[objective] = run("distill", wanted, out)
             ran = reports[objective]["config"]
-            differ = [k for k in (*OBJECTIVES["logit+ce/T2"], *COMPARED) if ran.get(k) != wanted.get(k, ran[k])]
+            differ = [k for k in (*OBJECTIVES["logit+ce-T2"], *COMPARED) if ran.get(k) != wanted.get(k, ran[k])]
             if differ:
                 raise SystemExit(f"{out} holds a run with other {', '.join(differ)}: move it away")
-        ce = reports.get("ce")
+        ce, default = reports.get("ce"), reports.get(default_objective())
         for objective, report in reports.items():
             student = report["student"]
             row = {"seed": seed, "objective": objective, **OBJECTIVES[objective],
@@ -112,6 +112,19 @@ def main() -> None:
                 row.update(minus_ce=student["accuracy"] - ce["student"]["accuracy"],
                            minus_ce_low=interval["accuracy_interval"][0],
                            minus_ce_high=interval["accuracy_interval"][1], test_blocks=interval["blocks"])
+            if default is not None:
+                interval = paired_interval(student["test_correct"], default["student"]["test_correct"],
+                                           report["test_block_tokens"])
+                row.update(minus_default=student["accuracy"] - default["student"]["accuracy"],
+                           minus_default_low=interval["accuracy_interval"][0],
+                           minus_default_high=interval["accuracy_interval"][1],
+                           minus_default_dev=student["dev_accuracy"] - default["student"]["dev_accuracy"])
+            if objective == "ce":
+                interval = paired_interval(report["teacher"]["test_correct"], student["test_correct"],
+                                           report["test_block_tokens"])
+                row.update(teacher_minus_ce=report["teacher"]["accuracy"] - student["accuracy"],
+                           teacher_minus_ce_low=interval["accuracy_interval"][0],
+                           teacher_minus_ce_high=interval["accuracy_interval"][1])
             rows.append(row)
             log(f"seed {seed} {objective:12s} test {row['test_accuracy']:.4f} dev {row['dev_accuracy']:.4f}"
                 + (f"  - ce {100 * row['minus_ce']:+.2f} points [{100 * row['minus_ce_low']:+.2f}, "
@@ -125,17 +138,35 @@ def main() -> None:
         print(f"appended {len(rows)} rows to {path}")
 
 
+def default_objective() -> str:
+    """The objective RunConfig uses by default."""
+    from engine.config import RunConfig
+
+    cfg = RunConfig()
+    return next((name for name, weights in OBJECTIVES.items()
+                 if all(getattr(cfg, k) == v for k, v in {"temperature": 1.0, **weights}.items())), "")
+
+
 def summarise(rows: list[dict], objectives: list[str]) -> None:
-    """Per objective: test accuracy per seed, mean and 95% t-interval across seeds; and its difference from ce."""
-    print(f"{'objective':14s} {'test accuracy per seed':28s} {'mean ± 95% (t)':18s} {'minus ce, mean ± 95% (t)'}")
+    """Per objective: test accuracy per seed, mean and 95% t-interval across seeds; its difference from ce and from
+    the default objective (per seed, then mean ± t-interval); the teacher's lead over ce."""
+    def spread(key, objective):
+        values = [100 * r[key] for r in rows if r["objective"] == objective and key in r]
+        if not values or objective == ("ce" if key == "minus_ce" else default_objective()):
+            return ""
+        return "{} -> {:+.2f} ± {:.2f}".format(", ".join(f"{v:+.2f}" for v in values), *across_seeds(values))
+
+    print(f"{'objective':13s} {'test accuracy per seed':24s} {'mean ± 95% (t)':16s} {'minus ce, points':34s} "
+          f"minus the default ({default_objective()}), points")
     for objective in objectives:
-        mine = [r for r in rows if r["objective"] == objective]
-        values = [r["test_accuracy"] for r in mine]
+        values = [r["test_accuracy"] for r in rows if r["objective"] == objective]
         mean, half = across_seeds(values)
-        gains = [r["minus_ce"] for r in mine if "minus_ce" in r]
-        gain = "" if not gains or objective == "ce" else "{:+.2f} ± {:.2f} points".format(
-            *(100 * x for x in across_seeds(gains)))
-        print(f"{objective:14s} {', '.join(f'{v:.4f}' for v in values):28s} {mean:.4f} ± {half:.4f}    {gain}")
+        print(f"{objective:13s} {', '.join(f'{v:.4f}' for v in values):24s} {mean:.4f} ± {half:.4f}  "
+              f"{spread('minus_ce', objective):34s} {spread('minus_default', objective)}")
+    lead = [100 * r["teacher_minus_ce"] for r in rows if "teacher_minus_ce" in r]
+    if lead:
+        print("teacher - ce, points: {} -> {:+.2f} ± {:.2f}".format(", ".join(f"{v:+.2f}" for v in lead),
+                                                                   *across_seeds(lead)))
 
 
 if __name__ == "__main__":

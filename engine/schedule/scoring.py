@@ -59,7 +59,7 @@ def compare(report: dict) -> None:
     student, baselines = report.get("student"), report.get("baselines") or {}
     tokens = report.get("test_block_tokens")
     report["student_vs_baselines"] = {name: gain(student, b, tokens) for name, b in baselines.items()}
-    report["regime"] = regime(report.get("teacher"), baselines, tokens)
+    report["regime"] = regime(report.get("teacher"), baselines, tokens, report.get("command", "compress"))
 
 
 def gain(student: dict, baseline: dict, tokens: list[int] | None = None) -> dict:
@@ -92,15 +92,17 @@ def paired_interval(a: list[int] | None, b: list[int] | None, tokens: list[int] 
 KD_FOR_REGIME = ("kd", "kd-matched", "kd-steps")  # the plain-KD student the regime check reads, first found
 
 
-def regime(teacher: dict | None, baselines: dict, tokens: list[int] | None) -> dict:
+def regime(teacher: dict | None, baselines: dict, tokens: list[int] | None, command: str = "compress") -> dict:
     """Does the teacher know more than the data? Teacher - no distillation and plain KD - no distillation on test
     (paired intervals), and a warning when no distillation is at least as good as plain KD: then no teacher
-    signal, with or without a TA, can help on this data. Needs the `ce` baseline."""
+    signal, with or without a TA, can help on this data. Needs the `ce` baseline of `compress`."""
     ce = baselines.get("ce")
     kd_name = next((name for name in KD_FOR_REGIME if name in baselines), None)
     if ce is None or teacher is None:
-        return {"checked": False, "why": "add ce (no distillation) to --baselines to check that distillation can "
-                                         "help on this data"}
+        how = ("add ce (no distillation) and kd to --baselines" if command == "compress" else
+               "compare with the same student trained without distillation: minidisc distill --logit-weight 0 "
+               "--hidden-weight 0 --ce-weight 1")
+        return {"checked": False, "why": f"{how}, to check that distillation can help on this data"}
     out = {"checked": True, "teacher_minus_ce": {"accuracy": teacher["accuracy"] - ce["accuracy"],
                                                  **paired_interval(teacher.get("test_correct"),
                                                                    ce.get("test_correct"), tokens)}}
