@@ -120,18 +120,19 @@ def _gains(report: dict) -> list[str]:
             ratio = baseline["compute"]["train_flops"] / student_compute["train_flops"]
             cost = f" ({MATCHED.get(name, f'given {ratio:.2g}x the training FLOPs of the MiniDisc pipeline')})"
         lines.append(f"On test, the student is {side} the {baseline.get('label', name)} student{cost} by "
-                     f"{100 * abs(gain['accuracy']):.2f} accuracy points{_interval(gain)} "
-                     f"({100 * gain['relative_accuracy']:+.1f}% relative); its loss differs by {-gain['loss']:+.3f}.")
+                     f"{100 * abs(gain['accuracy']):.2f} accuracy points ({100 * gain['relative_accuracy']:+.1f}% "
+                     f"relative{_interval(gain, '; ', '')}); its loss differs by {-gain['loss']:+.3f}.")
     return lines
 
 
-def _interval(difference: dict) -> str:
-    """' (95% interval -0.42 to +0.31, paired over 96 test blocks)': the paired bootstrap interval of an accuracy
-    difference (first model minus second), in points."""
+def _interval(difference: dict, before: str = " (", after: str = ")") -> str:
+    """' (95% interval -0.42 to +0.31 points, paired over 96 test blocks)': the paired bootstrap interval of an
+    accuracy difference (first model minus second) between `before` and `after`; '' when the report has none."""
     if not difference.get("accuracy_interval"):
         return ""
     low, high = (100 * x for x in difference["accuracy_interval"])
-    return f" (95% interval {low:+.2f} to {high:+.2f}, paired over {difference['blocks']} test blocks)"
+    blocks = difference["blocks"]
+    return f"{before}95% interval {low:+.2f} to {high:+.2f} points, paired over {blocks} test blocks{after}"
 
 
 def regime_lines(report: dict) -> list[str]:
