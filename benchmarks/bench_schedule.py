@@ -76,6 +76,19 @@ def spearman(x: list[float], y: list[float]) -> float:
     return pearson(ranks(x), ranks(y))
 
 
+def across_seeds(values: list[float]) -> tuple[float, float]:
+    """The 95% t-interval of the mean of per-seed values (nan for one seed)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(len(values) - 1, 1.96)
+    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def _points(fraction) -> str:
+    return "—" if fraction is None else f"{100 * fraction:+.2f}"
+
+
 def mean(values) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.fmean(values) if values else math.nan
@@ -236,6 +249,7 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     compute share them: one within `--kd-tolerance` of the matched steps is reused, and each side's FLOPs are in
     the row. The compress runs are the TA-choice study's when the options are the same."""
     from engine.schedule.compute import matched_steps
+    from engine.schedule.scoring import paired_interval
 
     rows = []
     for seed in args.seeds:
@@ -259,15 +273,25 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
             c = r["student"]["compute"]
             row.update({f"{key}_test_accuracy": r["student"]["accuracy"], f"{key}_steps": c["steps"],
                         f"{key}_train_flops": c["train_flops"], f"{key}_wall_s": c["wall_s"]})
+            if key != "minidisc":  # MiniDisc minus this side, paired over the test blocks (95% bootstrap interval)
+                interval = paired_interval(report["student"].get("test_correct"), r["student"].get("test_correct"),
+                                           report.get("test_block_tokens")).get("accuracy_interval", [None, None])
+                row.update({f"minus_{key}": report["student"]["accuracy"] - r["student"]["accuracy"],
+                            f"minus_{key}_low": interval[0], f"minus_{key}_high": interval[1]})
         rows.append(row)
         print(f"seed {seed}: TA {row['ta']}; test accuracy MiniDisc {row['minidisc_test_accuracy']:.4f} "
               f"({row['minidisc_steps']} steps, {row['minidisc_train_flops']:.3g} FLOPs, {row['minidisc_wall_s']:.0f} "
               f"s), kd-matched {row['kd_matched_test_accuracy']:.4f} ({row['kd_matched_steps']} steps, "
               f"{row['kd_matched_train_flops']:.3g} FLOPs, {row['kd_matched_wall_s']:.0f} s)")
-    gaps = [100 * (r["minidisc_test_accuracy"] - r["kd_matched_test_accuracy"]) for r in rows]
-    print(f"\nMiniDisc - plain KD at equal training FLOPs, test accuracy points: mean {mean(gaps):+.2f} "
-          f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)})")
-    keys = [k for k in rows[0] if k not in ("seed", "ta", "student_widths")]
+    for key, what in (("kd_matched", "plain KD at equal training FLOPs"), ("kd", "plain KD at equal student steps")):
+        if f"minus_{key}" in rows[0]:
+            gaps = [100 * r[f"minus_{key}"] for r in rows]
+            low, high = across_seeds(gaps)
+            print(f"MiniDisc - {what}, test accuracy points: per seed "
+                  + ", ".join(f"{100 * r[f'minus_{key}']:+.2f} [{_points(r[f'minus_{key}_low'])}, "
+                              f"{_points(r[f'minus_{key}_high'])}]" for r in rows)
+                  + f"; mean {mean(gaps):+.2f}, 95% t-interval across seeds {low:+.2f} to {high:+.2f}")
+    keys = [k for k in rows[0] if k not in ("seed", "ta", "student_widths") and not k.endswith(("_low", "_high"))]
     return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
