@@ -132,9 +132,9 @@ class RunConfig:
     temperature: float = option(1.0, "softmax temperature of the logit term (scaled by T^2)", metavar="T")
     jsd_beta: float = option(0.5, "JSD mixture weight beta", metavar="B")
     logit_weight: float = option(0.5, "weight of the logit divergence", metavar="W")
-    hidden_weight: float = option(0.5, "weight of the hidden-state MSE (every ceil(L/6)-th layer)", metavar="W")
-    ce_weight: float = option(0.0, "weight of the hard-label next-token cross-entropy (with distillation: a run "
-                              "killed under ZeRO-3 does not resume yet, README Troubleshooting)", metavar="W")
+    hidden_weight: float = option(0.0, "weight of the hidden-state MSE (every ceil(L/6)-th layer; the reference's "
+                                  "0.5, with --ce-weight 0, measured worse: README)", metavar="W")
+    ce_weight: float = option(0.5, "weight of the hard-label next-token cross-entropy", metavar="W")
     # DeepSpeed and memory placement (`minidisc plan` says which fits)
     deepspeed: str | None = option(None, "DeepSpeed JSON for the trained model (default ds_configs/zero3_train.json;"
                                    " zero3_train_offload*.json offload to CPU); its bf16 setting decides the "

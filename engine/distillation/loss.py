@@ -4,11 +4,10 @@ loss = logit_weight * T^2 KL-family divergence of the next-token distributions (
 `kernels.fused_linear_distill_loss`, so no [tokens, vocab] logits are built)
      + hidden_weight * MSE of hidden states at every ceil(L/6)-th layer (embedding output and last layer
        included; hidden size is not pruned, so no projection)
-     + ce_weight * cross-entropy on the next tokens (optional hard labels),
-all over non-padding tokens. Defaults follow the reference: (logit + hidden) / 2. Measured on the built-in example
-(benchmarks/bench_objective.py, README), (logit + CE) / 2 was ahead on every seed; it becomes the default once the CE
-term is fused like the logit term (today it builds [tokens, vocab] logits, and under ZeRO-3 a stage with it does
-not resume after a kill).
+     + ce_weight * cross-entropy on the next tokens (optional hard labels; `kernels.fused_linear_cross_entropy`),
+all over non-padding tokens; the logit and CE terms never build [tokens, vocab] logits. Defaults by measurement
+(benchmarks/bench_objective.py, README): (logit + CE) / 2, ahead of the reference's (logit + hidden) / 2 on every
+seed of the built-in example.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 
@@ -29,8 +27,8 @@ class Objective:
     temperature: float = 1.0
     beta: float = 0.5  # JSD mixture weight
     logit_weight: float = 0.5
-    hidden_weight: float = 0.5
-    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    ce_weight: float = 0.5
 
     @property
     def needs_teacher(self) -> bool:
@@ -111,13 +109,13 @@ def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, l
         layers = hidden_layer_indices(len(out.hidden_states) - 1)
         hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
                      for i in layers) / len(layers)
-    ce = torch.zeros(widths, device=logit.device)
-    if objective.ce_weight:
-        labels = input_ids[:, 1:].masked_fill(~next_keep[:, :-1], -100)
-        ce = torch.stack([F.cross_entropy(head(h[:, :-1]).flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-                          for h in out.last_hidden_state.chunk(widths)])
+    ce, loss = torch.zeros(widths, device=logit.device), torch.zeros((), device=logit.device)
+    if objective.ce_weight:  # fused like the logit term: no [tokens, vocab] logits, nothing of the head in backward
+        ce_mean, ce = kernels.fused_linear_cross_entropy(
+            out.last_hidden_state[:, :-1], head.weight, input_ids[:, 1:].repeat(widths, 1), bias=head.bias,
+            mask=next_keep[:, :-1].repeat(widths, 1), copies=widths)
+        loss = objective.ce_weight * ce_mean
     # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
-    loss = objective.ce_weight * ce.mean()
     if objective.needs_teacher:  # the logit term even at weight 0: under ZeRO-3 the head needs its (zero) gradient
         loss = loss + objective.logit_weight * logit
     if objective.hidden_weight:

@@ -31,7 +31,7 @@ def setup(request):
 def test_objective_terms_match_their_definitions(setup):
     teacher, supernet, ids, mask = setup
     supernet.set_sparsity(500)
-    objective = Objective(kind="forward_kl", temperature=2.0, ce_weight=0.3)
+    objective = Objective(kind="forward_kl", temperature=2.0, hidden_weight=0.5, ce_weight=0.3)
     losses = width_loss(supernet.model, teacher_outputs(teacher, ids), ids, mask, objective)
     s_out = supernet.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     t_out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -62,7 +62,7 @@ def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward
     teacher, supernet, ids, mask = setup
     if checkpointed:
         checkpoint_layers(supernet.model)
-    widths, objective = [500, 700, 900], Objective(ce_weight=0.3)
+    widths, objective = [500, 700, 900], Objective(hidden_weight=0.5, ce_weight=0.3)
     t_out = teacher_outputs(teacher, ids)
     supernet.zero_grad()
     metrics = sandwich_step(lambda n: stacked_width_loss(supernet.model, t_out, ids, mask, objective, n),
