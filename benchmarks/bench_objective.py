@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source tree too
-from bench_schedule import log, pruned_teacher, run  # noqa: E402
+from bench_schedule import builtin_study_options, log, pruned_teacher, run  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
 OBJECTIVES = {
@@ -65,27 +65,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import transformers
 
-    import engine  # noqa: F401  (registers the MiniDisc model classes)
-    from engine.config import REPO_CONFIGS, _coerce
-    from engine.progress import setup_logging
     from engine.schedule.scoring import paired_interval
-    from engine.tools.demo import BUILTINS, builtin_setup
 
-    setup_logging("WARNING")
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    name = os.environ.get("MINIDISC_BUILTIN", "default")
-    setup = builtin_setup(name)
-    options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
-               "dev_data": str(setup / "dev.txt"), "test_data": str(setup / "test.txt"), "baselines": None,
-               "sample_tokens": 0, "eval_tasks": None, "target_sparsity": 0.9,
-               "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
-                                                "zero3_train_fp32.json"))}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        options[key] = _coerce(key, value.split(",") if "," in value else value)
+    name, setup, options = builtin_study_options(["target_sparsity=0.9", *args.set])
     work = Path(args.work) / setup.name
     options["teacher"] = str(pruned_teacher(work, options))
     started, rows = time.perf_counter(), []

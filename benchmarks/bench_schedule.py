@@ -356,6 +356,33 @@ def runs_folder(work: Path, options: dict, builtin: dict | None = None) -> Path:
     return work / "runs" / ("-".join(f"{k}={v}" for k, v in changed.items()) or "builtin")
 
 
+def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
+    """(MINIDISC_BUILTIN's name, its cached folder, the RunConfig options of a study run): the built-in run's
+    options on its teacher and data, no baselines, samples or lm-eval, fp32 on a CPU; `KEY=VALUE` overrides."""
+    import torch
+    import transformers
+
+    import engine  # noqa: F401  (registers the MiniDisc model classes)
+    from engine.config import REPO_CONFIGS, _coerce
+    from engine.progress import setup_logging
+    from engine.tools.demo import BUILTINS, builtin_setup
+
+    setup_logging("WARNING")
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    name = os.environ.get("MINIDISC_BUILTIN", "default")
+    setup = builtin_setup(name)
+    options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
+               "dev_data": str(setup / "dev.txt"), "test_data": str(setup / "test.txt"), "baselines": None,
+               "sample_tokens": 0, "eval_tasks": None,
+               "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
+                                                "zero3_train_fp32.json"))}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        options[key] = _coerce(key, value.split(",") if "," in value else value)
+    return name, setup, options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=["ta-choice", "equal-compute"], required=True)
@@ -369,26 +396,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import transformers
 
-    import engine  # noqa: F401  (registers the MiniDisc model classes)
-    from engine.config import REPO_CONFIGS, RunConfig, _coerce
-    from engine.progress import setup_logging
-    from engine.tools.demo import BUILTINS, builtin_setup
+    from engine.config import RunConfig
+    from engine.tools.demo import BUILTINS
 
-    setup_logging("WARNING")
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    name = os.environ.get("MINIDISC_BUILTIN", "default")
-    setup = builtin_setup(name)
-    options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
-               "dev_data": str(setup / "dev.txt"), "test_data": str(setup / "test.txt"), "baselines": None,
-               "sample_tokens": 0,
-               "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
-                                                "zero3_train_fp32.json"))}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        options[key] = _coerce(key, value.split(",") if "," in value else value)
+    name, setup, options = builtin_study_options(args.set)
     work = Path(args.work) / setup.name  # the pruned teacher and the runs belong to this teacher
     options.setdefault("target_sparsity", RunConfig().target_sparsity)
     options["teacher"] = str(pruned_teacher(work, options))
