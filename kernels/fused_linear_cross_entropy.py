@@ -15,6 +15,7 @@ import torch
 
 from .distill_loss import chunk_rows, flatten_mask
 from .fused_linear_distill import _accumulate, _logits, _mm_fp32
+from .fused_linear_token_stats import check_head_shapes
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -64,12 +65,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, mask=None,
     `copies`: the first dimension stacks that many students on the same tokens (e.g. K widths of one supernet); the
     mean is then over all of them and `copies` per-student means [K] come back too, not differentiable:
     returns (loss, per_copy)."""
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, {hidden.shape[-1]}] to match the hidden states, got "
-                         f"{tuple(weight.shape)}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have the hidden states' leading shape {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")
+    check_head_shapes(hidden, weight, targets)
     leading = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     keep = flatten_mask(mask, leading, h.device)

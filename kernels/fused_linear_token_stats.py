@@ -14,17 +14,22 @@ from .distill_loss import chunk_rows, flatten_mask
 from .fused_linear_distill import _logits
 
 
-@torch.no_grad()
-def fused_linear_token_stats(hidden, weight, targets, *, bias=None, mask=None, chunk_size=None):
-    """(correct, nll) per token for logits `hidden @ weight.T (+ bias)`: hidden [N, H] or [B, T, H], weight [V, H],
-    targets of the leading shape. `correct` is bool (top-1 equals the target; ties go to the lowest index, as
-    torch.argmax), `nll` fp32; tokens outside `mask` get False and 0."""
+def check_head_shapes(hidden, weight, targets) -> None:
+    """hidden [..., H], weight [V, H], targets of the hidden states' leading shape, or a ValueError saying which."""
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}] to match the hidden states, "
                          f"got {tuple(weight.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets must have the hidden states' leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
+
+
+@torch.no_grad()
+def fused_linear_token_stats(hidden, weight, targets, *, bias=None, mask=None, chunk_size=None):
+    """(correct, nll) per token for logits `hidden @ weight.T (+ bias)`: hidden [N, H] or [B, T, H], weight [V, H],
+    targets of the leading shape. `correct` is bool (top-1 equals the target; ties go to the lowest index, as
+    torch.argmax), `nll` fp32; tokens outside `mask` get False and 0."""
+    check_head_shapes(hidden, weight, targets)
     leading, vocab = hidden.shape[:-1], weight.shape[0]
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
     correct = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
