@@ -38,7 +38,3 @@ def ngrams(text: str, n: int = NGRAM) -> set[int]:
     """Hashes of the text's n-word sequences (words: runs of letters and digits, case-folded)."""
     words = WORD.findall(unicodedata.normalize("NFKC", text).casefold())
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
-
-
-def shares_ngram(text: str, seen: set[int], n: int = NGRAM) -> bool:
-    return not ngrams(text, n).isdisjoint(seen)
