@@ -19,10 +19,11 @@ for end in lowest newest; do
     rm -rf $venv && .venv-uv/bin/uv venv -q $venv --python python3
     # lowest: torch 2.6 pins triton 3.2, whose interpreter (the kernels' tests on a CPU) fails on numpy 2.4
     # ("only 0-dimensional arrays can be converted to Python scalars"); compiled kernels on a GPU do not use it.
-    extra=$([ $end = lowest ] && echo 'numpy<2.4' || echo 'numpy')
+    # A constraint, not a requirement: under lowest-direct a requirement `numpy<2.4` would resolve to numpy 1.3.
+    cap=$([ $end = lowest ] && echo 'numpy<2.4' || echo 'numpy')
     resolution=$([ $end = lowest ] && echo lowest-direct || echo highest)
     .venv-uv/bin/uv pip install -q --python $venv/bin/python --resolution $resolution -e '.[dev,triton,eval,tracking]' \
-      "$extra"
+      --constraint <(echo "$cap")
     touch $venv/.installed
   fi
   echo "== $venv: $($venv/bin/python -c 'from importlib.metadata import version as v; print(", ".join(

@@ -122,10 +122,12 @@ def main() -> None:
 
     import engine
     from engine.data import token_file
+    from engine.progress import setup_logging
     from engine.tools.demo import train_tokenizer
     from engine.tools.demo import write_corpus as write_pydoc
 
     datasets.disable_progress_bars()
+    setup_logging("INFO")  # the engine's tokenising progress lines
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = work / "tokenizer"

@@ -90,6 +90,9 @@ class RunConfig:
     uniform: bool = option(False, "keep the same units in every layer, so the TA and student are stock "
                            "LlamaForCausalLM/OPTForCausalLM checkpoints (default: per-layer widths of the global "
                            "ranking, in MiniDisc model classes)")
+    no_supernet: bool = option(False, "do not keep the sandwich's trained weights in OUT/supernet (a copy of the "
+                               "pruned teacher's size from which `minidisc export` writes any width the sandwich "
+                               "trained; the report measures each of them on test against a one-shot prune)")
     # budget and data
     max_steps: int = option(200, "optimiser steps of every distillation stage (TA -> student, plain KD, each "
                             "MaxiDisc trial; the sandwich's follow from it, see --sandwich-share)", metavar="N")

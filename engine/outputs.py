@@ -61,7 +61,7 @@ def atomic_output_dir(out, kind: str):
     out = Path(out)
     if out.exists() and not (out.is_dir() and (is_ours(out) or not any(out.iterdir()))):
         raise UserError(f"output {out} exists and was not written by minidisc: choose a new --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     remove_stale(out)
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
     scratch.mkdir()
@@ -107,7 +107,8 @@ def claim_run_dir(out: Path, command: str, config: dict, resume: bool, resumable
     lock = None
     with dist.main_first("claiming the output folder") as main:
         if main:
-            if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
+            make_dir(out)
+            if any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
                 raise UserError(f"output {out} exists and is not empty: choose a new --out or remove it")
             lock = _lock(out)
             try:
@@ -140,9 +141,34 @@ def _resume_or_record(out: Path, command: str, config: dict, resume: bool, resum
         tmp.replace(run_file)
 
 
+def make_dir(path: Path, flag: str = "--out") -> None:
+    """`mkdir -p`, with one line naming `flag` when the path cannot be a folder (a file in its way, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; choose another {flag}") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); choose another {flag}") from None
+
+
+def abandon_run_dir(out: Path, lock: IO | None, existed: bool) -> None:
+    """Undo a claim whose run stopped on bad input before training anything: --out goes back to how the claim found
+    it (absent, or empty), so the same command with fixed inputs simply starts."""
+    if lock is None:  # not rank 0
+        return
+    for item in out.iterdir():
+        if item.name != LOCK:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    (out / LOCK).unlink()
+    lock.close()
+    if not existed:
+        out.rmdir()
+
+
 def _lock(out: Path) -> IO:
     """An exclusive lock on OUT/.lock, naming its holder; a held one is reported with the holder's pid and host."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     handle = open(out / LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -94,7 +94,8 @@ def _drop_duplicates(described: dict, opened: dict[str, TokenFile], own: dict) -
 
 def _source(source: Source, file: TokenFile) -> dict:
     return {"path": source.path, "weight": source.weight, "field": file.meta["field"], "chat": file.chat,
-            "key": file.key, "documents": len(file), "tokens": int(file.offsets[-1])}
+            "key": file.key, "records": file.meta["records"], "records_split": file.meta["records_split"],
+            "documents": len(file), "tokens": int(file.offsets[-1]), "tokenise_s": file.meta["seconds"]}
 
 
 def _hold_out(file: TokenFile, cursors: list[int], i: int, need: int, seq_len: int, splits: int) -> dict:
@@ -143,7 +144,8 @@ def summary(described: dict, train: Mixture, dev: Split, test: Split, steps_bloc
     rows = []
     for source, part, share, held in zip(described["sources"], train.parts, train.weights, described["train"]):
         passes = steps_blocks * share / max(len(part), 1)
-        rows.append({**{k: source[k] for k in ("path", "weight", "field", "chat", "documents", "tokens")},
+        rows.append({**{k: source[k] for k in ("path", "weight", "field", "chat", "records", "records_split",
+                                               "documents", "tokens", "tokenise_s")},
                      "duplicates_dropped": held.get("duplicates", 0),
                      "train_blocks": len(part), "passes": round(passes, 3), "truncated": part.truncated(),
                      "padding": round(part.padding() / max(len(part) * part.seq_len, 1), 4)})
@@ -154,13 +156,18 @@ def summary(described: dict, train: Mixture, dev: Split, test: Split, steps_bloc
     return {"sources": rows, "dev_truncated": dev.truncated, "test_truncated": test.truncated}
 
 
-def held_out_texts(described: dict, name: str) -> list[str]:
-    """The records of a held-out split's text sources, as written (for the built-in lm-eval tasks)."""
+def held_out_texts(described: dict, name: str, root: Path, tokenizer) -> list[str]:
+    """The documents of a held-out split's text sources (for the built-in lm-eval tasks): the records as written,
+    or, from a source whose long records were split, each document's tokens decoded."""
     texts = []
     sources = {s["key"]: s for s in described["sources"]}
     for part in described[name]:
         source = sources.get(part["key"])  # None: the split's own file, which is not held out
-        if source and not source["chat"]:
+        if source and not source["chat"] and source["records_split"]:
+            file = TokenFile(root / part["key"])
+            texts += [tokenizer.decode(file.tokens[file.offsets[d]: file.offsets[d + 1]], skip_special_tokens=True)
+                      for d in range(part["first"], part["end"])]
+        elif source and not source["chat"]:
             records, field, _ = load_records(source["path"], source["field"])
             texts += records.select(holdout_order(len(records))[part["first"]: part["end"]])[field]
     return texts

@@ -7,9 +7,12 @@ A token file is a folder TOKEN_CACHE/NAME-KEY/ holding
   mask.bin      chat sources only, uint8 per token: 1 where the token is the assistant's
   hashes.bin    uint64 per document: a hash of its normalised text (`engine.data.overlap.record_hash`), which finds
                 training documents that duplicate a held-out one
-  meta.json     what it was made from
+  meta.json     what it was made from, and how many records were split
 It is built aside and renamed into place, so it is complete or absent. The documents come in the source's fixed
 hold-out order (`holdout_order`): held-out dev and test are its first documents, training a contiguous rest.
+A text record is one document, or, when longer than DOCUMENT_TOKENS, consecutive documents of that many tokens
+(the last shorter): a book, or a corpus written as one line, can then be held out by token ranges. Training packs
+consecutive documents, so its blocks are those of the unsplit text.
 KEY hashes the files (path, size, modification time), the field and the tokenizer.
 """
 from __future__ import annotations
@@ -34,8 +37,12 @@ from engine.outputs import cache_dir, remove_stale
 from engine.training import faults
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: hashes.bin
+VERSION = 3  # 2: hashes.bin; 3: long text records split into documents
+DOCUMENT_TOKENS = 8192  # the longest document a text record becomes (chat records are never split)
 SMALL = 10_000  # records: below this, one process tokenises faster than starting workers
+PROGRESS_RECORDS = 100_000  # records per part at least (a part starts its workers anew) ...
+PROGRESS_PARTS = 20  # ... and at most this many parts, so a large source logs its progress ~20 times
+PROGRESS_S = 10  # seconds at least between two progress lines
 
 
 class FileArray:
@@ -128,16 +135,16 @@ def _build(folder: Path, path: str, text_field: str, tokenizer, workers: int) ->
     started = time.perf_counter()
     records = records.select(holdout_order(len(records)))
     mapped_dir = folder.parent / f".{folder.name}.map"  # datasets' cache of the map: a killed build resumes from it
-    mapped = records.map(partial(_encode_chat if chat else _encode_text, tokenizer, field), batched=True,
-                         num_proc=processes, remove_columns=records.column_names, features=_features(chat),
-                         cache_file_name=str(mapped_dir / "tokens.arrow"))
+    mapped = _tokenise(records, partial(_encode_chat if chat else _encode_text, tokenizer, field), chat, processes,
+                       mapped_dir, path)
     scratch = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     scratch.mkdir()
     try:
         dtype = "uint16" if len(tokenizer) <= 2 ** 16 else "uint32"
-        n_tokens = _write(mapped, scratch, dtype, chat)
+        n_tokens, split = _write(mapped, scratch, dtype, chat)
         meta = {"version": VERSION, "source": os.path.abspath(path), "field": field, "chat": chat, "dtype": dtype,
-                "documents": len(mapped), "tokens": n_tokens, "tokenizer": tokenizer.name_or_path}
+                "records": len(records), "records_split": split, "documents": len(mapped), "tokens": n_tokens,
+                "tokenizer": tokenizer.name_or_path, "seconds": round(time.perf_counter() - started, 1)}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         del mapped
         faults.kill_point("data:token-file")
@@ -150,15 +157,52 @@ def _build(folder: Path, path: str, text_field: str, tokenizer, workers: int) ->
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(mapped_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
-    log.info("tokenised %s: %s tokens in %d documents, %.0f s (%.0f tokens/s)", path, f"{n_tokens:,}", len(records),
+    log.info("tokenised %s: %s tokens in %d records, %.0f s (%.0f tokens/s)", path, f"{n_tokens:,}", len(records),
              seconds, n_tokens / max(seconds, 1e-9))
+    if split:
+        log.info("%s: %d record(s) longer than %d tokens split into documents of that length (held-out splits and "
+                 "deduplication work on documents)", path, split, DOCUMENT_TOKENS)
 
 
-def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
-    """Stream the map's arrow output into tokens.bin (and mask.bin), chunk by chunk; returns the token count."""
+def _tokenise(records, encode, chat: bool, processes: int, cache: Path, path: str):
+    """`records` mapped through `encode` in consecutive parts (each its own cached map, so a killed build keeps the
+    parts it finished), with a progress line after a part when PROGRESS_S have passed, and after the last."""
+    import datasets
+
+    total, parts, tokens = len(records), [], 0
+    step = max(PROGRESS_RECORDS, -(-total // PROGRESS_PARTS))
+    started = last = time.perf_counter()
+    for first in range(0, max(total, 1), step):
+        part = records.select(range(first, min(first + step, total)))
+        parts.append(part.map(encode, batched=True, num_proc=processes if len(part) >= SMALL else 1,
+                              remove_columns=records.column_names, features=_features(chat),
+                              cache_file_name=str(cache / f"tokens-{first:012d}.arrow")))
+        tokens += _token_count(parts[-1])
+        done, now = first + len(part), time.perf_counter()
+        if step < total and (now - last >= PROGRESS_S or done == total):
+            last, rate = now, tokens / max(now - started, 1e-9)
+            log.info("tokenising %s: %s of %s records (%.0f%%), %s tokens, %s tokens/s, ETA %s", path, f"{done:,}",
+                     f"{total:,}", 100 * done / total, f"{tokens:,}", f"{rate:,.0f}",
+                     _duration((now - started) * (total - done) / done))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _token_count(mapped) -> int:
     import pyarrow.compute as pc
 
-    lengths = []
+    return int(pc.sum(pc.list_value_length(mapped.data.column("input_ids"))).as_py() or 0)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _write(mapped, folder: Path, dtype: str, chat: bool) -> tuple[int, int]:
+    """Stream the map's arrow output into tokens.bin (and mask.bin), chunk by chunk; returns the token count and
+    the number of records split into several documents."""
+    import pyarrow.compute as pc
+
+    lengths, split = [], 0
     with open(folder / "tokens.bin", "wb") as tokens, open(folder / "hashes.bin", "wb") as hashes, \
             (open(folder / "mask.bin", "wb") if chat else nullcontext()) as mask:
         for table in mapped.with_format("arrow").iter(batch_size=10_000):
@@ -166,27 +210,42 @@ def _write(mapped, folder: Path, dtype: str, chat: bool) -> int:
             lengths.append(pc.list_value_length(ids).to_numpy(zero_copy_only=False))
             tokens.write(pc.list_flatten(ids).to_numpy().astype(dtype).tobytes())
             hashes.write(table.column("hash").to_numpy().astype("uint64").tobytes())
+            split += int((table.column("piece").to_numpy() == 1).sum())  # a split record's second document
             if chat:
                 mask.write(pc.list_flatten(table.column("mask")).to_numpy().astype("uint8").tobytes())
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths), dtype=np.int64)]) if lengths else np.zeros(1)
     offsets.astype(np.int64).tofile(folder / "offsets.bin")
-    return int(offsets[-1])
+    return int(offsets[-1]), split
 
 
 def _features(chat: bool):
     import datasets
 
-    columns = {"input_ids": datasets.Sequence(datasets.Value("int32")), "hash": datasets.Value("uint64")}
+    columns = {"input_ids": datasets.Sequence(datasets.Value("int32")), "hash": datasets.Value("uint64"),
+               "piece": datasets.Value("int32")}
     return datasets.Features({**columns, "mask": datasets.Sequence(datasets.Value("int8"))} if chat else columns)
 
 
 def _encode_text(tokenizer, field: str, batch: dict) -> dict:
+    """Each record's tokens, as one document or, past DOCUMENT_TOKENS, several (`piece` 0, 1, ...)."""
     texts = [t if t and t.strip() else "" for t in batch[field]]
-    ids = tokenizer(texts)["input_ids"]
-    return {"input_ids": [i if t else [] for i, t in zip(ids, texts)], "hash": [record_hash(t) for t in texts]}
+    out = {"input_ids": [], "hash": [], "piece": []}
+    for text, ids in zip(texts, tokenizer(texts)["input_ids"]):
+        ids, whole = ids if text else [], record_hash(text)
+        for piece in range(max(1, -(-len(ids) // DOCUMENT_TOKENS))):
+            out["input_ids"].append(ids[piece * DOCUMENT_TOKENS: (piece + 1) * DOCUMENT_TOKENS])
+            out["hash"].append(piece_hash(whole, piece))
+            out["piece"].append(piece)
+    return out
+
+
+def piece_hash(whole: int, piece: int) -> int:
+    """The hash of a record's `piece`-th document: the record's own for the first, so an unsplit record keeps it;
+    the same piece of two equal records hashes the same, pieces of one record differ."""
+    return whole if piece == 0 or whole == 0 else (whole + piece * 0x9E3779B97F4A7C15) % (1 << 63) or 1
 
 
 def _encode_chat(tokenizer, field: str, batch: dict) -> dict:
     pairs = [chat_tokens(tokenizer, messages) if messages else ([], []) for messages in batch[field]]
     return {"input_ids": [ids for ids, _ in pairs], "mask": [mask for _, mask in pairs],
-            "hash": [record_hash(messages) for messages in batch[field]]}
+            "hash": [record_hash(messages) for messages in batch[field]], "piece": [0] * len(pairs)}

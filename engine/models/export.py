@@ -26,6 +26,7 @@ from engine.pruning.widths import Width, format_sparsity, parse_sparsity
 from engine.tools.model_card import write_model_card
 
 log = logging.getLogger(__name__)
+SUPERNET_FILE = "minidisc_supernet.json"  # beside a supernet's weights (OUT/supernet): the widths it trained
 
 # save_pretrained copies the code of classes marked so (modeling_minidisc.py) into every per-layer export and
 # lists it in the config's auto_map, so the export loads with trust_remote_code=True and without this package.
@@ -219,6 +220,23 @@ def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, tr
 
 
 
+def _check_supernet_width(model_dir: Path, permille: int, uniform: bool) -> bool | None:
+    """For a run's supernet (OUT/supernet): whether the sandwich trained this width (a width it did not train is
+    still a slice of trained weights, so it is written, with a warning). None for a pruned teacher."""
+    path = model_dir / SUPERNET_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if info["uniform"] != uniform:
+        raise UserError(f"{model_dir} was trained with {'uniform' if info['uniform'] else 'per-layer'} widths: "
+                        f"{'add' if info['uniform'] else 'drop'} --uniform to export one of them")
+    trained = [parse_sparsity(s) for s in info["trained_widths"]]
+    if permille not in trained:
+        log.warning("the sandwich did not train sparsity %s (it trained %s); its slice of the trained weights is "
+                    "written all the same", format_sparsity(permille), ", ".join(format_sparsity(s) for s in trained))
+    return permille in trained
+
+
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     """`minidisc export`: write the width at `sparsity` of a pruned teacher directory to `out`."""
     model_dir = Path(model_dir)
@@ -229,6 +247,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     config = load_config(model_dir)
     family = family_for(config)
     width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
+    trained = _check_supernet_width(model_dir, permille, uniform)
     tokenizer = load_tokenizer(model_dir, config)
     model = load_causal_lm(model_dir)
     plan.check_model(model, family, model_dir)
@@ -238,6 +257,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
         "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),
         "parameters": count_parameters(model, family, width),
         "teacher_parameters": count_parameters(model, family, plan.full_width),
+        **({} if trained is None else {"trained_in_sandwich": trained}),
     }
     with atomic_output_dir(out, kind="exported-model") as scratch:
         pruned.save_pretrained(scratch)

@@ -24,6 +24,7 @@ from engine.distillation.loss import Objective
 from engine.distillation.selection import choose_ta, relative, tradeoff
 from engine.pruning.widths import PERMILLE, format_sparsity, widths_per_step
 from engine.schedule.compute import matched_steps, step_flops, total
+from engine.schedule.finish import finish
 from engine.schedule.run import Run
 from engine.training.stage import StageResult
 
@@ -45,7 +46,10 @@ def compress(cfg: RunConfig) -> dict:
         log.info("sandwich: %d steps, %g of the pipeline's training FLOPs (--sandwich-share)", run.sandwich_steps,
                  cfg.sandwich_share)
     sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates + run.past_target(), supernet=True,
-                         max_steps=run.sandwich_steps, candidates=candidates)
+                         max_steps=run.sandwich_steps, candidates=candidates, keep_supernet=not cfg.no_supernet)
+    supernet = None if cfg.no_supernet else run.publish(
+        run.work / "sandwich" / "supernet", "supernet", {"role": "supernet: every width the sandwich trained, "
+                                                         "exported with `minidisc export`", "step": sandwich.steps})
     teacher_stats = sandwich.teacher_stats
     p = {s: sandwich.best[s].p for s in candidates}
     choice = choose_ta(p, cfg.lam, run.target)
@@ -73,7 +77,7 @@ def compress(cfg: RunConfig) -> dict:
     trained = {name: baseline(run, name, teacher_stats, pipeline) for name in cfg.baselines or []}
     baselines = {name: metrics for name, (metrics, _) in trained.items()}
     ta_score = None if choice is None else sandwich.best[choice]
-    return run.finish({
+    return finish(run, {
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
         "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich.best_step,
@@ -84,6 +88,9 @@ def compress(cfg: RunConfig) -> dict:
         "student": summary,
         "baselines": baselines,
         "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
+        **({} if supernet is None else {"supernet": {"path": str(supernet), "step": sandwich.steps,
+                                                     "one_shot": str(run.teacher_dir),
+                                                     "widths": run.width_rows(sandwich)}}),
     })
 
 
@@ -146,7 +153,7 @@ def distill(cfg: RunConfig) -> dict:
     init = run.slice_model(run.target, run.work / "student_init")
     student = run.stage("student", run.teacher_dir, init, [run.target])
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
-    return run.finish({"teacher": run.teacher_metrics(student.teacher_stats),
+    return finish(run, {"teacher": run.teacher_metrics(student.teacher_stats),
                        "student": run.student_summary(student, student.teacher_stats, "teacher",
                                                       run.compute["student"]),
                        "curves": _curves(student)})
@@ -186,7 +193,7 @@ def maxidisc(cfg: RunConfig) -> dict:
                                       student_path=str(trial_student.best_dir),
                                       compute=total(*(run.compute[name] for name in stages))))
     ta_score = None if ta is None else ta.best[winner]
-    return run.finish({
+    return finish(run, {
         "teacher": run.teacher_metrics(teacher_stats),
         "candidates": rows,
         "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta.best_step,

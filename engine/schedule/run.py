@@ -28,7 +28,7 @@ from engine.models.loading import (
     load_tokenizer,
     meta_model,
 )
-from engine.outputs import atomic_output_dir, claim_run_dir, is_ours
+from engine.outputs import RUN_FILE, abandon_run_dir, atomic_output_dir, claim_run_dir, is_ours
 from engine.progress import Monitor
 from engine.pruning.families import family_for
 from engine.pruning.plan import PLAN_FILE, PruningPlan
@@ -44,13 +44,9 @@ from engine.pruning.widths import (
     past_target,
 )
 from engine.schedule.compute import sandwich_steps, stage_compute, step_flops
-from engine.schedule.scoring import perplexity, score_checkpoint, score_report
-from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks, evaluate_tasks
-from engine.tools.model_card import write_model_card
-from engine.tools.report import render
-from engine.tools.report_format import models_of
-from engine.tools.samples import continuations, default_prompts, encode_prompts
-from engine.tracking import Trackers, check_trackers, final_figures
+from engine.schedule.scoring import perplexity
+from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks
+from engine.tracking import Trackers, check_trackers
 from engine.training import distributed as dist
 from engine.training import faults
 from engine.training.deepspeed_config import read_ds_config, train_ds_config
@@ -94,15 +90,28 @@ class Run:
         if cfg.baselines and command != "compress":
             raise UserError(f"--baselines compares students inside `minidisc compress`; `minidisc {command}` is "
                             "itself a baseline: drop the option")
-        if (cfg.sparsest or cfg.student_stage != "single") and command != "compress":
-            raise UserError(f"--sparsest and --student-stage shape the MiniDisc schedule of `minidisc compress`; "
-                            f"`minidisc {command}` has no sandwich: drop them")
+        if (cfg.sparsest or cfg.student_stage != "single" or cfg.no_supernet) and command != "compress":
+            raise UserError(f"--sparsest, --student-stage and --no-supernet shape the MiniDisc schedule of `minidisc "
+                            f"compress`; `minidisc {command}` has no sandwich: drop them")
         dist.init()
         self._check_inputs()
+        existed, started = self.out.exists(), (self.out / RUN_FILE).is_file()
         self.lock = claim_run_dir(self.out, command, cfg.to_dict(), cfg.resume, RESUMABLE)  # held while it runs
+        try:
+            self._set_up()
+        except UserError:
+            if not started:  # nothing trained yet: leave --out as it was, so the command with fixed inputs starts
+                abandon_run_dir(self.out, self.lock, existed)
+            raise
         trackers = (Trackers(cfg.report_to, self.out / "tracking", cfg.to_dict(), self.out.name)
                     if cfg.report_to and dist.is_main() else None)
         self.monitor = Monitor(cfg.log_every, self.tokens_per_step, trackers, enabled=dist.is_main())
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def _set_up(self) -> None:
+        """The pruned teacher, the widths and the token blocks: the checks only they allow run here, after --out is
+        claimed (a refusal here undoes the claim)."""
+        cfg = self.cfg
         self.teacher_dir = self._pruned_teacher()
         self.plan = PruningPlan.load(self.teacher_dir)
         self.target = check_target_on_grid(cfg, self.plan.grid, self.teacher_dir)
@@ -119,23 +128,30 @@ class Run:
         if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
             builtin_documents(self.eval_texts())
 
-    # --- set-up --------------------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
-        """Everything cheap, on every rank, before any weights are read (same errors everywhere)."""
+        """Everything cheap, before any weights are read (same errors everywhere): the files on every rank, the data
+        on rank 0 alone (reading a JSON source converts it to Arrow: once per job, not once per rank)."""
         cfg = self.cfg
         check_teacher(cfg)
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(TrainConfig.of(cfg), backwards_per_step=1)  # readable, and compatible with --optimizer
+        check_trackers(cfg.report_to or [])
+        if cfg.eval_tasks:
+            check_tasks(cfg.eval_tasks, cfg.eval_include)
+        faults.check_build_locks()  # on every rank: each node has its own build cache
+        with dist.main_first("reading the data") as main:
+            if main:
+                self._check_data()
+
+    def _check_data(self) -> None:
+        cfg = self.cfg
         sources = [(s.path, s.text_field or cfg.text_field) for s in cfg.sources()]
         chat = [path for path, field in sources + [(p, cfg.text_field) for p in (cfg.dev_data, cfg.test_data) if p]
                 if load_records(path, field)[2]]
         if chat:
             check_chat_template(load_tokenizer(cfg.teacher), f"data {chat[0]}")
-        check_trackers(cfg.report_to or [])
-        if cfg.eval_tasks:
-            check_tasks(cfg.eval_tasks, cfg.eval_include)
-            if cfg.eval_text:
-                load_text_dataset(cfg.eval_text, cfg.text_field)
+        if cfg.eval_tasks and cfg.eval_text:
+            load_text_dataset(cfg.eval_text, cfg.text_field)
 
     def _pruned_teacher(self) -> Path:
         teacher = Path(self.cfg.teacher)
@@ -202,14 +218,15 @@ class Run:
         return joint_widths(self.plan.grid, ta, self.target, parse_sparsity(self.cfg.sparsest))
 
     def stage(self, name, teacher_dir, student_dir, widths, supernet=False, objective=None, teacher_width=0,
-              max_steps=None, candidates=None) -> StageResult:
+              max_steps=None, candidates=None, keep_supernet=False) -> StageResult:
         """Train one stage with the run's options (its distillation loss unless `objective` is given, --max-steps
         unless `max_steps` is) and record its time and compute. `teacher_width`: the teacher's sparsity;
-        `candidates`: the widths its best snapshot may hold (default all)."""
+        `candidates`: the widths its best snapshot may hold (default all); `keep_supernet`: also write the weights
+        at its end (work/NAME/supernet)."""
         objective = objective or Objective.of(self.cfg)
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
                       width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
-                      objective=objective, candidates=candidates)
+                      objective=objective, candidates=candidates, keep_supernet=keep_supernet)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
         result = run_stage(stage, train, self.data, self.work, self.monitor)
         self.phases[name] = result.wall_s
@@ -292,37 +309,12 @@ class Run:
         row["parameter_fraction"] = row["parameters"] / self.parameters(0)
         return row
 
-    def finish(self, report: dict) -> dict:
-        self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
-        report = {"format": "minidisc-report/1", "command": self.command,
-                  "target_sparsity": self.target / PERMILLE, "lam": self.cfg.lam, "metric": self.cfg.metric,
-                  **report, "data": self.data_summary(), "compute": self.compute, "phases": self.phases,
-                  "stage_timings": self.stage_timings, "stage_memory": self.stage_memory,
-                  "config": self.cfg.to_dict()}
-        with dist.main_first("writing the report") as main:
-            if main:
-                log.info("measuring every model on the test split (%d blocks)", len(self.data.test))
-                self._timed("test", score_report, report, self.score_on_test)
-                report["samples"] = self._timed("samples", self.samples, report)
-                if self.cfg.eval_tasks:
-                    report["benchmarks"] = self._timed("benchmarks", self.benchmarks, report)
-                self.phases["total"] = round(sum(v for k, v in self.phases.items() if k != "total"), 2)
-                faults.kill_point("report:scored")
-                self.write_cards(report)
-                faults.kill_point("report:cards")
-                tmp = self.out / ".report.json.partial"
-                tmp.write_text(json.dumps(report, indent=1) + "\n")
-                render(report, self.out)
-                tmp.replace(self.out / "report.json")  # last: its presence means the run is complete
-                log.info("wrote %s", self.out / "report.json")
-                self.monitor.finish(final_figures(report))
-        return report
-
-    def score_on_test(self, path) -> dict:
-        device = dist.device()
-        dtype = torch.float32 if device.type == "cpu" else self.export_dtype
-        batch = max(1, self.cfg.batch_size // (self.cfg.grad_accum * dist.world_size()))
-        return score_checkpoint(path, self.data.test, batch, device, dtype)
+    def width_rows(self, sandwich: StageResult) -> list[dict]:
+        """Every width the sandwich trained, with its dev figures at the sandwich's last evaluation (the weights
+        OUT/supernet holds); `score_widths` adds the test figures."""
+        last = {round(p["width"] * PERMILLE): p for p in sandwich.curves["eval"]}  # in step order: the last wins
+        return [{"sparsity": s / PERMILLE, "parameters": self.parameters(s), "dev_accuracy": last[s]["accuracy"],
+                 "dev_loss": last[s]["loss"]} for s in sandwich.widths]
 
     def data_summary(self) -> dict:
         """Where dev and test came from, how many blocks each split holds, and each source's share."""
@@ -332,60 +324,13 @@ class Run:
                 "dev": cfg.dev_data or "held out of --data", "test": cfg.test_data or "held out of --data",
                 **self.data_sources}
 
-    def _timed(self, phase: str, work, *args):
-        started = time.perf_counter()
-        result = work(*args)
-        self.phases[phase] = round(time.perf_counter() - started, 2)
-        return result
-
-    def samples(self, report: dict) -> dict | None:
-        """Every model's greedy continuation of the sample prompts (rank 0, one model in memory at a time)."""
-        if not self.cfg.sample_tokens:
-            return None
-        tokenizer = load_tokenizer(self.teacher_dir)
-        prompts = (encode_prompts(tokenizer, self.cfg.sample_prompts) if self.cfg.sample_prompts
-                   else default_prompts(self.data.dev.ids))
-        log.info("generating samples: %d prompts x %d tokens per model", len(prompts), self.cfg.sample_tokens)
-        return {"new_tokens": self.cfg.sample_tokens,
-                "prompts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
-                "models": {label: continuations(m["path"], prompts, self.cfg.sample_tokens, dist.device())
-                           for label, _, m in models_of(report)}}
-
     def eval_texts(self) -> list[str]:
         """The text the built-in lm-eval tasks are made of: --eval-text, --test-data, or the held-out test records."""
         source = self.cfg.eval_text or self.cfg.test_data
         if source:
             return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field])
-        return held_out_texts(self.described, "test")
-
-    def benchmarks(self, report: dict) -> dict:
-        """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
-        cfg = self.cfg
-        source = cfg.eval_text or cfg.test_data
-        models = {label: m for label, _, m in models_of(report)}
-        results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks,
-                                 texts=self.eval_texts(), include=cfg.eval_include, device=str(dist.device()),
-                                 seed=cfg.seed)
-        for label, m in models.items():
-            m["benchmarks"] = results["models"][label]
-        return {"tasks": results["tasks"], "text": str(source) if source else "the test records held out of --data"}
-
-    def write_cards(self, report: dict) -> None:
-        """A model card in every model published under --out, with the report's numbers (before report.json,
-        so a run killed here writes them again when resumed)."""
-        via = (report.get("selected_ta") or {}).get("sparsity")
-        published = [("teacher assistant", "ta", report.get("ta"), None),
-                     ("student", "student", report.get("student"), via)]
-        published += [(f"baseline student ({m['label']})", f"baselines/{name}", m, None)
-                      for name, m in (report.get("baselines") or {}).items()]
-        for role, folder, metrics, via_ta in published:
-            if metrics and (self.out / folder).is_dir():
-                sparsity = metrics["sparsity"]
-                write_model_card(self.out / folder, role=role, teacher=str(self.cfg.teacher), sparsity=sparsity,
-                                 width=self.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
-                                 teacher_parameters=report["teacher"]["parameters"], uniform=self.cfg.uniform,
-                                 via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
-                                 query_heads_per_unit=self.family.query_heads_per_unit)
+        return held_out_texts(self.described, "test", token_cache(self.cfg.token_cache),
+                              load_tokenizer(self.teacher_dir))
 
     def teacher_metrics(self, stats: dict) -> dict:
         return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats["accuracy"], stats["loss"])}

@@ -20,7 +20,11 @@ from engine.tools.report_format import models_of
 
 def score_checkpoint(path, split, batch_size: int, device, dtype) -> dict:
     """Test accuracy and loss of the checkpoint in `path` (freed afterwards)."""
-    model = load_causal_lm(path, dtype=dtype).to(device)
+    return score_and_free(load_causal_lm(path, dtype=dtype).to(device), split, batch_size, device)
+
+
+def score_and_free(model, split, batch_size: int, device) -> dict:
+    """`score_model`, then the model's memory given back (the caller passes its only reference)."""
     stats = score_model(model, split, batch_size, device)
     del model
     gc.collect()
@@ -51,6 +55,20 @@ def score_report(report: dict, score) -> None:
             row["student_dev_accuracy"] = row["student_accuracy"]
             row["student_accuracy"] = score(row["student_path"])["accuracy"]
     compare(report)
+
+
+def score_widths(report: dict, score_width) -> None:
+    """Each width the sandwich trained (`report["supernet"]["widths"]`), on test: its slice of the trained supernet
+    and, for comparison, the same slice of the pruned teacher (a one-shot prune, no training), with the paired
+    interval of the difference. `score_width(directory, sparsity)` measures a slice."""
+    supernet, tokens = report["supernet"], report.get("test_block_tokens")
+    for row in supernet["widths"]:
+        for side, source in (("trained", supernet["path"]), ("one_shot", supernet["one_shot"])):
+            stats = score_width(source, row["sparsity"])
+            row[side] = {"accuracy": stats["accuracy"], "loss": stats["loss"],
+                         "test_correct": [c for c, _ in stats["blocks"]]}
+        row["gain"] = {"accuracy": row["trained"]["accuracy"] - row["one_shot"]["accuracy"],
+                       **paired_interval(row["trained"]["test_correct"], row["one_shot"]["test_correct"], tokens)}
 
 
 def compare(report: dict) -> None:

@@ -58,10 +58,12 @@ def _add_prune(sub):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="write one candidate width as a smaller Hugging Face checkpoint",
-                       description="Slice a directory written by `minidisc prune` to the width at --sparsity and "
-                       "save it as a real, smaller HF checkpoint (safetensors + config + tokenizer).")
+                       description="Slice a directory written by `minidisc prune`, or a compress run's "
+                       "OUT/supernet, to the width at --sparsity and save it as a real, smaller HF checkpoint "
+                       "(safetensors + config + tokenizer).")
     p.add_argument("--model", required=True, metavar="DIR", help="directory written by `minidisc prune` "
-                   "(reordered weights + pruning.json)")
+                   "(reordered weights + pruning.json), or OUT/supernet of `minidisc compress` (the sandwich's "
+                   "trained weights: every width it trained, see the report's Trained widths)")
     p.add_argument("--sparsity", required=True, metavar="S", help="fraction removed, in [0, 1) (0.9 = 10%% "
                    "scale); must be on the pruning grid unless --uniform")
     p.add_argument("--uniform", action="store_true", help="keep the same units in every layer and write a stock "
@@ -349,7 +351,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    faults.install_signal_handler()  # first: Slurm's pre-timeout signal must never kill us mid-write
+    faults.install_signal_handler()  # first: a pre-timeout signal or SIGTERM must never kill us mid-write
     args = build_parser().parse_args(argv)
     if os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
         args.log_level = "WARNING"  # one voice per job: rank 0 tells the story
@@ -363,7 +365,7 @@ def main(argv=None) -> int:
         return 2
     except faults.Preempted as e:
         print(f"minidisc: stopped: {e}", file=sys.stderr)
-        return faults.REQUEUE_EXIT
+        return e.exit_code
     except Exception as e:
         from engine.training import distributed
 

@@ -30,6 +30,7 @@ from engine.pruning.widths import (
 from engine.schedule.run import check_target_on_grid, check_teacher
 from engine.tools.memory_plan import estimate as mp
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
+from engine.training import faults
 from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_config, train_ds_config
 from engine.training.stage import TrainConfig
 
@@ -44,6 +45,7 @@ def _described(path: str, weight: float = 1.0) -> str:
 def dry_run(cfg: RunConfig, command: str) -> dict:
     """Validate and describe the run; returns what it printed as data."""
     config = check_teacher(cfg)
+    faults.check_build_locks()
     data = {"data": [_described(s.path, s.weight) for s in cfg.sources()]}
     for name in ("dev_data", "test_data"):
         if getattr(cfg, name):

@@ -153,6 +153,32 @@ def plot_models(report: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_widths(report: dict, path: Path) -> Path | None:
+    """Test accuracy of every width the sandwich trained against its size, beside the same widths pruned without
+    training, with the teacher, TA and student marked: what one sandwich run gives besides the TA."""
+    rows = [row for row in (report.get("supernet") or {}).get("widths") or [] if row.get("trained")]
+    teacher = (report.get("teacher") or {}).get("parameters")
+    if len(rows) < 2 or not teacher:
+        return None
+    size = [100 * row["parameters"] / teacher for row in rows]
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(size, [row["trained"]["accuracy"] for row in rows], "o-", color="tab:green",
+            label="trained in the sandwich (OUT/supernet)")
+    ax.plot(size, [row["one_shot"]["accuracy"] for row in rows], "s--", color="tab:grey", label="one-shot prune")
+    for label, role, m in models_of(report):
+        if role != "baseline" and m.get("accuracy") is not None and m.get("parameters"):
+            ax.plot(100 * m["parameters"] / teacher, m["accuracy"], "*", markersize=12, color=_color(label),
+                    label=label)
+    ax.set_xlabel("parameters (% of the teacher)")
+    ax.set_ylabel("next-token accuracy (test)")
+    ax.set_title("Every trained width, from one sandwich run")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.savefig(path)
+    return path
+
+
 def _color(label: str) -> str:
     return ("tab:grey" if label == "teacher" else "tab:orange" if label == "TA" else
             "tab:green" if label.startswith("student") else "tab:blue")

@@ -10,8 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from engine.data.tokens import DOCUMENT_TOKENS
 from engine.errors import UserError
-from engine.tools.plots import plot_curves, plot_models, plot_tradeoff
+from engine.tools.plots import plot_curves, plot_models, plot_tradeoff, plot_widths
 from engine.tools.report_format import (
     count,
     fixed,
@@ -165,6 +166,33 @@ def _comparison_table(report: dict) -> list[str]:
     return _table(header, rows) if rows else []
 
 
+def supernet_intro(report: dict) -> str:
+    supernet = report["supernet"]
+    return (f"`{supernet['path']}` holds the sandwich's weights at its last step ({supernet['step']}): every width "
+            f"it trained is a model of its own, written by `minidisc export {supernet['path']} --sparsity S --out "
+            "DIR`. On test, each width sliced from them against the same width of the pruned teacher without "
+            "training (a one-shot prune); the difference is paired over the test blocks.")
+
+
+def width_cells(row: dict) -> list[str]:
+    """Sparsity, parameters, test accuracy trained and one-shot, and the difference with its interval."""
+    gain = row.get("gain") or {}
+    difference = "—" if "accuracy" not in gain else f"{100 * gain['accuracy']:+.2f}" + (
+        " [{:+.2f}, {:+.2f}]".format(*(100 * x for x in gain["accuracy_interval"]))
+        if gain.get("accuracy_interval") else "")
+    return [f"{row['sparsity']:g}", count(row.get("parameters")), fixed((row.get("trained") or {}).get("accuracy")),
+            fixed((row.get("one_shot") or {}).get("accuracy")), difference]
+
+
+WIDTH_HEADER = ["sparsity", "parameters", "trained", "one-shot prune", "difference [95% interval]"]
+
+
+def _widths_table(report: dict) -> list[str]:
+    rows = [[*width_cells(row), fixed(row.get("dev_accuracy"))] for row in report["supernet"]["widths"]]
+    return _table([*WIDTH_HEADER[:2], "test acc. trained", "test acc. one-shot prune", "difference, points [95% "
+                   "interval]", "dev acc. (last evaluation)"], rows)
+
+
 def _compute_table(report: dict) -> list[str]:
     stages = report.get("compute") or {}
     rows = [[name, str(c["steps"]), count(c["tokens"]), count(c["width_tokens"]), flops(c["train_flops"]),
@@ -175,12 +203,14 @@ def _compute_table(report: dict) -> list[str]:
 
 def _data_table(report: dict) -> list[str]:
     sources = (report.get("data") or {}).get("sources") or []
-    rows = [[f"`{_cell(s['path'])}`", fixed(s["weight"], 3), "chat" if s["chat"] else "text", count(s["documents"]),
-             count(s["tokens"]), str(s.get("duplicates_dropped", "—")), count(s["train_blocks"]),
-             fixed(s["passes"], 2), str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"]
+    rows = [[f"`{_cell(s['path'])}`", fixed(s["weight"], 3), "chat" if s["chat"] else "text", count(s.get("records")),
+             str(s.get("records_split", "—")), count(s["documents"]), count(s["tokens"]), seconds(s.get("tokenise_s")),
+             str(s.get("duplicates_dropped", "—")), count(s["train_blocks"]), fixed(s["passes"], 2),
+             str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"]
             for s in sources]
-    header = ["source", "weight", "kind", "documents", "tokens", "training duplicates of dev/test dropped",
-              "training blocks", "passes", "cut at --seq-len", "padding"]
+    header = ["source", "weight", "kind", "records", f"records split (over {DOCUMENT_TOKENS:,} tokens)", "documents",
+              "tokens", "tokenised in (when first built)", "training duplicates of dev/test dropped", "training blocks",
+              "passes", "cut at --seq-len", "padding"]
     return _table(header, rows) if rows else []
 
 
@@ -247,6 +277,11 @@ def _markdown(report: dict, images: dict[str, Path]) -> str:
                   "and token trained, 2 per teacher weight and token (Kaplan et al. 2020).", "", *comparison, ""]
         if "models" in images:
             lines += [f"![Test accuracy of every model, and against training compute]({images['models'].name})", ""]
+    if (report.get("supernet") or {}).get("widths"):
+        lines += ["## Trained widths", "", supernet_intro(report), "", *_widths_table(report), ""]
+        if "widths" in images:
+            lines += [f"![Test accuracy of every trained width and of its one-shot prune]({images['widths'].name})",
+                      ""]
     compute = _compute_table(report)
     if compute:
         lines += ["## Compute per stage", "", *compute, ""]
@@ -274,7 +309,8 @@ def render(report: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
-    for name, plot in (("tradeoff", plot_tradeoff), ("models", plot_models), ("curves", plot_curves)):
+    for name, plot in (("tradeoff", plot_tradeoff), ("models", plot_models), ("widths", plot_widths),
+                       ("curves", plot_curves)):
         path = plot(report, out_dir / f"{name}.png")
         if path is not None:
             images[name] = path
@@ -314,6 +350,15 @@ def print_summary(report: dict) -> None:
                       f"test loss {fixed(get('loss'))}, perplexity {fixed(get('perplexity'), 2)}")
     for line in regime_lines(report) + _gains(report):
         console.print(line, style="bold red" if line.startswith("Warning") else None)
+    widths = [row for row in (report.get("supernet") or {}).get("widths") or [] if row.get("trained")]
+    if widths:
+        table = Table(title=f"Trained widths: test accuracy, points (export any: minidisc export "
+                            f"{report['supernet']['path']} --sparsity S --out DIR)")
+        for column in WIDTH_HEADER:
+            table.add_column(column, justify="right")
+        for row in widths:
+            table.add_row(*width_cells(row))
+        console.print(table)
 
 
 def rerender(out_dir) -> list[Path]:

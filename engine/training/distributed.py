@@ -126,6 +126,8 @@ def main_first(what: str):
             yield True
         except UserError as e:
             error = str(e)
+        except faults.Preempted:  # SIGTERM: every rank got one and stops on its own
+            raise
         except BaseException as e:
             error = f"{type(e).__name__}: {e}"
             if world_size() == 1:

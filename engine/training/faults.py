@@ -4,10 +4,17 @@ Pre-timeout signal (Slurm's `--signal=USR1@SECONDS`, or `kill -USR1`): every ran
 they agree at the step boundary, write a checkpoint together and exit with REQUEUE_EXIT, so a batch script
 can `scontrol requeue` the job and the next run continues with `--resume`.
 
+SIGTERM (`scancel`, Slurm preemption, a Kubernetes eviction, `kill`): the same inside a stage's training loop,
+exiting 143; elsewhere (pruning, tokenising, the report: phases whose outputs are written whole or not at all)
+the run stops at once. A second SIGTERM always stops at once.
+
 A dead peer (killed, out of memory, node lost): the survivors' next collective fails (gloo: at once when the
 peer's sockets close; NCCL or a hung peer: after the process-group timeout, MINIDISC_COMM_TIMEOUT seconds).
 Every rank beats a counter in the rendezvous store; a survivor names the ranks whose counter stopped, and
 the run fails with that one line instead of a stack trace or a hang.
+
+A killed extension build: its lock file would make every later build wait forever; runs refuse to start instead,
+naming the file to delete (`check_build_locks`).
 
 A full disk: checkpoints (DeepSpeed writes `latest` last) and outputs (built aside, renamed when whole) are never
 left half-written under their real names, so the failed write is reported in one line and `--resume`, once
@@ -23,19 +30,29 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+from engine.errors import UserError
+
 REQUEUE_SIGNAL = signal.SIGUSR1
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later" -- the checkpoint is written, run again with --resume
+TERMINATED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
 HEARTBEAT_S = 2.0
 COMM_TIMEOUT_S = float(os.environ.get("MINIDISC_COMM_TIMEOUT", 1800))
 
 _requested = threading.Event()
+_received: list[signal.Signals] = []  # the stop signals, in the order they came
+_deferring = 0  # > 0 inside a training loop: a SIGTERM waits for the next step boundary there
 
 
 class Preempted(Exception):
-    """The run checkpointed on the requeue signal and stopped; `--resume` continues it."""
+    """The run stopped on a signal (checkpointed, when a stage was training); `--resume` continues it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.exit_code = TERMINATED_EXIT if signal.SIGTERM in _received else REQUEUE_EXIT
 
 
 class PeerLost(Exception):
@@ -45,12 +62,41 @@ class PeerLost(Exception):
 # --- the pre-timeout signal ---------------------------------------------------------------------------------------
 def install_signal_handler() -> None:
     """Record the signal; the training loop acts on it at the next step boundary (never mid-collective)."""
-    signal.signal(REQUEUE_SIGNAL, lambda signum, frame: _requested.set())
+    signal.signal(REQUEUE_SIGNAL, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def _on_signal(signum: int, frame) -> None:
+    signum = signal.Signals(signum)
+    if signum == signal.SIGTERM and signal.SIGTERM in _received:  # the second one: stop now
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    _received.append(signum)
+    _requested.set()
+    if signum == signal.SIGTERM and not _deferring:
+        raise Preempted("SIGTERM outside a training step: stopped at once (what was not finished is redone); run "
+                        "again with --resume")
 
 
 def signal_received() -> bool:
-    """Whether this process got the signal (the trainer asks every rank, so all stop at the same step)."""
+    """Whether this process got a stop signal (the trainer asks every rank, so all stop at the same step)."""
     return _requested.is_set()
+
+
+def signal_name() -> str:
+    return " and ".join(dict.fromkeys(s.name for s in _received)) or "no signal"
+
+
+@contextmanager
+def deferred_stops():
+    """Inside it (a stage's training loop), SIGTERM waits for the next step boundary, where every rank agrees to
+    checkpoint and stop, as on the requeue signal."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
 
 
 # --- dead peers ---------------------------------------------------------------------------------------------------
@@ -161,8 +207,42 @@ def disk_full_message(error: BaseException) -> str:
             "whole or not at all): free space and run the same command again with --resume")
 
 
+# --- stale build locks ----------------------------------------------------------------------------------------------
+BUILD_LOCK_S = 1800  # longer than any torch/DeepSpeed extension build takes (cpu_adam: about a minute)
+
+
+def check_build_locks() -> None:
+    """A torch/DeepSpeed JIT extension build (cpu_adam, ...) holds BUILD_DIR/lock while it compiles; a build that
+    was killed leaves it, and every later build of that extension waits for it forever. Refuse with one line when a
+    lock is older than any build takes and no process on this machine works in its folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    old = [lock for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]
+           if time.time() - lock.stat().st_mtime > BUILD_LOCK_S]
+    stale = [lock for lock in old if not _in_use(lock.parent)]
+    if stale:
+        minutes = (time.time() - min(lock.stat().st_mtime for lock in stale)) / 60
+        raise UserError(f"a killed extension build left {' and '.join(map(str, stale))} (up to {minutes:.0f} min old, "
+                        "no process here is building): every later build would wait for it forever; delete it "
+                        f"(rm {' '.join(map(str, stale))}) and run again")
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a process we can see works in `folder` (a compiler or ninja runs there while it builds)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+        if cwd == folder or folder in cwd.parents:
+            return True
+    return False
+
+
 # --- fault injection (tests) --------------------------------------------------------------------------------------
 KILL_AT = "MINIDISC_KILL_AT"  # "POINT" or "POINT@N": SIGKILL this process the N-th (default 1st) time it reaches POINT
+KILL_WITH = "MINIDISC_KILL_WITH"  # other signals to send there instead, e.g. "TERM" or "TERM,TERM"
 _reached: dict[str, int] = {}
 
 
@@ -176,4 +256,5 @@ def kill_point(point: str) -> None:
     if name == point:
         _reached[point] = _reached.get(point, 0) + 1
         if _reached[point] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+            for signame in os.environ.get(KILL_WITH, "KILL").split(","):
+                os.kill(os.getpid(), signal.Signals[f"SIG{signame}"])

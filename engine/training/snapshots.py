@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
-from engine.models.export import materialize, pruned_model
+from engine.models.export import SUPERNET_FILE, materialize, pruned_model
 from engine.models.loading import load_tokenizer
 from engine.outputs import atomic_output_dir
+from engine.pruning.plan import PLAN_FILE
 from engine.pruning.widths import PERMILLE
 from engine.training import distributed as dist
 from engine.training import faults
@@ -51,6 +52,26 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
                 (scratch / "minidisc_best.json").write_text(json.dumps(
                     {"stage": stage.name, "step": state.best_step, "sparsity": state.best_width / PERMILLE,
                      "tradeoff": state.tradeoff}) + "\n")
+
+
+def save_supernet(stage: Stage, distiller, engine, train_config, out: Path, step: int) -> None:
+    """Write the weights every width of a supernet stage shares, in the pruned teacher's shape with its pruning plan
+    beside them (fp32, like the best snapshots): `minidisc export` writes any width of it as its own model."""
+    full = consolidated_state(engine, train_config)  # collective
+    with dist.main_first(f"saving the {stage.name} supernet") as main:
+        if main:
+            prefix = "student.model."
+            weights = {k[len(prefix):]: v.float() for k, v in full.items() if k.startswith(prefix)}
+            lm = distiller.student.model
+            lm.config.dtype = "float32"
+            model = materialize(type(lm), lm.config, weights, lm)
+            with atomic_output_dir(out, kind="supernet") as scratch:
+                model.save_pretrained(scratch)
+                load_tokenizer(stage.student_dir).save_pretrained(scratch)
+                shutil.copy2(stage.student_dir / PLAN_FILE, scratch / PLAN_FILE)
+                (scratch / SUPERNET_FILE).write_text(json.dumps(
+                    {"stage": stage.name, "step": step, "uniform": stage.uniform,
+                     "trained_widths": [w / PERMILLE for w in stage.widths]}) + "\n")
 
 
 def save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:

@@ -75,6 +75,7 @@ class Stage:
     uniform: bool = False  # supernet only: widths are uniform, snapshots are stock HF classes
     objective: Objective = field(default_factory=Objective)  # the distillation loss and its weights
     candidates: list[int] | None = None  # the widths the best snapshot may hold (None: every width)
+    keep_supernet: bool = False  # supernet only: write the weights every width shares at the stage's end
 
     @property
     def selectable(self) -> list[int]:

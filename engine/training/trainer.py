@@ -40,7 +40,7 @@ from engine.training import faults
 from engine.training.batches import BatchOrder, dev_batches, widths_at
 from engine.training.engines import build_engines, release, short_path
 from engine.training.memory import StageMemory
-from engine.training.snapshots import save_best, save_checkpoint, write_result
+from engine.training.snapshots import save_best, save_checkpoint, save_supernet, write_result
 from engine.training.stage import Data, Diverged, Stage, StageResult, StageState, TrainConfig, WidthScore
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,17 @@ def run_stage(stage: Stage, cfg: TrainConfig, data: Data, work: Path, monitor: M
     started, timer, memory = time.perf_counter(), StageTimer(), StageMemory()
     memory.start()
     monitor = monitor or Monitor(enabled=False)
-    state = _train(stage, cfg, data, stage_dir, timer, started, monitor)  # its engines are gone when it returns
+    with faults.deferred_stops():  # SIGTERM too waits for a step boundary, where the ranks checkpoint together
+        state = _train(stage, cfg, data, stage_dir, timer, started, monitor)  # its engines are gone when it returns
     faults.kill_point(f"{stage.name}:trained")
     used = memory.to_json()
     log.info("stage %s: %s memory %s MB at the start, %s at the peak, %s at the end; %s MB of tensors left alive",
              stage.name, used["kind"], used["start_mb"], used["peak_mb"], used["end_mb"], used["left_mb"])
-    return write_result(stage, state, stage_dir, state.seconds, timer.to_json(), used)
+    result = write_result(stage, state, stage_dir, state.seconds, timer.to_json(), used)
+    if dist.any_rank(faults.signal_received()):  # a signal during the last step: stop before the next stage
+        raise faults.Preempted(f"stage {stage.name} finished, then stopped on {faults.signal_name()}; run again "
+                               "with --resume")
+    return result
 
 
 def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "StageTimer",
@@ -193,7 +198,10 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
                 if state.step % cfg.eval_every:  # (an evaluation step has just been checkpointed)
                     checkpoint()
                 raise faults.Preempted(f"stage {stage.name}: checkpointed at step {state.step} on "
-                                       f"{faults.REQUEUE_SIGNAL.name} in {checkpoints}; run again with --resume")
+                                       f"{faults.signal_name()} in {checkpoints}; run again with --resume")
+    if stage.keep_supernet:  # after an early stop too: the last checkpoint's weights, which a resume reloads
+        with timer("best snapshots"):
+            save_supernet(stage, distiller, engine, train_config, stage_dir / "supernet", state.step)
     with timer("release"):
         release(engine, teacher)
     state.seconds = round(before + time.perf_counter() - started, 2)

@@ -100,3 +100,38 @@ def counted_tokens(described: dict, split: str) -> int:
         for d in range(part["first"], part["first"] + part["blocks"]):
             total += int(mask[offsets[d] + 1: min(offsets[d + 1], offsets[d] + size)].sum())
     return total
+
+
+def test_a_plain_text_corpus_on_one_line_trains(pruned_dirs, corpus, tmp_path):
+    """A plain-text corpus without blank lines is one record: it is cut into documents of at most DOCUMENT_TOKENS
+    tokens, dev and test take the first of them, and the report's Data table says so."""
+    from engine.data.tokens import DOCUMENT_TOKENS
+
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(corpus["train"].read_text().split()) + "\n")
+    out = tmp_path / "out"
+    minidisc("distill", "--teacher", pruned_dirs["llama_gqa"], "--data", one, "--out", out, "--max-steps", "2",
+             "--eval-every", "2", "--batch-size", "4", "--seq-len", "32", "--eval-samples", "8", "--test-samples", "8",
+             "--sample-tokens", "0", "--deepspeed", FP32)
+    report = json.loads((out / "report.json").read_text())
+    source = report["data"]["sources"][0]
+    assert source["records"] == 1 and source["records_split"] == 1
+    assert source["documents"] == -(-source["tokens"] // DOCUMENT_TOKENS) > 10
+    described = json.loads((out / "work" / "data.json").read_text())
+    assert [(p["first"], p["end"]) for p in described["dev"] + described["test"]] == [(0, 1), (1, 2)]
+    assert described["train"][0]["first"] == 2  # training starts after the held-out token ranges
+    assert f"| text | 1 | 1 | {source['documents']} |" in (out / "report.md").read_text()
+    assert 0 < source["tokenise_s"] < 600  # how long its token file took to build
+
+
+@pytest.mark.multiprocess
+def test_only_rank_0_reads_the_data_sources(pruned_dirs, corpus, tmp_path):
+    """Reading a JSON source converts it to Arrow; with N ranks (on N nodes) that ran N times. Rank 0 checks and
+    tokenises, the other ranks read token files only."""
+    from helpers import launch_two_ranks
+
+    options = {"teacher": str(pruned_dirs["llama_gqa"]), "data": [str(corpus["jsonl"])], "dev_data": str(corpus["dev"]),
+               "out": str(tmp_path / "out"), "seq_len": 32, "batch_size": 4, "eval_samples": 8, "test_samples": 8,
+               "deepspeed": FP32, "token_cache": str(tmp_path / "tokens")}
+    reads = launch_two_ranks("data_checks_worker.py", tmp_path / "reads.json", "--options", json.dumps(options))
+    assert sorted(reads["0"]) == sorted([str(corpus["jsonl"]), str(corpus["dev"])]) and reads["1"] == []

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine.data import Mixture, Source, TokenFile, load_records, parse_sources, token_file
+from engine.data import Mixture, Source, TokenFile, load_records, parse_sources, token_file, tokens
 from engine.data.blocks import TensorBlocks
 from engine.data.splits import HOLDOUT_SHARE, describe, held_out_texts, open_data
+from engine.data.tokens import DOCUMENT_TOKENS
 from engine.errors import UserError
 
 
@@ -121,6 +122,43 @@ def test_unreadable_sources_name_the_file(tmp_path, texts):
         load_records(f"{folder}/*.gz", "body")
 
 
+def test_a_large_source_is_tokenised_in_parts_with_progress_lines(tmp_path, corpus, tokenizer, monkeypatch, caplog):
+    """Tokenising logs its progress (records, tokens, tokens/s, ETA) part by part; the parts make the same token
+    file as one pass."""
+    whole = token_file(str(corpus["jsonl"]), "text", tokenizer, tmp_path / "whole")
+    monkeypatch.setattr(tokens, "PROGRESS_RECORDS", 64)
+    monkeypatch.setattr(tokens, "PROGRESS_S", 0)
+    with caplog.at_level(logging.INFO, logger="engine.data.tokens"):
+        parts = token_file(str(corpus["jsonl"]), "text", tokenizer, tmp_path / "parts")
+    lines = [r.getMessage() for r in caplog.records if " of 400 records (" in r.getMessage()]
+    assert [line.split(": ")[1].split(" of ")[0] for line in lines] == ["64", "128", "192", "256", "320", "384", "400"]
+    assert "100%" in lines[-1] and "tokens/s, ETA 0 s" in lines[-1]
+    for name in ("tokens", "offsets", "hashes"):
+        assert np.array_equal(getattr(parts, name)[:], getattr(whole, name)[:]), name
+
+
+def test_a_corpus_on_one_line_becomes_documents_held_out_by_token_ranges(tmp_path, corpus, tokenizer):
+    """A plain-text source that is one record (a book, a dump joined into one line) is split into documents of at
+    most DOCUMENT_TOKENS tokens, in order: dev and test are its first token ranges, training the rest."""
+    text = " ".join(corpus["train"].read_text().split())
+    (tmp_path / "one.txt").write_text(text + "\n")
+    file = token_file(str(tmp_path / "one.txt"), "text", tokenizer, tmp_path / "tokens")
+    whole = tokenizer(text + "\n")["input_ids"]  # the record as the text loader gives it
+    lengths = np.diff(np.asarray(file.offsets[:]))
+    assert len(whole) > 4 * DOCUMENT_TOKENS and len(file) == -(-len(whole) // DOCUMENT_TOKENS)
+    assert (lengths[:-1] == DOCUMENT_TOKENS).all() and 0 < lengths[-1] <= DOCUMENT_TOKENS
+    assert np.array_equal(file.tokens[:], whole)  # the record's tokens, cut and nothing else
+    assert file.meta["records"] == 1 and file.meta["records_split"] == 1
+    assert len(set(file.hashes[:].tolist())) == len(file)  # its pieces are not duplicates of each other
+    described = describe([Source(str(tmp_path / "one.txt"))], {"dev": (None, 4), "test": (None, 4)}, "text",
+                         tokenizer, 32, tmp_path / "tokens")
+    dev, test, train = described["dev"][0], described["test"][0], described["train"][0]
+    assert (dev["first"], dev["end"], test["first"], test["end"], train["first"]) == (0, 1, 1, 2, 2)
+    assert "drop" not in train and described["sources"][0]["records_split"] == 1
+    decoded = held_out_texts(described, "dev", tmp_path / "tokens", tokenizer)
+    assert decoded == [tokenizer.decode(file.tokens[: DOCUMENT_TOKENS], skip_special_tokens=True)]
+
+
 def test_held_out_splits_are_the_first_whole_documents(tmp_path, corpus, tokenizer, texts):
     torch.manual_seed(1)  # the splits do not depend on the torch seed nor on --seed
     described = describe([Source(str(corpus["jsonl"]))], {"dev": (None, 8), "test": (None, 12)}, "text", tokenizer,
@@ -136,7 +174,8 @@ def test_held_out_splits_are_the_first_whole_documents(tmp_path, corpus, tokeniz
         assert len(blocks_of(docs[:-1], 32)) < n <= len(blocks_of(docs, 32))  # not one document more
     assert len(mixture) == (file.offsets[-1] - file.offsets[train["first"]]) // 32
     order = fixed_order(len(texts))
-    assert held_out_texts(described, "test") == [texts[i] for i in order[test["first"]: test["end"]]]
+    expected = [texts[i] for i in order[test["first"]: test["end"]]]
+    assert held_out_texts(described, "test", tmp_path, tokenizer) == expected
     alone = describe([Source(str(corpus["jsonl"]))], {"dev": (None, 8), "test": (str(corpus["dev"]), 4)}, "text",
                      tokenizer, 32, tmp_path)
     assert alone["dev"] == described["dev"]  # --test-data given: dev is unchanged

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,36 @@ def test_compress_end_to_end(compressed):
     assert not any((out / "work").glob("*/checkpoints"))  # finished stages drop their optimiser states
 
 
+def test_every_trained_width_exports_from_the_supernet(compressed, tmp_path):
+    """OUT/supernet holds the sandwich's weights at its last step: each width it trained exports (`minidisc export`)
+    to the model the report measured, and the same width of the pruned teacher is the report's one-shot figure."""
+    from engine import UserError
+    from engine.models.export import export
+
+    out, result = compressed
+    report = json.loads((out / "report.json").read_text())
+    supernet = report["supernet"]
+    assert supernet["step"] == report["compute"]["sandwich"]["steps"]
+    assert [row["sparsity"] for row in supernet["widths"]] == [0.5, 0.7, 0.9]
+    test = held_out_blocks(out)["test"]
+    for row in supernet["widths"]:
+        for side, source in (("trained", out / "supernet"), ("one_shot", out / "work" / "pruned")):
+            exported = tmp_path / f"{side}-{row['sparsity']}"
+            export(source, row["sparsity"], exported)
+            assert accuracy_on(exported, test) == pytest.approx(row[side]["accuracy"], abs=1e-9), (side, row)
+        gain = row["gain"]
+        assert gain["accuracy"] == pytest.approx(row["trained"]["accuracy"] - row["one_shot"]["accuracy"])
+        assert gain["accuracy_interval"][0] <= gain["accuracy"] <= gain["accuracy_interval"][1]
+    assert json.loads((tmp_path / "trained-0.9" / "minidisc_export.json").read_text())["trained_in_sandwich"]
+    with pytest.raises(UserError, match="drop --uniform"):
+        export(out / "supernet", 0.9, tmp_path / "uniform", uniform=True)
+    # the sandwich trained the weights it kept: the supernet is the pruned teacher's shape, not its weights
+    with pytest.raises(AssertionError):
+        assert_same_weights(out / "supernet", out / "work" / "pruned")
+    assert "Trained widths" in result.stdout and "## Trained widths" in (out / "report.md").read_text()
+    assert (out / "widths.png").stat().st_size > 0
+
+
 def test_distill_and_maxidisc_share_budget_and_report(trained_teacher, corpus, maxidisc_run, tmp_path):
     minidisc("distill", *options(trained_teacher, corpus, tmp_path / "kd"))
     kd = json.loads((tmp_path / "kd" / "report.json").read_text())
@@ -138,6 +169,7 @@ def test_joint_student_stage_with_widths_past_the_target(trained_teacher, corpus
     report = json.loads((out / "report.json").read_text())
     trained = lambda stage: {point["width"] for point in report["curves"][stage]["train"]}  # noqa: E731
     assert trained("sandwich") == {0.5, 0.7, 0.9, 0.95}
+    assert [row["sparsity"] for row in report["supernet"]["widths"]] == [0.5, 0.7, 0.9, 0.95]  # past the target too
     assert [r["sparsity"] for r in report["candidates"]] == [0.5, 0.7, 0.9]
     ta = (report["selected_ta"] or {}).get("sparsity")
     assert trained("student") == {s for s in (0.5, 0.7, 0.9, 0.95) if s > (ta or 0.85)}
@@ -216,6 +248,7 @@ COMPRESS_KILLS = [
     "data:tokenised",  # tokenising: the run's data.json written aside
     "write:sandwich/best",  # sandwich, first evaluation: its best snapshot written aside, no checkpoint yet
     "sandwich:step@6",  # sandwich, between checkpoints (steps 5-6 are lost)
+    "write:sandwich/supernet",  # sandwich trained: the weights every width shares written aside
     "sandwich:trained",  # sandwich trained and checkpointed, its result not written
     "write:killed/ta",  # the TA export
     "write:work/student_init",  # slicing the student's start from the TA
@@ -245,8 +278,8 @@ def assert_killed_and_resumed_identically(runs, points, whole: Path, killed: Pat
         assert all(complete for name, complete in run["models"].items() if not Path(name).name.startswith(".")), run
     assert runs[-1]["exit"] == 0, Path(runs[-1]["log"]).read_text()[-3000:]
     assert report_numbers(killed) == report_numbers(whole)
-    published = [p.relative_to(whole) for p in [whole / "ta", whole / "student", *(whole / "baselines").glob("*")]
-                 if (p / "config.json").is_file()]
+    published = [p.relative_to(whole) for p in [whole / "ta", whole / "student", whole / "supernet",
+                                                 *(whole / "baselines").glob("*")] if (p / "config.json").is_file()]
     for folder in published:
         assert_same_weights(whole / folder, killed / folder)
     assert not any(killed.rglob(".*.partial*")) and not any(killed.rglob(".*.old-*"))  # killed writers' scratch
@@ -274,6 +307,58 @@ def test_a_kill_at_every_phase_of_maxidisc_resumes_to_the_same_run(maxidisc_run,
     killed = tmp_path / "killed"
     runs = kill_chain("maxidisc", options(trained_teacher, corpus, killed), MAXIDISC_KILLS, tmp_path / "logs")
     assert_killed_and_resumed_identically(runs, MAXIDISC_KILLS, maxidisc_run, killed)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_loses_no_step(trained_teacher, corpus, tmp_path):
+    """scancel, Slurm preemption and evictions send SIGTERM. Outside a training loop the run stops at once (its
+    outputs are written whole or not at all); inside one, the step in flight finishes, the next step boundary
+    checkpoints and the run exits 143 with one line. Resumed, it ends as the uninterrupted run. A second SIGTERM
+    stops at once."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    minidisc("distill", *options(trained_teacher, corpus, whole))
+    args = options(trained_teacher, corpus, killed)
+    runs = [minidisc("distill", *args, *resume, check=False, env={faults.KILL_AT: point, faults.KILL_WITH: "TERM"})
+            for point, resume in (("data:tokenised", ()), ("student:step@3", ("--resume",)))]
+    for run, message in zip(runs, ("SIGTERM outside a training step: stopped at once",
+                                   "stage student: checkpointed at step 4 on SIGTERM")):
+        assert run.returncode == 143, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"minidisc: stopped: {message}") and last.endswith("run again with --resume"), last
+        assert "Traceback" not in run.stderr and not (killed / "report.json").exists()
+    resumed = minidisc("distill", *args, "--resume")
+    assert "stage student: resumed at step 4" in resumed.stderr  # steps 1-4 were kept: the signal came in step 3
+    assert report_numbers(killed) == report_numbers(whole)
+    assert_same_weights(whole / "student", killed / "student")
+
+    twice = minidisc("distill", *options(trained_teacher, corpus, tmp_path / "twice"), check=False,
+                     env={faults.KILL_AT: "student:step@3", faults.KILL_WITH: "TERM,TERM"})
+    assert twice.returncode == -signal.SIGTERM, twice.stderr[-3000:]
+
+
+def test_a_lock_left_by_a_killed_extension_build_is_named_before_anything_runs(trained_teacher, corpus, tmp_path):
+    """A torch/DeepSpeed extension build (cpu_adam, ...) that was killed leaves BUILD_DIR/lock, and every later build
+    waits for it forever. An old lock that no process works beside is named in one line, before --out is touched;
+    a recent one, or one a live build sits beside, is left alone."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "py311_cpu" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    dry = ("distill", *options(trained_teacher, corpus, tmp_path / "dry"), "--dry-run")
+    assert minidisc(*dry, env=env, check=False).returncode == 0  # recent: a build may be running
+    old = time.time() - 2 * faults.BUILD_LOCK_S
+    os.utime(lock, (old, old))
+    building = subprocess.Popen(["sleep", "120"], cwd=lock.parent)  # a compiler at work in the build folder
+    try:
+        assert minidisc(*dry, env=env, check=False).returncode == 0
+    finally:
+        building.kill()
+        building.wait()
+    for args in (dry, ("distill", *options(trained_teacher, corpus, tmp_path / "out"))):
+        refused = minidisc(*args, env=env, check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert f"(rm {lock})" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and lock.exists()  # named, not removed: the cache may be shared
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, tmp_path):
@@ -332,7 +417,12 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     (shards / "b.jsonl").write_text('{"text": "fine"}\n{broken\n')
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    a_file = tmp_path / "taken.txt"  # --out naming a file, or a folder under one
+    a_file.write_text("not a folder")
+    (tmp_path / "o3").mkdir()  # an empty --out stays empty after a refusal that comes once it is claimed
     cases = [
+        (["distill", *options(trained_teacher, corpus, a_file)], f"--out {a_file}: {a_file} is a file, not a folder"),
+        (["distill", *options(trained_teacher, corpus, a_file / "run")], f"{a_file} is a file, not a folder"),
         (["distill", *base, "--data", shards], "cannot read data file " + str(shards / "b.jsonl")),
         (["distill", *base, "--data", f"{corpus['jsonl']}@3", f"{chat}@1"], "the tokenizer has no chat template"),
         (["distill", *base, "--data", f"{corpus['jsonl']}@0"], "weight 0 must be a positive number"),
@@ -345,6 +435,7 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
          "--sparsest 0.97 is not on the grid"),
         (["compress", *base, "--sparsest", "0.8"], "--sparsest 0.8 is below --target-sparsity 0.9"),
         (["distill", *base, "--student-stage", "joint"], "has no sandwich: drop them"),
+        (["maxidisc", *base, "--no-supernet"], "has no sandwich: drop them"),
         (["compress", *options(trained_teacher, corpus, foreign)], "not empty"),
         (["distill", *base, "--deepspeed", bad_ds], "not valid JSON"),
         (["distill", *options(pruned_dirs["opt"], corpus, short_out), "--test-data", short, "--test-samples", "1",
@@ -354,8 +445,10 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     for (argv, message), result in zip(cases, results):
         assert result["exit"] == 2 and "Traceback" not in result["stderr"], (argv, result["stderr"][-3000:])
         assert message in result["stderr"].strip().splitlines()[-1], (argv, result["stderr"][-3000:])
-    assert (foreign / "precious.txt").read_text() == "keep me"
-    assert not (short_out / "work" / "student").exists()
+    assert (foreign / "precious.txt").read_text() == "keep me" and a_file.read_text() == "not a folder"
+    # refusals that need the pruned teacher or the token blocks come after --out is claimed; they undo the claim, so
+    # the same command with fixed inputs starts without --resume
+    assert not (tmp_path / "o2").exists() and not short_out.exists() and not any((tmp_path / "o3").iterdir())
 
 
 def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
@@ -389,6 +482,11 @@ def test_uniform_student_is_a_stock_checkpoint(pruned_dirs, trained_teacher, cor
     name, parameters = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "report.json").read_text())
     assert name == "Qwen2ForCausalLM" and parameters == report["student"]["parameters"]
+    from engine.models.export import export  # every uniform width of the supernet is a stock checkpoint too
+
+    exported = export(out / "supernet", 0.7, tmp_path / "uniform-0.7", uniform=True)
+    result = run_python(code, tmp_path / "uniform-0.7", env={"PYTHONPATH": ""})
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["Qwen2ForCausalLM", exported["parameters"]]
     refused = minidisc("compress", *options(trained_teacher, corpus, tmp_path / "u2", "--uniform",
                                             "--grid", "0", "0.5", "0.99", "--target-sparsity", "0.99",
                                             "--truncate", "0.99", "--ffn-multiple", "1"), check=False)
@@ -453,8 +551,9 @@ def test_a_bf16_teacher_hands_off_in_fp32_and_publishes_in_bf16(trained_teacher,
 
     assert json.loads((out / "report.json").read_text())["selected_ta"] is not None  # a TA -> student hand-off
     work = out / "work"
-    for folder in (work / "sandwich" / "best", work / "student_init", work / "student" / "best"):
+    for folder in (work / "sandwich" / "best", work / "sandwich" / "supernet", work / "student_init",
+                   work / "student" / "best"):
         assert dtypes(folder) == {"F32"}, folder
-    for folder in (out / "ta", out / "student", out / "baselines" / "kd"):
+    for folder in (out / "ta", out / "student", out / "supernet", out / "baselines" / "kd"):
         assert dtypes(folder) == {"BF16"}, folder
         assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"

@@ -38,7 +38,7 @@ def test_default_run_writes_consistent_artifacts(default_run):
     assert "pretraining the teacher" in result.stderr  # first run: built and cached
     assert (root / "cache" / f"builtin-test-v{VERSION}" / "teacher" / "pretraining.json").is_file()
     report = json.loads((out / "report.json").read_text())
-    for name in ("report.md", "tradeoff.png", "models.png", "curves.png"):
+    for name in ("report.md", "tradeoff.png", "models.png", "widths.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert set(report["baselines"]) == {"kd-matched", "kd", "ce"}
     assert report["selected_ta"] is None or (out / "ta" / "config.json").is_file()
@@ -110,8 +110,11 @@ def test_the_cached_teacher_is_reused(default_run):
     root, _, _ = default_run
     # a shorter run than the built-in one (the reuse is what is checked): one baseline, no samples, one task
     second = run(root / "first", "compress", "--out", "again", "--baselines", "kd", "--sample-tokens", "0",
-                 "--eval-tasks", "minidisc_ppl", cache=root / "cache")
+                 "--eval-tasks", "minidisc_ppl", "--no-supernet", cache=root / "cache")
     assert "reusing the pretrained teacher" in second.stderr and "pretraining the teacher" not in second.stderr
+    again = root / "first" / "again"
+    assert "supernet" not in json.loads((again / "report.json").read_text()) and not (again / "supernet").exists()
+    assert not (again / "work" / "sandwich" / "supernet").exists() and "Trained widths" not in second.stdout
     refused = run(root / "first", "compress", cache=root / "cache", check=False)  # the first output is kept
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
 

@@ -82,6 +82,12 @@ def make_report(command: str = "compress", lam: float = 0.2) -> dict:
                              "baseline-ce": compute(50, 1e12, 12.5), "baseline-kd-matched": compute(190, 3.99e12, 40)}
         report["data"] = {"seq_len": 128, "train_blocks": 800, "dev_blocks": 96, "test_blocks": 64,
                           "dev": "dev.txt", "test": "held out of --data"}
+        report["supernet"] = {"path": "out/supernet", "step": 50, "one_shot": "out/work/pruned", "widths": [
+            {"sparsity": s, "parameters": metrics(s, 0, 0, "")["parameters"], "dev_accuracy": 0.4 - 0.1 * s,
+             "dev_loss": 2.5, "trained": {"accuracy": 0.42 - 0.1 * s, "loss": 2.4},
+             "one_shot": {"accuracy": 0.4 - 0.3 * s, "loss": 4.0},
+             "gain": {"accuracy": 0.02 + 0.2 * s, "accuracy_interval": [0.01 + 0.2 * s, 0.03 + 0.2 * s],
+                      "blocks": 64}} for s in SPARSITIES]}
     return json.loads(json.dumps(report))  # exactly what report.json holds
 
 
@@ -106,9 +112,9 @@ def test_render_with_candidates(tmp_path, command):
     assert report["selected_ta"]["sparsity"] == 0.7  # argmax of p + lam * s, not the target
     written = render(report, tmp_path)
 
-    assert {p.name for p in written} == {"report.md", "tradeoff.png", "models.png", "curves.png"}
-    assert all(p.exists() and p.stat().st_size > 0 for p in written)
-    for png in ("tradeoff.png", "models.png", "curves.png"):
+    pngs = {"tradeoff.png", "models.png", "curves.png"} | ({"widths.png"} if command == "compress" else set())
+    assert {p.name for p in written} == {"report.md", *pngs}
+    for png in pngs:
         assert_png(tmp_path / png)
 
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
@@ -132,6 +138,9 @@ def test_render_with_candidates(tmp_path, command):
         assert "same budget" not in md
         assert "| baseline-kd-matched | 190 | 195K | 195K | 4e+12 | 4e+11 | 40.0 s |" in md  # compute per stage
         assert "every model figure below is measured on test (held out of --data, 64 blocks)" in md
+        # every width the sandwich trained, against its one-shot prune, from OUT/supernet
+        assert "`minidisc export out/supernet --sparsity S --out DIR`" in md and "(widths.png)" in md
+        assert "| 0.7 | 550K | 0.350 | 0.190 | +16.00 [+15.00, +17.00] | 0.330 |" in md
     assert "sandwich" in md and "30.2" in md  # phases table
     assert ("student test acc. (via this TA)" in md) == (command == "maxidisc")
 
@@ -173,6 +182,8 @@ def test_print_summary_names_selected(capsys, command):
     assert len(selected) == 1 and "0.7" in selected[0]
     assert "student s=0.9" in out and "0.310" in out
     assert ("ahead of the no distillation student" in out.replace("\n", " ")) == (command == "compress")
+    widths = [line for line in out.splitlines() if "+16.00 [+15.00, +17.00]" in line]  # the trained widths' table
+    assert len(widths) == (command == "compress") and all("0.350" in line and "0.190" in line for line in widths)
 
 
 def test_print_summary_distill(capsys):

@@ -1,0 +1,126 @@
+"""The end of every run: each model measured on test (and each width the sandwich trained), samples, lm-eval
+scores, model cards, then report.json, report.md and the plots. Rank 0 does it, one model in memory at a time."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from engine.models.export import sliced_checkpoint
+from engine.models.loading import load_tokenizer
+from engine.pruning.widths import PERMILLE, parse_sparsity
+from engine.schedule.run import Run
+from engine.schedule.scoring import score_and_free, score_checkpoint, score_report, score_widths
+from engine.tools.harness import evaluate_tasks
+from engine.tools.model_card import write_model_card
+from engine.tools.report import render
+from engine.tools.report_format import models_of
+from engine.tools.samples import continuations, default_prompts, encode_prompts
+from engine.tracking import final_figures
+from engine.training import distributed as dist
+from engine.training import faults
+
+log = logging.getLogger(__name__)
+
+
+def finish(run: Run, report: dict) -> dict:
+    """The run's report: `report` (what its pipeline produced) with the run's set-up, data and compute, every model
+    measured on test, written last (its presence means the run is complete)."""
+    run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
+    report = {"format": "minidisc-report/1", "command": run.command,
+              "target_sparsity": run.target / PERMILLE, "lam": run.cfg.lam, "metric": run.cfg.metric,
+              **report, "data": run.data_summary(), "compute": run.compute, "phases": run.phases,
+              "stage_timings": run.stage_timings, "stage_memory": run.stage_memory,
+              "config": run.cfg.to_dict()}
+    with dist.main_first("writing the report") as main:
+        if main:
+            log.info("measuring every model on the test split (%d blocks)", len(run.data.test))
+            timed(run, "test", score_report, report, lambda path: score_on_test(run, path))
+            if report.get("supernet"):
+                log.info("measuring every trained width on test, against its one-shot prune")
+                timed(run, "widths", score_widths, report, lambda source, s: score_width(run, source, s))
+            report["samples"] = timed(run, "samples", samples, run, report)
+            if run.cfg.eval_tasks:
+                report["benchmarks"] = timed(run, "benchmarks", benchmarks, run, report)
+            run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
+            faults.kill_point("report:scored")
+            write_cards(run, report)
+            faults.kill_point("report:cards")
+            tmp = run.out / ".report.json.partial"
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            render(report, run.out)
+            tmp.replace(run.out / "report.json")  # last: its presence means the run is complete
+            log.info("wrote %s", run.out / "report.json")
+            run.monitor.finish(final_figures(report))
+    return report
+
+
+def score_on_test(run: Run, path) -> dict:
+    device = dist.device()
+    dtype = torch.float32 if device.type == "cpu" else run.export_dtype
+    batch = max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
+    return score_checkpoint(path, run.data.test, batch, device, dtype)
+
+
+def score_width(run: Run, directory, sparsity: float) -> dict:
+    """Test figures of the width at `sparsity` sliced from `directory` (the supernet, or the pruned teacher)."""
+    device = dist.device()
+    dtype = torch.float32 if device.type == "cpu" else run.export_dtype
+    width = run.width_of(parse_sparsity(sparsity))
+    batch = max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
+    return score_and_free(sliced_checkpoint(directory, width, run.cfg.uniform, dtype=dtype).to(device),
+                          run.data.test, batch, device)
+
+
+def timed(run: Run, phase: str, work, *args):
+    started = time.perf_counter()
+    result = work(*args)
+    run.phases[phase] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def samples(run: Run, report: dict) -> dict | None:
+    """Every model's greedy continuation of the sample prompts (rank 0, one model in memory at a time)."""
+    if not run.cfg.sample_tokens:
+        return None
+    tokenizer = load_tokenizer(run.teacher_dir)
+    prompts = (encode_prompts(tokenizer, run.cfg.sample_prompts) if run.cfg.sample_prompts
+               else default_prompts(run.data.dev.ids))
+    log.info("generating samples: %d prompts x %d tokens per model", len(prompts), run.cfg.sample_tokens)
+    return {"new_tokens": run.cfg.sample_tokens,
+            "prompts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
+            "models": {label: continuations(m["path"], prompts, run.cfg.sample_tokens, dist.device())
+                       for label, _, m in models_of(report)}}
+
+
+def benchmarks(run: Run, report: dict) -> dict:
+    """lm-eval scores of every model, stored with each model's metrics (rank 0, one model at a time)."""
+    cfg = run.cfg
+    source = cfg.eval_text or cfg.test_data
+    models = {label: m for label, _, m in models_of(report)}
+    results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks,
+                             texts=run.eval_texts(), include=cfg.eval_include, device=str(dist.device()),
+                             seed=cfg.seed)
+    for label, m in models.items():
+        m["benchmarks"] = results["models"][label]
+    return {"tasks": results["tasks"], "text": str(source) if source else "the test records held out of --data"}
+
+
+def write_cards(run: Run, report: dict) -> None:
+    """A model card in every model published under --out, with the report's numbers (before report.json,
+    so a run killed here writes them again when resumed)."""
+    via = (report.get("selected_ta") or {}).get("sparsity")
+    published = [("teacher assistant", "ta", report.get("ta"), None),
+                 ("student", "student", report.get("student"), via)]
+    published += [(f"baseline student ({m['label']})", f"baselines/{name}", m, None)
+                  for name, m in (report.get("baselines") or {}).items()]
+    for role, folder, metrics, via_ta in published:
+        if metrics and (run.out / folder).is_dir():
+            sparsity = metrics["sparsity"]
+            write_model_card(run.out / folder, role=role, teacher=str(run.cfg.teacher), sparsity=sparsity,
+                             width=run.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
+                             teacher_parameters=report["teacher"]["parameters"], uniform=run.cfg.uniform,
+                             via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
+                             query_heads_per_unit=run.family.query_heads_per_unit)
