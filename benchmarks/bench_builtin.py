@@ -5,7 +5,8 @@ Runs the real command in a fresh process, into a scratch output folder, the way 
 with --gpus N. The cached teacher is reused (MINIDISC_CACHE); on a first run wall_s - total_s includes its
 pretraining. Reads the run's report.json and appends one row to benchmarks/results/builtin.csv: the device,
 the precision, every phase's seconds, each stage's memory in MB (start/peak/end: allocated on a GPU, resident on
-a CPU), the chosen TA and each student's accuracy (the kd and ce baselines have the student's size and budget).
+a CPU), the chosen TA, each student's accuracy (the baselines have the student's size) and each trained width's
+test accuracy against its one-shot prune.
 
     python benchmarks/bench_builtin.py                 # this device's default
     MINIDISC_BUILTIN=test python benchmarks/bench_builtin.py   # the test suite's tiny variant (seconds)
@@ -63,7 +64,10 @@ def row(report: dict, wall: float, gpus: int, options: list[str]) -> dict:
             "ta_sparsity": (report.get("ta") or {}).get("sparsity", "none"),
             "student_accuracy": round(report["student"]["accuracy"], 4),
             **{f"{name}_accuracy": round(baselines[name]["accuracy"], 4) if name in baselines else ""
-               for name in ("kd", "ce")},
+               for name in ("kd", "kd-matched", "ce")},
+            "trained_widths": " ".join(  # sparsity=test accuracy from OUT/supernet/one-shot prune of that width
+                f"{w['sparsity']:g}={w['trained']['accuracy']:.4f}/{w['one_shot']['accuracy']:.4f}"
+                for w in (report.get("supernet") or {}).get("widths", [])),
             "torch": torch.__version__}
 
 
