@@ -169,7 +169,8 @@ def test_fused_importance_equals_unfused(name):
 def test_forward_flops_match_a_flop_counter(name):
     """`forward_flops` (Kaplan's estimate: 2 per linear weight, 2 x context x attention width per layer) against
     torch's FLOP counter on the real pruned model: its matmuls, plus half of its attention batch-matmuls (the
-    counter counts the full T x T scores; causal attention uses half of them)."""
+    counter counts the full T x T scores; causal attention uses half of them). Not the rotary embedding's, which
+    transformers 5.0 computes as a batch-matmul of positions and frequencies (5.24 as a broadcast product)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.models.export import pruned_model
@@ -185,7 +186,11 @@ def test_forward_flops_match_a_flop_counter(name):
     ids = torch.randint(0, 100, (2, 16))
     with FlopCounterMode(display=False) as counter:
         small(input_ids=ids)
-    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    per_module = counter.get_flop_counts()
+    counts = {str(op): n for op, n in per_module["Global"].items()}
+    for module, ops in per_module.items():  # rotary frequencies: a bmm in some transformers releases, no weights
+        if module.endswith("rotary_emb"):
+            counts["aten.bmm"] -= ops.get(torch.ops.aten.bmm, 0)
     expected = counts.pop("aten.bmm") / 2 + sum(counts.values())
     assert forward_flops(model, family, width, context=16) * ids.numel() == expected
 
