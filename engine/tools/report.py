@@ -10,7 +10,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from engine.data.tokens import DOCUMENT_TOKENS
 from engine.errors import UserError
 from engine.tools.plots import plot_curves, plot_models, plot_tradeoff, plot_widths
 from engine.tools.report_format import (
@@ -208,7 +207,7 @@ def _data_table(report: dict) -> list[str]:
              str(s.get("duplicates_dropped", "—")), count(s["train_blocks"]), fixed(s["passes"], 2),
              str(s["truncated"]) if s["chat"] else "—", pct(s["padding"]) if s["chat"] else "—"]
             for s in sources]
-    header = ["source", "weight", "kind", "records", f"records split (over {DOCUMENT_TOKENS:,} tokens)", "documents",
+    header = ["source", "weight", "kind", "records", "long records split into documents", "documents",
               "tokens", "tokenised in (when first built)", "training duplicates of dev/test dropped", "training blocks",
               "passes", "cut at --seq-len", "padding"]
     return _table(header, rows) if rows else []
