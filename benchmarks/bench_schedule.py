@@ -5,7 +5,8 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
                            is a candidate). The sandwich gives p(s) on dev for each metric definition; MaxiDisc
                            gives the student each TA actually yields. For each metric and lambda: the Spearman
                            correlation of p + lambda s with those students' test accuracy, and the regret of its
-                           pick (accuracy points behind MaxiDisc's best student).
+                           pick (accuracy points behind MaxiDisc's best student); and the oracle check: the best
+                           TA path on test against plain KD given exactly its training FLOPs.
     --study equal-compute  per seed, `compress` with the given options and --baselines kd kd-matched: the MiniDisc
                            student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
 
@@ -191,11 +192,16 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
             print(f"{r['sparsity']:>6g} " + " ".join(f"{r['p_' + m]:>20.4f}" for m in METRICS)
                   + f" {r['student_test_accuracy']:>17.4f}")
         out_rows += [{"row": "candidate", "seed": seed, **r} for r in per_seed[seed]]
+        out_rows.append(oracle_check(options, base, seed, best, maxidisc))
         out_rows.append({"row": "run", "seed": seed, "sparsity": chosen,
                          "student_test_accuracy": compress["student"]["accuracy"],
                          "trial_train_flops": compress["student"]["compute"]["train_flops"],
                          "maxidisc_student_test_accuracy": maxidisc["student"]["accuracy"],
                          "maxidisc_train_flops": maxidisc["student"]["compute"]["train_flops"]})
+    oracle = [100 * r["minus_kd"] for r in out_rows if r["row"] == "oracle"]
+    low, high = across_seeds(oracle)
+    print(f"oracle TA path - plain KD at its FLOPs, points: mean {mean(oracle):+.2f}, 95% t-interval {low:+.2f} to "
+          f"{high:+.2f}")
     rules = rule_scores(per_seed)
     picks = [(r["sparsity"], r["student_test_accuracy"]) for r in out_rows if r["row"] == "run"]
     plot_ta_choice(per_seed, rules, picks, RESULTS / args.plot)
@@ -204,6 +210,31 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
         print(f"{r['metric']:>18} {r['lam']:>6} {r['spearman_mean']:>9.3f} {r['regret_mean']:>10.2f} "
               f"{r['regret_max']:>6.2f}  {r['picks']}")
     return out_rows + [{"row": "rule", **r} for r in rules]
+
+
+def oracle_check(options: dict, base: Path, seed: int, best: dict, maxidisc: dict) -> dict:
+    """The best TA path on test (what a perfect choice would take) against plain KD given exactly that path's
+    training FLOPs (TA stage + student stage). If even it loses, no TA schedule can win on this example."""
+    from engine.schedule.compute import matched_steps
+    from engine.schedule.scoring import paired_interval
+
+    kd_folder = base.parent / ("kd-" + kd_label(options)) / f"seed{seed}"
+    steps = reuse_steps(kd_folder, matched_steps(best["trial_train_flops"], kd_step_flops(options)), 0.02)
+    kd = run("distill", {**kd_options({**options, "seed": seed}), "max_steps": steps}, kd_folder / f"distill-{steps}")
+    gap = best["student_test_accuracy"] - kd["student"]["accuracy"]
+    winner = (maxidisc["selected_ta"] or {}).get("sparsity", options["target_sparsity"])  # the published student's
+    same = math.isclose(winner, best["sparsity"])  # per-block figures exist for MaxiDisc's published student only
+    interval = paired_interval(maxidisc["student"].get("test_correct"), kd["student"].get("test_correct"),
+                               maxidisc.get("test_block_tokens")).get("accuracy_interval", [None, None]) if same \
+        else [None, None]
+    print(f"seed {seed} oracle: the TA path through {best['sparsity']:g} ({best['student_test_accuracy']:.4f}, "
+          f"{best['trial_train_flops']:.3g} FLOPs) - plain KD at those FLOPs ({kd['student']['accuracy']:.4f}, "
+          f"{steps} steps) = {100 * gap:+.2f} points [{_points(interval[0])}, {_points(interval[1])}]")
+    return {"row": "oracle", "seed": seed, "sparsity": best["sparsity"],
+            "student_test_accuracy": best["student_test_accuracy"], "trial_train_flops": best["trial_train_flops"],
+            "kd_steps": steps, "kd_train_flops": kd["student"]["compute"]["train_flops"],
+            "kd_test_accuracy": kd["student"]["accuracy"], "minus_kd": gap, "minus_kd_low": interval[0],
+            "minus_kd_high": interval[1]}
 
 
 def plot_ta_choice(per_seed: dict[int, list[dict]], rules: list[dict], picks: list[tuple], path: Path) -> None:
