@@ -152,17 +152,19 @@ def make_dir(path: Path, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); choose another {flag}") from None
 
 
-def abandon_run_dir(out: Path, lock: IO | None, existed: bool) -> None:
+def abandon_run_dir(out: Path, lock: IO | None, found: set[str] | None) -> None:
     """Undo a claim whose run stopped on bad input before training anything: --out goes back to how the claim found
-    it (absent, or empty), so the same command with fixed inputs simply starts."""
+    it (`found`: the names it held, None when it did not exist), so the same command with fixed inputs simply
+    starts."""
     if lock is None:  # not rank 0
         return
     for item in out.iterdir():
-        if item.name != LOCK:
+        if item.name not in (found or set()) | {LOCK}:
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    (out / LOCK).unlink()
+    if LOCK not in (found or set()):
+        (out / LOCK).unlink()
     lock.close()
-    if not existed:
+    if found is None:
         out.rmdir()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -95,13 +96,13 @@ class Run:
                             f"compress`; `minidisc {command}` has no sandwich: drop them")
         dist.init()
         self._check_inputs()
-        existed, started = self.out.exists(), (self.out / RUN_FILE).is_file()
+        found = set(os.listdir(self.out)) if self.out.is_dir() else None
         self.lock = claim_run_dir(self.out, command, cfg.to_dict(), cfg.resume, RESUMABLE)  # held while it runs
         try:
             self._set_up()
         except UserError:
-            if not started:  # nothing trained yet: leave --out as it was, so the command with fixed inputs starts
-                abandon_run_dir(self.out, self.lock, existed)
+            if RUN_FILE not in (found or set()):  # a new run: leave --out as it was, so the fixed command starts
+                abandon_run_dir(self.out, self.lock, found)
             raise
         trackers = (Trackers(cfg.report_to, self.out / "tracking", cfg.to_dict(), self.out.name)
                     if cfg.report_to and dist.is_main() else None)

@@ -419,7 +419,9 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     a_file = tmp_path / "taken.txt"  # --out naming a file, or a folder under one
     a_file.write_text("not a folder")
-    (tmp_path / "o3").mkdir()  # an empty --out stays empty after a refusal that comes once it is claimed
+    (tmp_path / "o3").mkdir()  # a refusal that comes once --out is claimed removes only what the run wrote there
+    (tmp_path / "o3" / ".minidisc").write_text("{}")  # ours (a folder minidisc wrote before), so it may be used
+    (tmp_path / "o3" / "notes.txt").write_text("kept")
     cases = [
         (["distill", *options(trained_teacher, corpus, a_file)], f"--out {a_file}: {a_file} is a file, not a folder"),
         (["distill", *options(trained_teacher, corpus, a_file / "run")], f"{a_file} is a file, not a folder"),
@@ -448,7 +450,8 @@ def test_bad_inputs_fail_fast_with_one_line(trained_teacher, pruned_dirs, corpus
     assert (foreign / "precious.txt").read_text() == "keep me" and a_file.read_text() == "not a folder"
     # refusals that need the pruned teacher or the token blocks come after --out is claimed; they undo the claim, so
     # the same command with fixed inputs starts without --resume
-    assert not (tmp_path / "o2").exists() and not short_out.exists() and not any((tmp_path / "o3").iterdir())
+    assert not (tmp_path / "o2").exists() and not short_out.exists()
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == [".minidisc", "notes.txt"]
 
 
 def test_resume_refuses_changed_options(pruned_dirs, corpus, tmp_path):
