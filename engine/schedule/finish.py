@@ -57,19 +57,23 @@ def finish(run: Run, report: dict) -> dict:
     return report
 
 
-def score_on_test(run: Run, path) -> dict:
+def _scoring(run: Run) -> tuple[torch.device, torch.dtype, int]:
+    """Where and how test scoring runs: this rank's device, fp32 on a CPU (else the published dtype), and the
+    training micro-batch size."""
     device = dist.device()
     dtype = torch.float32 if device.type == "cpu" else run.export_dtype
-    batch = max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
+    return device, dtype, max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
+
+
+def score_on_test(run: Run, path) -> dict:
+    device, dtype, batch = _scoring(run)
     return score_checkpoint(path, run.data.test, batch, device, dtype)
 
 
 def score_width(run: Run, directory, sparsity: float) -> dict:
     """Test figures of the width at `sparsity` sliced from `directory` (the supernet, or the pruned teacher)."""
-    device = dist.device()
-    dtype = torch.float32 if device.type == "cpu" else run.export_dtype
+    device, dtype, batch = _scoring(run)
     width = run.width_of(parse_sparsity(sparsity))
-    batch = max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
     return score_and_free(sliced_checkpoint(directory, width, run.cfg.uniform, dtype=dtype).to(device),
                           run.data.test, batch, device)
 
