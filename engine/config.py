@@ -16,7 +16,10 @@ from pathlib import Path
 from engine.errors import UserError
 from engine.pruning.widths import check_target_and_truncate, parse_sparsity
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+# The shipped DeepSpeed JSONs: inside the package in a wheel install (setup.py copies them there), the
+# repository's top-level ds_configs/ in a checkout or an editable install.
+_PACKAGED = Path(__file__).resolve().parent / "ds_configs"
+DS_CONFIGS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -243,10 +246,10 @@ class RunConfig:
         return shape
 
     def train_ds_config(self) -> Path:
-        return _shipped(self.deepspeed) if self.deepspeed else REPO_CONFIGS / "zero3_train.json"
+        return _shipped(self.deepspeed) if self.deepspeed else DS_CONFIGS / "zero3_train.json"
 
     def teacher_ds_config(self) -> Path:
-        return _shipped(self.teacher_deepspeed) if self.teacher_deepspeed else REPO_CONFIGS / "zero3_inference.json"
+        return _shipped(self.teacher_deepspeed) if self.teacher_deepspeed else DS_CONFIGS / "zero3_inference.json"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,11 +265,13 @@ def split_batch(batch_size: int, processes: int, grad_accum: int, what: str = "p
 
 
 def _shipped(path: str) -> Path:
-    """A DeepSpeed JSON as given or, when a relative path is not found from the working directory, the file
-    of that path in this repository (`ds_configs/...`), so recipes work from any directory."""
+    """A DeepSpeed JSON as given or, when a relative `ds_configs/...` path is not found from the working
+    directory, the shipped file of that name, so recipes work from any directory and from a wheel install."""
     given = Path(path)
-    if not given.is_absolute() and not given.exists() and (REPO_CONFIGS.parent / given).is_file():
-        return REPO_CONFIGS.parent / given
+    if not given.is_absolute() and not given.exists() and given.parts[:1] == ("ds_configs",):
+        shipped = DS_CONFIGS.joinpath(*given.parts[1:])
+        if shipped.is_file():
+            return shipped
     return given
 
 

@@ -24,7 +24,7 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import REPO_CONFIGS
+from engine.config import DS_CONFIGS
 from engine.data import load_text_dataset, token_blocks
 from engine.data.overlap import ngrams, normalise
 from engine.errors import UserError
@@ -86,7 +86,7 @@ def builtin_options() -> dict:
     options = dict(teacher=str(setup / "teacher"), data=str(setup / "train.txt"), dev_data=str(setup / "dev.txt"),
                    test_data=str(setup / "test.txt"), out=DEFAULT_OUT, **BUILTINS[name].run)
     if not torch.cuda.is_available():  # bf16 on a CPU is slower than fp32, and fp32 is exact
-        options["deepspeed"] = str(REPO_CONFIGS / "zero3_train_fp32.json")
+        options["deepspeed"] = str(DS_CONFIGS / "zero3_train_fp32.json")
     if importlib.util.find_spec("lm_eval"):  # minidisc[eval]: the report gets a benchmark table
 
         options["eval_tasks"] = list(BUILTIN_TASKS)
