@@ -276,13 +276,20 @@ def _shipped(path: str) -> Path:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+# The options that decide a run's memory: `minidisc plan` takes them as these fields, so it plans the run
+# `minidisc compress` would do with the same recipe and flags.
+PLAN_FIELDS = ("target_sparsity", "truncate", "grid", "batch_size", "seq_len", "grad_accum", "sandwich_sample",
+               "stack_widths", "gradient_checkpointing", "cluster")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per RunConfig field. Defaults stay unset here so recipe values are not overridden."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One option per RunConfig field (or per field in `only`). Defaults stay unset here so recipe values are
+    not overridden."""
     parser.add_argument("--config", metavar="RECIPE", help="YAML or JSON recipe whose keys are these options' names "
                         "(with underscores, e.g. target_sparsity: 0.9); the command line overrides it")
     for f in fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         default = f.default if f.default is not MISSING else None
@@ -359,6 +366,14 @@ def given(args: argparse.Namespace) -> dict:
     values = load_recipe(args.config) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k in FIELDS})
     return values
+
+
+def resolve_some(args: argparse.Namespace, names: tuple[str, ...]) -> RunConfig:
+    """A RunConfig whose `names` come from the defaults, the recipe and the command line, as `resolve`, and whose
+    other fields keep their defaults (a recipe's teacher or data are ignored), not validated as a whole: for
+    commands that share some of `compress`'s options, such as `minidisc plan`."""
+    values = {k: _coerce(k, v) for k, v in given(args).items() if k in names}
+    return RunConfig(**values)
 
 
 def resolve(args: argparse.Namespace, defaults: dict | None = None) -> RunConfig:

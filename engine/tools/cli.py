@@ -112,37 +112,25 @@ def _add_report(sub):
 
 
 def _add_plan(sub):
+    from engine.config import PLAN_FIELDS, add_arguments
     from engine.tools.memory_plan.presets import PRESETS
 
     p = sub.add_parser("plan", help="estimate per-GPU memory of a MiniDisc run and recommend a placement",
                        description="Per-GPU memory of the sandwich stage (teacher, supernet parameters+gradients, "
-                       "optimizer states, activations of one width, loss buffers) for several placements of the "
-                       "teacher (ZeRO-3, replicated, int8, nf4) and of the trained supernet (AdamW, AdamW8bit, CPU "
-                       "offload), from the model config alone; recommends the first that fits with ~10% headroom.")
+                       "optimizer states, activations of the widths held at once, loss buffers) for several "
+                       "placements of the teacher (ZeRO-3, replicated, int8, nf4) and of the trained supernet "
+                       "(AdamW, AdamW8bit, CPU offload), from the model config alone; recommends the fastest that "
+                       "fits with ~10%% headroom. The run options below are `minidisc compress`'s, with its "
+                       "defaults, and a recipe (--config) gives them as it does to `compress`.")
     p.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, a config.json, or a preset: "
                    + ", ".join(PRESETS))
-    p.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs per node (default 1)")
-    p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, "
-                   "e.g. 80 for an A100/H100 80GB")
+    p.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: --cluster's, else 1)")
+    p.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node (default: --cluster's, else 1)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of one GPU in GiB, e.g. 80 for an "
+                   "A100/H100 80GB (required unless --cluster gives it)")
     p.add_argument("--cpu-memory", type=float, metavar="GIB", help="CPU memory per node in GiB; when given, "
                    "offload placements must also fit it (default: not checked)")
-    p.add_argument("--target-sparsity", default="0.9", metavar="S", help="the student's sparsity (default 0.9)")
-    p.add_argument("--truncate", default="0.5", metavar="S", help="candidate TAs are the grid sparsities from this "
-                   "one up to the target (default 0.5)")
-    p.add_argument("--grid", nargs="+", metavar="S", help="sparsity grid (default 0 0.1 ... 0.9 0.85 0.95, plus "
-                   "the target)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="sequences per optimiser step over all GPUs and "
-                   "accumulation steps, as in `minidisc compress` (default: one per GPU per micro-step)")
-    p.add_argument("--seq-len", type=int, default=256, metavar="T", help="tokens per sequence (default 256)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimiser step "
-                   "(default 1)")
-    p.add_argument("--sandwich-sample", type=int, default=0, metavar="N", help="widths trained per step: 0 = "
-                   "every candidate, n > 0 = the largest, the smallest and n others (default 0)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward: "
-                   "keep only layer inputs")
-    p.add_argument("--stack-widths", type=int, default=0, metavar="N", help="widths per forward in a sandwich step, "
-                   "their activations alive together: 0 = all of a step's (default), 1 = one after another")
+    add_arguments(p, only=PLAN_FIELDS)
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 

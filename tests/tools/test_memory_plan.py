@@ -1,12 +1,14 @@
 """`minidisc plan`: byte accounting against independent references (DeepSpeed's estimator, meta-device models,
 saved tensors measured under autograd), physics that must hold, and the command end to end."""
 import json
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
 import torch
 
 import engine
+from engine.config import RunConfig
 from engine.models.loading import meta_model
 from engine.pruning.widths import Width
 from engine.tools.cli import main
@@ -254,7 +256,7 @@ def test_stacked_widths_hold_the_sum_of_their_activations():
     stacked = rows_by_name(config, Cluster(1, 8, 80))["zero3 / adamw"]
     one_by_one = rows_by_name(config, Cluster(1, 8, 80), PlanOptions(stack_widths=1))["zero3 / adamw"]
     assert stacked.activation_bytes == sum(activation_bytes(config, 256, w) for w in PlanOptions().widths_held)
-    assert one_by_one.activation_bytes == activation_bytes(config, 256, 500) < stacked.activation_bytes
+    assert one_by_one.activation_bytes == activation_bytes(config, 256, 0) < stacked.activation_bytes  # the widest
 
 
 def test_opt_ffn_bytes_per_neuron():
@@ -314,16 +316,17 @@ def test_candidates_and_widths_per_step():
     options = PlanOptions(target=900, truncate=500)
     assert options.candidates == [500, 600, 700, 800, 850, 900]
     assert options.widths_per_step == 6
-    assert PlanOptions(sandwich_sample=2).widths_per_step == 4
-    assert PlanOptions(sandwich_sample=10).widths_per_step == 6
-    assert PlanOptions(target=875, grid=(0, 500, 900)).candidates == [500, 875]
+    assert PlanOptions(truncate=500, sandwich_sample=2).widths_per_step == 4
+    assert PlanOptions(truncate=500, sandwich_sample=10).widths_per_step == 6
+    assert PlanOptions(target=875, truncate=500, grid=(0, 500, 900)).candidates == [500, 875]
 
 
 def test_recommendation_prefers_exact_teachers_then_no_offload():
     config = preset_config("llama-2-70b")
-    best, reason = recommend(plan_memory(config, Cluster(4, 8, 80), PlanOptions()))
+    best, reason = recommend(plan_memory(config, Cluster(4, 8, 80), PlanOptions(truncate=500)))
     assert best.name == "zero3 / adamw" and "replicated / adamw" in reason
-    best, _ = recommend(plan_memory(config, Cluster(1, 8, 80), PlanOptions(seq_len=2048, stack_widths=1)))
+    best, _ = recommend(plan_memory(config, Cluster(1, 8, 80), PlanOptions(truncate=500, seq_len=2048,
+                                                                           stack_widths=1)))
     assert best.fits and best.teacher in ("replicated", "zero3") and best.trained != "adamw"
     best, _ = recommend(plan_memory(preset_config("opt-1.3b"), Cluster(1, 1, 80), PlanOptions()))
     assert best.name == "replicated / adamw"
@@ -345,7 +348,7 @@ def plan_json(capsys, *argv) -> dict:
 
 def test_plan_llama_2_7b_on_one_node(capsys):
     argv = ["plan", "llama-2-7b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80",
-            "--target-sparsity", "0.9"]
+            "--target-sparsity", "0.9", "--truncate", "0.5"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "recommended: replicated / adamw" in out and "zero3_train.json" in out
@@ -356,12 +359,42 @@ def test_plan_llama_2_7b_on_one_node(capsys):
     assert report["run"]["candidates"] == ["0.5", "0.6", "0.7", "0.8", "0.85", "0.9"]
 
 
+def test_plan_defaults_are_compress_defaults(capsys):
+    """No flags: the run `minidisc compress` does with its defaults (the whole grid, --batch-size 8, --seq-len 256)."""
+    cfg = RunConfig()
+    assert (cfg.truncate, cfg.batch_size, cfg.seq_len) == (0, 8, 256)
+    report = plan_json(capsys, "llama-2-7b", "--gpus-per-node", 4, "--gpu-memory", 80)
+    assert report["run"]["candidates"] == ["0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.85", "0.9"]
+    assert (report["run"]["micro_batch"], report["run"]["seq_len"]) == (2, 256)
+
+
+def test_a_slow_fit_gives_way_to_a_cheaper_change_of_options(capsys):
+    """Offloading or quantising costs more than recomputing layers: when only that fits (or nothing does) and
+    gradient checkpointing lets an exact, on-GPU placement fit, the plan recommends it and says what changed."""
+    argv = ("llama-3-8b", "--gpus-per-node", 8, "--gpu-memory", 40, "--batch-size", 16, "--seq-len", 2048,
+            "--truncate", 0.5)
+    config, cluster = preset_config("llama-3-8b"), Cluster(1, 8, 40)
+    as_given = PlanOptions(truncate=500, batch_size=16, seq_len=2048)
+    slow = lambda options: not getattr(recommend(plan_memory(config, cluster, options))[0], "fast", False)  # noqa
+    assert slow(as_given) and all(slow(replace(as_given, stack_widths=n)) for n in range(1, 6))
+    report = plan_json(capsys, *argv)
+    assert report["changed_options"] == ["--gradient-checkpointing"] and report["run"]["gradient_checkpointing"]
+    best = next(row for row in report["placements"] if row["name"] == report["recommended"])
+    assert best["fits"] and best["teacher"] in ("replicated", "zero3") and best["trained"] in ("adamw", "adamw8bit")
+    assert main(["plan", *map(str, argv)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with --gradient-checkpointing (as given," in out and "--gradient-checkpointing ..." in out
+    assert plan_json(capsys, *argv, "--gradient-checkpointing")["changed_options"] == []  # already fast
+
+
 def test_plan_llama_2_70b_on_four_nodes(capsys):
-    report = plan_json(capsys, "llama-2-70b", "--nodes", 4, "--gpus-per-node", 8, "--gpu-memory", 80)
+    report = plan_json(capsys, "llama-2-70b", "--nodes", 4, "--gpus-per-node", 8, "--gpu-memory", 80,
+                       "--batch-size", 32, "--truncate", 0.5)
     assert report["recommended"] == "zero3 / adamw"
     assert report["ds_config"]["teacher_deepspeed"] == "ds_configs/zero3_inference.json"
     assert report["parameters"]["teacher"] == 68_976_648_192
-    assert main(["plan", "llama-2-70b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory", "80"]) == 0
+    assert main(["plan", "llama-2-70b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory", "80",
+                 "--batch-size", "32", "--truncate", "0.5"]) == 0
     assert "zero3 / adamw *" in capsys.readouterr().out
 
 
@@ -370,12 +403,13 @@ def test_nothing_fits_says_what_to_change(capsys):
     out = capsys.readouterr().out
     assert "nothing fits" in out and "more GPUs" in out and "--gradient-checkpointing" in out
     assert "--stack-widths 1: still needs" in out  # the fewest widths per forward do not fit either
-    argv = ["plan", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80", "--seq-len", "2048"]
+    argv = ["plan", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80", "--seq-len", "2048",
+            "--truncate", "0.5", "--batch-size", "8"]
     assert main(argv) == 0
     out = capsys.readouterr().out  # all six widths of a step do not fit in one forward; fewer do
     config, cluster = preset_config("llama-2-70b"), Cluster(1, 8, 80)
     most = next(n for n in range(5, 0, -1) if recommend(plan_memory(config, cluster, PlanOptions(
-        seq_len=2048, stack_widths=n)))[0])  # the most widths per forward that fit
+        truncate=500, seq_len=2048, stack_widths=n)))[0])  # the most widths per forward that fit
     assert "nothing fits" in out and f"--stack-widths {most}: fits" in out
     report = plan_json(capsys, "llama-2-70b", "--gpu-memory", 16)
     assert report["recommended"] is None and not any(row["fits"] for row in report["placements"])

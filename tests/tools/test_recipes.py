@@ -2,6 +2,8 @@
 (no weights) and data in the recipe's format, and the dry run's own checks."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 import yaml
 from helpers import MINIDISC, REPO, minidisc_forked
 
+from engine.tools.memory_plan.estimate import GIB
 from engine.tools.memory_plan.shapes import preset_config
 
 RECIPES = {  # recipe -> (preset with the published shapes, data format it reads)
@@ -157,3 +160,29 @@ def test_dry_run_parameter_counts_are_the_exported_models(pruned_dirs, corpus, t
                 assert row["parameters"] == exported, row
             else:  # off by under ffn_multiple / 2 neurons per layer (3 layers, 48 + 48 + 48 + 1 weights each)
                 assert abs(row["parameters"] - exported) <= 3 * 4 * (3 * 48 + 1), row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-3-8b-25pct", "opt-1.3b-10pct"])
+def test_plan_of_a_recipe_is_the_run_of_its_dry_run(name, checkpoints, corpus, tmp_path, capsys):
+    """`minidisc plan --config RECIPE` and `compress --config RECIPE --dry-run` read the same options with the same
+    defaults: the same candidate widths, micro-batch and memory for the recipe's placement."""
+    from engine.config import resolve
+    from engine.tools.cli import build_parser, main
+    from engine.tools.dry_run import dry_run
+
+    preset, data_kind = RECIPES[name]
+    recipe = REPO / "recipes" / f"{name}.yaml"
+    assert main(["plan", preset, "--config", str(recipe), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    data = str(write_data(tmp_path, data_kind, corpus))
+    args = build_parser().parse_args(["compress", "--config", str(recipe), "--teacher", str(checkpoints[preset]),
+                                      "--data", data, "--dev-data", data, "--out", str(tmp_path / "out")])
+    summary = dry_run(resolve(args), "compress")
+    assert plan["run"]["candidates"] == [f"{c['sparsity']:g}" for c in summary["candidates"]]
+    assert plan["cluster"]["gpus"] == math.prod(int(n) for n in yaml.safe_load(recipe.read_text())["cluster"]
+                                                .split("x")[:2])
+    row = next(r for r in plan["placements"] if r["name"] == summary["memory"]["placement"])
+    assert row["total_bytes"] / GIB == pytest.approx(summary["memory"]["total_gib"], abs=0.01)
+    assert plan["run"]["gradient_checkpointing"] == yaml.safe_load(recipe.read_text()).get("gradient_checkpointing",
+                                                                                            False)

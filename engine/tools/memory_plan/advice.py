@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+from engine.errors import UserError
 from engine.pruning.families import family_for
 from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity, parse_grid, parse_sparsity
 from engine.tools.memory_plan.estimate import (
@@ -120,10 +121,38 @@ def advice(config, cluster: Cluster, options: PlanOptions) -> list[str]:
     return tips
 
 
+def faster_options(config, cluster: Cluster, options: PlanOptions) -> tuple[PlanOptions, list[str]] | None:
+    """When what fits offloads or quantises (or nothing fits), the cheapest change of options with which a fast
+    placement fits: fewer widths per forward (the same compute in smaller matmuls, the most that fit), else
+    gradient checkpointing (about one more forward per step), else both. None when no change is needed or none
+    is enough."""
+    def fast(changed: PlanOptions) -> bool:
+        row = recommend(plan_memory(config, cluster, changed))[0]
+        return row is not None and row.fast
+
+    if fast(options):
+        return None
+    stacks = range(len(options.widths_held) - 1, 0, -1)  # fewer widths per forward than now
+    tries = [(replace(options, stack_widths=n), [f"--stack-widths {n}"]) for n in stacks]
+    if not options.gradient_checkpointing:
+        checkpointed = replace(options, gradient_checkpointing=True)
+        tries.append((checkpointed, ["--gradient-checkpointing"]))
+        tries += [(replace(checkpointed, stack_widths=n), ["--gradient-checkpointing", f"--stack-widths {n}"])
+                  for n in stacks]
+    return next(((changed, flags) for changed, flags in tries if fast(changed)), None)
+
+
 def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> dict:
-    """Everything `minidisc plan` shows, as JSON-friendly data."""
+    """Everything `minidisc plan` shows, as JSON-friendly data. When the options as given fit only slowly (or not
+    at all) and a change of options lets a fast placement fit, the plan is of the changed options and says so."""
+    as_given, changed = recommend(plan_memory(config, cluster, options))[0], []
+    if faster := faster_options(config, cluster, options):
+        options, changed = faster
     rows = plan_memory(config, cluster, options)
     best, reason = recommend(rows)
+    if changed:
+        before = f"only {as_given.name} fits" if as_given else "nothing fits"
+        reason += f"; with {' and '.join(changed)} (as given, {before})"
     tokens = options.micro_batch(cluster) * options.seq_len
     total = parameter_count(config)
     return {
@@ -144,6 +173,8 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
         "placements": [row.to_dict() for row in rows],
         "recommended": best.name if best else None,
         "reason": reason,
+        "changed_options": changed,
+        "as_given": as_given.name if as_given else None,
         "ds_config": ds_config_for(best) if best else None,
         "advice": [] if best else advice(config, cluster, options),
     }
@@ -201,12 +232,19 @@ def print_plan(report: dict) -> None:
 
 
 def options_from_args(args) -> tuple[Cluster, PlanOptions]:
-    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.cpu_memory)
-    options = PlanOptions(target=parse_sparsity(args.target_sparsity), truncate=parse_sparsity(args.truncate),
-                          grid=grid, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                          sandwich_sample=args.sandwich_sample, gradient_checkpointing=args.gradient_checkpointing,
-                          stack_widths=args.stack_widths)
+    from engine.config import PLAN_FIELDS, resolve_some
+
+    cfg = resolve_some(args, PLAN_FIELDS)
+    nodes, gpus, memory = cfg.cluster_shape() if cfg.cluster else (1, 1, None)
+    given = lambda value, default: default if value is None else value  # noqa: E731  (flags beat --cluster)
+    memory = given(args.gpu_memory, memory)
+    if memory is None:
+        raise UserError("give --gpu-memory GIB (the memory of one GPU) or --cluster NODESxGPUSxGIB")
+    cluster = Cluster(given(args.nodes, nodes), given(args.gpus_per_node, gpus), memory, args.cpu_memory)
+    options = PlanOptions(target=parse_sparsity(cfg.target_sparsity), truncate=parse_sparsity(cfg.truncate),
+                          grid=parse_grid(cfg.grid) if cfg.grid else DEFAULT_GRID, batch_size=cfg.batch_size,
+                          seq_len=cfg.seq_len, grad_accum=cfg.grad_accum, sandwich_sample=cfg.sandwich_sample,
+                          gradient_checkpointing=cfg.gradient_checkpointing, stack_widths=cfg.stack_widths)
     return cluster.validate(), options.validate()
 
 

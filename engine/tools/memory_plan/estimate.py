@@ -77,7 +77,7 @@ class PlanOptions:
     batch size: by default one sequence per GPU per micro-step, whatever the number of GPUs."""
 
     target: int = 900  # per-mille
-    truncate: int = 500
+    truncate: int = 0
     grid: tuple[int, ...] = DEFAULT_GRID
     batch_size: int | None = None  # sequences per optimiser step over all GPUs; None = one per GPU micro-step
     seq_len: int = 256
@@ -311,6 +311,11 @@ class Placement:
         """Sort key: exact teachers before quantised ones, then AdamW < AdamW8bit < optimiser offload <
         full offload, then replicated (no gathers) < zero3, int8 < nf4."""
         return (self.teacher in ("int8", "nf4"), TRAINED.index(self.trained), TEACHERS.index(self.teacher))
+
+    @property
+    def fast(self) -> bool:
+        """An exact teacher and a supernet whose states stay on the GPUs: no quantisation, no PCIe every step."""
+        return self.teacher in ("replicated", "zero3") and self.trained in ("adamw", "adamw8bit")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "name": self.name, "total_bytes": self.total_bytes, "fits": self.fits}
