@@ -137,8 +137,6 @@ class Run:
         read_ds_config(cfg.teacher_ds_config())
         train_ds_config(TrainConfig.of(cfg), backwards_per_step=1)  # readable, and compatible with --optimizer
         check_trackers(cfg.report_to or [])
-        if cfg.eval_tasks:
-            check_tasks(cfg.eval_tasks, cfg.eval_include)
         faults.check_build_locks()  # on every rank: each node has its own build cache
         with dist.main_first("reading the data") as main:
             if main:
@@ -151,6 +149,8 @@ class Run:
                 if load_records(path, field)[2]]
         if chat:
             check_chat_template(load_tokenizer(cfg.teacher), f"data {chat[0]}")
+        if cfg.eval_tasks:  # names, and their data sets loaded (once, into the cache other ranks share)
+            check_tasks(cfg.eval_tasks, cfg.eval_include)
         if cfg.eval_tasks and cfg.eval_text:
             load_text_dataset(cfg.eval_text, cfg.text_field)
 

@@ -28,6 +28,7 @@ from engine.pruning.widths import (
     widths_per_step,
 )
 from engine.schedule.run import check_target_on_grid, check_teacher
+from engine.tools.harness import check_tasks
 from engine.tools.memory_plan import estimate as mp
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
 from engine.training import faults
@@ -69,6 +70,8 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
                           "bf16": bf16_enabled(train)}}
     if cluster:
         summary["memory"] = _memory(cfg, config, cluster, train, candidates)
+    if cfg.eval_tasks:  # names and data, as the run checks them before training
+        check_tasks(cfg.eval_tasks, cfg.eval_include)
     _print(summary, cfg)
     if cluster and not summary["memory"]["fits"]:
         m = summary["memory"]
@@ -198,4 +201,5 @@ def _print(summary: dict, cfg: RunConfig) -> None:
     else:
         console.print("memory: add cluster: NODESxGPUSxGIB to the recipe (or --cluster) to check it")
     console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
-                  (", batch split and memory" if "memory" in summary else ""))
+                  (", batch split and memory" if "memory" in summary else "") +
+                  (f"; evaluation tasks {', '.join(cfg.eval_tasks)} and their data" if cfg.eval_tasks else ""))

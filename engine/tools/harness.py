@@ -130,7 +130,31 @@ def check_tasks(tasks: list[str], include=None, builtin: bool = True) -> None:
         raise UserError(f"{', '.join(textless)} is made of a text: give --text FILE")
     others = [task for task in tasks if not (builtin and task in BUILTIN_TASKS)]
     if others:
-        _task_manager(others, [Path(include)] if include else [])
+        _check_data(others, _task_manager(others, [Path(include)] if include else []))
+
+
+def _check_data(tasks: list[str], manager) -> None:
+    """Build each task, which loads its data set as the evaluation will (from the cache offline, downloading it
+    online), so data that cannot be had fails before the training, in one line naming the task."""
+    import re
+    import warnings
+
+    from lm_eval.tasks import get_task_dict
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    for task in tasks:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                get_task_dict([task], manager)
+        except Exception as error:  # lm_eval and datasets raise many kinds (ConnectionError, FileNotFoundError...)
+            reason = " ".join(str(error).split()) or type(error).__name__
+            hub = re.search(r"reach '([^']+)'", reason)
+            fetch = (f"`python -c \"import datasets; datasets.load_dataset('{hub.group(1)}')\"` (or a run of this "
+                     "task)") if hub else "this task once"
+            raise UserError(f"lm-eval task {task}: its data could not be loaded ({reason[:200]}); run {fetch} where "
+                            "the Hugging Face Hub is reachable, with the same HF_HOME, or define the task by a YAML in "
+                            "--include / --eval-include that reads a local copy") from None
 
 
 def _task_manager(tasks: list[str], include: list[Path]):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import MINIDISC
+from helpers import MINIDISC, minidisc_forked
 
 import engine
 from engine.models.loading import load_tokenizer
@@ -92,3 +92,40 @@ def test_eval_errors_are_one_line(pruned_dirs, tmp_path):
         result = subprocess.run([MINIDISC, "eval", *map(str, args)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("minidisc: error: ")
         assert message in result.stderr, result.stderr[-2000:]
+
+
+def _local_task(folder: Path, data: Path) -> Path:
+    """A task YAML of the user's reading a local jsonl (the way to run a standard task offline)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": "local_cloze", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+              "doc_to_choice": "{{choices}}", "doc_to_target": "answer", "metric_list": [{"metric": "acc"}]}
+    (folder / "local_cloze.yaml").write_text(json.dumps(config) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_eval_tasks_and_their_data_are_checked_before_anything_runs(pruned_dirs, corpus, tmp_path, monkeypatch):
+    """Offline (no Hub), the dry run and `minidisc eval` refuse a misspelt task and a task whose data set is not
+    on this machine in one line; a task of --eval-include reading a local file passes the dry run."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = [{"context": "a b c", "choices": ["d", "e", "f", "g"], "answer": 0}] * 4
+    (tmp_path / "cloze.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    good, bad = _local_task(tmp_path / "good", tmp_path / "cloze.jsonl"), _local_task(tmp_path / "bad", tmp_path / "no")
+    dry = ["compress", "--teacher", pruned_dirs["llama_gqa"], "--data", corpus["jsonl"], "--dev-data", corpus["dev"],
+           "--out", tmp_path / "out", "--dry-run", "--eval-tasks"]
+    cases = [(dry + ["hellaswagg"], 2, "unknown lm-eval task(s) hellaswagg"),
+             (dry + ["hellaswag"], 2, "lm-eval task hellaswag: its data could not be loaded (Couldn't reach "
+                                      "'Rowan/hellaswag'"),
+             (dry + ["local_cloze", "--eval-include", bad], 2, "lm-eval task local_cloze: its data could not be"),
+             (dry + ["local_cloze", "--eval-include", good], 0, "evaluation tasks local_cloze and their data"),
+             (["eval", pruned_dirs["llama_gqa"], "--tasks", "hellaswag", "--limit", "2"], 2,
+              "lm-eval task hellaswag: its data could not be loaded")]
+    results = minidisc_forked([argv for argv, _, _ in cases], tmp_path / "logs")
+    for (argv, status, wanted), result in zip(cases, results):
+        err = result["stderr"]
+        assert result["exit"] == status and wanted in " ".join(err.split()), (argv, err[-2000:])
+        if status:
+            assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("minidisc: error: "), err
+    assert not (tmp_path / "out").exists()
