@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.hub import model_folder
 from engine.pruning.widths import check_target_and_truncate, parse_sparsity
 
 # The shipped DeepSpeed JSONs: inside the package in a wheel install (setup.py copies them there), the
@@ -190,6 +191,7 @@ class RunConfig:
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in the recipe)")
+        self.teacher = model_folder(self.teacher)  # a Hub id -> its snapshot in the local cache
         for f in fields(self):  # nan passes every comparison below, and inf most of them
             if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)}: give a finite number")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.errors import UserError
+from engine.hub import model_folder
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.outputs import atomic_output_dir
@@ -239,7 +240,7 @@ def _check_supernet_width(model_dir: Path, permille: int, uniform: bool) -> bool
 
 def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     """`minidisc export`: write the width at `sparsity` of a pruned teacher directory to `out`."""
-    model_dir = Path(model_dir)
+    model_dir = Path(model_folder(str(model_dir)))
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     plan = PruningPlan.load(model_dir)

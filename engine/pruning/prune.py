@@ -10,6 +10,7 @@ import torch
 from engine.data import parse_sources
 from engine.data.splits import calibration_blocks
 from engine.errors import UserError
+from engine.hub import model_folder
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
 from engine.pruning.families import ATTENTION_UNITS, family_for
@@ -99,6 +100,7 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     if attention_norm not in NORMS:
         raise UserError(f"--attention-norm {attention_norm}: choose one of {', '.join(NORMS)}")
     started = time.perf_counter()
+    teacher = model_folder(str(teacher))
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
     sources = parse_sources(data)

@@ -295,16 +295,18 @@ def run_eval(args) -> None:
     import json
 
     from engine.data import load_text_dataset
+    from engine.hub import model_folder
     from engine.tools.harness import evaluate_tasks
     from engine.tools.report import benchmark_rows
 
-    for model in args.models:
-        if not (Path(model) / "config.json").is_file():
+    folders = {model: model_folder(model) for model in args.models}  # a Hub id: its snapshot in the cache
+    for model, folder in folders.items():
+        if not (Path(folder) / "config.json").is_file():
             raise UserError(f"{model} is not a Hugging Face checkpoint folder (no config.json)")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be at least 1")
     texts = list(load_text_dataset(args.text, args.text_field)[args.text_field]) if args.text else None
-    results = evaluate_tasks({model: model for model in args.models}, args.tasks, texts=texts, include=args.include,
+    results = evaluate_tasks(folders, args.tasks, texts=texts, include=args.include,
                        batch_size=args.batch_size, device=args.device, limit=args.limit)
     header, rows = benchmark_rows({m: {"benchmarks": scores} for m, scores in results["models"].items()})
     columns = list(zip(*rows))  # one row per task and metric, one column per model: fits a terminal

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.hub import model_folder
 from engine.models.loading import is_per_layer, load_config
 from engine.pruning.families import FAMILIES, SavedBytes, family_for
 from engine.pruning.widths import PERMILLE
@@ -37,6 +38,8 @@ def _config_from_json(path: Path):
 
 def load_model_config(spec: str):
     """The config of MODEL: a preset name, a checkpoint directory or a config.json file."""
+    if spec not in PRESETS:
+        spec = model_folder(spec, weights=False)  # a Hub id: its config.json, from the cache or the Hub
     path = Path(spec)
     if spec in PRESETS:
         config = preset_config(spec)
