@@ -41,8 +41,9 @@ def hub_id_of(path) -> str | None:
 
 
 def public_name(path) -> str:
-    """How an input is named in what a run publishes: its Hub id, else its file or folder name."""
-    return hub_id_of(path) or Path(str(path)).resolve().name or str(path)
+    """How an input is named in what a run publishes: a Hub id as given (with its revision or config and split),
+    the Hub id of a cache snapshot, else its file or folder name."""
+    return str(path) if is_hub_id(path) else hub_id_of(path) or Path(str(path)).resolve().name or str(path)
 
 
 def _download_hint(repo_id: str, repo_type: str, revision: str | None) -> str:

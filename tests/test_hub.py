@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from helpers import MINIDISC, minidisc_forked, save_teacher
+from huggingface_hub import ModelCard
 
 from engine.hub import hub_id_of, is_hub_id, public_name
 
@@ -29,7 +30,9 @@ def hub(tmp_path_factory, tokenizer_dir, corpus):
     """A Hub cache with a tiny LLaMA (`org/tiny-llama`) and a data set (`org/corpus`: a README with two configs,
     jsonl files for train and validation)."""
     hub = tmp_path_factory.mktemp("hf") / "hub"
-    save_teacher("llama_gqa", cached_repo(hub, "model", "org/tiny-llama"), tokenizer_dir)
+    model = cached_repo(hub, "model", "org/tiny-llama")
+    save_teacher("llama_gqa", model, tokenizer_dir)
+    (model / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n")
     data = cached_repo(hub, "dataset", "org/corpus")
     paragraphs = [p for p in corpus["train"].read_text().split("\n\n") if p.strip()]
     for config, rows in (("main", paragraphs[:300]), ("small", paragraphs[300:360])):
@@ -61,7 +64,8 @@ def test_hub_ids_and_public_names(tmp_path):
     assert hub_id_of(snapshot) == "meta-llama/Llama-2-7b-hf" and hub_id_of(snapshot / "config.json")
     assert hub_id_of(tmp_path / "teacher") is None
     assert public_name(snapshot) == "meta-llama/Llama-2-7b-hf" and public_name(tmp_path / "my-run") == "my-run"
-    assert public_name("HuggingFaceFW/fineweb-edu:sample-10BT:train") == "HuggingFaceFW/fineweb-edu"
+    assert public_name("HuggingFaceFW/fineweb-edu:sample-10BT:train") == "HuggingFaceFW/fineweb-edu:sample-10BT:train"
+    assert hub_id_of("HuggingFaceFW/fineweb-edu:sample-10BT:train") == "HuggingFaceFW/fineweb-edu"
 
 
 @pytest.mark.slow
@@ -72,6 +76,17 @@ def test_teacher_and_data_by_hub_id_offline(hub, tmp_path, monkeypatch):
     assert pruned.returncode == 0, pruned.stderr[-3000:]
     calibration = json.loads((tmp_path / "pruned" / "pruning.json").read_text())["calibration"]
     assert calibration["data"][0]["path"] == "org/corpus:small"
+    # an export's card names the original by Hub id and inherits its license; no path of this machine in it
+    exported = minidisc(hub, "export", "--model", tmp_path / "pruned", "--sparsity", 0.5, "--out", tmp_path / "exp",
+                        cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    card = ModelCard.load(tmp_path / "exp" / "README.md")
+    assert card.data.base_model == "org/tiny-llama" and card.data.license == "other"
+    assert card.data.license_name == "tiny-license" and "| license | tiny-license |" in card.text
+    for folder in ("pruned", "exp"):
+        for path in (tmp_path / folder).iterdir():
+            text = path.read_bytes()
+            assert str(tmp_path).encode() not in text and str(hub).encode() not in text, path
 
     dry = minidisc(hub, "compress", "--teacher", "org/tiny-llama", "--data", "org/corpus:main", "--dev-data",
                    "org/corpus:main:validation", "--seq-len", 32, "--out", tmp_path / "run", "--dry-run", cwd=tmp_path)

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from engine.errors import UserError
-from engine.hub import model_folder
+from engine.hub import model_folder, public_name
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.outputs import atomic_output_dir
+from engine.provenance import model_source
 from engine.pruning.families import family_for
 from engine.pruning.plan import PruningPlan
 from engine.pruning.units import count_parameters, model_width
@@ -254,7 +255,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     plan.check_model(model, family, model_dir)
     pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
     summary = {
-        "source": str(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
+        "source": public_name(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
         "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),
         "parameters": count_parameters(model, family, width),
         "teacher_parameters": count_parameters(model, family, plan.full_width),
@@ -264,7 +265,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
         pruned.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_model_card(scratch, role="exported slice", teacher=str(model_dir), sparsity=summary["sparsity"],
+        write_model_card(scratch, role="exported slice", source=model_source(model_dir), sparsity=summary["sparsity"],
                          width=width, parameters=summary["parameters"],
                          teacher_parameters=summary["teacher_parameters"], uniform=uniform,
                          query_heads_per_unit=family.query_heads_per_unit)

@@ -10,9 +10,10 @@ import torch
 from engine.data import parse_sources
 from engine.data.splits import calibration_blocks
 from engine.errors import UserError
-from engine.hub import model_folder
+from engine.hub import model_folder, public_name
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.outputs import atomic_output_dir
+from engine.provenance import model_source
 from engine.pruning.families import ATTENTION_UNITS, family_for
 from engine.pruning.importance import normalize_per_layer, unit_importance
 from engine.pruning.plan import PruningPlan
@@ -116,8 +117,10 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size,
                          attention_norm=attention_norm)
     scored = time.perf_counter()
-    plan.extra["calibration"] = {"data": [vars(s) for s in sources], "samples": len(calibration), "seq_len": seq_len,
-                                 "seed": seed, "text_field": text_field}
+    plan.extra["calibration"] = {"data": [{**vars(s), "path": public_name(s.path)} for s in sources],
+                                 "samples": len(calibration), "seq_len": seq_len, "seed": seed,
+                                 "text_field": text_field}
+    plan.extra["source"] = model_source(teacher)  # the original's name and license, for the cards of what follows
     with atomic_output_dir(out, kind="pruned-teacher") as scratch:
         model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)

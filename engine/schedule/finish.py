@@ -8,8 +8,10 @@ import time
 
 import torch
 
+from engine.hub import public_name
 from engine.models.export import sliced_checkpoint
 from engine.models.loading import load_tokenizer
+from engine.provenance import environment, model_source, shareable
 from engine.pruning.widths import PERMILLE, parse_sparsity
 from engine.schedule.run import Run
 from engine.schedule.scoring import score_and_free, score_checkpoint, score_report, score_widths
@@ -26,14 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def finish(run: Run, report: dict) -> dict:
-    """The run's report: `report` (what its pipeline produced) with the run's set-up, data and compute, every model
-    measured on test, written last (its presence means the run is complete)."""
+    """The run's report: `report` (what its pipeline produced) with the run's set-up, data, compute and environment,
+    every model measured on test, written last (its presence means the run is complete). Its paths are relative to
+    --out (models it wrote) or names (inputs): `engine.provenance.shareable`."""
     run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
     report = {"format": "minidisc-report/1", "command": run.command,
               "target_sparsity": run.target / PERMILLE, "lam": run.cfg.lam, "metric": run.cfg.metric,
               **report, "data": run.data_summary(), "compute": run.compute, "phases": run.phases,
               "stage_timings": run.stage_timings, "stage_memory": run.stage_memory,
-              "config": run.cfg.to_dict()}
+              "config": run.cfg.to_dict(), "environment": environment(dist.world_size())}
     with dist.main_first("writing the report") as main:
         if main:
             log.info("measuring every model on the test split (%d blocks)", len(run.data.test))
@@ -48,6 +51,7 @@ def finish(run: Run, report: dict) -> dict:
             faults.kill_point("report:scored")
             write_cards(run, report)
             faults.kill_point("report:cards")
+            report = shareable(report, run.out)  # no path of this machine in what a user may share
             tmp = run.out / ".report.json.partial"
             tmp.write_text(json.dumps(report, indent=1) + "\n")
             render(report, run.out)
@@ -120,11 +124,33 @@ def write_cards(run: Run, report: dict) -> None:
                  ("student", "student", report.get("student"), via)]
     published += [(f"baseline student ({m['label']})", f"baselines/{name}", m, None)
                   for name, m in (report.get("baselines") or {}).items()]
+    source, training = model_source(run.teacher_dir), training_facts(run, report)
     for role, folder, metrics, via_ta in published:
         if metrics and (run.out / folder).is_dir():
             sparsity = metrics["sparsity"]
-            write_model_card(run.out / folder, role=role, teacher=str(run.cfg.teacher), sparsity=sparsity,
+            write_model_card(run.out / folder, role=role, source=source, sparsity=sparsity,
                              width=run.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
                              teacher_parameters=report["teacher"]["parameters"], uniform=run.cfg.uniform,
                              via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
-                             query_heads_per_unit=run.family.query_heads_per_unit)
+                             query_heads_per_unit=run.family.query_heads_per_unit, training=training)
+
+
+def training_facts(run: Run, report: dict) -> dict:
+    """What a card says of the run that made its model: data by name, the settings that shape the result, compute."""
+    cfg, env = run.cfg, report["environment"]
+    packages = env["packages"]
+    objective = (f"{cfg.loss} on logits x {cfg.logit_weight:g} (T = {cfg.temperature:g}) + hidden-state MSE x "
+                 f"{cfg.hidden_weight:g} + cross-entropy x {cfg.ce_weight:g}")
+    settings = {"command": f"minidisc {run.command}", "target sparsity": f"{run.target / PERMILLE:g}",
+                "steps per stage": cfg.max_steps, "batch": f"{cfg.batch_size} sequences x {cfg.seq_len} tokens",
+                "learning rate": f"{cfg.lr:g}", "objective": objective, "seed": cfg.seed}
+    if run.command == "compress":
+        settings["TA trade-off"] = f"p(s) + {cfg.lam:g} s ({cfg.metric})"
+    flops = sum(stage.get("train_flops") or 0 for stage in (report.get("compute") or {}).values()
+                if isinstance(stage, dict))
+    compute = {"training FLOPs": f"{flops:.3g}", "wall time": f"{run.phases.get('total', 0) / 3600:.2f} h",
+               "hardware": f"{env['device']} x {env['processes']} processes",
+               "software": ", ".join(f"{p} {packages[p]}" for p in ("minidisc", "torch", "transformers", "deepspeed")
+                                     if p in packages)}
+    return {"data": [(public_name(s.path), s.weight) for s in cfg.sources()], "settings": settings,
+            "compute": compute}

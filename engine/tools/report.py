@@ -165,10 +165,15 @@ def _comparison_table(report: dict) -> list[str]:
     return _table(header, rows) if rows else []
 
 
+def in_out(path: str) -> str:
+    """A path of the report as a command line names it: those relative to --out under OUT/."""
+    return path if Path(path).is_absolute() else f"OUT/{path}"
+
+
 def supernet_intro(report: dict) -> str:
-    supernet = report["supernet"]
-    return (f"`{supernet['path']}` holds the sandwich's weights at its last step ({supernet['step']}): every width "
-            f"it trained is a model of its own, written by `minidisc export {supernet['path']} --sparsity S --out "
+    supernet = in_out(report["supernet"]["path"])
+    return (f"`{supernet}` holds the sandwich's weights at its last step ({report['supernet']['step']}): every "
+            f"width it trained is a model of its own, written by `minidisc export {supernet} --sparsity S --out "
             "DIR`. On test, each width sliced from them against the same width of the pruned teacher without "
             "training (a one-shot prune); the difference is paired over the test blocks.")
 
@@ -352,7 +357,7 @@ def print_summary(report: dict) -> None:
     widths = [row for row in (report.get("supernet") or {}).get("widths") or [] if row.get("trained")]
     if widths:
         table = Table(title=f"Trained widths: test accuracy, points (export any: minidisc export "
-                            f"{report['supernet']['path']} --sparsity S --out DIR)")
+                            f"{in_out(report['supernet']['path'])} --sparsity S --out DIR)")
         for column in WIDTH_HEADER:
             table.add_column(column, justify="right")
         for row in widths:

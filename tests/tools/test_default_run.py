@@ -94,8 +94,17 @@ def test_default_run_writes_consistent_artifacts(default_run):
     published = ["student", "baselines/kd", "baselines/kd-matched", "baselines/ce"] + (["ta"] if report["ta"] else [])
     for folder in published:
         card = (out / folder / "README.md").read_text()
-        assert card.startswith("---\nlibrary_name: transformers") and "## Quality" in card, folder
+        assert "\nlibrary_name: transformers\n" in card.split("\n---\n")[0] and "## Quality" in card, folder
         assert "minidisc_cloze | acc |" in card, folder  # the benchmark scores of that model
+        assert "## Training" in card and "| training FLOPs |" in card and "arXiv:2205.14570" in card, folder
+    # what a user shares names its inputs, never a path of this machine (run.json and work/ are resume state)
+    shared = [p for p in out.rglob("*") if p.is_file() and "work" not in p.relative_to(out).parts
+              and p.name not in ("run.json", ".lock")]
+    assert not [p for p in shared if str(root).encode() in p.read_bytes()]
+    assert report["student"]["path"] == "student" and report["config"]["teacher"] == "teacher"
+    environment = report["environment"]
+    assert {"minidisc", "torch", "transformers", "deepspeed", "datasets"} <= set(environment["packages"])
+    assert environment["device"].startswith("CPU") and environment["processes"] == 1
 
     # lm-eval's local tasks on every model, in the report and its table
     assert report["benchmarks"]["tasks"] == ["minidisc_ppl", "minidisc_cloze"]

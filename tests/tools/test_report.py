@@ -82,7 +82,7 @@ def make_report(command: str = "compress", lam: float = 0.2) -> dict:
                              "baseline-ce": compute(50, 1e12, 12.5), "baseline-kd-matched": compute(190, 3.99e12, 40)}
         report["data"] = {"seq_len": 128, "train_blocks": 800, "dev_blocks": 96, "test_blocks": 64,
                           "dev": "dev.txt", "test": "held out of --data"}
-        report["supernet"] = {"path": "out/supernet", "step": 50, "one_shot": "out/work/pruned", "widths": [
+        report["supernet"] = {"path": "supernet", "step": 50, "one_shot": "work/pruned", "widths": [
             {"sparsity": s, "parameters": metrics(s, 0, 0, "")["parameters"], "dev_accuracy": 0.4 - 0.1 * s,
              "dev_loss": 2.5, "trained": {"accuracy": 0.42 - 0.1 * s, "loss": 2.4},
              "one_shot": {"accuracy": 0.4 - 0.3 * s, "loss": 4.0},
@@ -139,7 +139,7 @@ def test_render_with_candidates(tmp_path, command):
         assert "| baseline-kd-matched | 190 | 195K | 195K | 4e+12 | 4e+11 | 40.0 s |" in md  # compute per stage
         assert "every model figure below is measured on test (held out of --data, 64 blocks)" in md
         # every width the sandwich trained, against its one-shot prune, from OUT/supernet
-        assert "`minidisc export out/supernet --sparsity S --out DIR`" in md and "(widths.png)" in md
+        assert "`minidisc export OUT/supernet --sparsity S --out DIR`" in md and "(widths.png)" in md
         assert "| 0.7 | 550K | 0.350 | 0.190 | +16.00 [+15.00, +17.00] | 0.330 |" in md
     assert "sandwich" in md and "30.2" in md  # phases table
     assert ("student test acc. (via this TA)" in md) == (command == "maxidisc")
