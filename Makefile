@@ -12,7 +12,7 @@ TRANSFORMERS_ENDS := 5.0.0 5.24.0
 ENDS_TESTS := tests/models/test_export.py tests/tools/test_default_run.py
 ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
-.PHONY: demo test test-fast lint test-transformers-ends test-dependency-ends install gpu-check readme-options clean
+.PHONY: demo test test-fast lint test-transformers-ends test-dependency-ends install gpu-check docs-options clean
 
 install: $(VENV)/.installed
 
@@ -51,8 +51,8 @@ test-dependency-ends:
 lint: install
 	$(BIN)/ruff check .
 
-# The README's option table, from RunConfig (tests/tools/test_cli.py fails when they differ).
-readme-options: install
+# docs/options.md's option table, from RunConfig (tests/tools/test_cli.py fails when they differ).
+docs-options: install
 	$(BIN)/python -m engine.tools.options_table
 
 # The unit tests: no end-to-end runs, no second process, no Slurm (about 2 minutes on 2 cores).

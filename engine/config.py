@@ -30,15 +30,17 @@ def option(default, help: str, **argparse_kwargs):
 @dataclass
 class RunConfig:
     # what to compress, on what
-    teacher: str = option(None, "Hugging Face checkpoint directory of the teacher (LLaMA, Mistral, Qwen2/2.5, Qwen3 "
-                          "or OPT) with its tokenizer; a directory written by `minidisc prune` is used as is, any "
-                          "other is pruned first. `compress` with neither --teacher nor --data runs the built-in "
-                          "example", metavar="DIR")
+    teacher: str = option(None, "the teacher (LLaMA, Mistral, Qwen2/2.5, Qwen3 or OPT) with its tokenizer: a Hugging "
+                          "Face checkpoint directory, or a Hub id org/name[@revision] (from the local Hugging Face "
+                          "cache; downloaded when the Hub is reachable); a directory written by `minidisc prune` is "
+                          "used as is, any other is pruned first. `compress` with neither --teacher nor --data runs "
+                          "the built-in example", metavar="DIR|ID")
     data: list[str | dict] | None = option(
-        None, "training data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), or a datasets "
-        "save_to_disk folder. Several sources are mixed by weight: PATH@WEIGHT or PATH@WEIGHT@FIELD (a recipe: a list "
-        "of {path, weight, text_field}). Records whose field holds chat messages go through the tokenizer's chat "
-        "template and only the assistant's tokens are trained on (README, \"Data\")", nargs="+", metavar="SOURCE")
+        None, "training data: files, globs or folders of .txt, .jsonl/.json, .parquet, .csv (also .gz), a datasets "
+        "save_to_disk folder, or a Hub data set org/name[:config][:split] (default split train). Several sources "
+        "are mixed by weight: PATH@WEIGHT or PATH@WEIGHT@FIELD (a recipe: a list of {path, weight, text_field}). "
+        "Records whose field holds chat messages go through the tokenizer's chat template and only the assistant's "
+        "tokens are trained on (docs/data.md)", nargs="+", metavar="SOURCE")
     dev_data: str | None = option(None, "dev text in the same formats; it selects (p(s), best snapshots, MaxiDisc's "
                                   "winner) (default: records held out of --data, the same for every --seed)",
                                   metavar="FILE")
@@ -59,7 +61,7 @@ class RunConfig:
                                     "10%%-scale student)", metavar="S")
     lam: float = option(0.2, "lambda of the trade-off p(s) + lambda * s that chooses the teacher assistant; larger "
                         "values favour sparser TAs. With relative accuracy, 0.1 to 0.3 ranked the candidates best "
-                        "on the built-in example at target 0.9, 0.5 at 0.95 (README, \"Does it pay off?\"); for "
+                        "on the built-in example at target 0.9, 0.5 at 0.95 (docs/studies.md); for "
                         "--metric accuracy multiply it by the teacher's accuracy", metavar="L")
     truncate: float = option(0.0, "candidate TAs are the grid sparsities from this one up to the target (0 = the "
                              "whole grid, so the trade-off alone chooses; a higher value saves the sandwich the "
@@ -104,7 +106,7 @@ class RunConfig:
                                  "that spend --sandwich-share of the pipeline's training FLOPs)", metavar="N")
     sandwich_share: float = option(0.2, "the share of the compress pipeline's training FLOPs spent on the sandwich "
                                    "when --sandwich-steps is 0, the student stage counted as --max-steps of plain "
-                                   "KD. A fifth did best of the shares measured at equal compute (README, "
+                                   "KD. A fifth did best of the shares measured at equal compute (docs/studies.md, "
                                    "\"Schedules at equal compute\")", metavar="F")
     eval_every: int = option(50, "evaluate every N steps (and at the end), checkpointing each time", metavar="N")
     patience: int = option(0, "stop a stage after N evaluations without improvement (0 = never stop early)",
@@ -125,7 +127,8 @@ class RunConfig:
     attention_norm: str = option("layer", "attention importance before the global ranking (when pruning): layer "
                                  "divides each layer's scores by their L2 norm, as FFN scores always are; none ranks "
                                  "them as measured, keeping the differences between layers with few units (better "
-                                 "one-shot, worse at high sparsity after training: README)", choices=["layer", "none"])
+                                 "one-shot, worse at high sparsity after training: docs/studies.md)",
+                                 choices=["layer", "none"])
     seed: int = option(0, "seed for data order, width sampling and dropout", metavar="N")
     # optimisation
     lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay to 0)", metavar="LR")
@@ -140,7 +143,7 @@ class RunConfig:
     jsd_beta: float = option(0.5, "JSD mixture weight beta", metavar="B")
     logit_weight: float = option(0.5, "weight of the logit divergence", metavar="W")
     hidden_weight: float = option(0.0, "weight of the hidden-state MSE (every ceil(L/6)-th layer; the reference's "
-                                  "0.5, with --ce-weight 0, measured worse: README)", metavar="W")
+                                  "0.5, with --ce-weight 0, measured worse: docs/studies.md)", metavar="W")
     ce_weight: float = option(0.5, "weight of the hard-label next-token cross-entropy", metavar="W")
     # DeepSpeed and memory placement (`minidisc plan` says which fits)
     deepspeed: str | None = option(None, "DeepSpeed JSON for the trained model (default ds_configs/zero3_train.json;"

@@ -3,7 +3,7 @@ word sequences (n-grams) for the built-in corpus.
 
 Normalised text: Unicode NFKC, case-folded, whitespace runs collapsed. So a record copied with other line breaks,
 spacing or capitals is the same record; a record that differs by a word is not (near-duplicates are not removed from
-user data: see README "Data").
+user data: see docs/data.md).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ loss = logit_weight * T^2 KL-family divergence of the next-token distributions (
        included; hidden size is not pruned, so no projection)
      + ce_weight * cross-entropy on the next tokens (optional hard labels; `kernels.fused_linear_cross_entropy`),
 all over non-padding tokens; the logit and CE terms never build [tokens, vocab] logits. Defaults by measurement
-(benchmarks/bench_objective.py, README): (logit + CE) / 2, ahead of the reference's (logit + hidden) / 2 on every
-seed of the built-in example.
+(benchmarks/bench_objective.py, docs/studies.md): (logit + CE) / 2, ahead of the reference's (logit + hidden) / 2
+on every seed of the built-in example.
 """
 from __future__ import annotations
 

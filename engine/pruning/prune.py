@@ -65,7 +65,7 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
     """Score, rank and reorder `model` in place on token blocks [n, T]; returns the pruning plan. `attention_norm`:
     `layer` divides each layer's attention scores by their L2 norm before the global ranking (FFN scores always
     are); `none` ranks them as measured, which keeps the differences between layers that have few units (better
-    one-shot, worse at 0.9 after training on the built-in teacher: README, "Attention units under GQA")."""
+    one-shot, worse at 0.9 after training on the built-in teacher: docs/studies.md, "Attention units under GQA")."""
     family = family_for(model.config)
     raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
     attention_orders, attention_scores = _ranked(family, raw_attention, attention_norm)

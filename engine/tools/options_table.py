@@ -1,4 +1,4 @@
-"""The README's option table, written from RunConfig (`make readme-options`; a test keeps the README in step)."""
+"""docs/options.md's option table, written from RunConfig (`make docs-options`; a test keeps the page in step)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.config import RunConfig
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPTIONS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 HEADER = "| option (recipe key) | default | what it does |\n| --- | --- | --- |\n"
 
 
@@ -30,15 +30,15 @@ def options_table() -> str:
     return HEADER + "".join(rows)
 
 
-def with_table(readme: str) -> str:
-    """The README text with its option table replaced by the current one."""
+def with_table(page: str) -> str:
+    """The page's text with its option table replaced by the current one."""
     table = re.compile(re.escape(HEADER) + r"(?:\|.*\n)*")
-    if not table.search(readme):
-        raise SystemExit("README.md has no option table (its header row was not found)")
-    return table.sub(lambda _: options_table(), readme, count=1)
+    if not table.search(page):
+        raise SystemExit(f"{OPTIONS_PAGE} has no option table (its header row was not found)")
+    return table.sub(lambda _: options_table(), page, count=1)
 
 
 if __name__ == "__main__":
-    text = README.read_text()
-    README.write_text(with_table(text))
-    print("README.md option table", "unchanged" if with_table(text) == text else "rewritten", file=sys.stderr)
+    text = OPTIONS_PAGE.read_text()
+    OPTIONS_PAGE.write_text(with_table(text))
+    print("docs/options.md option table", "unchanged" if with_table(text) == text else "rewritten", file=sys.stderr)
