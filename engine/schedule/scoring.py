@@ -107,6 +107,17 @@ def paired_interval(a: list[int] | None, b: list[int] | None, tokens: list[int] 
     return {"accuracy_interval": [float(low), float(high)], "blocks": len(n), "bootstrap": BOOTSTRAP}
 
 
+def accuracy_interval(correct: list[int] | None, tokens: list[int] | None, level: float = 0.95, seed: int = 0):
+    """The 95% bootstrap interval of one model's test accuracy over the test blocks (unpaired: it holds the blocks'
+    difficulty, which a paired difference cancels), or None without the per-block figures."""
+    if not (correct and tokens) or len(correct) != len(tokens):
+        return None
+    a, n = np.asarray(correct, float), np.asarray(tokens, float)
+    draws = np.random.default_rng(seed).integers(0, len(n), size=(BOOTSTRAP, len(n)))
+    low, high = np.quantile(a[draws].sum(1) / np.maximum(n[draws].sum(1), 1), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 KD_FOR_REGIME = ("kd", "kd-matched", "kd-steps")  # the plain-KD student the regime check reads, first found
 
 

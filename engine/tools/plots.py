@@ -105,6 +105,32 @@ def _plot_lines(ax, series: dict, ylabel: str, title: str, marker: str | None) -
     ax.legend(fontsize="x-small", ncols=2 if len(widths) > 5 else 1)
 
 
+def objective(report: dict, stage: str) -> str:
+    """What a stage's training loss is made of, from the run's options (the no-distillation baseline: CE alone)."""
+    config = report.get("config") or {}
+    if stage == "baseline-ce":
+        return "cross-entropy on the next tokens"
+    terms = [(config.get("logit_weight"), f"{config.get('loss', 'KL')}(logits, T={config.get('temperature', 1):g})"),
+             (config.get("hidden_weight"), "hidden-state MSE"), (config.get("ce_weight"), "CE")]
+    shown = [f"{weight:g}·{name}" for weight, name in terms if weight]
+    return " + ".join(shown) if shown else "loss"
+
+
+def _plot_evaluations(ax, series: dict, stage: str) -> None:
+    """Dev accuracy per width: curves over the steps, or, when each width was evaluated once (a short stage, or
+    --eval-every past its steps), one point per width against its sparsity, which is what that evaluation says."""
+    if series and all(len(steps) == 1 for steps, _ in series.values()):
+        widths = list(series)
+        step = series[widths[0]][0][0]
+        ax.plot(widths, [series[w][1][0] for w in widths], "o-", color="tab:blue")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("dev accuracy")
+        ax.set_title(f"{stage}: dev accuracy at step {step} (one evaluation)")
+        ax.grid(alpha=0.3)
+        return
+    _plot_lines(ax, series, "dev accuracy", f"{stage}: dev accuracy", "o")
+
+
 def plot_curves(report: dict, path: Path) -> Path | None:
     stages = {name: curves for name, curves in (report.get("curves") or {}).items()
               if (curves or {}).get("train") or (curves or {}).get("eval")}
@@ -113,41 +139,51 @@ def plot_curves(report: dict, path: Path) -> Path | None:
     fig = _figure(11, 3.4 * len(stages))
     axes = fig.subplots(len(stages), 2, squeeze=False)
     for row, (name, curves) in zip(axes, stages.items()):
-        _plot_lines(row[0], _series(curves.get("train") or [], "loss"), "training loss", f"{name}: training loss", None)
-        _plot_lines(row[1], _series(curves.get("eval") or [], "accuracy"), "dev accuracy", f"{name}: dev accuracy", "o")
+        _plot_lines(row[0], _series(curves.get("train") or [], "loss"), "training loss",
+                    f"{name}: training loss = {objective(report, name)}", None)
+        _plot_evaluations(row[1], _series(curves.get("eval") or [], "accuracy"), name)
     fig.savefig(path)
     return path
 
 
+MARKERS = "oD^vsPX*ph<>"
+
+
 def plot_models(report: dict, path: Path) -> Path | None:
-    """Test accuracy of teacher, TA, student and baselines side by side (parameters on the labels), and of the
-    trained ones against their training FLOPs: what each model cost."""
+    """Test accuracy of teacher, TA, student and baselines side by side (parameters on the labels), each with its
+    95% bootstrap interval over the test blocks, and of the trained ones against their training FLOPs."""
+    from engine.schedule.scoring import accuracy_interval
+
     models = [(label, m) for label, _, m in models_of(report) if m.get("accuracy") is not None]
     if len(models) < 2:
         return None
     names = ["\n".join([*label.split(", "), count(m.get("parameters"))]) for label, m in models]
     colors = [_color(label) for label, _ in models]
-    fig = _figure(max(10.0, 1.6 * len(models) + 6), 4.2)
+    fig = _figure(max(10.0, 1.6 * len(models) + 6), 4.6)
     bars_ax, cost_ax = fig.subplots(1, 2)
-    bars = bars_ax.bar(range(len(models)), [m["accuracy"] for _, m in models], color=colors)
-    bars_ax.bar_label(bars, fmt="%.3f", fontsize="small")
+    accuracy = [m["accuracy"] for _, m in models]
+    intervals = [accuracy_interval(m.get("test_correct"), report.get("test_block_tokens")) for _, m in models]
+    errors = [[a - i[0] if i else 0 for a, i in zip(accuracy, intervals)],
+              [i[1] - a if i else 0 for a, i in zip(accuracy, intervals)]]
+    bars = bars_ax.bar(range(len(models)), accuracy, color=colors, yerr=errors if any(intervals) else None,
+                       capsize=4, ecolor="black")
+    bars_ax.bar_label(bars, fmt="%.3f", fontsize="small", padding=8)
     bars_ax.set_xticks(range(len(models)), names, fontsize="small")
-    bars_ax.set_title("next-token accuracy (test)")
+    bars_ax.set_title("next-token accuracy (test)" + (", 95% interval over blocks" if any(intervals) else ""))
     bars_ax.margins(y=0.15)
     bars_ax.grid(axis="y", alpha=0.3)
-    for label, m in models:
+    for i, (label, m) in enumerate(models):
         if (m.get("compute") or {}).get("train_flops"):
-            cost_ax.plot(m["compute"]["train_flops"], m["accuracy"], "o", color=_color(label), markersize=8)
-            cost_ax.annotate(label, (m["compute"]["train_flops"], m["accuracy"]), xytext=(6, 4),
-                             textcoords="offset points", fontsize="small")
+            cost_ax.plot(m["compute"]["train_flops"], m["accuracy"], MARKERS[i % len(MARKERS)],
+                         color=_color(label), markersize=8, label=label)
         elif label == "teacher":
             cost_ax.axhline(m["accuracy"], color=_color(label), linestyle="--", linewidth=1, label="teacher")
-            cost_ax.legend(loc="best", fontsize="small")
+    cost_ax.legend(loc="best", fontsize="small")  # names in a legend: annotations overflow the panel
     cost_ax.set_xscale("log")
     cost_ax.set_xlabel("training FLOPs (every stage behind the model)")
     cost_ax.set_ylabel("test accuracy")
     cost_ax.set_title("quality against compute")
-    cost_ax.margins(x=0.3, y=0.15)
+    cost_ax.margins(x=0.2, y=0.15)
     cost_ax.grid(alpha=0.3)
     fig.savefig(path)
     return path

@@ -190,3 +190,31 @@ def test_print_summary_distill(capsys):
     print_summary(make_report("distill"))
     out = capsys.readouterr().out
     assert "candidates" not in out and "student s=0.9" in out
+
+
+def test_plots_say_what_they_show():
+    """A loss title names its terms; a stage evaluated once per width is drawn against sparsity, not as a column of
+    dots; a model's error bar is the bootstrap interval of its accuracy over the test blocks."""
+    import numpy as np
+
+    from engine.schedule.scoring import accuracy_interval
+    from engine.tools.plots import _figure, _plot_evaluations, objective
+
+    config = {"loss": "forward_kl", "temperature": 2.0, "logit_weight": 0.5, "hidden_weight": 0.0, "ce_weight": 0.5}
+    assert objective({"config": config}, "student") == "0.5·forward_kl(logits, T=2) + 0.5·CE"
+    assert objective({"config": config}, "baseline-ce") == "cross-entropy on the next tokens"
+    ax = _figure(4, 3).add_subplot()
+    _plot_evaluations(ax, {0.0: ([10], [0.33]), 0.5: ([10], [0.27]), 0.9: ([10], [0.1])}, "sandwich")
+    assert ax.get_title() == "sandwich: dev accuracy at step 10 (one evaluation)" and ax.get_xlabel() == "sparsity"
+    assert list(ax.lines[0].get_xdata()) == [0.0, 0.5, 0.9]
+    ax = _figure(4, 3).add_subplot()
+    _plot_evaluations(ax, {0.9: ([50, 100], [0.2, 0.25])}, "student")
+    assert ax.get_xlabel() == "step"
+
+    rng = np.random.default_rng(0)
+    tokens = [100] * 200
+    correct = list(rng.binomial(100, 0.3, size=200))
+    low, high = accuracy_interval(correct, tokens)
+    mean, spread = sum(correct) / sum(tokens), 1.96 * np.std(np.asarray(correct) / 100) / np.sqrt(200)
+    assert low < mean < high and (high - low) / 2 == pytest.approx(spread, rel=0.15)  # the normal approximation
+    assert accuracy_interval(None, tokens) is None and accuracy_interval([1, 2], [3]) is None
