@@ -9,6 +9,8 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
                            TA path on test against plain KD given exactly its training FLOPs.
     --study equal-compute  per seed, `compress` with the given options and --baselines kd kd-matched: the MiniDisc
                            student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
+    --study uniform        per seed, `compress` with per-layer widths (the default) and with --uniform (a stock
+                           model class): the student's test accuracy at (about) the same parameter count.
 
 The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
 WORK/runs/<options>/seed<N>/<command> (named by the options that differ from STUDY_BASE, so the two studies share
@@ -326,6 +328,39 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
+# --- study 3: per-layer widths against uniform ones ------------------------------------------------------------------
+def uniform(args, options: dict, base: Path) -> list[dict]:
+    """The MiniDisc student with per-layer widths (each layer keeps its most important units: the default) against
+    `--uniform` (every layer keeps the same number, a stock model class that any serving stack loads), same seed and
+    options otherwise: what serving-readiness costs, paired over the test blocks."""
+    from engine.schedule.scoring import paired_interval
+
+    rows = []
+    uniform_base = runs_folder(base.parent.parent, {**options, "uniform": True})
+    for seed in args.seeds:
+        seeded = {**options, "seed": seed}
+        per_layer = run("compress", seeded, base / f"seed{seed}" / "compress")
+        stock = run("compress", {**seeded, "uniform": True}, uniform_base / f"seed{seed}" / "compress")
+        a, b = per_layer["student"], stock["student"]
+        interval = paired_interval(a.get("test_correct"), b.get("test_correct"),
+                                   per_layer.get("test_block_tokens")).get("accuracy_interval", [None, None])
+        rows.append({"seed": seed, "per_layer_ta": (per_layer["selected_ta"] or {}).get("sparsity"),
+                     "uniform_ta": (stock["selected_ta"] or {}).get("sparsity"),
+                     "per_layer_parameters": a["parameters"], "uniform_parameters": b["parameters"],
+                     "per_layer_test_accuracy": a["accuracy"], "uniform_test_accuracy": b["accuracy"],
+                     "per_layer_minus_uniform": a["accuracy"] - b["accuracy"], "minus_low": interval[0],
+                     "minus_high": interval[1]})
+        print(f"seed {seed}: per-layer {a['accuracy']:.4f} ({a['parameters']:,} parameters), uniform "
+              f"{b['accuracy']:.4f} ({b['parameters']:,}): {100 * rows[-1]['per_layer_minus_uniform']:+.2f} points "
+              f"[{_points(interval[0])}, {_points(interval[1])}]")
+    gaps = [100 * r["per_layer_minus_uniform"] for r in rows]
+    low, high = across_seeds(gaps)
+    print(f"per-layer - uniform, test accuracy points: mean {mean(gaps):+.2f}, 95% t-interval {low:+.2f} to "
+          f"{high:+.2f}")
+    keys = [k for k in rows[0] if k != "seed" and not k.endswith(("_low", "_high", "_ta"))]
+    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
+
+
 def kd_step_flops(options: dict) -> int:
     """Training FLOPs of one plain-KD step: the target width trained (3 forwards), the teacher's forward."""
     import torch
@@ -394,7 +429,7 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
     import transformers
 
     import engine  # noqa: F401  (registers the MiniDisc model classes)
-    from engine.config import REPO_CONFIGS, _coerce
+    from engine.config import DS_CONFIGS, _coerce
     from engine.progress import setup_logging
     from engine.tools.demo import BUILTINS, builtin_setup
 
@@ -406,7 +441,7 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
     options = {**BUILTINS[name].run, "teacher": str(setup / "teacher"), "data": str(setup / "train.txt"),
                "dev_data": str(setup / "dev.txt"), "test_data": str(setup / "test.txt"), "baselines": None,
                "sample_tokens": 0, "eval_tasks": None,
-               "deepspeed": str(REPO_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
+               "deepspeed": str(DS_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
                                                 "zero3_train_fp32.json"))}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -416,7 +451,7 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", choices=["ta-choice", "equal-compute"], required=True)
+    parser.add_argument("--study", choices=["ta-choice", "equal-compute", "uniform"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
@@ -442,7 +477,7 @@ def main() -> None:
     folder = runs_folder(work, options)
     label = folder.name
     started = time.perf_counter()
-    study = ta_choice if args.study == "ta-choice" else equal_compute
+    study = {"ta-choice": ta_choice, "equal-compute": equal_compute, "uniform": uniform}[args.study]
     rows = study(args, options, folder)
     log(f"done in {time.perf_counter() - started:.0f} s")
     if not args.no_csv:
