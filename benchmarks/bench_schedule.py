@@ -9,8 +9,8 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
                            TA path on test against plain KD given exactly its training FLOPs.
     --study equal-compute  per seed, `compress` with the given options and --baselines kd kd-matched: the MiniDisc
                            student against plain KD given the training FLOPs of the whole MiniDisc pipeline.
-    --study uniform        per seed, `compress` with per-layer widths (the default) and with --uniform (a stock
-                           model class): the student's test accuracy at (about) the same parameter count.
+    --study compare        per seed, `compress` with the given options and with `--with KEY=VALUE` changed (e.g.
+                           uniform=true, student_stage=joint): the two students paired on test.
 
 The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
 WORK/runs/<options>/seed<N>/<command> (named by the options that differ from STUDY_BASE, so the two studies share
@@ -20,6 +20,7 @@ sandwich_steps=50 lam=0.5). Appends rows to benchmarks/results/ta_choice.csv or 
 
     python benchmarks/bench_schedule.py --study ta-choice --seeds 0 1 2
     python benchmarks/bench_schedule.py --study equal-compute --seeds 0 1 2 --set lam=1.0 truncate=0
+    python benchmarks/bench_schedule.py --study compare --with uniform=true --seeds 0 1 2
     MINIDISC_BUILTIN=test python benchmarks/bench_schedule.py --study ta-choice --seeds 0 --no-csv   # quick check
 """
 from __future__ import annotations
@@ -328,37 +329,41 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
-# --- study 3: per-layer widths against uniform ones ------------------------------------------------------------------
-def uniform(args, options: dict, base: Path) -> list[dict]:
-    """The MiniDisc student with per-layer widths (each layer keeps its most important units: the default) against
-    `--uniform` (every layer keeps the same number, a stock model class that any serving stack loads), same seed and
-    options otherwise: what serving-readiness costs, paired over the test blocks."""
+# --- study 3: one option changed ---------------------------------------------------------------------------------
+def compare(args, options: dict, base: Path) -> list[dict]:
+    """The MiniDisc student with the study's options against the same run with `--with KEY=VALUE` changed (e.g.
+    uniform=true: every layer keeps the same units, a stock class any serving stack loads; student_stage=joint),
+    same seeds: paired over the test blocks, with each side's parameters and training FLOPs."""
     from engine.schedule.scoring import paired_interval
 
+    changed = dict(option_value(item) for item in args.with_)
+    other_base = runs_folder(base.parent.parent, {**options, **changed})
+    label = ", ".join(f"{k}={v}" for k, v in changed.items())
     rows = []
-    uniform_base = runs_folder(base.parent.parent, {**options, "uniform": True})
     for seed in args.seeds:
         seeded = {**options, "seed": seed}
-        per_layer = run("compress", seeded, base / f"seed{seed}" / "compress")
-        stock = run("compress", {**seeded, "uniform": True}, uniform_base / f"seed{seed}" / "compress")
-        a, b = per_layer["student"], stock["student"]
-        interval = paired_interval(a.get("test_correct"), b.get("test_correct"),
-                                   per_layer.get("test_block_tokens")).get("accuracy_interval", [None, None])
-        rows.append({"seed": seed, "per_layer_ta": (per_layer["selected_ta"] or {}).get("sparsity"),
-                     "uniform_ta": (stock["selected_ta"] or {}).get("sparsity"),
-                     "per_layer_parameters": a["parameters"], "uniform_parameters": b["parameters"],
-                     "per_layer_test_accuracy": a["accuracy"], "uniform_test_accuracy": b["accuracy"],
-                     "per_layer_minus_uniform": a["accuracy"] - b["accuracy"], "minus_low": interval[0],
-                     "minus_high": interval[1]})
-        print(f"seed {seed}: per-layer {a['accuracy']:.4f} ({a['parameters']:,} parameters), uniform "
-              f"{b['accuracy']:.4f} ({b['parameters']:,}): {100 * rows[-1]['per_layer_minus_uniform']:+.2f} points "
+        runs = {"base": run("compress", seeded, base / f"seed{seed}" / "compress"),
+                "changed": run("compress", {**seeded, **changed}, other_base / f"seed{seed}" / "compress")}
+        a, b = runs["base"]["student"], runs["changed"]["student"]
+        interval = paired_interval(b.get("test_correct"), a.get("test_correct"),
+                                   runs["base"].get("test_block_tokens")).get("accuracy_interval", [None, None])
+        row = {"seed": seed, "changed": label}
+        for side, report in runs.items():
+            student = report["student"]
+            row.update({f"{side}_ta": (report["selected_ta"] or {}).get("sparsity"),
+                        f"{side}_parameters": student["parameters"], f"{side}_test_accuracy": student["accuracy"],
+                        f"{side}_train_flops": sum(stage["train_flops"] for stage in report["compute"].values())})
+        row.update({"changed_minus_base": b["accuracy"] - a["accuracy"], "minus_low": interval[0],
+                    "minus_high": interval[1]})
+        rows.append(row)
+        print(f"seed {seed}: base {a['accuracy']:.4f} ({a['parameters']:,} parameters), {label} {b['accuracy']:.4f} "
+              f"({b['parameters']:,}): {100 * row['changed_minus_base']:+.2f} points "
               f"[{_points(interval[0])}, {_points(interval[1])}]")
-    gaps = [100 * r["per_layer_minus_uniform"] for r in rows]
+    gaps = [100 * r["changed_minus_base"] for r in rows]
     low, high = across_seeds(gaps)
-    print(f"per-layer - uniform, test accuracy points: mean {mean(gaps):+.2f}, 95% t-interval {low:+.2f} to "
-          f"{high:+.2f}")
-    keys = [k for k in rows[0] if k != "seed" and not k.endswith(("_low", "_high", "_ta"))]
-    return rows + [{"seed": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}]
+    print(f"{label} - base, test accuracy points: mean {mean(gaps):+.2f}, 95% t-interval {low:+.2f} to {high:+.2f}")
+    keys = [k for k in rows[0] if k not in ("seed", "changed") and not k.endswith(("_low", "_high", "_ta"))]
+    return rows + [{"seed": "mean", "changed": label, **{k: mean([r[k] for r in rows]) for k in keys}}]
 
 
 def kd_step_flops(options: dict) -> int:
@@ -429,7 +434,7 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
     import transformers
 
     import engine  # noqa: F401  (registers the MiniDisc model classes)
-    from engine.config import DS_CONFIGS, _coerce
+    from engine.config import DS_CONFIGS
     from engine.progress import setup_logging
     from engine.tools.demo import BUILTINS, builtin_setup
 
@@ -443,17 +448,27 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
                "sample_tokens": 0, "eval_tasks": None,
                "deepspeed": str(DS_CONFIGS / ("zero3_train.json" if torch.cuda.is_available() else
                                                 "zero3_train_fp32.json"))}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        options[key] = _coerce(key, value.split(",") if "," in value else value)
+    options.update(option_value(item) for item in overrides)
     return name, setup, options
+
+
+def option_value(item: str) -> tuple[str, object]:
+    """KEY=VALUE as a RunConfig option: the value read as YAML (true, 0.5, joint), a comma list as a list."""
+    import yaml
+
+    from engine.config import _coerce
+
+    key, _, value = item.partition("=")
+    return key, _coerce(key, [yaml.safe_load(v) for v in value.split(",")] if "," in value else yaml.safe_load(value))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", choices=["ta-choice", "equal-compute", "uniform"], required=True)
+    parser.add_argument("--study", choices=["ta-choice", "equal-compute", "compare"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
+    parser.add_argument("--with", dest="with_", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="compare: the options the other side changes (e.g. uniform=true)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "minidisc" / "bench_schedule"))
     parser.add_argument("--kd-tolerance", type=float, default=0.02,
                         help="equal-compute: reuse a plain-KD run whose steps are within this fraction of the match")
@@ -477,7 +492,9 @@ def main() -> None:
     folder = runs_folder(work, options)
     label = folder.name
     started = time.perf_counter()
-    study = {"ta-choice": ta_choice, "equal-compute": equal_compute, "uniform": uniform}[args.study]
+    if args.study == "compare" and not args.with_:
+        parser.error("--study compare needs --with KEY=VALUE")
+    study = {"ta-choice": ta_choice, "equal-compute": equal_compute, "compare": compare}[args.study]
     rows = study(args, options, folder)
     log(f"done in {time.perf_counter() - started:.0f} s")
     if not args.no_csv:
