@@ -17,8 +17,9 @@ from engine.pruning.masks import masked, ones_masks
 log = logging.getLogger(__name__)
 
 
-def unit_importance(model: nn.Module, family: Family, batches, fused: bool = True):
-    """Raw importance per layer: (attention units, FFN neurons), accumulated |dL/dmask| per batch.
+def unit_importance(model: nn.Module, family: Family, batches, fused: bool = True, counted: list[bool] | None = None):
+    """Raw importance per layer: (attention units, FFN neurons), accumulated |dL/dmask| per batch (`counted`: which
+    batches add to it; the others only run, as a rank with fewer batches must under ZeRO-3).
 
     `batches` yields LongTensors of token ids [B, T]; labels are the inputs (causal LM loss). The model's
     own parameters get no gradient: only the masks need one, which saves the weight-gradient memory.
@@ -37,11 +38,13 @@ def unit_importance(model: nn.Module, family: Family, batches, fused: bool = Tru
     device = next(model.parameters()).device
     try:
         with masked(model, family, attention_masks, ffn_masks, fused=fused, per_head=per_head):
-            for input_ids in progress(batches, description="importance"):
+            for i, input_ids in enumerate(progress(batches, description="importance")):
                 input_ids = input_ids.to(device)
                 loss = model(input_ids=input_ids, labels=input_ids).loss
-                for total, grad in zip(totals, torch.autograd.grad(loss, masks)):
-                    total += grad.abs().double()
+                grads = torch.autograd.grad(loss, masks)
+                if counted is None or counted[i]:
+                    for total, grad in zip(totals, grads):
+                        total += grad.abs().double()
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)

@@ -20,6 +20,7 @@ from engine.pruning.plan import PruningPlan
 from engine.pruning.reorder import reorder
 from engine.pruning.units import count_parameters
 from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity
+from engine.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,14 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
     one-shot, worse at 0.9 after training on the built-in teacher: docs/studies.md, "Attention units under GQA")."""
     family = family_for(model.config)
     raw_attention, raw_ffn = unit_importance(model, family, list(calibration.split(batch_size)))
+    return reordered_plan(model, raw_attention, raw_ffn, grid=grid, ffn_multiple=ffn_multiple,
+                          attention_norm=attention_norm)
+
+
+def reordered_plan(model, raw_attention, raw_ffn, *, grid=DEFAULT_GRID, ffn_multiple: int = 8,
+                   attention_norm: str = "layer") -> PruningPlan:
+    """Rank the units by their raw importance, reorder `model` in place (most important first) and return the plan."""
+    family = family_for(model.config)
     attention_orders, attention_scores = _ranked(family, raw_attention, attention_norm)
     ffn_orders, ffn_scores = _ranked(None, raw_ffn)
     reorder(model, family, attention_orders, ffn_orders)
@@ -89,11 +98,17 @@ def prune_teacher(model, tokenizer, calibration: torch.Tensor, *, grid=DEFAULT_G
 
 def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, calib_samples: int = 64,
           seq_len: int = 512, batch_size: int = 4, ffn_multiple: int = 8, text_field: str = "text", seed: int = 0,
-          device: str = "cpu", attention_unit: str = "kv-group", attention_norm: str = "layer") -> PruningPlan:
+          device: str = "cpu", attention_unit: str = "kv-group", attention_norm: str = "layer",
+          ds_config: dict | None = None) -> PruningPlan | None:
     """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
     PATH@WEIGHT strings) and write the reordered teacher to `out`. `attention_unit`: `kv-group` or `query-head`
     (`engine.pruning.families`); the choice is written into the reordered teacher's config. `attention_norm`:
-    see `prune_teacher`."""
+    see `prune_teacher`.
+
+    On one process the teacher is scored whole on `device` (in its checkpoint's dtype on a GPU, fp32 on a CPU).
+    Under a launcher every rank calls this: rank 0 tokenises the calibration data once, the teacher is scored
+    partitioned over all ranks by ZeRO-3 under `ds_config` (`engine.training.engines.sharded_importance`), and rank
+    0 alone loads it on the CPU to reorder and write it (the plan is returned there, None elsewhere)."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     if attention_unit not in ATTENTION_UNITS:
@@ -105,28 +120,61 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     # Check everything cheap (config, tokenizer, data) before reading the weights.
     config, tokenizer = check_checkpoint(teacher, seq_len, flag="--calib-seq-len")
     sources = parse_sources(data)
-    calibration = calibration_blocks(sources, text_field, tokenizer, seq_len, calib_samples, seed)
-    model = load_causal_lm(teacher).to(device)
-    if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1:
-        model.config.minidisc_attention_unit = attention_unit  # (without GQA a query head is a KV group)
+    with dist.main_first("tokenising the calibration data") as main:
+        calibration = calibration_blocks(sources, text_field, tokenizer, seq_len, calib_samples, seed) if main else None
+    calibration = dist.from_main(calibration)
+    batches = list(calibration.split(batch_size))
+    unit = attention_unit if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1 else None
+    log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len,
+             ", ".join(s.path for s in sources))
+    if dist.world_size() > 1:
+        from engine.training.engines import sharded_importance
+
+        raw = sharded_importance(Path(teacher), _frozen_config(ds_config, config, batch_size), batches, unit)
+        scored = time.perf_counter()
+        model = load_causal_lm(teacher, dtype=checkpoint_dtype(config)) if dist.is_main() else None  # to reorder
+    else:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else checkpoint_dtype(config)
+        model = load_causal_lm(teacher, dtype=dtype).to(device)
+        _set_attention_unit(model, unit)
+        raw = unit_importance(model, family_for(model.config), batches)
+        scored = time.perf_counter()
+    plan = None
+    with dist.main_first("writing the pruned teacher") as main:
+        if main:
+            _set_attention_unit(model, unit)
+            plan = reordered_plan(model, *raw, grid=grid, ffn_multiple=ffn_multiple, attention_norm=attention_norm)
+            plan.extra["calibration"] = {"data": [{**vars(s), "path": public_name(s.path)} for s in sources],
+                                         "samples": len(calibration), "seq_len": seq_len, "seed": seed,
+                                         "text_field": text_field, "processes": dist.world_size()}
+            plan.extra["source"] = model_source(teacher)  # the original's name and license, for what follows
+            with atomic_output_dir(out, kind="pruned-teacher") as scratch:
+                model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
+                tokenizer.save_pretrained(scratch)
+                plan.extra["timing"] = {"importance": round(scored - started, 2),
+                                        "save": round(time.perf_counter() - scored, 2)}
+                plan.save(scratch)
+            log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
+                     plan.extra["timing"]["importance"])
+    return plan
+
+
+def _set_attention_unit(model, unit: str | None) -> None:
+    if unit:
+        model.config.minidisc_attention_unit = unit  # (without GQA a query head is a KV group)
     elif hasattr(model.config, "minidisc_attention_unit"):  # a teacher that is itself an export of a pruned one
         del model.config.minidisc_attention_unit
-    loaded = time.perf_counter()
-    names = ", ".join(s.path for s in sources)
-    log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len, names)
-    plan = prune_teacher(model, tokenizer, calibration, grid=grid, ffn_multiple=ffn_multiple, batch_size=batch_size,
-                         attention_norm=attention_norm)
-    scored = time.perf_counter()
-    plan.extra["calibration"] = {"data": [{**vars(s), "path": public_name(s.path)} for s in sources],
-                                 "samples": len(calibration), "seq_len": seq_len, "seed": seed,
-                                 "text_field": text_field}
-    plan.extra["source"] = model_source(teacher)  # the original's name and license, for the cards of what follows
-    with atomic_output_dir(out, kind="pruned-teacher") as scratch:
-        model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        plan.extra["timing"] = {"load": round(loaded - started, 2), "importance": round(scored - loaded, 2),
-                                "save": round(time.perf_counter() - scored, 2)}
-        plan.save(scratch)
-    log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
-             plan.extra["timing"]["importance"])
-    return plan
+
+
+def _frozen_config(ds_config: dict | None, config, batch_size: int) -> dict:
+    """The DeepSpeed config the partitioned teacher is scored under: ZeRO-3 (`ds_config`, default the shipped
+    inference one) with no optimiser, in the checkpoint's dtype on GPUs (bf16 where it is), fp32 on CPUs."""
+    from engine.config import DS_CONFIGS
+    from engine.training.deepspeed_config import read_ds_config
+
+    frozen = dict(ds_config or read_ds_config(DS_CONFIGS / "zero3_inference.json"))
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        frozen.pop(key, None)
+    bf16 = torch.cuda.is_available() and checkpoint_dtype(config) == torch.bfloat16
+    frozen.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1, bf16={"enabled": bf16})
+    return frozen

@@ -160,16 +160,15 @@ class Run:
             return teacher
         pruned = self.work / "pruned"
         started = time.perf_counter()
-        with dist.main_first("pruning the teacher") as main:
-            if main and not is_ours(pruned):
-                grid = grid_with_target([parse_sparsity(s) for s in self.cfg.grid or []],
-                                        parse_sparsity(self.cfg.target_sparsity), parse_sparsity(self.cfg.sparsest))
-                log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
-                prune(teacher, self.cfg.sources(), pruned, grid=grid, calib_samples=self.cfg.calib_samples,
-                      seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
-                      ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
-                      attention_unit=self.cfg.attention_unit, attention_norm=self.cfg.attention_norm,
-                      device=str(dist.device()))
+        if dist.any_rank(not is_ours(pruned)):  # every rank scores (the teacher partitioned), rank 0 writes
+            grid = grid_with_target([parse_sparsity(s) for s in self.cfg.grid or []],
+                                    parse_sparsity(self.cfg.target_sparsity), parse_sparsity(self.cfg.sparsest))
+            log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
+            prune(teacher, self.cfg.sources(), pruned, grid=grid, calib_samples=self.cfg.calib_samples,
+                  seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
+                  ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
+                  attention_unit=self.cfg.attention_unit, attention_norm=self.cfg.attention_norm,
+                  device=str(dist.device()), ds_config=read_ds_config(self.cfg.teacher_ds_config()))
         self.phases["prune"] = round(time.perf_counter() - started, 2)
         return pruned
 

@@ -112,6 +112,17 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return work.to(tensor.device)
 
 
+def from_main(tensor: torch.Tensor | None) -> torch.Tensor:
+    """Rank 0's tensor on every rank (the others pass None): what one rank computed, such as tokenised data."""
+    if not dist.is_initialized() or world_size() == 1:
+        return tensor
+    shape = [tuple(tensor.shape) if is_main() else None, tensor.dtype if is_main() else None]
+    dist.broadcast_object_list(shape, src=0)
+    work = tensor.to(device()) if is_main() else torch.empty(shape[0], dtype=shape[1], device=device())
+    dist.broadcast(work, src=0)
+    return work.cpu()
+
+
 def any_rank(flag: bool) -> bool:
     return bool(all_sum(torch.tensor([float(flag)])).item())
 

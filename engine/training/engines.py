@@ -13,6 +13,7 @@ from engine.distillation.loss import Objective, stacked_width_loss
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
 from engine.pruning.families import family_for
+from engine.pruning.importance import unit_importance
 from engine.training import distributed as dist
 from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
 from engine.training.stage import Stage, TrainConfig
@@ -109,6 +110,31 @@ def load_teacher(directory: Path, cfg: TrainConfig, frozen_config: dict):
     log.info("teacher %s: %s copy per process, %.1f MB", short_path(directory), cfg.teacher_placement,
              teacher.get_memory_footprint() / 2**20)
     return FrozenTeacher(teacher.eval()), None
+
+
+def sharded_importance(directory: Path, ds_config: dict, batches: list[torch.Tensor], attention_unit: str | None):
+    """Pruning's unit importance with the teacher partitioned over every rank by ZeRO-3, so no device ever holds it
+    whole: each rank scores every world_size-th calibration batch (the single-process order's batches, so the sum
+    is the same), and the |dL/dmask| sums are added over ranks. A rank with one batch fewer runs a copy of its
+    first uncounted: every rank must make the same ZeRO-3 gathers. Masks are tiny and replicated; the weights
+    take no gradient."""
+    import deepspeed
+
+    model, keep_alive = _load_model(directory, ds_config)
+    if attention_unit:
+        model.config.minidisc_attention_unit = attention_unit
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    try:
+        rank, ranks = dist.rank(), dist.world_size()
+        mine, per_rank = batches[rank::ranks], -(-len(batches) // ranks)
+        counted = [True] * len(mine) + [False] * (per_rank - len(mine))
+        mine += [batches[0]] * (per_rank - len(mine))
+        attention, ffn = unit_importance(engine.module, family_for(model.config), mine, counted=counted)
+        return [dist.all_sum(t) for t in attention], [dist.all_sum(t) for t in ffn]
+    finally:
+        release(engine)
+        del keep_alive
 
 
 def _avoid_cpu_4bit_packing(model: nn.Module) -> None:

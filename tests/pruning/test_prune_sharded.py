@@ -1,0 +1,30 @@
+"""Pruning with the teacher partitioned: 2 processes (gloo) score the units under ZeRO-3, each a share of the
+calibration batches, and rank 0 writes the same pruned teacher as one process with the whole teacher."""
+import json
+
+import pytest
+import torch
+from helpers import assert_same_weights, launch_two_ranks, save_teacher
+
+import engine
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+@pytest.mark.parametrize("name, unit", [("llama_gqa", "kv-group"), ("qwen3", "query-head")])
+def test_sharded_scores_equal_one_process(name, unit, corpus, tokenizer_dir, tmp_path):
+    teacher = save_teacher(name, tmp_path / "teacher", tokenizer_dir)
+    single = engine.prune(teacher, corpus["jsonl"], tmp_path / "single", calib_samples=6, seq_len=16, batch_size=2,
+                          attention_unit=unit)
+    ranks = launch_two_ranks("sharded_prune_worker.py", tmp_path / "ranks.json", "--teacher", teacher, "--data",
+                             corpus["jsonl"], "--pruned", tmp_path / "sharded", "--attention-unit", unit)
+    # 3 batches of 2 blocks: rank 0 scores the first and third, rank 1 the second and an uncounted copy
+    assert [r["batches"] for r in ranks] == [2, 2] and all(r["sharded"] for r in ranks)
+    sharded = engine.PruningPlan.load(tmp_path / "sharded")
+    # The same |dL/dmask| sums in another order (fp32 per batch, fp64 sums, the all-reduce): equal to ~1e-12
+    # relative; 1e-6 leaves room for a ZeRO-3 gather's different matmul blocking.
+    for ours, theirs in ((sharded.attention_scores, single.attention_scores), (sharded.ffn_scores, single.ffn_scores)):
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-6, atol=1e-9)
+    assert sharded.extra["original_index"] == single.extra["original_index"]  # the same units kept at every width
+    assert_same_weights(tmp_path / "single", tmp_path / "sharded")
+    assert json.loads((tmp_path / "sharded" / "pruning.json").read_text())["calibration"]["processes"] == 2
