@@ -46,6 +46,9 @@ class SavedBytes:
     final_norm: tuple[int, int]  # (bytes per h, constant)
     all_hidden_states: bool  # output_hidden_states keeps all L + 1 states alive (else only the final normed one)
     head_norms: tuple[int, int] = (0, 0)  # per-head q/k norms (Qwen3): (bytes per q/k channel, per q/k head)
+    # what a layer keeps only for its weights' gradients (linear inputs), which pruning's importance pass, with
+    # frozen weights, does not keep: bytes per h, per neuron, per q/k channel (measured, tests/tools/test_memory_plan)
+    weight_inputs: tuple[int, int, int] = (8, 4, 0)
 
 
 class Family:
@@ -302,7 +305,7 @@ class Qwen3Family(LlamaFamily):
     prunable_attention = ours.PrunableQwen3Attention
     heads_divide_hidden = False
     saved_bytes = SavedBytes(norms=(16, 8), ffn_per_neuron=8, ids=8, final_norm=(6, 4), all_hidden_states=True,
-                             head_norms=(6, 4))
+                             head_norms=(6, 4), weight_inputs=(8, 4, 2))
 
 
 class OPTFamily(Family):
@@ -316,7 +319,8 @@ class OPTFamily(Family):
     architectures = ("OPTForCausalLM",)
     attention_proj_name = "out_proj"
     up_linears = 1
-    saved_bytes = SavedBytes(norms=(8, 16), ffn_per_neuron=2, ids=16, final_norm=(2, 8), all_hidden_states=False)
+    saved_bytes = SavedBytes(norms=(8, 16), ffn_per_neuron=2, ids=16, final_norm=(2, 8), all_hidden_states=False,
+                             weight_inputs=(4, 0, 0))
 
     @property
     def intermediate_size(self) -> int:

@@ -47,6 +47,13 @@ def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
 
 
 NORMS = {"layer": normalize_per_layer, "none": list}  # --attention-norm
+CALIBRATION_BATCH, CALIBRATION_TOKENS = 4, 2048  # per importance batch in `compress`: sequences, tokens at most
+
+
+def calibration_batch(batch_size: int, seq_len: int) -> int:
+    """Sequences per importance batch in a `compress` run: 4, at most its --batch-size and 2,048 tokens. The backward
+    to the masks keeps a full-width model's activations (~60 GB for LLaMA-3-8B at 8k tokens, `minidisc plan`)."""
+    return max(1, min(CALIBRATION_BATCH, batch_size, CALIBRATION_TOKENS // seq_len))
 
 
 def _ranked(family, raw: list[torch.Tensor], norm: str = "layer") -> tuple[list[torch.Tensor], list[list[float]]]:

@@ -33,7 +33,7 @@ from engine.outputs import RUN_FILE, abandon_run_dir, atomic_output_dir, claim_r
 from engine.progress import Monitor
 from engine.pruning.families import family_for
 from engine.pruning.plan import PLAN_FILE, PruningPlan
-from engine.pruning.prune import prune
+from engine.pruning.prune import calibration_batch, prune
 from engine.pruning.units import count_parameters, forward_flops
 from engine.pruning.widths import (
     PERMILLE,
@@ -165,7 +165,7 @@ class Run:
                                     parse_sparsity(self.cfg.target_sparsity), parse_sparsity(self.cfg.sparsest))
             log.info("pruning the teacher (importance on %d calibration blocks)", self.cfg.calib_samples)
             prune(teacher, self.cfg.sources(), pruned, grid=grid, calib_samples=self.cfg.calib_samples,
-                  seq_len=self.cfg.seq_len, batch_size=max(1, min(4, self.cfg.batch_size)),
+                  seq_len=self.cfg.seq_len, batch_size=calibration_batch(self.cfg.batch_size, self.cfg.seq_len),
                   ffn_multiple=self.cfg.ffn_multiple, text_field=self.cfg.text_field, seed=self.cfg.seed,
                   attention_unit=self.cfg.attention_unit, attention_norm=self.cfg.attention_norm,
                   device=str(dist.device()), ds_config=read_ds_config(self.cfg.teacher_ds_config()))

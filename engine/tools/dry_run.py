@@ -30,6 +30,7 @@ from engine.pruning.widths import (
 from engine.schedule.run import check_target_on_grid, check_teacher
 from engine.tools.harness import check_tasks
 from engine.tools.memory_plan import estimate as mp
+from engine.tools.memory_plan.advice import pruning_report
 from engine.tools.memory_plan.shapes import parameter_count, width_parameters
 from engine.training import faults
 from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_config, train_ds_config
@@ -70,9 +71,17 @@ def dry_run(cfg: RunConfig, command: str) -> dict:
                           "bf16": bf16_enabled(train)}}
     if cluster:
         summary["memory"] = _memory(cfg, config, cluster, train, candidates)
+        if not (Path(cfg.teacher) / PLAN_FILE).is_file():  # compress prunes it first, on the same GPUs
+            options = mp.PlanOptions(batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum)
+            summary["pruning"] = pruning_report(config, cluster, options)
     if cfg.eval_tasks:  # names and data, as the run checks them before training
         check_tasks(cfg.eval_tasks, cfg.eval_include)
     _print(summary, cfg)
+    pruning = summary.get("pruning")
+    if pruning and not pruning["fits"]:
+        raise UserError(f"pruning the teacher needs {pruning['total_bytes'] / mp.GIB:.1f} GiB per GPU but "
+                        f"{cfg.cluster} leaves {cluster.usable_bytes / mp.GIB:.1f} usable: run `{pruning['command']}` "
+                        "first and give its output as --teacher, or use more GPUs (`minidisc plan` says how many)")
     if cluster and not summary["memory"]["fits"]:
         m = summary["memory"]
         raise UserError(f"the run needs {m['total_gib']:.1f} GiB per GPU but {cfg.cluster} leaves "
@@ -200,6 +209,11 @@ def _print(summary: dict, cfg: RunConfig) -> None:
                       f"{m['cpu_per_node_gib']:.1f} GiB per node")
     else:
         console.print("memory: add cluster: NODESxGPUSxGIB to the recipe (or --cluster) to check it")
+    if "pruning" in summary:
+        p = summary["pruning"]
+        console.print(f"pruning first: {p['total_bytes'] / mp.GIB:.1f} GiB per GPU "
+                      f"({'fits' if p['fits'] else 'DOES NOT FIT'}); rank 0's node holds the teacher on the CPU "
+                      f"({p['cpu_node_bytes'] / mp.GIB:.1f} GiB)")
     console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
                   (", batch split and memory" if "memory" in summary else "") +
                   (f"; evaluation tasks {', '.join(cfg.eval_tasks)} and their data" if cfg.eval_tasks else ""))

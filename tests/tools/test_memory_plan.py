@@ -462,3 +462,65 @@ def test_a_per_layer_export_is_refused(pruned_dirs, tmp_path, capsys):
     capsys.readouterr()  # the export's log
     for spec in (exported, exported / "config.json"):
         assert "an exported MiniDisc model with per-layer widths" in _error(capsys, spec, "--gpu-memory", 80)
+
+
+# --- pruning's importance pass ----------------------------------------------------------------------------------
+def measure_importance_activations(config, batch=2, seq=64) -> int:
+    """Bytes autograd saves in pruning's importance forward: frozen bf16 weights, masks that take the gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoModelForCausalLM
+
+    from engine.pruning.families import family_for
+    from engine.pruning.masks import masked, ones_masks
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    family = family_for(model.config)
+    attention, ffn = ones_masks(model, family, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    try:
+        with masked(model, family, attention, ffn, fused=True), sdpa_kernel(SDPBackend.FLASH_ATTENTION), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=ids, use_cache=False)
+    except RuntimeError as e:
+        pytest.skip(f"torch {torch.__version__} has no fused CPU attention for this call ({str(e).splitlines()[0]})")
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("make", [small_llama, small_qwen3, small_opt], ids=["llama", "qwen3", "opt"])
+def test_pruning_activations_match_saved_tensors(make):
+    """The plan's importance-pass activations against what autograd keeps: a few percent over on 8 layers (the
+    first layer keeps less, its input taking no gradient), never under."""
+    from engine.tools.memory_plan.pruning import pruning_memory
+
+    config = make(num_hidden_layers=8)
+    planned = pruning_memory(config, Cluster(1, 1, 80), 2, 64).activation_bytes
+    measured = measure_importance_activations(config)
+    assert measured <= planned <= 1.1 * measured
+
+
+def test_pruning_is_planned_and_advised(capsys):
+    """Partitioned over more GPUs each holds less of the teacher, not fewer activations; what does not fit says
+    what would: a shorter calibration batch through `minidisc prune`."""
+    from engine.pruning.prune import calibration_batch
+    from engine.tools.memory_plan.pruning import pruning_memory
+
+    config = preset_config("llama-2-7b")
+    one, eight = (pruning_memory(config, Cluster(1, gpus, 80), 1, 2048) for gpus in (1, 8))
+    assert one.teacher_bytes == 2 * parameter_count(config) and eight.teacher_bytes < one.teacher_bytes / 4
+    assert one.activation_bytes == eight.activation_bytes and one.cpu_node_bytes == 2 * parameter_count(config)
+    assert [calibration_batch(8, 256), calibration_batch(64, 2048), calibration_batch(2, 128)] == [4, 1, 2]
+    report = plan_json(capsys, "llama-2-7b", "--gpu-memory", 18, "--seq-len", 2048)["pruning"]
+    assert report["calibration_batch"] == 1 and not report["fits"]
+    assert report["command"] == "minidisc prune --calib-batch-size 1 --calib-seq-len 512"  # the longest that fits
+    assert report["advice"] == [f"`{report['command']}` first, then compress its output: fits",
+                                "more GPUs: fits at 2 nodes x 1 GPUs"]  # the teacher split over 2
+    assert plan_json(capsys, "llama-2-7b", "--gpu-memory", 80, "--seq-len", 2048)["pruning"]["fits"]

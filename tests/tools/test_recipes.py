@@ -105,6 +105,7 @@ def test_dry_run_reports_what_would_fail(checkpoints, corpus, tmp_path):
     cases = [(["--seq-len", "4096"], "exceeds the teacher's max_position_embeddings (2048)"),
              (["--cluster", "3x8x80"], "cannot be split evenly over 24 GPUs"),
              (["--cluster", "1x1x16", "--batch-size", "4", "--grad-accum", "1"], "GiB per GPU but 1x1x16 leaves"),
+             (["--cluster", "1x1x30", "--batch-size", "4", "--grad-accum", "1"], "pruning the teacher needs"),
              (["--cluster", "8 GPUs"], "write NODESxGPUSxGIB"),
              (["--data", "/nonexistent/train.jsonl"], "data file"),
              (["--config", changed], "expects a list of kd, kd-matched, kd-steps, ce")]

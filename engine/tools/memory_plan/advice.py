@@ -177,7 +177,38 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
         "as_given": as_given.name if as_given else None,
         "ds_config": ds_config_for(best) if best else None,
         "advice": [] if best else advice(config, cluster, options),
+        "pruning": pruning_report(config, cluster, options),
     }
+
+
+def pruning_report(config, cluster: Cluster, options: PlanOptions) -> dict:
+    """The importance pass before training, as `compress` runs it on this cluster, and what to change if it does
+    not fit: a smaller calibration batch (`minidisc prune --calib-batch-size`, then compress its output), more GPUs."""
+    from engine.pruning.prune import calibration_batch
+    from engine.tools.memory_plan.pruning import pruning_memory
+
+    batch = calibration_batch(options.batch_size or cluster.gpus, options.seq_len)
+    memory = pruning_memory(config, cluster, batch, options.seq_len)
+    out = {"calibration_batch": batch, "teacher_bytes": memory.teacher_bytes,
+           "activation_bytes": memory.activation_bytes, "logit_bytes": memory.logit_bytes,
+           "total_bytes": memory.total_bytes, "fits": memory.fits, "cpu_node_bytes": memory.cpu_node_bytes,
+           "advice": []}
+    if not memory.fits:
+        seq_len = options.seq_len  # a shorter calibration sequence, down to 128 tokens, until one batch fits
+        while seq_len > 128 and not pruning_memory(config, cluster, 1, seq_len).fits:
+            seq_len //= 2
+        out["command"] = f"minidisc prune --calib-batch-size 1 --calib-seq-len {seq_len}"
+        out["advice"].append(f"`{out['command']}` first, then compress its output: "
+                             f"{_verdict_bytes(pruning_memory(config, cluster, 1, seq_len))}")
+        for nodes in range(cluster.nodes + 1, MAX_NODES_FACTOR * cluster.nodes + 1):
+            if pruning_memory(config, replace(cluster, nodes=nodes), batch, options.seq_len).fits:
+                out["advice"].append(f"more GPUs: fits at {nodes} nodes x {cluster.gpus_per_node} GPUs")
+                break
+    return out
+
+
+def _verdict_bytes(memory) -> str:
+    return "fits" if memory.fits else f"still needs {memory.total_bytes / GIB:.1f} GiB"
 
 
 def _gib(nbytes: int) -> str:
@@ -229,6 +260,14 @@ def print_plan(report: dict) -> None:
         console.print(f"[bold red]{report['reason']}[/]; what to change:")
         for tip in report["advice"]:
             console.print(f"  - {tip}")
+    prune = report["pruning"]
+    console.print(f"pruning before training (importance, {prune['calibration_batch']} x {run['seq_len']} tokens a "
+                  f"batch): {_gib(prune['total_bytes'])} GiB per GPU (teacher {_gib(prune['teacher_bytes'])} + "
+                  f"activations {_gib(prune['activation_bytes'])} + logits {_gib(prune['logit_bytes'])}): "
+                  f"{'fits' if prune['fits'] else 'DOES NOT FIT'}; rank 0's node also holds the teacher on the CPU "
+                  f"to reorder it ({_gib(prune['cpu_node_bytes'])} GiB)")
+    for tip in prune["advice"]:
+        console.print(f"  - {tip}")
 
 
 def options_from_args(args) -> tuple[Cluster, PlanOptions]:
