@@ -3,8 +3,9 @@
 its inputs by Hub id or file name, never by a path of the user's machine.
 
     --teacher org/name[@revision]        a model snapshot: its folder is then used as any checkpoint folder
-    --data org/dataset[:config][:split]  a data set snapshot: the data files `datasets` assigns to that config and
-                                         split (default: the first config, "train") are then read as local files
+    --data org/dataset[:config][:split]  a data set snapshot: the data files `datasets` assigns to that config (which
+                                         must be named when there are several) and split (default "train") are then
+                                         read as local files
 """
 from __future__ import annotations
 

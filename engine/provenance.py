@@ -22,14 +22,19 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_commit(directory=Path(__file__).parent) -> str | None:
-    """The engine's source commit (`+dirty` with uncommitted changes) when it runs from a git checkout."""
+def git_commit(source=Path(__file__).resolve().parents[1]) -> str | None:
+    """The engine's source commit (`+dirty` with uncommitted changes) when it runs from its own git checkout (not
+    from an installed copy that happens to sit inside another repository, such as a venv in a project)."""
     try:
-        head = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode:
+        top = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        ours = not top.returncode and Path(top.stdout.strip()).resolve() == source and \
+            (source / "pyproject.toml").is_file()  # a checkout of this project, not site-packages
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10) if ours else None
+        if head is None or head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):  # no git

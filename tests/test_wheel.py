@@ -26,14 +26,17 @@ def test_wheel_install_runs_the_default_dry_run(corpus, tokenizer_dir, tmp_path)
     assert shipped == {f"engine/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
 
     target = tmp_path / "site"
+    subprocess.run(["git", "init", "-q", target], check=True)  # an install inside someone else's repository
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
     shutil.rmtree(source)  # nothing may still point into the source tree
     env = {**os.environ, "PYTHONPATH": str(target), "COLUMNS": "200"}  # ahead of the editable install's finder
-    where = subprocess.run([sys.executable, "-c", "import engine.config as c; print(c.__file__, c.DS_CONFIGS)"],
+    where = subprocess.run([sys.executable, "-c", "import engine.config as c; from engine.provenance import "
+                            "git_commit; print(c.__file__, c.DS_CONFIGS, git_commit())"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert where.stdout.split() == [str(target / "engine" / "config.py"), str(target / "engine" / "ds_configs")]
+    # the installed copy, its configs, and no commit: that repository's is not the engine's
+    assert where.stdout.split() == [str(target / "engine" / "config.py"), str(target / "engine" / "ds_configs"), "None"]
 
     teacher = save_teacher("llama_gqa", tmp_path / "teacher", tokenizer_dir)
     run = subprocess.run([target / "bin" / "minidisc", "compress", "--teacher", teacher, "--data", corpus["jsonl"],
