@@ -134,18 +134,8 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     unit = attention_unit if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1 else None
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len,
              ", ".join(s.path for s in sources))
-    if dist.world_size() > 1:
-        from engine.training.engines import sharded_importance
-
-        raw = sharded_importance(Path(teacher), _frozen_config(ds_config, config, batch_size), batches, unit)
-        scored = time.perf_counter()
-        model = load_causal_lm(teacher, dtype=checkpoint_dtype(config)) if dist.is_main() else None  # to reorder
-    else:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else checkpoint_dtype(config)
-        model = load_causal_lm(teacher, dtype=dtype).to(device)
-        _set_attention_unit(model, unit)
-        raw = unit_importance(model, family_for(model.config), batches)
-        scored = time.perf_counter()
+    raw, model = _scores(teacher, config, batches, unit, device, ds_config)
+    scored = time.perf_counter()
     plan = None
     with dist.main_first("writing the pruned teacher") as main:
         if main:
@@ -164,6 +154,22 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
             log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
                      plan.extra["timing"]["importance"])
     return plan
+
+
+def _scores(teacher: str, config, batches: list[torch.Tensor], unit: str | None, device: str, ds_config: dict | None):
+    """(raw importance, the teacher to reorder: on rank 0 only). One process scores the whole teacher on `device`
+    (its checkpoint's dtype on a GPU, fp32 on a CPU) and reorders that copy; under a launcher the ranks score it
+    partitioned, and rank 0 then loads it on the CPU in its checkpoint's dtype."""
+    if dist.world_size() > 1:
+        from engine.training.engines import sharded_importance
+
+        batch_size = len(batches[0])
+        raw = sharded_importance(Path(teacher), _frozen_config(ds_config, config, batch_size), batches, unit)
+        return raw, (load_causal_lm(teacher, dtype=checkpoint_dtype(config)) if dist.is_main() else None)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else checkpoint_dtype(config)
+    model = load_causal_lm(teacher, dtype=dtype).to(device)
+    _set_attention_unit(model, unit)
+    return unit_importance(model, family_for(model.config), batches), model
 
 
 def _set_attention_unit(model, unit: str | None) -> None:
