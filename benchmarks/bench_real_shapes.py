@@ -1,0 +1,142 @@
+"""Models of current releases' shapes through the whole engine on this machine: prune -> compress (a few steps per
+stage) -> export -> reload, each phase a `minidisc` command in its own process, timed, with its peak resident
+memory (the process tree, sampled every 0.2 s) against the teacher's fp32 weights and the plan's pruning estimate.
+
+The weights are random (no download), in bf16 as published; the data is the built-in example's text, tokenised by
+its small tokenizer (ids below 2,000 of a vocabulary of 128k-152k: what is measured is the shapes, not quality).
+
+    python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b        # ~0.5B parameters, vocabulary 151,936
+    python benchmarks/bench_real_shapes.py --shape llama-3.2-1b        # 1.24B, vocabulary 128,256, tied embeddings
+
+Appends a row per phase to benchmarks/results/real_shapes.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from results_csv import append_rows  # noqa: E402
+
+SHAPES = {  # the published configs' shapes (hidden, layers, heads, KV heads, FFN, vocabulary, tied embeddings)
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+}
+MINIDISC = str(Path(sys.executable).parent / "minidisc")
+
+
+def build_teacher(shape: str, folder: Path, tokenizer_dir: Path) -> int:
+    """A randomly initialised model of `shape`, saved in bf16 with the built-in tokenizer; returns its parameters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    options = dict(SHAPES[shape])
+    config = AutoConfig.for_model(options.pop("model_type"), max_position_embeddings=4096, bos_token_id=1,
+                                  eos_token_id=2, **options)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def measured(command: list) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS of the process and its children in bytes, stderr's tail) of one command."""
+    started = time.perf_counter()
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(process.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = process.communicate()
+    done.set()
+    sampler.join()
+    if process.returncode:
+        raise SystemExit(f"{command[1]} failed ({process.returncode}):\n{err[-3000:]}")
+    return time.perf_counter() - started, peak, err[-500:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2, help="optimiser steps of each stage")
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args()
+
+    from engine.tools.demo import builtin_setup
+    from engine.tools.memory_plan.estimate import Cluster
+    from engine.tools.memory_plan.pruning import pruning_memory
+    from engine.tools.memory_plan.shapes import load_model_config
+
+    setup = builtin_setup("default")
+    fp32 = str(REPO / "ds_configs" / "zero3_train_fp32.json")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minidisc-shapes-") as scratch:
+        work = Path(scratch)
+        parameters = build_teacher(args.shape, work / "teacher", setup / "teacher")
+        weights = 4 * parameters  # fp32, as a CPU computes
+        plan = pruning_memory(load_model_config(str(work / "teacher")), Cluster(1, 1, 1024), 1, args.seq_len,
+                              weight_bytes=4)
+        phases = {
+            "prune": [MINIDISC, "prune", "--teacher", work / "teacher", "--data", setup / "train.txt", "--out",
+                      work / "pruned", "--calib-samples", 4, "--calib-seq-len", args.seq_len, "--calib-batch-size", 1,
+                      "--sparsities", 0, 0.5, 0.9],
+            "compress": [MINIDISC, "compress", "--teacher", work / "pruned", "--data", setup / "train.txt",
+                         "--dev-data", setup / "dev.txt", "--test-data", setup / "test.txt", "--out", work / "run",
+                         "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
+                         "--batch-size", 1, "--seq-len", args.seq_len, "--eval-samples", 2, "--test-samples", 2,
+                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", fp32, "--log-level", "WARNING"],
+            "export": [MINIDISC, "export", "--model", work / "run" / "supernet", "--sparsity", 0.5, "--out",
+                       work / "export"],
+            "reload": [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM as M; "
+                       "m = M.from_pretrained(sys.argv[1], trust_remote_code=True); "
+                       "print(m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False))",
+                       work / "export"],
+        }
+        for phase, command in phases.items():
+            wall, peak, _ = measured(command)
+            row = {"phase": phase, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
+                   "rss_over_fp32_weights": round(peak / weights, 2)}
+            if phase == "prune":
+                row["plan_gb"] = round((plan.total_bytes + plan.cpu_node_bytes) / 1e9, 2)
+            rows.append(row)
+            print(f"{args.shape} ({parameters / 1e9:.2f}B parameters, fp32 weights {weights / 1e9:.2f} GB): {phase} "
+                  f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights)"
+                  + (f"; the plan's pruning estimate {row['plan_gb']} GB" if "plan_gb" in row else ""), flush=True)
+    if not args.no_csv:
+        import torch
+
+        stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
+                 "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps, "device": "cpu",
+                 "cores": os.cpu_count(), "torch": torch.__version__}
+        print("appended to", append_rows("real_shapes.csv", [{**stamp, **row} for row in rows]))
+
+
+if __name__ == "__main__":
+    main()
