@@ -8,6 +8,10 @@ its small tokenizer (ids below 2,000 of a vocabulary of 128k-152k: what is measu
     python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b        # ~0.5B parameters, vocabulary 151,936
     python benchmarks/bench_real_shapes.py --shape llama-3.2-1b        # 1.24B, vocabulary 128,256, tied embeddings
 
+Measured 2026-12-06 on 2 cores (24 GB): the 0.5B shape's compress with the default stacked widths is killed for
+memory in its first sandwich step (22 GB); with --stack-widths 1 the sandwich peaks at 22.5 GB (11x the fp32
+weights), the student stage at 12.9 GB.
+
 Appends a row per phase to benchmarks/results/real_shapes.csv.
 """
 from __future__ import annotations
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps of each stage")
+    parser.add_argument("--stack-widths", type=int, default=0, help="compress's --stack-widths (0: all of a step's)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
@@ -111,7 +116,8 @@ def main() -> None:
                          "--dev-data", setup / "dev.txt", "--test-data", setup / "test.txt", "--out", work / "run",
                          "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
                          "--batch-size", 1, "--seq-len", args.seq_len, "--eval-samples", 2, "--test-samples", 2,
-                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", fp32, "--log-level", "WARNING"],
+                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", fp32, "--log-level", "WARNING",
+                         "--stack-widths", args.stack_widths],
             "export": [MINIDISC, "export", "--model", work / "run" / "supernet", "--sparsity", 0.5, "--out",
                        work / "export"],
             "reload": [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -133,7 +139,8 @@ def main() -> None:
         import torch
 
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
-                 "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps, "device": "cpu",
+                 "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps,
+                 "stack_widths": args.stack_widths, "device": "cpu",
                  "cores": os.cpu_count(), "torch": torch.__version__}
         print("appended to", append_rows("real_shapes.csv", [{**stamp, **row} for row in rows]))
 
