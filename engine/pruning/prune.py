@@ -181,13 +181,9 @@ def _set_attention_unit(model, unit: str | None) -> None:
 
 def _frozen_config(ds_config: dict | None, config, batch_size: int) -> dict:
     """The DeepSpeed config the partitioned teacher is scored under: ZeRO-3 (`ds_config`, default the shipped
-    inference one) with no optimiser, in the checkpoint's dtype on GPUs (bf16 where it is), fp32 on CPUs."""
+    inference one), in the checkpoint's dtype on GPUs (bf16 where it is), fp32 on CPUs."""
     from engine.config import DS_CONFIGS
-    from engine.training.deepspeed_config import read_ds_config
+    from engine.training.deepspeed_config import frozen_ds_config, read_ds_config
 
-    frozen = dict(ds_config or read_ds_config(DS_CONFIGS / "zero3_inference.json"))
-    for key in ("optimizer", "scheduler", "train_batch_size"):
-        frozen.pop(key, None)
     bf16 = torch.cuda.is_available() and checkpoint_dtype(config) == torch.bfloat16
-    frozen.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1, bf16={"enabled": bf16})
-    return frozen
+    return frozen_ds_config(ds_config or read_ds_config(DS_CONFIGS / "zero3_inference.json"), batch_size, bf16)

@@ -80,11 +80,17 @@ def train_ds_config(cfg: TrainConfig, backwards_per_step: int) -> dict:
 
 
 def teacher_ds_config(cfg: TrainConfig, train_config: dict) -> dict:
-    config = read_ds_config(cfg.teacher_ds_path)
+    # the teacher computes in the student's precision
+    return frozen_ds_config(read_ds_config(cfg.teacher_ds_path), micro_batch(cfg), bf16_enabled(train_config))
+
+
+def frozen_ds_config(config: dict, micro_batch: int, bf16: bool) -> dict:
+    """A DeepSpeed config for a model that only runs forwards and backwards to its inputs: no optimiser, scheduler
+    or global batch, one accumulation step, `micro_batch` sequences per rank, bf16 or not."""
+    config = dict(config)
     for key in ("optimizer", "scheduler", "train_batch_size"):
         config.pop(key, None)
-    config.update(train_micro_batch_size_per_gpu=micro_batch(cfg), gradient_accumulation_steps=1)
-    config["bf16"] = {"enabled": bf16_enabled(train_config)}  # the teacher computes in the student's precision
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1, bf16={"enabled": bf16})
     return config
 
 
