@@ -17,6 +17,7 @@ Appends a row per phase to benchmarks/results/real_shapes.csv.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -85,29 +86,49 @@ def measured(command: list) -> tuple[float, int, str]:
     return time.perf_counter() - started, peak, err[-500:]
 
 
+def runtime_bytes() -> int:
+    """Resident bytes of a process that has imported what a `minidisc` run imports, before any model: the part of
+    each phase's peak that no memory plan counts."""
+    code = ("import resource, deepspeed, transformers, engine.schedule.run; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return int(out.stdout.split()[-1]) * 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps of each stage")
     parser.add_argument("--stack-widths", type=int, default=0, help="compress's --stack-widths (0: all of a step's)")
+    parser.add_argument("--deepspeed", default="zero3_train.json",
+                        help="compress's DeepSpeed config in ds_configs/ (default: bf16 mixed precision, as users run; "
+                        "zero3_train_fp32.json computes in fp32)")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
     from engine.tools.demo import builtin_setup
-    from engine.tools.memory_plan.estimate import Cluster
+    from engine.tools.memory_plan.estimate import Cluster, PlanOptions, placement
     from engine.tools.memory_plan.pruning import pruning_memory
     from engine.tools.memory_plan.shapes import load_model_config
 
     setup = builtin_setup("default")
-    fp32 = str(REPO / "ds_configs" / "zero3_train_fp32.json")
+    ds_config = REPO / "ds_configs" / args.deepspeed
+    bf16 = json.loads(ds_config.read_text()).get("bf16", {}).get("enabled", False)
+    runtime = runtime_bytes()
     rows = []
     with tempfile.TemporaryDirectory(prefix="minidisc-shapes-") as scratch:
         work = Path(scratch)
         parameters = build_teacher(args.shape, work / "teacher", setup / "teacher")
         weights = 4 * parameters  # fp32, as a CPU computes
-        plan = pruning_memory(load_model_config(str(work / "teacher")), Cluster(1, 1, 1024), 1, args.seq_len,
-                              weight_bytes=4)
+        config, one = load_model_config(str(work / "teacher")), Cluster(1, 1, 1024)
+        # one process on a CPU: what the plan puts on its one "GPU" is host memory, beside the Python runtime
+        plans = {"prune": pruning_memory(config, one, 1, args.seq_len, weight_bytes=4).total_bytes + runtime}
+        if bf16:  # the plan counts bf16 mixed precision (fp32 training is not planned)
+            options = PlanOptions(target=900, grid=(0, 500, 900), batch_size=1, seq_len=args.seq_len,
+                                  stack_widths=args.stack_widths)
+            plans["compress"] = placement(config, one, options, "zero3", args.optimizer).total_bytes + runtime
         phases = {
             "prune": [MINIDISC, "prune", "--teacher", work / "teacher", "--data", setup / "train.txt", "--out",
                       work / "pruned", "--calib-samples", 4, "--calib-seq-len", args.seq_len, "--calib-batch-size", 1,
@@ -116,8 +137,8 @@ def main() -> None:
                          "--dev-data", setup / "dev.txt", "--test-data", setup / "test.txt", "--out", work / "run",
                          "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
                          "--batch-size", 1, "--seq-len", args.seq_len, "--eval-samples", 2, "--test-samples", 2,
-                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", fp32, "--log-level", "WARNING",
-                         "--stack-widths", args.stack_widths],
+                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", ds_config, "--log-level", "WARNING",
+                         "--stack-widths", args.stack_widths, "--optimizer", args.optimizer],
             "export": [MINIDISC, "export", "--model", work / "run" / "supernet", "--sparsity", 0.5, "--out",
                        work / "export"],
             "reload": [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -129,18 +150,20 @@ def main() -> None:
             wall, peak, _ = measured(command)
             row = {"phase": phase, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
                    "rss_over_fp32_weights": round(peak / weights, 2)}
-            if phase == "prune":
-                row["plan_gb"] = round((plan.total_bytes + plan.cpu_node_bytes) / 1e9, 2)
+            if phase in plans:
+                row.update(plan_gb=round(plans[phase] / 1e9, 2), plan_over_peak=round(plans[phase] / peak, 2))
             rows.append(row)
             print(f"{args.shape} ({parameters / 1e9:.2f}B parameters, fp32 weights {weights / 1e9:.2f} GB): {phase} "
                   f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights)"
-                  + (f"; the plan's pruning estimate {row['plan_gb']} GB" if "plan_gb" in row else ""), flush=True)
+                  + (f"; the plan {row['plan_gb']} GB ({row['plan_over_peak']:.2f}x the peak, the Python runtime's "
+                     f"{runtime / 1e9:.2f} GB included)" if phase in plans else ""), flush=True)
     if not args.no_csv:
         import torch
 
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
                  "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps,
-                 "stack_widths": args.stack_widths, "device": "cpu",
+                 "stack_widths": args.stack_widths, "ds_config": args.deepspeed, "optimizer": args.optimizer,
+                 "device": "cpu",
                  "cores": os.cpu_count(), "torch": torch.__version__}
         print("appended to", append_rows("real_shapes.csv", [{**stamp, **row} for row in rows]))
 

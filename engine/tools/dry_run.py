@@ -162,7 +162,7 @@ def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates
                              sandwich_sample=cfg.sandwich_sample,
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              stack_widths=cfg.stack_widths).validate()
-    row = mp._placement(config, cluster, options, cfg.teacher_placement, trained)
+    row = mp.placement(config, cluster, options, cfg.teacher_placement, trained)
     gib = lambda n: round(n / mp.GIB, 2)  # noqa: E731
     return {"placement": row.name, "teacher_gib": gib(row.teacher_bytes), "params_grads_gib":
             gib(row.params_grads_bytes), "optimizer_gib": gib(row.optimizer_bytes),

@@ -176,7 +176,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS, fused=True)
 
 
 def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):

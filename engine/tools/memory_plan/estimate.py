@@ -321,7 +321,7 @@ class Placement:
         return {**asdict(self), "name": self.name, "total_bytes": self.total_bytes, "fits": self.fits}
 
 
-def _placement(config, cluster: Cluster, options: PlanOptions, teacher: str, trained: str) -> Placement:
+def placement(config, cluster: Cluster, options: PlanOptions, teacher: str, trained: str) -> Placement:
     tokens = options.micro_batch(cluster) * options.seq_len
     states = trained_model_states(parameter_count(config), largest_layer_parameters(config), cluster, trained)
     cpu_fits = cluster.cpu_memory_gib is None or states.cpu_per_node <= cluster.cpu_memory_gib * GIB
@@ -339,9 +339,9 @@ def plan_memory(config, cluster: Cluster, options: PlanOptions) -> list[Placemen
     AdamW, then AdamW8bit, optimiser offload and full offload, each with the most preferred teacher that
     fits (or, when none fits, the smallest)."""
     cluster, options = cluster.validate(), options.validate()
-    rows = [_placement(config, cluster, options, teacher, "adamw") for teacher in TEACHERS]
+    rows = [placement(config, cluster, options, teacher, "adamw") for teacher in TEACHERS]
     for trained in TRAINED[1:]:
-        options_ = [_placement(config, cluster, options, teacher, trained) for teacher in TEACHERS]
+        options_ = [placement(config, cluster, options, teacher, trained) for teacher in TEACHERS]
         fitting = [row for row in options_ if row.fits]
         rows.append(fitting[0] if fitting else min(options_, key=lambda row: row.total_bytes))
     return rows
