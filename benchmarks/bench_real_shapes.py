@@ -1,24 +1,25 @@
 """Models of current releases' shapes through the whole engine on this machine: prune -> compress (a few steps per
-stage) -> export -> reload, each phase a `minidisc` command in its own process, timed, with its peak resident
-memory (the process tree, sampled every 0.2 s) against the teacher's fp32 weights and the plan's pruning estimate.
+stage) -> export -> reload, each phase a `minidisc` command in its own process (prune and compress on
+--processes ranks under the `deepspeed` launcher), timed, with its peak memory (the process tree, sampled every
+0.2 s) against the teacher's fp32 weights, and one rank's peak against the memory plan of pruning and of
+compress's placement (`minidisc plan`'s figures for one rank, plus the Python runtime's own memory).
 
 The weights are random (no download), in bf16 as published; the data is the built-in example's text, tokenised by
 its small tokenizer (ids below 2,000 of a vocabulary of 128k-152k: what is measured is the shapes, not quality).
 
-    python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b        # ~0.5B parameters, vocabulary 151,936
-    python benchmarks/bench_real_shapes.py --shape llama-3.2-1b        # 1.24B, vocabulary 128,256, tied embeddings
+    python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b               # 0.49B parameters, vocabulary 151,936
+    python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b --processes 2
+    python benchmarks/bench_real_shapes.py --shape llama-3.2-1b --stack-widths 1   # 1.24B, vocabulary 128,256
 
-Measured 2026-12-06 on 2 cores (24 GB): the 0.5B shape's compress with the default stacked widths is killed for
-memory in its first sandwich step (22 GB); with --stack-widths 1 the sandwich peaks at 22.5 GB (11x the fp32
-weights), the student stage at 12.9 GB.
-
-Appends a row per phase to benchmarks/results/real_shapes.csv.
+Figures (2 cores, 24 GB): docs/memory.md, "Host memory at a real shape". Appends a row per phase to
+benchmarks/results/real_shapes.csv.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,20 +59,24 @@ def build_teacher(shape: str, folder: Path, tokenizer_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measured(command: list) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS of the process and its children in bytes, stderr's tail) of one command."""
+def measured(command: list) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS of the process and its children together, the largest peak of anonymous memory of any
+    one of them: a rank's) of one command, in bytes. RSS also counts the file pages a process maps (the checkpoint,
+    read through mmap: clean page cache the kernel can drop, and counted once per rank in the sum); anonymous memory
+    (RSS less those) is what a memory plan must cover."""
     started = time.perf_counter()
     process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
-    peak, done = 0, threading.Event()
+    peak, per_process, done = 0, {}, threading.Event()
 
     def sample():
         nonlocal peak
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                info = {p.pid: p.memory_info() for p in [root, *root.children(recursive=True)]}
+                peak = max(peak, sum(i.rss for i in info.values()))
+                per_process.update({pid: max(i.rss - i.shared, per_process.get(pid, 0)) for pid, i in info.items()})
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -83,16 +88,22 @@ def measured(command: list) -> tuple[float, int, str]:
     sampler.join()
     if process.returncode:
         raise SystemExit(f"{command[1]} failed ({process.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - started, peak, err[-500:]
+    return time.perf_counter() - started, peak, max(per_process.values(), default=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def runtime_bytes() -> int:
-    """Resident bytes of a process that has imported what a `minidisc` run imports, before any model: the part of
-    each phase's peak that no memory plan counts."""
-    code = ("import resource, deepspeed, transformers, engine.schedule.run; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """Anonymous resident bytes of a process that has imported what a `minidisc` run imports, before any model: the
+    part of each phase's peak that no memory plan counts."""
+    code = ("import psutil, deepspeed, transformers, engine.schedule.run; "
+            "i = psutil.Process().memory_info(); print(i.rss - i.shared)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    return int(out.stdout.split()[-1]) * 1024
+    return int(out.stdout.split()[-1])
 
 
 def main() -> None:
@@ -105,6 +116,8 @@ def main() -> None:
                         help="compress's DeepSpeed config in ds_configs/ (default: bf16 mixed precision, as users run; "
                         "zero3_train_fp32.json computes in fp32)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="ranks of prune and compress under the `deepspeed` launcher (the teacher partitioned)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
@@ -122,23 +135,26 @@ def main() -> None:
         work = Path(scratch)
         parameters = build_teacher(args.shape, work / "teacher", setup / "teacher")
         weights = 4 * parameters  # fp32, as a CPU computes
-        config, one = load_model_config(str(work / "teacher")), Cluster(1, 1, 1024)
-        # one process on a CPU: what the plan puts on its one "GPU" is host memory, beside the Python runtime
-        plans = {"prune": pruning_memory(config, one, 1, args.seq_len, weight_bytes=4).total_bytes + runtime}
+        config, ranks = load_model_config(str(work / "teacher")), Cluster(1, args.processes, 1024)
+        # each rank a process on a CPU: what the plan puts on its "GPU" is host memory, beside the Python runtime
+        plans = {"prune": pruning_memory(config, ranks, 1, args.seq_len, weight_bytes=4).total_bytes + runtime}
         if bf16:  # the plan counts bf16 mixed precision (fp32 training is not planned)
-            options = PlanOptions(target=900, grid=(0, 500, 900), batch_size=1, seq_len=args.seq_len,
+            options = PlanOptions(target=900, grid=(0, 500, 900), batch_size=args.processes, seq_len=args.seq_len,
                                   stack_widths=args.stack_widths)
-            plans["compress"] = placement(config, one, options, "zero3", args.optimizer).total_bytes + runtime
+            plans["compress"] = placement(config, ranks, options, "zero3", args.optimizer).total_bytes + runtime
+        launch = [MINIDISC] if args.processes == 1 else [
+            Path(sys.executable).parent / "deepspeed", "--num_gpus", args.processes, "--master_port", free_port(),
+            MINIDISC]
         phases = {
-            "prune": [MINIDISC, "prune", "--teacher", work / "teacher", "--data", setup / "train.txt", "--out",
+            "prune": [*launch, "prune", "--teacher", work / "teacher", "--data", setup / "train.txt", "--out",
                       work / "pruned", "--calib-samples", 4, "--calib-seq-len", args.seq_len, "--calib-batch-size", 1,
                       "--sparsities", 0, 0.5, 0.9],
-            "compress": [MINIDISC, "compress", "--teacher", work / "pruned", "--data", setup / "train.txt",
+            "compress": [*launch, "compress", "--teacher", work / "pruned", "--data", setup / "train.txt",
                          "--dev-data", setup / "dev.txt", "--test-data", setup / "test.txt", "--out", work / "run",
                          "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
-                         "--batch-size", 1, "--seq-len", args.seq_len, "--eval-samples", 2, "--test-samples", 2,
-                         "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", ds_config, "--log-level", "WARNING",
-                         "--stack-widths", args.stack_widths, "--optimizer", args.optimizer],
+                         "--batch-size", args.processes, "--seq-len", args.seq_len, "--eval-samples", 2,
+                         "--test-samples", 2, "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", ds_config,
+                         "--log-level", "WARNING", "--stack-widths", args.stack_widths, "--optimizer", args.optimizer],
             "export": [MINIDISC, "export", "--model", work / "run" / "supernet", "--sparsity", 0.5, "--out",
                        work / "export"],
             "reload": [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -147,22 +163,28 @@ def main() -> None:
                        work / "export"],
         }
         for phase, command in phases.items():
-            wall, peak, _ = measured(command)
+            wall, peak, rank_peak = measured(command)
             row = {"phase": phase, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
-                   "rss_over_fp32_weights": round(peak / weights, 2)}
+                   "rss_over_fp32_weights": round(peak / weights, 2), "peak_rank_anon_gb": round(rank_peak / 1e9, 2)}
             if phase in plans:
-                row.update(plan_gb=round(plans[phase] / 1e9, 2), plan_over_peak=round(plans[phase] / peak, 2))
+                row.update(plan_gb=round(plans[phase] / 1e9, 2), plan_over_peak=round(plans[phase] / rank_peak, 2))
+            if phase == "compress":  # rank 0's peak per stage, from the run's own record (resident set, GiB)
+                stages = json.loads((work / "run" / "report.json").read_text())["stage_memory"]
+                row["stage_peaks_gib"] = " ".join(f"{name}={m['peak_mb'] / 1024:.1f}" for name, m in stages.items())
+                print("rank 0's peak per stage, GiB:", row["stage_peaks_gib"], flush=True)
             rows.append(row)
             print(f"{args.shape} ({parameters / 1e9:.2f}B parameters, fp32 weights {weights / 1e9:.2f} GB): {phase} "
-                  f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights)"
-                  + (f"; the plan {row['plan_gb']} GB ({row['plan_over_peak']:.2f}x the peak, the Python runtime's "
-                     f"{runtime / 1e9:.2f} GB included)" if phase in plans else ""), flush=True)
+                  f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights"
+                  + f"; anonymous, one rank: {rank_peak / 1e9:.2f} GB)"
+                  + (f"; the plan {row['plan_gb']} GB per rank ({row['plan_over_peak']:.2f}x that, the Python "
+                     f"runtime's {runtime / 1e9:.2f} GB included)" if phase in plans else ""), flush=True)
     if not args.no_csv:
         import torch
 
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
                  "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps,
                  "stack_widths": args.stack_widths, "ds_config": args.deepspeed, "optimizer": args.optimizer,
+                 "processes": args.processes,
                  "device": "cpu",
                  "cores": os.cpu_count(), "torch": torch.__version__}
         print("appended to", append_rows("real_shapes.csv", [{**stamp, **row} for row in rows]))
