@@ -16,7 +16,7 @@ status=0
 for end in lowest newest; do
   venv=.venv-$end
   if [ ! -f $venv/.installed ]; then
-    rm -rf $venv && .venv-uv/bin/uv venv -q $venv --python python3
+    rm -rf $venv && .venv-uv/bin/uv venv -q --seed $venv --python python3  # --seed: pip, as users have
     # lowest: torch 2.6 pins triton 3.2, whose interpreter (the kernels' tests on a CPU) fails on numpy 2.4
     # ("only 0-dimensional arrays can be converted to Python scalars"); compiled kernels on a GPU do not use it.
     # A constraint, not a requirement: under lowest-direct a requirement `numpy<2.4` would resolve to numpy 1.3.

@@ -143,6 +143,9 @@ TOKENIZER_LOADER = r"""
 import json, sys, warnings
 sys.modules["engine"] = None
 warnings.simplefilter("always")  # any warning reaches stderr
+# ... but this one of torch 2.6 (pyproject's lowest): torch.distributed.nn.jit.instantiator makes a TemporaryDirectory
+# at import that lives as long as the process, reported at exit (the pinned torch has none)
+warnings.filterwarnings("ignore", "Implicitly cleaning up <TemporaryDirectory", ResourceWarning)
 from transformers import AutoConfig, AutoTokenizer
 from pathlib import Path
 for directory in json.loads(Path(sys.argv[1]).read_text()):

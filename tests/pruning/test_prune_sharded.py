@@ -22,9 +22,10 @@ def test_sharded_scores_equal_one_process(name, unit, corpus, tokenizer_dir, tmp
     assert [r["batches"] for r in ranks] == [2, 2] and all(r["sharded"] for r in ranks)
     sharded = engine.PruningPlan.load(tmp_path / "sharded")
     # The same |dL/dmask| sums in another order (fp32 per batch, fp64 sums, the all-reduce): equal to ~1e-12
-    # relative; 1e-6 leaves room for a ZeRO-3 gather's different matmul blocking.
+    # relative, but a ZeRO-3 gather may block a matmul differently, a few fp32 ulps per batch (1.2e-6 measured with
+    # torch 2.6, pyproject's lowest): 1e-5.
     for ours, theirs in ((sharded.attention_scores, single.attention_scores), (sharded.ffn_scores, single.ffn_scores)):
-        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=1e-9)
     assert sharded.extra["original_index"] == single.extra["original_index"]  # the same units kept at every width
     assert_same_weights(tmp_path / "single", tmp_path / "sharded")
     assert json.loads((tmp_path / "sharded" / "pruning.json").read_text())["calibration"]["processes"] == 2

@@ -219,7 +219,7 @@ def test_attention_norm_none_ranks_attention_as_measured():
     for layer, scores in enumerate(raw):
         torch.testing.assert_close(torch.tensor(plan.attention_scores[layer], dtype=scores.dtype),
                                    scores.sort(descending=True).values)
-    assert all(abs(torch.tensor(s).norm().item() - 1) < 1e-9 for s in plan.ffn_scores)
+    assert all(abs(torch.tensor(s, dtype=torch.float64).norm().item() - 1) < 1e-6 for s in plan.ffn_scores)  # fp32
     assert plan.extra["attention_norm"] == "none"
     default = engine.prune_teacher(tiny_model("llama_gqa"), None, calibration(), batch_size=2)
     assert default.extra["attention_norm"] == "layer"

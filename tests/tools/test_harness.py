@@ -116,8 +116,7 @@ def test_eval_tasks_and_their_data_are_checked_before_anything_runs(pruned_dirs,
     dry = ["compress", "--teacher", pruned_dirs["llama_gqa"], "--data", corpus["jsonl"], "--dev-data", corpus["dev"],
            "--out", tmp_path / "out", "--dry-run", "--eval-tasks"]
     cases = [(dry + ["hellaswagg"], 2, "unknown lm-eval task(s) hellaswagg"),
-             (dry + ["hellaswag"], 2, "lm-eval task hellaswag: its data could not be loaded (Couldn't reach "
-                                      "'Rowan/hellaswag'"),
+             (dry + ["hellaswag"], 2, "lm-eval task hellaswag: its data could not be loaded (Couldn't reach "),
              (dry + ["local_cloze", "--eval-include", bad], 2, "lm-eval task local_cloze: its data could not be"),
              (dry + ["local_cloze", "--eval-include", good], 0, "evaluation tasks local_cloze and their data"),
              (["eval", pruned_dirs["llama_gqa"], "--tasks", "hellaswag", "--limit", "2"], 2,

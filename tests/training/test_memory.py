@@ -1,5 +1,6 @@
 """A stage frees what it made: three stages in one process end where they started (live tensors, and CUDA's
 allocated bytes on a GPU), and each stage records its memory in its result."""
+import json
 import subprocess
 import sys
 
@@ -44,31 +45,30 @@ def test_stage_memory_counts_what_is_left_alive():
 
 def test_a_tied_model_loaded_under_zero3_keeps_no_orphaned_output_layer(tmp_path):
     """zero.Init partitions the untied output layer before transformers ties it: that [vocab, hidden] orphan sits in
-    a reference cycle until a full collection (a quarter of a 0.5B model, for a whole stage before the fix)."""
-    import gc
-
+    a reference cycle until a full collection (a quarter of a 0.5B model, for a whole stage before the fix). In its
+    own process: a process group started here would stay in pytest's (its port and rank variables with it)."""
     from helpers import tiny_model
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from engine.models.loading import load_causal_lm
-    from engine.training import distributed as dist
 
     tiny_model("qwen2").save_pretrained(tmp_path / "tied")
-    dist.init()
-    keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-    gc.disable()  # no automatic collection may hide the orphan
-    try:
-        model = load_causal_lm(tmp_path / "tied")
+    script = """if True:
+        import gc, json, sys, torch
+        from transformers.integrations import HfDeepSpeedConfig
+        from engine.models.loading import load_causal_lm
+        from engine.training import distributed as dist
+        dist.init()
+        keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+        gc.disable()  # no automatic collection may hide the orphan
+        model = load_causal_lm(sys.argv[1])
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
         ids = {p.ds_id for p in model.parameters()}
-        alive = [o for o in gc.get_objects()  # ds_id counts up over the process: this load's and any later
+        alive = [o.ds_id for o in gc.get_objects()  # ds_id counts up over the process: this load's and any later
                  if isinstance(o, torch.nn.Parameter) and getattr(o, "ds_id", -1) >= min(ids)]
-    finally:
-        gc.enable()
-        unset_hf_deepspeed_config()
-        del keep_alive
-    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    assert len(alive) == len(ids), sorted(o.ds_id for o in alive)
+        print(json.dumps({"parameters": len(ids), "alive": sorted(alive)}))"""
+    result = subprocess.run([sys.executable, "-c", script, tmp_path / "tied"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])  # DeepSpeed logs to stdout before it
+    assert len(found["alive"]) == found["parameters"], found
 
 
 def test_freed_cpu_tensors_go_back_to_the_system():
