@@ -176,6 +176,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=BETAS, eps=EPS)
+    # fused: one pass, without the multi-tensor step's temporaries the size of ZeRO's flat fp32 partition
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS, fused=True)
 
 

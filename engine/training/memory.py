@@ -24,8 +24,8 @@ def return_freed_memory() -> None:
 
     glibc raises its mmap threshold to the size of each freed mapping (up to 32 MiB); from then on tensors below it
     come from heaps that fragment and are never returned. Loading, gathering and the optimiser step allocate and free
-    many such tensors: on a 0.5B model's sandwich that kept ~4 GB resident that held nothing (a fixed threshold
-    disables the raising). Only glibc has the call; elsewhere nothing changes."""
+    many such tensors: a 6-layer, 151k-vocabulary model's sandwich kept 1.7 of its 8.1 GB resident holding nothing
+    (a fixed threshold disables the raising). Only glibc has the call; elsewhere nothing changes."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
     except (OSError, AttributeError):
