@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -91,12 +90,6 @@ def measured(command: list) -> tuple[float, int, int]:
     return time.perf_counter() - started, peak, max(per_process.values(), default=0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def runtime_bytes() -> int:
     """Anonymous resident bytes of a process that has imported what a `minidisc` run imports, before any model: the
     part of each phase's peak that no memory plan counts."""
@@ -125,6 +118,7 @@ def main() -> None:
     from engine.tools.memory_plan.estimate import Cluster, PlanOptions, placement
     from engine.tools.memory_plan.pruning import pruning_memory
     from engine.tools.memory_plan.shapes import load_model_config
+    from engine.training.distributed import free_port
 
     setup = builtin_setup("default")
     ds_config = REPO / "ds_configs" / args.deepspeed
