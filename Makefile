@@ -16,14 +16,13 @@ ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
 install: $(VENV)/.installed
 
-# DeepSpeed's CPU Adam (the optimiser-offload configs) is a C++ extension built on first use, about 1.5 minutes on
-# 2 cores: the install builds it once (cached under ~/.cache/torch_extensions), not the first run or test using it.
+# DeepSpeed's CPU extensions (cpu_adam, shm_comm) are built once here, not by the first run or test using them:
+# see .ci/build_extensions.py.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,triton,eval,tracking]'
-	$(BIN)/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)' \
-	  >/dev/null 2>&1 || echo "warning: DeepSpeed's CPU Adam did not build (no C++ compiler?): offload runs will fail"
+	$(BIN)/python .ci/build_extensions.py 2>&1 | grep -v '^\[' || true
 	touch $@
 
 demo: install

@@ -24,6 +24,7 @@ for end in lowest newest; do
     resolution=$([ $end = lowest ] && echo lowest-direct || echo highest)
     .venv-uv/bin/uv pip install -q --python $venv/bin/python --resolution $resolution -e '.[dev,triton,eval,tracking]' \
       --constraint <(echo "$cap")
+    $venv/bin/python .ci/build_extensions.py 2>&1 | grep -v '^\[' || true
     touch $venv/.installed
   fi
   echo "== $venv: $($venv/bin/python -c 'from importlib.metadata import version as v; print(", ".join(

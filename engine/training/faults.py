@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -214,18 +215,30 @@ BUILD_LOCK_S = 1800  # longer than any torch/DeepSpeed extension build takes (cp
 def check_build_locks() -> None:
     """A torch/DeepSpeed JIT extension build (cpu_adam, ...) holds BUILD_DIR/lock while it compiles; a build that
     was killed leaves it, and every later build of that extension waits for it forever. Refuse with one line when a
-    lock is older than any build takes and no process on this machine works in its folder."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    old = [lock for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]
-           if time.time() - lock.stat().st_mtime > BUILD_LOCK_S]
+    lock in this interpreter's build folder is older than any build takes and no process on this machine works in
+    its folder. Other interpreters' and torch builds' folders are theirs: this run never waits on them."""
+    old = [lock for lock in _build_folder().glob("*/lock") if time.time() - lock.stat().st_mtime > BUILD_LOCK_S]
     stale = [lock for lock in old if not _in_use(lock.parent)]
     if stale:
         minutes = (time.time() - min(lock.stat().st_mtime for lock in stale)) / 60
         raise UserError(f"a killed extension build left {' and '.join(map(str, stale))} (up to {minutes:.0f} min old, "
                         "no process here is building): every later build would wait for it forever; delete it "
                         f"(rm {' '.join(map(str, stale))}) and run again")
+
+
+def _build_folder() -> Path:
+    """Where torch builds this interpreter's extensions: TORCH_EXTENSIONS_DIR itself, or a folder per Python and
+    torch build (py311_cpu, py311_cu124, ...) under the default root (torch.utils.cpp_extension._get_build_directory,
+    private, so its rule is restated here)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR") is not None:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def _in_use(folder: Path) -> bool:

@@ -337,16 +337,26 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_loses_no_step(
 
 def test_a_lock_left_by_a_killed_extension_build_is_named_before_anything_runs(trained_teacher, corpus, tmp_path):
     """A torch/DeepSpeed extension build (cpu_adam, ...) that was killed leaves BUILD_DIR/lock, and every later build
-    waits for it forever. An old lock that no process works beside is named in one line, before --out is touched;
-    a recent one, or one a live build sits beside, is left alone."""
-    extensions = tmp_path / "torch_extensions"
-    lock = extensions / "py311_cpu" / "cpu_adam" / "lock"
+    waits for it forever. An old lock in this interpreter's build folder that no process works beside is named in
+    one line, before --out is touched; a recent one, one a live build sits beside, or one in another torch build's
+    folder is left alone."""
+    dry = ("distill", *options(trained_teacher, corpus, tmp_path / "dry"), "--dry-run")
+    old = time.time() - 2 * faults.BUILD_LOCK_S
+    # default root: one folder per Python and torch build; another build's stale lock is not this run's to wait on
+    elsewhere = tmp_path / "cache" / "torch_extensions" / "py311_cu999" / "cpu_adam" / "lock"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.touch()
+    os.utime(elsewhere, (old, old))
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
+    default_root = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert minidisc(*dry, env=default_root, check=False).returncode == 0
+
+    extensions = tmp_path / "torch_extensions"  # TORCH_EXTENSIONS_DIR: the build folders sit right in it
+    lock = extensions / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
     env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
-    dry = ("distill", *options(trained_teacher, corpus, tmp_path / "dry"), "--dry-run")
     assert minidisc(*dry, env=env, check=False).returncode == 0  # recent: a build may be running
-    old = time.time() - 2 * faults.BUILD_LOCK_S
     os.utime(lock, (old, old))
     building = subprocess.Popen(["sleep", "120"], cwd=lock.parent)  # a compiler at work in the build folder
     try:
@@ -359,6 +369,15 @@ def test_a_lock_left_by_a_killed_extension_build_is_named_before_anything_runs(t
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert f"(rm {lock})" in refused.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists() and lock.exists()  # named, not removed: the cache may be shared
+
+    # the same stale lock in this interpreter's folder under the default root is named too
+    mine = faults._build_folder().name
+    here = tmp_path / "cache" / "torch_extensions" / mine / "cpu_adam" / "lock"
+    here.parent.mkdir(parents=True)
+    here.touch()
+    os.utime(here, (old, old))
+    refused = minidisc(*dry, env=default_root, check=False)
+    assert refused.returncode == 2 and f"(rm {here})" in refused.stderr, refused.stderr[-3000:]
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(trained_teacher, corpus, tmp_path):
