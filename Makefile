@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the built-in example on each, in a small venv layered over $(VENV) (only transformers and its needs differ).
 # Change them together with pyproject's bounds.
 TRANSFORMERS_ENDS := 5.0.0 5.24.0
-ENDS_TESTS := tests/models/test_export.py tests/tools/test_default_run.py
+ENDS_TESTS := tests/models/test_export.py tests/cli/test_default_run.py
 ENDS_VENVS := $(TRANSFORMERS_ENDS:%=.venv-transformers-%)
 
 .PHONY: demo test test-fast lint test-transformers-ends test-dependency-ends install gpu-check docs-options clean
@@ -50,9 +50,9 @@ test-dependency-ends:
 lint: install
 	$(BIN)/ruff check .
 
-# docs/options.md's option table, from RunConfig (tests/tools/test_cli.py fails when they differ).
+# docs/options.md's option table, from RunConfig (tests/cli/test_cli.py fails when they differ).
 docs-options: install
-	$(BIN)/python -m engine.tools.options_table
+	$(BIN)/python -m engine.cli.options_table
 
 # The unit tests: no end-to-end runs, no second process, no Slurm (about 2 minutes on 2 cores).
 test-fast: install

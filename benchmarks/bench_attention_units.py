@@ -1,7 +1,7 @@
 """Which attention unit and which normalisation of attention importance rank better, on GQA teachers with 2, 3
 and 4 KV groups (issue 16). Dev selects; test is reported beside it.
 
-Teachers, pretrained on the built-in corpus with the built-in tokenizer (engine.tools.demo, cached in --work):
+Teachers, pretrained on the built-in corpus with the built-in tokenizer (engine.cli.demo, cached in --work):
     gqa4  the built-in teacher itself (LLaMA, hidden 256, 4 layers, 8 query heads in 4 KV groups)
     gqa2  the same shapes with 2 KV groups (4 query heads each)
     gqa3  hidden 240, 6 query heads of 40 dimensions in 3 KV groups
@@ -54,9 +54,9 @@ def teacher_dir(name: str, work: Path, builtin: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from engine.cli.demo import BUILTINS, pretrain
+    from engine.core.outputs import atomic_output_dir, is_ours
     from engine.data import load_text_dataset, token_blocks
-    from engine.outputs import atomic_output_dir, is_ours
-    from engine.tools.demo import BUILTINS, pretrain
 
     if TEACHERS[name] is None:
         return builtin / "teacher"
@@ -111,8 +111,8 @@ def one_shot(pruned: Path, blocks) -> dict[int, dict]:
 def short_kd(pruned: Path, builtin: Path, out: Path, max_steps: int, permille: int) -> dict:
     """Plain KD of the width at `permille`: the best dev snapshot's dev and test accuracy."""
     import engine
+    from engine.cli.demo import builtin_options
     from engine.config import RunConfig
-    from engine.tools.demo import builtin_options
 
     report_path = out / "report.json"
     if not report_path.is_file():
@@ -142,7 +142,7 @@ def main() -> None:
     import transformers
 
     import engine
-    from engine.tools.demo import BUILTINS, builtin_setup
+    from engine.cli.demo import BUILTINS, builtin_setup
 
     builtin = builtin_setup("default")
     seq_len = BUILTINS["default"].seq_len

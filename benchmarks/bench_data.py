@@ -53,9 +53,9 @@ def worker(args) -> None:
     from transformers import AutoTokenizer
 
     from engine.config import RunConfig
+    from engine.core import distributed as dist
     from engine.data import parse_sources
     from engine.data.splits import describe, open_data
-    from engine.training import distributed as dist
     from engine.training.batches import BatchOrder
     from engine.training.memory import status_kb
     from engine.training.stage import TrainConfig
@@ -121,10 +121,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import engine
+    from engine.cli.demo import train_tokenizer
+    from engine.cli.demo import write_corpus as write_pydoc
+    from engine.core.progress import setup_logging
     from engine.data import token_file
-    from engine.progress import setup_logging
-    from engine.tools.demo import train_tokenizer
-    from engine.tools.demo import write_corpus as write_pydoc
 
     datasets.disable_progress_bars()
     setup_logging("INFO")  # the engine's tokenising progress lines

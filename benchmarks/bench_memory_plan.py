@@ -34,7 +34,7 @@ def pruned_model(preset: str, layers: int | None, directory: Path, grid) -> Path
     from transformers import AutoModelForCausalLM
 
     import engine
-    from engine.tools.memory_plan.shapes import preset_config
+    from engine.cli.memory_plan.shapes import preset_config
 
     config = preset_config(preset)
     if layers:
@@ -53,10 +53,10 @@ def pruned_model(preset: str, layers: int | None, directory: Path, grid) -> Path
 def measure(args, pruned: Path, ds_config: Path) -> dict:
     import engine
     from engine.config import RunConfig
+    from engine.core import distributed as dist
+    from engine.core.widths import forwards_per_batch
     from engine.data import Mixture
     from engine.distillation.loss import Objective
-    from engine.pruning.widths import forwards_per_batch
-    from engine.training import distributed as dist
     from engine.training.batches import BatchOrder
     from engine.training.engines import build_engines, release
     from engine.training.stage import Stage, TrainConfig
@@ -105,9 +105,9 @@ def main() -> None:
     parser.add_argument("--no-csv", action="store_true", help="print only, append nothing")
     args = parser.parse_args()
 
-    from engine.pruning.widths import DEFAULT_GRID
-    from engine.tools.memory_plan.estimate import Cluster, PlanOptions, _placement
-    from engine.tools.memory_plan.shapes import preset_config
+    from engine.cli.memory_plan.estimate import Cluster, PlanOptions, _placement
+    from engine.cli.memory_plan.shapes import preset_config
+    from engine.core.widths import DEFAULT_GRID
 
     cuda = torch.cuda.is_available()
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else 80.0

@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from engine.schedule.scoring import paired_interval
+    from engine.report.scoring import paired_interval
 
     name, setup, options = builtin_study_options(["target_sparsity=0.9", *args.set])
     work = Path(args.work) / setup.name

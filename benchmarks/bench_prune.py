@@ -20,7 +20,7 @@ import transformers
 from results_csv import append_rows
 
 import engine
-from engine.tools.demo import train_tokenizer, write_corpus
+from engine.cli.demo import train_tokenizer, write_corpus
 
 RESULTS = Path(__file__).with_name("results") / "prune.csv"
 

@@ -114,11 +114,11 @@ def main() -> None:
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
-    from engine.tools.demo import builtin_setup
-    from engine.tools.memory_plan.estimate import Cluster, PlanOptions, placement
-    from engine.tools.memory_plan.pruning import pruning_memory
-    from engine.tools.memory_plan.shapes import load_model_config
-    from engine.training.distributed import free_port
+    from engine.cli.demo import builtin_setup
+    from engine.cli.memory_plan.estimate import Cluster, PlanOptions, placement
+    from engine.cli.memory_plan.pruning import pruning_memory
+    from engine.cli.memory_plan.shapes import load_model_config
+    from engine.core.distributed import free_port
 
     setup = builtin_setup("default")
     ds_config = REPO / "ds_configs" / args.deepspeed

@@ -51,7 +51,7 @@ def make_pruned(root: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import engine
-    from engine.tools.demo import train_tokenizer, write_corpus
+    from engine.cli.demo import train_tokenizer, write_corpus
 
     (root / "corpus").mkdir()
     train, _ = write_corpus(root / "corpus")
@@ -79,10 +79,10 @@ def counters(world: int) -> dict:
 def worker(args) -> None:
     import engine
     from engine.config import RunConfig
+    from engine.core import distributed as dist
+    from engine.core.widths import forwards_per_batch
     from engine.data import Mixture
     from engine.distillation.loss import Objective
-    from engine.pruning.widths import forwards_per_batch
-    from engine.training import distributed as dist
     from engine.training import trainer
     from engine.training.batches import BatchOrder
     from engine.training.engines import build_engines, release

@@ -12,7 +12,7 @@ is worth at equal compute. Dev selects everything; every accuracy below is on th
     --study compare        per seed, `compress` with the given options and with `--with KEY=VALUE` changed (e.g.
                            uniform=true, student_stage=joint): the two students paired on test.
 
-The built-in teacher and data (engine.tools.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
+The built-in teacher and data (engine.cli.demo, cached in MINIDISC_CACHE) are pruned once into --work; runs go to
 WORK/runs/<options>/seed<N>/<command> (named by the options that differ from STUDY_BASE, so the two studies share
 runs) and a finished run is read back, so a killed study continues where it was.
 Options of the built-in run are the base; `--set KEY=VALUE` overrides any RunConfig field (e.g. --set
@@ -102,7 +102,7 @@ def mean(values) -> float:
 def pruned_teacher(work: Path, options: dict) -> Path:
     """The built-in teacher pruned once (the built-in run's calibration), with the target on the grid."""
     import engine
-    from engine.pruning.widths import DEFAULT_GRID, parse_sparsity
+    from engine.core.widths import DEFAULT_GRID, parse_sparsity
 
     target = parse_sparsity(options["target_sparsity"])
     grid = sorted({*(parse_sparsity(s) for s in options.get("grid") or []), *(() if options.get("grid") else
@@ -218,8 +218,8 @@ def ta_choice(args, options: dict, base: Path) -> list[dict]:
 def oracle_check(options: dict, base: Path, seed: int, best: dict, maxidisc: dict) -> dict:
     """The best TA path on test (what a perfect choice would take) against plain KD given exactly that path's
     training FLOPs (TA stage + student stage). If even it loses, no TA schedule can win on this example."""
+    from engine.report.scoring import paired_interval
     from engine.schedule.compute import matched_steps
-    from engine.schedule.scoring import paired_interval
 
     kd_folder = base.parent / ("kd-" + kd_label(options)) / f"seed{seed}"
     steps = reuse_steps(kd_folder, matched_steps(best["trial_train_flops"], kd_step_flops(options)), 0.02)
@@ -282,8 +282,8 @@ def equal_compute(args, options: dict, base: Path) -> list[dict]:
     the built-in run's. Plain-KD runs depend only on the options plain KD uses, so schedules of (about) the same
     compute share them: one within `--kd-tolerance` of the matched steps is reused, and each side's FLOPs are in
     the row. The compress runs are the TA-choice study's when the options are the same."""
+    from engine.report.scoring import paired_interval
     from engine.schedule.compute import matched_steps
-    from engine.schedule.scoring import paired_interval
 
     rows = []
     for seed in args.seeds:
@@ -334,7 +334,7 @@ def compare(args, options: dict, base: Path) -> list[dict]:
     """The MiniDisc student with the study's options against the same run with `--with KEY=VALUE` changed (e.g.
     uniform=true: every layer keeps the same units, a stock class any serving stack loads; student_stage=joint),
     same seeds: paired over the test blocks, with each side's parameters and training FLOPs."""
-    from engine.schedule.scoring import paired_interval
+    from engine.report.scoring import paired_interval
 
     changed = dict(option_value(item) for item in args.with_)
     other_base = runs_folder(base.parent.parent, {**options, **changed})
@@ -371,11 +371,11 @@ def kd_step_flops(options: dict) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from engine.core.widths import parse_sparsity
+    from engine.models.families import family_for
     from engine.models.loading import load_config
-    from engine.pruning.families import family_for
-    from engine.pruning.plan import PruningPlan
-    from engine.pruning.units import forward_flops
-    from engine.pruning.widths import parse_sparsity
+    from engine.models.plan import PruningPlan
+    from engine.models.units import forward_flops
 
     config, plan = load_config(options["teacher"]), PruningPlan.load(options["teacher"])
     with torch.device("meta"):
@@ -434,9 +434,9 @@ def builtin_study_options(overrides: list[str]) -> tuple[str, Path, dict]:
     import transformers
 
     import engine  # noqa: F401  (registers the MiniDisc model classes)
+    from engine.cli.demo import BUILTINS, builtin_setup
     from engine.config import DS_CONFIGS
-    from engine.progress import setup_logging
-    from engine.tools.demo import BUILTINS, builtin_setup
+    from engine.core.progress import setup_logging
 
     setup_logging("WARNING")
     transformers.utils.logging.set_verbosity_error()
@@ -478,8 +478,8 @@ def main() -> None:
 
     import torch
 
+    from engine.cli.demo import BUILTINS
     from engine.config import RunConfig
-    from engine.tools.demo import BUILTINS
 
     name, setup, options = builtin_study_options(args.set)
     work = Path(args.work) / setup.name  # the pruned teacher and the runs belong to this teacher

@@ -13,14 +13,14 @@ except PackageNotFoundError:  # running from a source tree that was not pip-inst
     __version__ = "0.0.0+source"
 
 _API = {  # name -> the module that defines it
-    "RunConfig": "engine.config", "UserError": "engine.errors", "export": "engine.models.export",
+    "RunConfig": "engine.config", "UserError": "engine.core.errors", "export": "engine.models.export",
     "pruned_model": "engine.models.export", "load_causal_lm": "engine.models.loading",
-    "Supernet": "engine.models.supernet", "count_parameters": "engine.pruning.families",
-    "family_for": "engine.pruning.families", "PruningPlan": "engine.pruning.plan", "prune": "engine.pruning.prune",
-    "prune_teacher": "engine.pruning.prune", "DEFAULT_GRID": "engine.pruning.widths", "Width": "engine.pruning.widths",
-    "parse_sparsity": "engine.pruning.widths", "compress": "engine.schedule.pipelines",
+    "Supernet": "engine.models.supernet", "count_parameters": "engine.models.families",
+    "family_for": "engine.models.families", "PruningPlan": "engine.models.plan", "prune": "engine.pruning.prune",
+    "prune_teacher": "engine.pruning.prune", "DEFAULT_GRID": "engine.core.widths", "Width": "engine.core.widths",
+    "parse_sparsity": "engine.core.widths", "compress": "engine.schedule.pipelines",
     "distill": "engine.schedule.pipelines", "maxidisc": "engine.schedule.pipelines",
-    "evaluate_tasks": "engine.tools.harness",
+    "evaluate_tasks": "engine.report.harness",
 }
 __all__ = sorted(_API)
 

@@ -13,9 +13,9 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from engine.errors import UserError
-from engine.hub import model_folder
-from engine.pruning.widths import check_target_and_truncate, parse_sparsity
+from engine.core.errors import UserError
+from engine.core.hub import model_folder
+from engine.core.widths import check_target_and_truncate, parse_sparsity
 
 # The shipped DeepSpeed JSONs: inside the package in a wheel install (setup.py copies them there), the
 # repository's top-level ds_configs/ in a checkout or an editable install.

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the in
 from helpers import CONFIGS, VOCAB, save_teacher  # noqa: E402
 
 import engine  # noqa: E402  (registers the MiniDisc model classes)
-from engine.tools.demo import train_tokenizer, write_corpus  # noqa: E402
+from engine.cli.demo import train_tokenizer, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +60,8 @@ def trained_teacher(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny LLaMA (GQA) pretrained briefly on the corpus, so its next-token predictions mean something."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from engine.cli.demo import pretrain
     from engine.data import load_text_dataset, token_blocks
-    from engine.tools.demo import pretrain
 
     directory = tmp_path_factory.mktemp("trained") / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -32,7 +32,7 @@ def test_wheel_install_runs_the_default_dry_run(corpus, tokenizer_dir, tmp_path)
     assert install.returncode == 0, install.stderr[-3000:]
     shutil.rmtree(source)  # nothing may still point into the source tree
     env = {**os.environ, "PYTHONPATH": str(target), "COLUMNS": "200"}  # ahead of the editable install's finder
-    where = subprocess.run([sys.executable, "-c", "import engine.config as c; from engine.provenance import "
+    where = subprocess.run([sys.executable, "-c", "import engine.config as c; from engine.core.provenance import "
                             "git_commit; print(c.__file__, c.DS_CONFIGS, git_commit())"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     # the installed copy, its configs, and no commit: that repository's is not the engine's

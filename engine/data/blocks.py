@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.core.errors import UserError
 from engine.data.tokens import TokenFile
-from engine.errors import UserError
 
 PAD = 0  # a token id every vocabulary has; padded positions are never attended to by real tokens nor counted
 

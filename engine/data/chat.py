@@ -1,7 +1,7 @@
 """Chat records: a conversation through the tokenizer's chat template, with the mask of the assistant's tokens."""
 from __future__ import annotations
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 
 def check_chat_template(tokenizer, where: str) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
-from engine.hub import dataset_files, is_hub_id
+from engine.core.errors import UserError
+from engine.core.hub import dataset_files, is_hub_id
 
 HOLDOUT_SEED = 1234  # the documents' fixed order: held-out dev/test records are the same for every --seed
 FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -83,8 +83,8 @@ def data_format(path) -> str | None:
 
 def resolve(path: str) -> tuple[str, list[str]]:
     """(builder, files) of a source path: one file, a glob's files, a folder's data files (recursively, sorted), or
-    ("save_to_disk", [folder]), or a Hub data set's files (`engine.hub`). Checks without reading: they exist, are not
-    empty, share one format."""
+    ("save_to_disk", [folder]), or a Hub data set's files (`engine.core.hub`). Checks without reading: they exist,
+    are not empty, share one format."""
     if is_hub_id(path):
         files = dataset_files(path)
     elif any(c in path for c in "*?["):

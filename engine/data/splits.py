@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.core.errors import UserError
 from engine.data.blocks import Blocks, Mixture, Split, token_blocks
 from engine.data.chat import check_chat_template
 from engine.data.sources import Source, holdout_order, load_records
 from engine.data.tokens import TokenFile, token_file
-from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 HOLDOUT_SHARE = 10  # a held-out split takes at most 1/10 of a source's documents

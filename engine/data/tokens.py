@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.core import faults
+from engine.core.outputs import cache_dir, remove_stale
 from engine.data.chat import chat_tokens, check_chat_template
 from engine.data.overlap import record_hash
 from engine.data.sources import holdout_order, load_records, resolve
-from engine.outputs import cache_dir, remove_stale
-from engine.training import faults
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: hashes.bin; 3: long text records split into documents

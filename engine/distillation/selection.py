@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from engine.pruning.widths import PERMILLE
+from engine.core.widths import PERMILLE
 
 
 def tradeoff(performance: float, permille: int, lam: float) -> float:

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.errors import UserError
-from engine.hub import model_folder, public_name
+from engine.core.errors import UserError
+from engine.core.hub import model_folder, public_name
+from engine.core.outputs import atomic_output_dir
+from engine.core.provenance import model_source
+from engine.core.widths import Width, format_sparsity, parse_sparsity
+from engine.models.families import family_for
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
+from engine.models.model_card import write_model_card
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
-from engine.outputs import atomic_output_dir
-from engine.provenance import model_source
-from engine.pruning.families import family_for
-from engine.pruning.plan import PruningPlan
-from engine.pruning.units import count_parameters, model_width
-from engine.pruning.widths import Width, format_sparsity, parse_sparsity
-from engine.tools.model_card import write_model_card
+from engine.models.plan import PruningPlan
+from engine.models.units import count_parameters, model_width
 
 log = logging.getLogger(__name__)
 SUPERNET_FILE = "minidisc_supernet.json"  # beside a supernet's weights (OUT/supernet): the widths it trained

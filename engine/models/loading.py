@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.models.families import family_for
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
-from engine.pruning.families import family_for
-from engine.pruning.plan import PLAN_FILE, PruningPlan
+from engine.models.plan import PLAN_FILE, PruningPlan
 
 
 def _check_model_dir(directory: Path) -> None:

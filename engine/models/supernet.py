@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.core.widths import Width
+from engine.models.families import family_for
 from engine.models.loading import load_causal_lm
-from engine.pruning.families import family_for
-from engine.pruning.plan import PruningPlan
-from engine.pruning.units import model_width
-from engine.pruning.widths import Width
+from engine.models.plan import PruningPlan
+from engine.models.units import model_width
 
 
 class SliceableLinear(nn.Linear):

@@ -1,2 +1,1 @@
-"""Pruning: which units exist per family, masks and importance, reordering, widths, the pruning plan, and
-`minidisc prune`."""
+"""Pruning: importance (sharded over every rank with ZeRO-3), masks, reordering, and `minidisc prune`."""

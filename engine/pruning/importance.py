@@ -10,8 +10,8 @@ import logging
 import torch
 from torch import nn
 
-from engine.progress import progress
-from engine.pruning.families import Family
+from engine.core.progress import progress
+from engine.models.families import Family
 from engine.pruning.masks import masked, ones_masks
 
 log = logging.getLogger(__name__)

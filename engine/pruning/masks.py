@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import kernels
-from engine.pruning.families import Family
-from engine.pruning.units import UnitGroup
-from engine.pruning.widths import Width
+from engine.core.widths import Width
+from engine.models.families import Family
+from engine.models.units import UnitGroup
 
 
 def _mask_input_hook(mask: torch.Tensor, cols_per_unit: int, fused: bool, blocks: int = 1):

@@ -7,20 +7,21 @@ from pathlib import Path
 
 import torch
 
+from engine.core import distributed as dist
+from engine.core.errors import UserError
+from engine.core.hub import model_folder, public_name
+from engine.core.outputs import atomic_output_dir
+from engine.core.provenance import model_source
+from engine.core.widths import DEFAULT_GRID, PERMILLE, format_sparsity
 from engine.data import parse_sources
 from engine.data.splits import calibration_blocks
-from engine.errors import UserError
-from engine.hub import model_folder, public_name
+from engine.models.families import ATTENTION_UNITS, family_for
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
-from engine.outputs import atomic_output_dir
-from engine.provenance import model_source
-from engine.pruning.families import ATTENTION_UNITS, family_for
+from engine.models.plan import PruningPlan
+from engine.models.units import count_parameters
 from engine.pruning.importance import normalize_per_layer, unit_importance
-from engine.pruning.plan import PruningPlan
 from engine.pruning.reorder import reorder
-from engine.pruning.units import count_parameters
-from engine.pruning.widths import DEFAULT_GRID, PERMILLE, format_sparsity
-from engine.training import distributed as dist
+from engine.training.engines import load_partitioned, release
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,12 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
           ds_config: dict | None = None) -> PruningPlan | None:
     """Prune a teacher checkpoint directory on calibration data (--data sources: a path, or a list of paths and
     PATH@WEIGHT strings) and write the reordered teacher to `out`. `attention_unit`: `kv-group` or `query-head`
-    (`engine.pruning.families`); the choice is written into the reordered teacher's config. `attention_norm`:
+    (`engine.models.families`); the choice is written into the reordered teacher's config. `attention_norm`:
     see `prune_teacher`.
 
     On one process the teacher is scored whole on `device` (in its checkpoint's dtype on a GPU, fp32 on a CPU).
     Under a launcher every rank calls this: rank 0 tokenises the calibration data once, the teacher is scored
-    partitioned over all ranks by ZeRO-3 under `ds_config` (`engine.training.engines.sharded_importance`), and rank
+    partitioned over all ranks by ZeRO-3 under `ds_config` (`sharded_importance`), and rank
     0 alone loads it on the CPU to reorder and write it (the plan is returned there, None elsewhere)."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
@@ -161,8 +162,6 @@ def _scores(teacher: str, config, batches: list[torch.Tensor], unit: str | None,
     (its checkpoint's dtype on a GPU, fp32 on a CPU) and reorders that copy; under a launcher the ranks score it
     partitioned, and rank 0 then loads it on the CPU in its checkpoint's dtype."""
     if dist.world_size() > 1:
-        from engine.training.engines import sharded_importance
-
         batch_size = len(batches[0])
         raw = sharded_importance(Path(teacher), _frozen_config(ds_config, config, batch_size), batches, unit)
         return raw, (load_causal_lm(teacher, dtype=checkpoint_dtype(config)) if dist.is_main() else None)
@@ -170,6 +169,31 @@ def _scores(teacher: str, config, batches: list[torch.Tensor], unit: str | None,
     model = load_causal_lm(teacher, dtype=dtype).to(device)
     _set_attention_unit(model, unit)
     return unit_importance(model, family_for(model.config), batches), model
+
+
+def sharded_importance(directory: Path, ds_config: dict, batches: list[torch.Tensor], attention_unit: str | None):
+    """Pruning's unit importance with the teacher partitioned over every rank by ZeRO-3, so no device ever holds it
+    whole: each rank scores every world_size-th calibration batch (the single-process order's batches, so the sum
+    is the same), and the |dL/dmask| sums are added over ranks. A rank with one batch fewer runs a copy of its
+    first uncounted: every rank must make the same ZeRO-3 gathers. Masks are tiny and replicated; the weights
+    take no gradient."""
+    import deepspeed
+
+    model, keep_alive = load_partitioned(directory, ds_config)
+    if attention_unit:
+        model.config.minidisc_attention_unit = attention_unit
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    try:
+        rank, ranks = dist.rank(), dist.world_size()
+        mine, per_rank = batches[rank::ranks], -(-len(batches) // ranks)
+        counted = [True] * len(mine) + [False] * (per_rank - len(mine))
+        mine += [batches[0]] * (per_rank - len(mine))
+        attention, ffn = unit_importance(engine.module, family_for(model.config), mine, counted=counted)
+        return [dist.all_sum(t) for t in attention], [dist.all_sum(t) for t in ffn]
+    finally:
+        release(engine)
+        del keep_alive
 
 
 def _set_attention_unit(model, unit: str | None) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.pruning.families import Family
-from engine.pruning.units import UnitGroup
+from engine.models.families import Family
+from engine.models.units import UnitGroup
 
 
 def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.pruning.widths import PERMILLE, widths_per_step
+from engine.core.widths import PERMILLE, widths_per_step
 from engine.training.stage import StageResult
 
 KEYS = ("steps", "tokens", "width_tokens", "train_flops", "eval_flops", "wall_s")

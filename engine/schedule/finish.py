@@ -8,21 +8,21 @@ import time
 
 import torch
 
-from engine.hub import public_name
+from engine.core import distributed as dist
+from engine.core import faults
+from engine.core.hub import public_name
+from engine.core.provenance import environment, model_source, shareable
+from engine.core.tracking import final_figures
+from engine.core.widths import PERMILLE, parse_sparsity
 from engine.models.export import sliced_checkpoint
 from engine.models.loading import load_tokenizer
-from engine.provenance import environment, model_source, shareable
-from engine.pruning.widths import PERMILLE, parse_sparsity
+from engine.models.model_card import write_model_card
+from engine.report.formatting import models_of
+from engine.report.harness import evaluate_tasks
+from engine.report.render import render
+from engine.report.samples import continuations, default_prompts, encode_prompts
+from engine.report.scoring import score_and_free, score_checkpoint, score_report, score_widths
 from engine.schedule.run import Run
-from engine.schedule.scoring import score_and_free, score_checkpoint, score_report, score_widths
-from engine.tools.harness import evaluate_tasks
-from engine.tools.model_card import write_model_card
-from engine.tools.report import render
-from engine.tools.report_format import models_of
-from engine.tools.samples import continuations, default_prompts, encode_prompts
-from engine.tracking import final_figures
-from engine.training import distributed as dist
-from engine.training import faults
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def finish(run: Run, report: dict) -> dict:
     """The run's report: `report` (what its pipeline produced) with the run's set-up, data, compute and environment,
     every model measured on test, written last (its presence means the run is complete). Its paths are relative to
-    --out (models it wrote) or names (inputs): `engine.provenance.shareable`."""
+    --out (models it wrote) or names (inputs): `engine.core.provenance.shareable`."""
     run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
     report = {"format": "minidisc-report/1", "command": run.command,
               "target_sparsity": run.target / PERMILLE, "lam": run.cfg.lam, "metric": run.cfg.metric,

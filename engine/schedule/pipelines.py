@@ -20,9 +20,9 @@ import time
 from dataclasses import replace
 
 from engine.config import RunConfig
+from engine.core.widths import PERMILLE, format_sparsity, widths_per_step
 from engine.distillation.loss import Objective
 from engine.distillation.selection import choose_ta, relative, tradeoff
-from engine.pruning.widths import PERMILLE, format_sparsity, widths_per_step
 from engine.schedule.compute import matched_steps, step_flops, total
 from engine.schedule.finish import finish
 from engine.schedule.run import Run

@@ -14,28 +14,13 @@ from pathlib import Path
 import torch
 
 from engine.config import RunConfig
-from engine.data import load_records, load_text_dataset, token_cache
-from engine.data.chat import check_chat_template
-from engine.data.splits import describe, held_out_texts, open_data, summary
-from engine.distillation.loss import Objective
-from engine.distillation.selection import relative, tradeoff
-from engine.errors import UserError
-from engine.models.export import sliced_checkpoint
-from engine.models.loading import (
-    check_checkpoint,
-    checkpoint_dtype,
-    load_causal_lm,
-    load_config,
-    load_tokenizer,
-    meta_model,
-)
-from engine.outputs import RUN_FILE, abandon_run_dir, atomic_output_dir, claim_run_dir, is_ours
-from engine.progress import Monitor
-from engine.pruning.families import family_for
-from engine.pruning.plan import PLAN_FILE, PruningPlan
-from engine.pruning.prune import calibration_batch, prune
-from engine.pruning.units import count_parameters, forward_flops
-from engine.pruning.widths import (
+from engine.core import distributed as dist
+from engine.core import faults
+from engine.core.errors import UserError
+from engine.core.outputs import RUN_FILE, abandon_run_dir, atomic_output_dir, claim_run_dir, is_ours
+from engine.core.progress import Monitor
+from engine.core.tracking import Trackers, check_trackers
+from engine.core.widths import (
     PERMILLE,
     candidate_widths,
     format_sparsity,
@@ -44,12 +29,27 @@ from engine.pruning.widths import (
     parse_sparsity,
     past_target,
 )
+from engine.data import load_records, load_text_dataset, token_cache
+from engine.data.chat import check_chat_template
+from engine.data.splits import describe, held_out_texts, open_data, summary
+from engine.distillation.loss import Objective
+from engine.distillation.selection import relative, tradeoff
+from engine.models.export import sliced_checkpoint
+from engine.models.families import family_for
+from engine.models.loading import (
+    check_checkpoint,
+    checkpoint_dtype,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    meta_model,
+)
+from engine.models.plan import PLAN_FILE, PruningPlan
+from engine.models.units import count_parameters, forward_flops
+from engine.pruning.prune import calibration_batch, prune
+from engine.report.harness import BUILTIN_TASKS, builtin_documents, check_tasks
+from engine.report.scoring import perplexity
 from engine.schedule.compute import sandwich_steps, stage_compute, step_flops
-from engine.schedule.scoring import perplexity
-from engine.tools.harness import BUILTIN_TASKS, builtin_documents, check_tasks
-from engine.tracking import Trackers, check_trackers
-from engine.training import distributed as dist
-from engine.training import faults
 from engine.training.deepspeed_config import read_ds_config, train_ds_config
 from engine.training.stage import Data, Stage, StageResult, TrainConfig, WidthScore
 from engine.training.trainer import run_stage

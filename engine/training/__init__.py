@@ -1,2 +1,1 @@
-"""The DeepSpeed runtime: the stage loop, engines and placements, DeepSpeed configs, batches, snapshots,
-process groups and faults."""
+"""The DeepSpeed runtime: the stage loop, engines and placements, DeepSpeed configs, batches, snapshots."""

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.core import distributed as dist
+from engine.core.widths import widths_per_step
 from engine.data.blocks import Mixture, Split
-from engine.pruning.widths import widths_per_step
-from engine.training import distributed as dist
 from engine.training.deepspeed_config import micro_batch
 from engine.training.stage import Stage, TrainConfig
 

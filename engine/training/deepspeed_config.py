@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from engine.config import split_batch
-from engine.errors import UserError
-from engine.training import distributed as dist
+from engine.core import distributed as dist
+from engine.core.errors import UserError
 from engine.training.stage import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine.core import distributed as dist
 from engine.distillation.loss import Objective, stacked_width_loss
+from engine.models.families import family_for
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
-from engine.pruning.families import family_for
-from engine.pruning.importance import unit_importance
-from engine.training import distributed as dist
 from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
 from engine.training.stage import Stage, TrainConfig
 
@@ -38,7 +37,7 @@ class Distiller(nn.Module):
         return stacked_width_loss(self.lm, teacher_out, input_ids, loss_mask, objective, widths)
 
 
-def _load_model(directory: Path, ds_config: dict):
+def load_partitioned(directory: Path, ds_config: dict):
     """A causal LM built under `ds_config` (partitioned while loading under ZeRO-3). The returned
     HfDeepSpeedConfig must stay referenced as long as the model lives."""
     from transformers.integrations import HfDeepSpeedConfig
@@ -91,7 +90,7 @@ def load_teacher(directory: Path, cfg: TrainConfig, frozen_config: dict):
     import deepspeed
 
     if cfg.teacher_placement == "zero3":
-        teacher, keep_alive = _load_model(directory, frozen_config)
+        teacher, keep_alive = load_partitioned(directory, frozen_config)
         teacher.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=teacher, config=frozen_config)
         engine.module.eval()
@@ -110,31 +109,6 @@ def load_teacher(directory: Path, cfg: TrainConfig, frozen_config: dict):
     log.info("teacher %s: %s copy per process, %.1f MB", short_path(directory), cfg.teacher_placement,
              teacher.get_memory_footprint() / 2**20)
     return FrozenTeacher(teacher.eval()), None
-
-
-def sharded_importance(directory: Path, ds_config: dict, batches: list[torch.Tensor], attention_unit: str | None):
-    """Pruning's unit importance with the teacher partitioned over every rank by ZeRO-3, so no device ever holds it
-    whole: each rank scores every world_size-th calibration batch (the single-process order's batches, so the sum
-    is the same), and the |dL/dmask| sums are added over ranks. A rank with one batch fewer runs a copy of its
-    first uncounted: every rank must make the same ZeRO-3 gathers. Masks are tiny and replicated; the weights
-    take no gradient."""
-    import deepspeed
-
-    model, keep_alive = _load_model(directory, ds_config)
-    if attention_unit:
-        model.config.minidisc_attention_unit = attention_unit
-    model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    try:
-        rank, ranks = dist.rank(), dist.world_size()
-        mine, per_rank = batches[rank::ranks], -(-len(batches) // ranks)
-        counted = [True] * len(mine) + [False] * (per_rank - len(mine))
-        mine += [batches[0]] * (per_rank - len(mine))
-        attention, ffn = unit_importance(engine.module, family_for(model.config), mine, counted=counted)
-        return [dist.all_sum(t) for t in attention], [dist.all_sum(t) for t in ffn]
-    finally:
-        release(engine)
-        del keep_alive
 
 
 def _avoid_cpu_4bit_packing(model: nn.Module) -> None:
@@ -189,7 +163,7 @@ def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):
     frozen_config = teacher_ds_config(cfg, train_config)
     teacher_engine, teacher_hf = load_teacher(stage.teacher_dir, cfg, frozen_config)
 
-    model, student_hf = _load_model(stage.student_dir, train_config)
+    model, student_hf = load_partitioned(stage.student_dir, train_config)
     if stage.supernet:
         model = Supernet(model)  # widths come from stage.width_of
         if cfg.stack_widths != 1:

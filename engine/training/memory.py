@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.training import distributed as dist
+from engine.core import distributed as dist
 
 MB = 2**20
 _STATUS = Path("/proc/self/status")

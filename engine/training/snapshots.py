@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.core import distributed as dist
+from engine.core import faults
+from engine.core.errors import UserError
+from engine.core.outputs import atomic_output_dir
+from engine.core.widths import PERMILLE
 from engine.models.export import SUPERNET_FILE, materialize, pruned_model
 from engine.models.loading import load_tokenizer
-from engine.outputs import atomic_output_dir
-from engine.pruning.plan import PLAN_FILE
-from engine.pruning.widths import PERMILLE
-from engine.training import distributed as dist
-from engine.training import faults
+from engine.models.plan import PLAN_FILE
 from engine.training.deepspeed_config import is_zero3
 from engine.training.stage import Stage, StageResult, StageState
 

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from engine.core.errors import UserError
+from engine.core.widths import PERMILLE, Width
 from engine.distillation.loss import Objective
-from engine.errors import UserError
-from engine.pruning.widths import PERMILLE, Width
 
 if TYPE_CHECKING:
     from engine.data.blocks import Mixture, Split

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from engine.core import distributed as dist
+from engine.core import faults
+from engine.core.progress import Monitor
+from engine.core.widths import PERMILLE, format_sparsity, forwards_per_batch
 from engine.distillation.loss import Objective, teacher_outputs
 from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import best_tradeoff, performance, snapshot_moves, tradeoff
-from engine.progress import Monitor
-from engine.pruning.widths import PERMILLE, format_sparsity, forwards_per_batch
-from engine.training import distributed as dist
-from engine.training import faults
 from engine.training.batches import BatchOrder, dev_batches, widths_at
 from engine.training.engines import build_engines, release, short_path
 from engine.training.memory import StageMemory

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from engine.core.errors import UserError
 from engine.data import Blocks, load_records, token_file
 from engine.data.blocks import PAD
 from engine.data.chat import chat_tokens
 from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.distillation.sandwich import evaluate_widths
-from engine.errors import UserError
 
 # A template in the Zephyr style whose assistant turns are marked {% generation %}: Hugging Face's own
 # assistant mask (return_assistant_tokens_mask) is then the independent reference.

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from engine.cli.demo import BUILTINS, write_builtin_corpus
+from engine.core.errors import UserError
 from engine.data import Source, TokenFile
 from engine.data.blocks import Blocks
 from engine.data.splits import describe, open_data, summary
-from engine.errors import UserError
-from engine.tools.demo import BUILTINS, write_builtin_corpus
 
 
 def words(text: str) -> list[str]:

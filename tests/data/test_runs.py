@@ -13,7 +13,7 @@ import yaml
 from helpers import FP32, MINIDISC, assert_same_weights, minidisc, run_python, tracked_csv
 from transformers import AutoTokenizer
 
-from engine.training import faults
+from engine.core import faults
 
 pytestmark = pytest.mark.slow
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

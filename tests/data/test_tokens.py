@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from engine.core.errors import UserError
 from engine.data import Mixture, Source, TokenFile, load_records, parse_sources, token_file, tokens
 from engine.data.blocks import TensorBlocks
 from engine.data.splits import HOLDOUT_SHARE, describe, held_out_texts, open_data
 from engine.data.tokens import DOCUMENT_TOKENS
-from engine.errors import UserError
 
 
 @pytest.fixture(scope="module")

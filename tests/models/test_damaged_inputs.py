@@ -9,7 +9,7 @@ import pytest
 from helpers import FP32, minidisc, options
 
 from engine.config import RunConfig
-from engine.errors import UserError
+from engine.core.errors import UserError
 from engine.models.loading import check_checkpoint
 from engine.training.deepspeed_config import read_ds_config
 

@@ -10,7 +10,7 @@ from helpers import CONFIGS, run_python, tiny_model
 from huggingface_hub import ModelCard
 
 import engine
-from engine.pruning.families import FAMILIES, family_for
+from engine.models.families import FAMILIES, family_for
 
 # What an export must carry over from the teacher's config unchanged (sliding-window attention).
 KEPT_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "tie_word_embeddings")

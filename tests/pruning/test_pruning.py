@@ -6,11 +6,11 @@ import torch
 from helpers import CONFIGS, tiny_model
 
 import engine
+from engine.core.widths import Width
 from engine.models.export import kept_regions
-from engine.pruning.families import family_for
+from engine.models.families import family_for
 from engine.pruning.importance import unit_importance
 from engine.pruning.masks import masked, width_masks
-from engine.pruning.widths import Width
 
 FAMILIES = list(CONFIGS)
 
@@ -174,7 +174,7 @@ def test_forward_flops_match_a_flop_counter(name):
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.models.export import pruned_model
-    from engine.pruning.units import forward_flops
+    from engine.models.units import forward_flops
 
     model = tiny_model(name)
     family = family_for(model.config)

@@ -27,8 +27,8 @@ from helpers import (
     tracked_csv,
 )
 
+from engine.core import faults
 from engine.distillation.selection import tradeoff
-from engine.training import faults
 
 pytestmark = [pytest.mark.slow]
 

@@ -54,7 +54,7 @@ def test_a_tied_model_loaded_under_zero3_keeps_no_orphaned_output_layer(tmp_path
         import gc, json, sys, torch
         from transformers.integrations import HfDeepSpeedConfig
         from engine.models.loading import load_causal_lm
-        from engine.training import distributed as dist
+        from engine.core import distributed as dist
         dist.init()
         keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
         gc.disable()  # no automatic collection may hide the orphan

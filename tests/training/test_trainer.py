@@ -51,8 +51,8 @@ def test_trainer_step_matches_pytorch_two_processes(grad_accum, stack, pruned_di
 
 # --- configuration ------------------------------------------------------------------------------------------------
 def parse(*argv):
+    from engine.cli.main import build_parser
     from engine.config import resolve
-    from engine.tools.cli import build_parser
 
     return resolve(build_parser().parse_args(["compress", *map(str, argv)]))
 
@@ -84,7 +84,7 @@ def test_recipe_and_command_line_mean_the_same(tmp_path):
     ("teacher: [unclosed\n", "cannot parse recipe"),
 ])
 def test_bad_recipes_are_refused_clearly(recipe, message, tmp_path):
-    from engine.errors import UserError
+    from engine.core.errors import UserError
 
     path = tmp_path / "r.yaml"
     path.write_text(recipe)
@@ -102,14 +102,14 @@ def test_bad_recipes_are_refused_clearly(recipe, message, tmp_path):
     (("--sandwich-share", "0"), "--sandwich-share 0: give a fraction between 0 and 1"),
 ])
 def test_bad_options_are_refused_clearly(argv, message):
-    from engine.errors import UserError
+    from engine.core.errors import UserError
 
     with pytest.raises(UserError, match=pytest.importorskip("re").escape(message)):
         parse(*REQUIRED, *argv)
 
 
 def test_lam_must_be_a_number(capsys):
-    from engine.tools.cli import main
+    from engine.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["compress", *REQUIRED, "--lam", "abc"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import engine.data.sources as sources
 import engine.schedule.run as run_module
 from engine.config import RunConfig
-from engine.training import distributed as dist
+from engine.core import distributed as dist
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

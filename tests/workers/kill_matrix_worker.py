@@ -19,11 +19,11 @@ from pathlib import Path
 import deepspeed  # noqa: F401  (imported once, before the forks)
 import transformers  # noqa: F401
 
+import engine.report.render  # noqa: F401
 import engine.schedule.pipelines  # noqa: F401
-import engine.tools.report  # noqa: F401
-from engine.outputs import is_ours
-from engine.tools import cli
-from engine.training import faults
+from engine.cli import main as cli
+from engine.core import faults
+from engine.core.outputs import is_ours
 
 MODELS = ("ta", "student", "baselines")
 

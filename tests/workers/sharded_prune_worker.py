@@ -7,7 +7,7 @@ from pathlib import Path
 
 import engine
 import engine.training.engines as engines
-from engine.training import distributed as dist
+from engine.core import distributed as dist
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--teacher", required=True)

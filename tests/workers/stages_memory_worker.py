@@ -10,8 +10,8 @@ import torch
 
 import engine
 from engine.config import RunConfig
+from engine.core import distributed as dist
 from engine.data import Mixture, Split
-from engine.training import distributed as dist
 from engine.training.memory import live_tensor_bytes
 from engine.training.stage import Data, Stage, TrainConfig
 from engine.training.trainer import run_stage

@@ -12,11 +12,11 @@ import torch
 
 import engine
 from engine.config import RunConfig
+from engine.core import distributed as dist
+from engine.core.widths import forwards_per_batch
 from engine.data import Mixture
 from engine.distillation.loss import Objective, teacher_outputs, width_loss
 from engine.models.loading import load_causal_lm
-from engine.pruning.widths import forwards_per_batch
-from engine.training import distributed as dist
 from engine.training import engines
 from engine.training.batches import BatchOrder
 from engine.training.engines import BETAS, _lr_lambda, _no_decay, build_engines

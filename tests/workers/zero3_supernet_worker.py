@@ -15,8 +15,8 @@ from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
 
 import engine
+from engine.core.widths import Width
 from engine.models.loading import load_causal_lm
-from engine.pruning.widths import Width
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--pruned", required=True)

@@ -1,0 +1,51 @@
+"""Memory of the set-up before training: pruning's importance pass (`engine.pruning.prune`), per GPU and on the
+CPU of rank 0's node, for the plan and the dry run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.cli.memory_plan.estimate import BF16, Cluster, _model_level_bytes, layer_activation_bytes
+from engine.cli.memory_plan.shapes import Shapes, largest_layer_parameters, parameter_count
+
+MASKS = 24  # bytes a token and layer the masks' multiplications keep (measured)
+LOGIT_COPIES = 3  # fp32 [tokens, vocab]: the upcast logits, log-softmax's output kept for the backward, their gradient
+
+
+@dataclass(frozen=True)
+class PruningMemory:
+    teacher_bytes: int  # per GPU: its ZeRO-3 shard and the gathered largest module, or all of it on one GPU
+    activation_bytes: int  # per GPU: what the backward to the masks keeps for one calibration batch
+    logit_bytes: int
+    usable_bytes: int
+    cpu_node_bytes: int  # rank 0's node: the whole teacher in its checkpoint dtype, to reorder and write it
+
+    @property
+    def total_bytes(self) -> int:
+        return self.teacher_bytes + self.activation_bytes + self.logit_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable_bytes
+
+
+def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weight_bytes: int = BF16) -> PruningMemory:
+    """Importance scores |dL/dmask| need a backward through the whole teacher but no weight gradient: per GPU the
+    weights (`weight_bytes` each: the checkpoint's dtype), partitioned by ZeRO-3 over every GPU of a launch (plus
+    the largest module or the LM head while gathered) or whole on a single GPU; the activations one batch of
+    `batch_size` x `seq_len` tokens saves at full width, as in training but for the inputs only a weight gradient
+    needs; and the loss's fp32 logits (`LOGIT_COPIES`)."""
+    s, total = Shapes.of(config), parameter_count(config)
+    tokens = batch_size * seq_len
+    if cluster.gpus > 1:
+        gathered = max(largest_layer_parameters(config), s.vocab * s.embed_dim)
+        teacher = weight_bytes * (total // cluster.gpus + gathered)
+    else:
+        teacher = weight_bytes * total
+    # With frozen weights autograd keeps no linear's input for its weight gradient (the family's `weight_inputs`);
+    # the masks' own multiplications keep ~24 bytes a token and layer more (measured).
+    per_hidden, per_neuron, per_channel = s.saved.weight_inputs
+    weight_only = per_hidden * s.hidden + per_neuron * s.intermediate + per_channel * (s.q_dim + s.kv_dim)
+    per_layer = layer_activation_bytes(s, s.q_dim, s.kv_dim, s.heads, s.intermediate) - weight_only + MASKS
+    activations = (s.layers * per_layer + _model_level_bytes(s)) * tokens
+    return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes,
+                         weight_bytes * total)
