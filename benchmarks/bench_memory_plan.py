@@ -69,7 +69,7 @@ def measure(args, pruned: Path, ds_config: Path) -> dict:
                     teacher_placement=args.teacher_placement, stack_widths=args.stack_widths,
                     gradient_checkpointing=args.gradient_checkpointing, target_sparsity=args.target, truncate=0.5)
     widths = [w for w in plan.grid if 500 <= w <= round(args.target * 1000)]
-    stage = Stage("sandwich", pruned, pruned, widths, supernet=True, width_of=plan.width)
+    stage = Stage("sandwich", pruned, pruned, widths, supernet=True, shapes={w: plan.width(w) for w in widths})
     train = TrainConfig.of(cfg)
     teacher, engine_, distiller, keep_alive, _ = build_engines(
         stage, train, forwards_per_batch(len(widths), cfg.stack_widths))
@@ -77,14 +77,13 @@ def measure(args, pruned: Path, ds_config: Path) -> dict:
     blocks = torch.randint(3, vocab, (args.batch * (args.steps + 1), args.seq_len),
                            generator=torch.Generator().manual_seed(0))
     order = BatchOrder(Mixture.of(blocks, seed=0))
-    select = lambda group: distiller.student.stack([plan.width(s) for s in group])  # noqa: E731
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.steps):
-        outcome = train_step(teacher, engine_, select, [order.batch(step, 0, train)], widths, Objective.of(cfg),
-                             per_forward=cfg.stack_widths)
+        outcome = train_step(teacher, engine_, [order.batch(step, 0, train)], widths, Objective.of(cfg),
+                             stage.shapes, per_forward=cfg.stack_widths)
         assert outcome.finite, outcome
     peak = torch.cuda.max_memory_allocated() if cuda else None
     release(teacher, engine_)

@@ -124,12 +124,12 @@ def worker(args) -> None:
     report = {"rows": []}
     for k in args.ks:
         widths = list(plan.grid[:k])
-        stage = Stage(f"k{k}", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
+        stage = Stage(f"k{k}", Path(args.pruned), Path(args.pruned), widths, supernet=True,
+                      shapes={w: plan.width(w) for w in widths})
         backwards = forwards_per_batch(k, cfg.stack_widths)
         teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
         for label in ("forward", "backward", "step"):  # ds_engine(...) calls the instance's forward
             setattr(ds_engine, label, marked(label, getattr(ds_engine, label)))
-        select = lambda group, net=distiller.student: net.stack([plan.width(s) for s in group])  # noqa: E731
         # One full gather of a model: every partitioned (non-persistent) parameter, padded shard x world.
         gatherable = lambda m: sum(p.ds_tensor.ds_numel * world * p.ds_tensor.element_size()  # noqa: E731
                                    for p in m.parameters() if not p.ds_persist)
@@ -138,8 +138,8 @@ def worker(args) -> None:
             comms_logger.reset_data()
             phases.clear()
             started = time.perf_counter()
-            outcome = trainer.train_step(teacher, ds_engine, select, [order.batch(step, 0, cfg)], widths, objective,
-                                         per_forward=cfg.stack_widths)
+            outcome = trainer.train_step(teacher, ds_engine, [order.batch(step, 0, cfg)], widths, objective,
+                                         stage.shapes, per_forward=cfg.stack_widths)
             seconds = time.perf_counter() - started
             assert outcome.finite, outcome
             steps.append({"s": seconds, **counters(world), **{f"{lb}_{key}": v for (lb, key), v in phases.items()}})

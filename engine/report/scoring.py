@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from engine.distillation.sandwich import score_model
+from engine.distillation.evaluation import score_model
 from engine.distillation.selection import relative
 from engine.models.loading import load_causal_lm
 from engine.report.formatting import models_of

@@ -225,7 +225,7 @@ class Run:
         at its end (work/NAME/supernet)."""
         objective = objective or Objective.of(self.cfg)
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
-                      width_of=self.width_of if supernet else None, uniform=self.cfg.uniform,
+                      shapes={w: self.width_of(w) for w in widths} if supernet else None, uniform=self.cfg.uniform,
                       objective=objective, candidates=candidates, keep_supernet=keep_supernet)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
         result = run_stage(stage, train, self.data, self.work, self.monitor)

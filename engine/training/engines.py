@@ -165,7 +165,7 @@ def build_engines(stage: Stage, cfg: TrainConfig, backwards_per_step: int):
 
     model, student_hf = load_partitioned(stage.student_dir, train_config)
     if stage.supernet:
-        model = Supernet(model)  # widths come from stage.width_of
+        model = Supernet(model)  # each step stacks the widths it trains (`train_step`)
         if cfg.stack_widths != 1:
             gather_whole_layers(model.model)
     if cfg.gradient_checkpointing:  # around the supernet's stacked layers: the recomputation runs every width again

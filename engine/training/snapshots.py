@@ -37,7 +37,7 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
                 prefix = "student.model."
                 weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
                 lm = distiller.student.model
-                model = pruned_model(lm, stage.width_of(state.best_width), uniform=stage.uniform,
+                model = pruned_model(lm, stage.shapes[state.best_width], uniform=stage.uniform,
                                      dtype=torch.float32, state=weights)
             else:
                 prefix = "student."

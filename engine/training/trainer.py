@@ -28,14 +28,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from engine.core import distributed as dist
 from engine.core import faults
 from engine.core.progress import Monitor
 from engine.core.widths import PERMILLE, format_sparsity, forwards_per_batch
+from engine.distillation.evaluation import evaluate_widths
 from engine.distillation.loss import Objective, teacher_outputs
-from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import best_tradeoff, performance, snapshot_moves, tradeoff
 from engine.training.batches import BatchOrder, dev_batches, widths_at
 from engine.training.engines import build_engines, release, short_path
@@ -63,49 +64,56 @@ class StepOutcome:
         return [parts["loss"] for parts in self.parts]
 
 
-def train_step(teacher, engine, select, micro_batches, widths, objective: Objective,
+def train_step(teacher, engine, micro_batches, widths: list[int], objective: Objective, shapes: dict | None = None,
                timer: StageTimer | None = None, per_forward: int = 1) -> StepOutcome:
-    """One optimiser step: per micro-batch one teacher forward (none without distillation), then every width's
-    loss (weighted 1/(K x micro-batches)) back-propagated, `per_forward` widths stacked in each forward (0 = all;
-    `select` takes the list of widths of one forward). The losses stay on the device until one all-reduce, before the
-    optimiser steps, carries them with the finite check and the requeue flag: one collective and one host sync
-    per step, whatever K and the accumulation."""
-    import deepspeed
-
+    """One optimiser step of `engine` (the student's, wrapping a `Distiller`) on the global batch: each width's
+    loss weighted 1/K, the same maths as a plain PyTorch loop over the widths (tests/workers/trainer_step_worker.py).
+    `shapes`: what each width keeps per layer (a supernet; None: a plain student, one width); `per_forward`: the
+    widths stacked in one forward (--stack-widths; 0 = all K)."""
     timer = timer or StageTimer()
+    student, device = engine.module.student, dist.device()
     head = teacher.module.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p is not None]
-    accum, device = len(micro_batches), dist.device()
-    step_losses = torch.zeros(len(widths), len(PARTS), dtype=torch.float32, device=device)
-    backwards, per_step = 0, accum * forwards_per_batch(len(widths), per_forward)
-
-    def backward(loss):
-        nonlocal backwards
-        engine.backward(loss / accum, scale_wrt_gas=False)
-        backwards += 1
-        if backwards < per_step:  # the boundary's step waits for the check below
-            engine.step()
-
+    size = per_forward or len(widths)
+    starts = range(0, len(widths), size)  # each forward's widths: widths[start:start + size]
+    # DeepSpeed's accumulation boundary (gradient_accumulation_steps) is set to every backward of the step, so the
+    # optimiser steps once per global batch; `engine.step()` before it only counts the backward.
+    accum = len(micro_batches)
+    backwards, per_step = 0, accum * len(starts)
+    losses = torch.zeros(len(widths), len(PARTS), dtype=torch.float32, device=device)  # kept on the device
     for ids, mask in micro_batches:
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
-        t_out = None  # no distillation: the teacher does not run in training
+        # The teacher runs once per micro-batch: every width distils from the same outputs (none without distillation).
+        t_out = None
         if objective.needs_teacher:
             with timer("teacher forwards"):
                 t_out = teacher_outputs(teacher.module, ids, hidden_states=bool(objective.hidden_weight))
-        # The fused loss reads the teacher's LM head outside the teacher's forward: gather it for the widths
-        # (after the teacher forward, which re-partitions a head tied to the input embeddings).
+        # The fused loss reads the teacher's LM head outside the teacher's forward, which re-partitions it (a head
+        # tied to the input embeddings is the last module it uses): gather it once for all the widths.
         gathered = deepspeed.zero.GatheredParameters(head_params, enabled=objective.needs_teacher and
                                                      hasattr(head.weight, "ds_id"))
         with gathered, timer("student fwd+bwd+optimizer"):
-            metrics = sandwich_step(lambda n: engine(ids, mask, t_out, objective, n), select, widths, backward,
-                                    per_forward)
-        step_losses += torch.stack([torch.stack([metrics[w][part].float() for part in PARTS]) for w in widths]) / accum
-    flags = torch.stack([(~torch.isfinite(step_losses[:, 0])).any().float(),
+            for start in starts:
+                group = widths[start:start + size]
+                if shapes:  # the batch runs once per width of the group, copy k at the k-th width
+                    student.stack([shapes[w] for w in group])
+                # Distiller.forward: `stacked_width_loss`, the mean of the group's losses and each width's terms.
+                loss, parts = engine(ids, mask, t_out, objective, len(group))
+                # The group's share of the step: len(group) of the K widths, 1/accum of the global batch.
+                # scale_wrt_gas=False: the weights are all here, DeepSpeed must not divide again.
+                engine.backward(loss * len(group) / len(widths) / accum, scale_wrt_gas=False)
+                backwards += 1
+                if backwards < per_step:  # the boundary's step waits for the finite check below
+                    engine.step()
+                losses[start:start + len(group)] += torch.stack([parts[n] for n in PARTS], 1).float() / accum
+    # One all-reduce, one host sync per step, whatever K and the accumulation: the losses, whether any is not
+    # finite (then no rank steps: the weights stay the last good ones) and whether any rank got a stop signal.
+    flags = torch.stack([(~torch.isfinite(losses[:, 0])).any().float(),
                          torch.tensor(float(faults.signal_received()), device=device)])
-    agreed = dist.all_sum(torch.cat([step_losses.double().flatten(), flags.double()])).tolist()
+    agreed = dist.all_sum(torch.cat([losses.double().flatten(), flags.double()])).tolist()
     means = [value / dist.world_size() for value in agreed[:-2]]
     parts = [dict(zip(PARTS, means[i * len(PARTS):(i + 1) * len(PARTS)])) for i in range(len(widths))]
-    outcome = StepOutcome(parts, agreed[-2] == 0, agreed[-1] > 0)
+    outcome = StepOutcome(parts, finite=agreed[-2] == 0, signalled=agreed[-1] > 0)
     if outcome.finite:
         with timer("student fwd+bwd+optimizer"):
             engine.step()
@@ -145,8 +153,6 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
         teacher, engine, distiller, keep_alive, train_config = build_engines(
             stage, cfg, forwards_per_batch(len(widths_at(stage, cfg, 0)), per_forward))
     objective = stage.objective
-    select = ((lambda group: distiller.student.stack([stage.width_of(s) for s in group])) if stage.supernet
-              else (lambda group: None))
     checkpoints = stage_dir / "checkpoints"
     state = StageState()
     torch.manual_seed(cfg.seed + dist.rank())
@@ -174,7 +180,8 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             widths = widths_at(stage, cfg, step)
             micro_batches = [order.batch(step, micro, cfg) for micro in range(cfg.grad_accum)]
             with timer("training steps"):
-                outcome = train_step(teacher, engine, select, micro_batches, widths, objective, timer, per_forward)
+                outcome = train_step(teacher, engine, micro_batches, widths, objective, stage.shapes, timer,
+                                     per_forward)
             if not outcome.finite:
                 _diverged(stage, step, checkpoints, dict(zip(widths, outcome.losses)))
             faults.kill_point(f"{stage.name}:step")
@@ -184,7 +191,7 @@ def _train(stage: Stage, cfg: TrainConfig, data: Data, stage_dir: Path, timer: "
             monitor.step(state.step, dict(zip(widths, outcome.parts)), engine.get_lr()[0], _grad_norm(engine))
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 with timer("evaluation"):
-                    improved = _evaluate(stage, cfg, state, distiller, teacher.module, dev, select, monitor)
+                    improved = _evaluate(stage, cfg, state, distiller.student, teacher.module, dev, monitor)
                 if improved:
                     with timer("best snapshots"):
                         save_best(stage, distiller, engine, train_config, stage_dir / "best", state)
@@ -248,11 +255,10 @@ def _grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def _evaluate(stage, cfg, state: StageState, distiller, teacher, dev, select, monitor: Monitor) -> bool:
+def _evaluate(stage, cfg, state: StageState, student, teacher, dev, monitor: Monitor) -> bool:
     """Evaluate every width in one pass; update each width's best p(s) and the best trade-off. Returns whether
     the trade-off improved (then the current weights are the stage's best)."""
-    student = distiller.student
-    stats = evaluate_widths(student, teacher, monitor.dev_batches(dev), stage.widths, select=select,
+    stats = evaluate_widths(student, teacher, monitor.dev_batches(dev), stage.widths, stage.shapes,
                             reduce=dist.all_sum)
     if not all(math.isfinite(s["loss"]) for s in stats.values()):
         raise Diverged(f"stage {stage.name}: the dev loss is not finite at step {state.step}; the previous "

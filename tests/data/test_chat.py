@@ -13,8 +13,8 @@ from engine.core.errors import UserError
 from engine.data import Blocks, load_records, token_file
 from engine.data.blocks import PAD
 from engine.data.chat import chat_tokens
+from engine.distillation.evaluation import evaluate_widths
 from engine.distillation.loss import Objective, teacher_outputs, width_loss
-from engine.distillation.sandwich import evaluate_widths
 
 # A template in the Zephyr style whose assistant turns are marked {% generation %}: Hugging Face's own
 # assistant mask (return_assistant_tokens_mask) is then the independent reference.
@@ -88,7 +88,7 @@ def test_the_loss_and_the_metrics_count_only_masked_tokens():
     logits = student(input_ids=ids).logits[:, :-1]
     reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(losses["ce"], reference)
-    stats = evaluate_widths(student, teacher, [(ids, mask)], [0], select=lambda s: None)
+    stats = evaluate_widths(student, teacher, [(ids, mask)], [0])
     counted = labels != -100
     accuracy = (logits.argmax(-1) == ids[:, 1:])[counted].float().mean().item()
     assert stats[0]["tokens"] == int(counted.sum()) == 9 and stats[0]["accuracy"] == pytest.approx(accuracy)

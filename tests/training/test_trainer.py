@@ -21,10 +21,11 @@ def one_process(out, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum,stack", [(1, 2), (2, 1)])  # 2: the 3 widths in two forwards
+@pytest.mark.parametrize("grad_accum,stack", [(1, 2), (2, 1), (1, 0)])  # 2: the 3 widths in two forwards
 def test_trainer_step_matches_pytorch_one_process(grad_accum, stack, pruned_dirs, tmp_path):
+    """(1, 0): all three widths in one forward, each layer recomputed in the backward."""
     report = one_process(tmp_path / "r.json", "--pruned", pruned_dirs["llama_gqa"], "--grad-accum", grad_accum,
-                         "--stack", stack)
+                         "--stack", stack, "--checkpointing", int(stack == 0))
     assert report["world_size"] == 1
     assert report["moved"] > 1e-3  # the weights really changed
     assert report["error"] <= 1e-5, report

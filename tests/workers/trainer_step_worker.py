@@ -54,7 +54,8 @@ optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _no_decay(
 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(TrainConfig.of(cfg)))
 initial = {n: p.detach().clone() for n, p in named}
 
-stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True, width_of=plan.width)
+stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True,
+              shapes={w: plan.width(w) for w in widths})
 backwards = forwards_per_batch(len(widths), args.stack)  # per micro-batch
 teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -62,11 +63,11 @@ order = BatchOrder(Mixture.of(blocks, seed=0))
 collectives = []  # all_sum calls per step: the losses, the finite check and the requeue flag travel together
 all_sum = dist.all_sum
 dist.all_sum = lambda tensor: collectives.append(tensor.numel()) or all_sum(tensor)
-select = lambda group: distiller.student.stack([plan.width(s) for s in group])  # noqa: E731
+shapes = stage.shapes
 for step in range(2):
     micro = [order.batch(step, a, cfg) for a in range(cfg.grad_accum)]
     before = len(collectives)
-    outcome = train_step(teacher, ds_engine, select, micro, widths, objective, per_forward=args.stack)
+    outcome = train_step(teacher, ds_engine, micro, widths, objective, shapes, per_forward=args.stack)
     assert outcome.finite and not outcome.signalled and len(outcome.losses) == len(widths)
     assert collectives[before:] == [len(widths) * len(PARTS) + 2], collectives
     # the same step, by hand: the whole global batch, each width 1/K
@@ -99,8 +100,8 @@ def full_weights():
 
 
 kept = full_weights()
-poisoned = train_step(teacher, ds_engine, select, [order.batch(2, a, cfg) for a in range(cfg.grad_accum)], widths,
-                      replace(objective, hidden_weight=float("nan")), per_forward=args.stack)
+poisoned = train_step(teacher, ds_engine, [order.batch(2, a, cfg) for a in range(cfg.grad_accum)], widths,
+                      replace(objective, hidden_weight=float("nan")), shapes, per_forward=args.stack)
 unchanged = all(torch.equal(a, b) for a, b in zip(kept, full_weights()))
 if dist.is_main():
     Path(args.out).write_text(json.dumps({"world_size": dist.world_size(), "error": error, "worst": worst,

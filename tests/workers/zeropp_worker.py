@@ -122,7 +122,7 @@ def check_stage(cfg: RunConfig) -> dict:
     offload = student.zero_offload_optimizer()
     out["student_offload_optimizer"] = str(getattr(offload, "device", None))
     out["student_offload_param"] = student.zero_offload_param() is not None
-    losses = trainer.train_step(teacher, student, lambda s: None, [(ids, None)], [0], objective).losses  # its step
+    losses = trainer.train_step(teacher, student, [(ids, None)], [0], objective).losses  # its step
 
     # DeepSpeed averages gradients over ranks: the reference steps on the mean loss of every rank's batch.
     named = list(ref_student.named_parameters())

@@ -7,8 +7,8 @@ from helpers import tiny_model
 
 import engine
 import kernels
+from engine.distillation.evaluation import evaluate_widths
 from engine.distillation.loss import Objective, hidden_layer_indices, stacked_width_loss, teacher_outputs, width_loss
-from engine.distillation.sandwich import evaluate_widths, sandwich_step
 from engine.distillation.selection import choose_ta, tradeoff
 
 
@@ -53,10 +53,10 @@ def test_objective_terms_match_their_definitions(setup):
 
 
 @pytest.mark.parametrize("per_forward,checkpointed", [(1, False), (0, False), (2, False), (0, True)])
-def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward, checkpointed):
-    """Every way of running a sandwich step (one width after another; all stacked in one forward, also with each
-    layer recomputed in the backward; two, then one) gives the mean of the widths' gradients, each computed alone,
-    and each width's own loss terms."""
+def test_stacked_widths_give_the_mean_of_per_width_gradients(setup, per_forward, checkpointed):
+    """Every way `train_step` runs a step's widths (one after another; all stacked in one forward, also with each
+    layer recomputed in the backward; two, then one), each forward's loss weighted by its share of the K widths,
+    gives the mean of the widths' gradients, each computed alone, and each width's own loss terms."""
     from engine.training.engines import checkpoint_layers
 
     teacher, supernet, ids, mask = setup
@@ -65,10 +65,14 @@ def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward
     widths, objective = [500, 700, 900], Objective(hidden_weight=0.5, ce_weight=0.3)
     t_out = teacher_outputs(teacher, ids)
     supernet.zero_grad()
-    metrics = sandwich_step(lambda n: stacked_width_loss(supernet.model, t_out, ids, mask, objective, n),
-                            lambda group: supernet.stack([supernet.plan.width(s) for s in group]), widths,
-                            per_forward=per_forward)
-    sandwich = {n: p.grad.clone() for n, p in supernet.named_parameters()}
+    size, metrics = per_forward or len(widths), {}
+    for start in range(0, len(widths), size):
+        group = widths[start:start + size]
+        supernet.stack([supernet.plan.width(s) for s in group])
+        loss, parts = stacked_width_loss(supernet.model, t_out, ids, mask, objective, len(group))
+        (loss * len(group) / len(widths)).backward()
+        metrics.update({s: {name: value[i] for name, value in parts.items()} for i, s in enumerate(group)})
+    stacked = {n: p.grad.clone() for n, p in supernet.named_parameters()}
     expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
     for permille in widths:  # each width alone, separately
         supernet.zero_grad()
@@ -79,9 +83,9 @@ def test_sandwich_gradient_is_the_mean_of_per_width_gradients(setup, per_forward
             expected[n] += p.grad / len(widths)
         for part, value in losses.items():
             torch.testing.assert_close(metrics[permille][part], value.detach(), rtol=1e-5, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in sandwich.values())
-    for n in sandwich:
-        torch.testing.assert_close(sandwich[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert any(g.abs().sum() > 0 for g in stacked.values())
+    for n in stacked:
+        torch.testing.assert_close(stacked[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_stacked_widths_need_one_gather_per_layer(setup):
@@ -232,7 +236,7 @@ def test_scoring_gives_each_test_blocks_figures(setup):
     """score_model's per-block [correct, tokens] (what paired intervals resample) add up to its totals and equal
     each block's full-logits figures."""
     from engine.data.blocks import Split
-    from engine.distillation.sandwich import score_model
+    from engine.distillation.evaluation import score_model
 
     teacher, _, ids, mask = setup
     stats = score_model(teacher, Split(ids, mask.bool()), batch_size=1, device="cpu")

@@ -1,31 +1,15 @@
-"""MiniDisc step 2: train every candidate width against one teacher pass (the sandwich step), and evaluate
-every width in one pass over the dev data."""
+"""Every width of a supernet (or one plain model) measured in one pass over the dev data, and a model's test
+scores per block. The sandwich step that trains them is `engine.training.trainer.train_step`."""
 from __future__ import annotations
 
 from typing import Callable
 
+import deepspeed
 import torch
 
 import kernels
+from engine.core.widths import Width
 from engine.models.supernet import Supernet
-
-
-def sandwich_step(forward: Callable[[int], tuple], select: Callable[[list[int]], object], sparsities,
-                  backward: Callable = torch.Tensor.backward, per_forward: int = 1) -> dict:
-    """Forward and backward every width against the same teacher outputs (which `forward` closes over), each
-    width's loss weighted 1/K: `per_forward` widths stacked in each forward (0 = all K), each group
-    back-propagated at once, so its activations are freed before the next group's forward (1 = one width after
-    another). `select(permilles)` activates the widths of one forward; `forward(n)` returns (the mean loss of its n
-    widths, {"loss", ...}: each width's values); `backward` is `Tensor.backward` or a DeepSpeed engine's. The
-    caller steps the optimizer once after."""
-    metrics, sparsities = {}, list(sparsities)
-    size = per_forward or len(sparsities)
-    for group in [sparsities[i:i + size] for i in range(0, len(sparsities), size)]:
-        select(group)
-        loss, parts = forward(len(group))
-        backward(loss * len(group) / len(sparsities))
-        metrics.update({s: {name: value[i] for name, value in parts.items()} for i, s in enumerate(group)})
-    return metrics
 
 
 def _next_token_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
@@ -38,8 +22,6 @@ def _block_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
     """`_next_token_stats` per sequence of the batch ([widths, B, 3], float64 on the CPU), from its last hidden states
     and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V] logits. Under ZeRO-3
     the head is gathered for the call, like the decoder layers in the model's forward."""
-    import deepspeed
-
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     keep = keep[:, 1:]  # position t counts when its target, token t + 1, does (right padding: no attention mask)
     lm = model.model if isinstance(model, Supernet) else model
@@ -56,28 +38,28 @@ def _block_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_widths(student, teacher, batches, sparsities, select: Callable | None = None,
+def evaluate_widths(student, teacher, batches, widths: list[int], shapes: dict[int, Width] | None = None,
                     reduce: Callable = lambda totals: totals) -> dict:
     """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
 
     Each batch (input_ids, loss mask or None) is loaded and run through the teacher once; then every width sees
     the same batch, all of them stacked in one forward (under ZeRO-3 each layer is gathered once for all widths;
-    without gradients only one layer's outputs per width are alive). `select(permilles)` activates them (default
-    `student.stack` at the plan's widths; a no-op for a plain model, given one width); `reduce` sums the
+    without gradients only one layer's outputs per width are alive). A `Supernet` student is stacked at `shapes`
+    (what each width keeps per layer; default its plan's); a plain model is one width. `reduce` sums the
     [correct, loss, tokens] totals over processes.
     Returns {"teacher": stats, permille: stats, ...}, stats = {"accuracy", "loss", "tokens"}.
     """
-    select = select or (lambda group: student.stack([student.plan.width(s) for s in group]))
-    totals = torch.zeros(1 + len(sparsities), 3, dtype=torch.float64)
+    totals = torch.zeros(1 + len(widths), 3, dtype=torch.float64)
     modes = [(module, module.training) for module in student.modules()]  # each its own: a wrapper's may differ
     student.eval()
     for input_ids, loss_mask in batches:
         totals[0] += _next_token_stats(teacher, input_ids, loss_mask)[0]
-        select(list(sparsities))
-        totals[1:] += _next_token_stats(student, input_ids, loss_mask, len(sparsities))
+        if isinstance(student, Supernet):
+            student.stack([shapes[w] if shapes else student.plan.width(w) for w in widths])
+        totals[1:] += _next_token_stats(student, input_ids, loss_mask, len(widths))
     for module, training in modes:
         module.training = training
-    totals = dict(zip(["teacher", *sparsities], reduce(totals)))
+    totals = dict(zip(["teacher", *widths], reduce(totals)))
     return {key: {"accuracy": (t[0] / t[2].clamp(min=1)).item(), "loss": (t[1] / t[2].clamp(min=1)).item(),
                   "tokens": int(t[2].item())} for key, t in totals.items()}
 
