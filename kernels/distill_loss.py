@@ -1,7 +1,7 @@
 """Distillation losses over the vocabulary without N x V temporaries: `distill_loss` on logits and
 `fused_linear_distill_loss` on hidden states + LM heads.
 
-Math (DESIGN.md 4), per token, with z_s = student_logits / T, z_t = teacher_logits / T, q = softmax(z_s),
+Math (docs/kernels.md), per token, with z_s = student_logits / T, z_t = teacher_logits / T, q = softmax(z_s),
 p = softmax(z_t), all in fp32 whatever the input dtype:
   forward_kl  D = KL(p || q)                       dD/dz_s = q - p
   reverse_kl  D = KL(q || p)                       dD/dz_s = q * (log q - log p - D)

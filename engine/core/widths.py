@@ -122,17 +122,19 @@ def round_removal(removed: int, size: int, multiple: int) -> int:
     return min(size, multiple * ((2 * removed + multiple) // (2 * multiple)))
 
 
+def removed_units(total: int, permille: int) -> int:
+    """Units removed when `permille`/1000 of `total` go: rounded half up, in integers (no float error)."""
+    return (permille * total + PERMILLE // 2) // PERMILLE
+
+
 def keep_counts(order: list[int], sizes: list[int], permille: int, multiple: int = 1) -> tuple[int, ...]:
     """Per-layer kept units when `permille`/1000 of all units are removed following `order`."""
-    total = sum(sizes)
-    num_removed = (permille * total + PERMILLE // 2) // PERMILLE
     removed = [0] * len(sizes)
-    for layer in order[:num_removed]:
+    for layer in order[:removed_units(sum(sizes), permille)]:
         removed[layer] += 1
     return tuple(size - round_removal(r, size, multiple) for r, size in zip(removed, sizes))
 
 
 def uniform_keep(size: int, permille: int, multiple: int = 1) -> int:
     """Units kept in a layer of `size` units when every layer loses the same fraction."""
-    removed = (permille * size + PERMILLE // 2) // PERMILLE
-    return size - round_removal(removed, size, multiple)
+    return size - round_removal(removed_units(size, permille), size, multiple)

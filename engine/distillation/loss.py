@@ -1,4 +1,4 @@
-"""The distillation objective of one student width against the teacher (DESIGN.md 2, "Distillation loss").
+"""The distillation objective of one student width against the teacher (the options in docs/method.md).
 
 loss = logit_weight * T^2 KL-family divergence of the next-token distributions (through
 `kernels.fused_linear_distill_loss`, so no [tokens, vocab] logits are built)

@@ -2,11 +2,10 @@
 people read first to see whether a compressed model still writes sensibly."""
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.training.memory import give_back
 
 DEFAULT_PROMPTS = 3  # prompts taken from the dev split when the user gives none
 PROMPT_TOKENS = 16  # their length in tokens
@@ -35,7 +34,5 @@ def continuations(model_dir, prompts: list[list[int]], new_tokens: int, device) 
                              do_sample=False, num_beams=1, pad_token_id=pad)
         texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    give_back()
     return texts

@@ -6,16 +6,15 @@ that chose it as `dev_accuracy` / `dev_loss`.
 """
 from __future__ import annotations
 
-import gc
 import math
 
 import numpy as np
-import torch
 
 from engine.distillation.evaluation import score_model
 from engine.distillation.selection import relative
 from engine.models.loading import load_causal_lm
 from engine.report.formatting import models_of
+from engine.training.memory import give_back
 
 
 def score_checkpoint(path, split, batch_size: int, device, dtype) -> dict:
@@ -27,9 +26,7 @@ def score_and_free(model, split, batch_size: int, device) -> dict:
     """`score_model`, then the model's memory given back (the caller passes its only reference)."""
     stats = score_model(model, split, batch_size, device)
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    give_back()
     return stats
 
 

@@ -23,14 +23,16 @@ def stage_compute(result: StageResult, flops: Callable[[int], int], teacher: int
     """The compute of one finished stage. `flops(permille)` is the forward FLOPs per token at a width;
     `teacher` the sparsity of the stage's teacher (0, or the TA's; None: no teacher ran in training);
     `tokens_per_step` = --batch-size x --seq-len; `head` the teacher's LM-head FLOPs per token."""
-    trained = [round(point["width"] * PERMILLE) for point in result.curves["train"]]
+    trained: dict[int, list[int]] = {}  # step -> the widths it trained
+    for point in result.curves["train"]:
+        trained.setdefault(point["step"], []).append(round(point["width"] * PERMILLE))
     evaluated = result.curves["eval"]
     eval_tokens = {point["step"]: point["tokens"] for point in evaluated}  # the teacher runs once per evaluation
     eval_teacher = flops(teacher or 0)  # the dev pass runs the teacher even when training did not
-    teacher_train = 0 if teacher is None else result.steps * flops(teacher) + (len(trained) - result.steps) * head
     return {"steps": result.steps, "tokens": result.steps * tokens_per_step,
-            "width_tokens": len(trained) * tokens_per_step,
-            "train_flops": tokens_per_step * (sum(3 * flops(w) for w in trained) + teacher_train),
+            "width_tokens": sum(map(len, trained.values())) * tokens_per_step,
+            "train_flops": sum(step_flops(tokens_per_step, widths, teacher, flops, head=head)
+                               for widths in trained.values()),
             "eval_flops": sum(p["tokens"] * flops(round(p["width"] * PERMILLE)) for p in evaluated)
             + sum(eval_tokens.values()) * eval_teacher,
             "wall_s": result.wall_s}
@@ -53,8 +55,10 @@ def step_flops(tokens_per_step: int, widths: list[int], teacher: int | None, flo
     against one teacher forward at sparsity `teacher` (None: no teacher) and its LM head once more per extra width:
     what a stage's progress line plans with."""
     n = per_step or len(widths)
-    mean = sum(3 * flops(w) for w in widths) / len(widths)
-    return tokens_per_step * (n * mean + (0 if teacher is None else flops(teacher) + (n - 1) * head))
+    trained = sum(3 * flops(w) for w in widths)  # forward + backward: 3 F(w) per token
+    if n != len(widths):
+        trained = trained * n / len(widths)  # some of them, at their mean cost
+    return tokens_per_step * (trained + (0 if teacher is None else flops(teacher) + (n - 1) * head))
 
 
 def sandwich_steps(share: float, student_steps: int, widths: list[int], sandwich_sample: int,

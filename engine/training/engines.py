@@ -1,7 +1,6 @@
 """A stage's models: the frozen teacher in its placement and the trained student engine with its optimiser."""
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ from engine.models.families import family_for
 from engine.models.loading import load_causal_lm
 from engine.models.supernet import Supernet
 from engine.training.deepspeed_config import bf16_enabled, offloaded, teacher_ds_config, train_ds_config
+from engine.training.memory import give_back
 from engine.training.stage import Stage, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -200,9 +200,7 @@ def release(*engines) -> None:
             engine.destroy()
         _forget_forward_stack(getattr(engine, "module", None))
     _clear_release_cache()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    give_back()
 
 
 def _forget_forward_stack(module) -> None:

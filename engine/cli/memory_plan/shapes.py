@@ -9,7 +9,7 @@ from pathlib import Path
 from engine.cli.memory_plan.presets import PRESETS
 from engine.core.errors import UserError
 from engine.core.hub import model_folder
-from engine.core.widths import PERMILLE
+from engine.core.widths import removed_units
 from engine.models.families import FAMILIES, SavedBytes, family_for
 from engine.models.loading import is_per_layer, load_config
 
@@ -161,8 +161,8 @@ def unit_parameters(config) -> tuple[int, int]:
 
 
 def kept_units(total: int, permille: int) -> int:
-    """Units kept when `permille`/1000 of `total` are removed (same rounding as `engine.core.widths.keep_counts`)."""
-    return total - (permille * total + PERMILLE // 2) // PERMILLE
+    """Units kept when `permille`/1000 of `total` are removed (before --ffn-multiple's rounding per layer)."""
+    return total - removed_units(total, permille)
 
 
 def width_parameters(config, permille: int) -> int:
