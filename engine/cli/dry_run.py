@@ -32,7 +32,7 @@ from engine.core.widths import (
 from engine.data import resolve
 from engine.models.plan import PLAN_FILE, PruningPlan
 from engine.report.harness import check_tasks
-from engine.schedule.run import check_target_on_grid, check_teacher
+from engine.schedule.setup import check_target_on_grid, check_teacher
 from engine.training.deepspeed_config import bf16_enabled, offloaded, read_ds_config, train_ds_config
 from engine.training.stage import TrainConfig
 

@@ -61,7 +61,8 @@ class Monitor:
     (a batch log, nohup) a line every `log_every` steps (0: about once a minute, and after a stage's first step)
     with the step, losses, learning rate, gradient norm, tokens/s and the elapsed time and ETA of the stage and of
     the run; and every step and evaluation to the trackers (--report-to). The run's ETA adds the training FLOPs of
-    the stages still ahead (`plan`: stage -> planned training FLOPs, in run order) at the current stage's speed.
+    the stages still ahead (`plan_stages`: stage -> planned training FLOPs, in run order) at the current stage's
+    speed.
     Only rank 0 speaks: other ranks get `Monitor(enabled=False)`."""
 
     EVERY_S = 60.0
@@ -71,10 +72,14 @@ class Monitor:
         self.log_every, self.tokens_per_step, self.trackers = log_every, tokens_per_step, trackers
         self.enabled = enabled
         self.terminal = console.is_terminal if terminal is None else terminal
-        self.plan: dict[str, float] = {}
+        self.stage_flops: dict[str, float] = {}
         self.started = time.perf_counter()
         self._stage = None
         self._bar = None
+
+    def plan_stages(self, stage_flops: dict[str, float]) -> None:
+        """The run's stages in order, each with its planned training FLOPs: what the run's ETA adds up."""
+        self.stage_flops = dict(stage_flops)
 
     @contextmanager
     def stage(self, name: str, first_step: int, total_steps: int):
@@ -163,16 +168,16 @@ class Monitor:
                 f"{_duration(stage_eta)} | run {_duration(now - self.started)}")
         later = self._later_flops()
         if later is not None:
-            seconds_per_flop = stage_s / done * stage["total"] / self.plan[stage["name"]]
+            seconds_per_flop = stage_s / done * stage["total"] / self.stage_flops[stage["name"]]
             line += f", ETA ~{_duration(stage_eta + later * seconds_per_flop)}"
         return line
 
     def _later_flops(self) -> float | None:
         """Planned training FLOPs of the stages after the current one (None when the current one is not planned)."""
-        names = list(self.plan)
-        if self._stage["name"] not in names or not self.plan[self._stage["name"]]:
+        names = list(self.stage_flops)
+        if self._stage["name"] not in names or not self.stage_flops[self._stage["name"]]:
             return None
-        return sum(self.plan[n] for n in names[names.index(self._stage["name"]) + 1:])
+        return sum(self.stage_flops[n] for n in names[names.index(self._stage["name"]) + 1:])
 
 
 def _duration(seconds: float) -> str:

@@ -10,9 +10,12 @@ early stopping are counted as they ran); its evaluation FLOPs off its dev curve.
 """
 from __future__ import annotations
 
+from functools import cache, cached_property
 from typing import Callable
 
-from engine.core.widths import PERMILLE, widths_per_step
+from engine.core.widths import PERMILLE, Width, widths_per_step
+from engine.models.loading import meta_model
+from engine.models.units import count_parameters, forward_flops
 from engine.training.stage import StageResult
 
 KEYS = ("steps", "tokens", "width_tokens", "train_flops", "eval_flops", "wall_s")
@@ -71,3 +74,31 @@ def sandwich_steps(share: float, student_steps: int, widths: list[int], sandwich
     sandwich = step_flops(1, widths, 0, flops, per_step, head)
     student = step_flops(1, [target], 0, flops)
     return max(1, round(share / (1 - share) * student_steps * student / sandwich))
+
+
+class Costs:
+    """Parameters and FLOPs of the pruned teacher's widths, counted on its architecture on the meta device (no
+    weights): `parameters` and `forward_flops` per token of the width at a per-mille sparsity (the teacher at 0),
+    the LM head's FLOPs per token, a single-width training step's FLOPs."""
+
+    def __init__(self, config, family, width_of: Callable[[int], Width], seq_len: int, tokens_per_step: int):
+        self.model = meta_model(config)
+        self.family, self.width_of, self.seq_len, self.tokens_per_step = family, width_of, seq_len, tokens_per_step
+        self.forward_flops = cache(self._forward_flops)
+
+    def parameters(self, permille: int) -> int:
+        return count_parameters(self.model, self.family, self.width_of(permille))
+
+    def _forward_flops(self, permille: int) -> int:
+        return forward_flops(self.model, self.family, self.width_of(permille), self.seq_len)
+
+    @cached_property
+    def head_flops(self) -> int:
+        """The LM head's FLOPs per token (hidden size and vocabulary are never pruned: every width's too)."""
+        head = self.model.get_output_embeddings()
+        return 2 * head.in_features * head.out_features
+
+    def step_flops(self, permille: int, teacher: int | None = 0) -> float:
+        """Training FLOPs of one step of a single-width stage (the width at `permille`, its teacher at `teacher`;
+        None: no teacher)."""
+        return step_flops(self.tokens_per_step, [permille], teacher, self.forward_flops)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import torch
 
@@ -31,7 +30,7 @@ def finish(run: Run, report: dict) -> dict:
     """The run's report: `report` (what its pipeline produced) with the run's set-up, data, compute and environment,
     every model measured on test, written last (its presence means the run is complete). Its paths are relative to
     --out (models it wrote) or names (inputs): `engine.core.provenance.shareable`."""
-    run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
+    run.add_up_phases()
     report = {"format": "minidisc-report/1", "command": run.command,
               "target_sparsity": run.target / PERMILLE, "lam": run.cfg.lam, "metric": run.cfg.metric,
               **report, "data": run.data_summary(), "compute": run.compute, "phases": run.phases,
@@ -40,14 +39,18 @@ def finish(run: Run, report: dict) -> dict:
     with dist.main_first("writing the report") as main:
         if main:
             log.info("measuring every model on the test split (%d blocks)", len(run.data.test))
-            timed(run, "test", score_report, report, lambda path: score_on_test(run, path))
+            with run.timed("test"):
+                score_report(report, lambda path: score_on_test(run, path))
             if report.get("supernet"):
                 log.info("measuring every trained width on test, against its one-shot prune")
-                timed(run, "widths", score_widths, report, lambda source, s: score_width(run, source, s))
-            report["samples"] = timed(run, "samples", samples, run, report)
+                with run.timed("widths"):
+                    score_widths(report, lambda source, s: score_width(run, source, s))
+            with run.timed("samples"):
+                report["samples"] = samples(run, report)
             if run.cfg.eval_tasks:
-                report["benchmarks"] = timed(run, "benchmarks", benchmarks, run, report)
-            run.phases["total"] = round(sum(v for k, v in run.phases.items() if k != "total"), 2)
+                with run.timed("benchmarks"):
+                    report["benchmarks"] = benchmarks(run, report)
+            run.add_up_phases()
             faults.kill_point("report:scored")
             write_cards(run, report)
             faults.kill_point("report:cards")
@@ -65,7 +68,7 @@ def _scoring(run: Run) -> tuple[torch.device, torch.dtype, int]:
     """Where and how test scoring runs: this rank's device, fp32 on a CPU (else the published dtype), and the
     training micro-batch size."""
     device = dist.device()
-    dtype = torch.float32 if device.type == "cpu" else run.export_dtype
+    dtype = torch.float32 if device.type == "cpu" else run.setup.export_dtype
     return device, dtype, max(1, run.cfg.batch_size // (run.cfg.grad_accum * dist.world_size()))
 
 
@@ -80,13 +83,6 @@ def score_width(run: Run, directory, sparsity: float) -> dict:
     width = run.width_of(parse_sparsity(sparsity))
     return score_and_free(sliced_checkpoint(directory, width, run.cfg.uniform, dtype=dtype).to(device),
                           run.data.test, batch, device)
-
-
-def timed(run: Run, phase: str, work, *args):
-    started = time.perf_counter()
-    result = work(*args)
-    run.phases[phase] = round(time.perf_counter() - started, 2)
-    return result
 
 
 def samples(run: Run, report: dict) -> dict | None:
@@ -109,7 +105,7 @@ def benchmarks(run: Run, report: dict) -> dict:
     source = cfg.eval_text or cfg.test_data
     models = {label: m for label, _, m in models_of(report)}
     results = evaluate_tasks({label: m["path"] for label, m in models.items()}, cfg.eval_tasks,
-                             texts=run.eval_texts(), include=cfg.eval_include, device=str(dist.device()),
+                             texts=run.setup.eval_texts(), include=cfg.eval_include, device=str(dist.device()),
                              seed=cfg.seed)
     for label, m in models.items():
         m["benchmarks"] = results["models"][label]
@@ -132,7 +128,7 @@ def write_cards(run: Run, report: dict) -> None:
                              width=run.width_of(parse_sparsity(sparsity)), parameters=metrics["parameters"],
                              teacher_parameters=report["teacher"]["parameters"], uniform=run.cfg.uniform,
                              via_ta=via_ta, metrics=metrics, benchmarks=metrics.get("benchmarks"),
-                             query_heads_per_unit=run.family.query_heads_per_unit, training=training)
+                             query_heads_per_unit=run.setup.family.query_heads_per_unit, training=training)
 
 
 def training_facts(run: Run, report: dict) -> dict:

@@ -16,7 +16,6 @@ Work lives in OUT/work (a stage per folder); OUT/ta, OUT/student and the report 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 
 from engine.config import RunConfig
@@ -26,6 +25,7 @@ from engine.distillation.selection import choose_ta, relative, tradeoff
 from engine.schedule.compute import matched_steps, step_flops, total
 from engine.schedule.finish import finish
 from engine.schedule.run import Run
+from engine.schedule.setup import set_up
 from engine.training.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,15 @@ def _curves(*results: StageResult) -> dict:
 
 def compress(cfg: RunConfig) -> dict:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
-    run = Run(cfg, "compress")
-    candidates = run.candidates()
-    run.monitor.plan = compress_plan(run)
+    run = Run(set_up(cfg, "compress"))
+    candidates = run.setup.candidates()
+    run.monitor.plan_stages(compress_flops(run))
     if not cfg.sandwich_steps:
-        log.info("sandwich: %d steps, %g of the pipeline's training FLOPs (--sandwich-share)", run.sandwich_steps,
-                 cfg.sandwich_share)
-    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates + run.past_target(), supernet=True,
-                         max_steps=run.sandwich_steps, candidates=candidates, keep_supernet=not cfg.no_supernet)
+        log.info("sandwich: %d steps, %g of the pipeline's training FLOPs (--sandwich-share)",
+                 run.setup.sandwich_steps, cfg.sandwich_share)
+    sandwich = run.stage("sandwich", run.teacher_dir, run.teacher_dir, candidates + run.setup.past_target(),
+                         supernet=True, max_steps=run.setup.sandwich_steps, candidates=candidates,
+                         keep_supernet=not cfg.no_supernet)
     supernet = None if cfg.no_supernet else run.publish(
         run.work / "sandwich" / "supernet", "supernet", {"role": "supernet: every width the sandwich trained, "
                                                          "exported with `minidisc export`", "step": sandwich.steps})
@@ -56,18 +57,17 @@ def compress(cfg: RunConfig) -> dict:
     if choice is not None and choice != sandwich.best_width:  # the snapshot rule and choose_ta must agree
         raise RuntimeError(f"internal error: the TA is sparsity {format_sparsity(choice)} but the sandwich's best "
                            f"snapshot holds {format_sparsity(sandwich.best_width)}")
-    started = time.perf_counter()
-    if choice is None:
-        reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
-                  "no TA is needed, the student is distilled from the teacher directly")
-        student_teacher, ta = run.teacher_dir, None
-    else:
-        reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
-                  f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
-        ta = run.publish(sandwich.best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
-                                                   "step": sandwich.best_step})
-        student_teacher = ta
-    run.phases["ta_export"] = round(time.perf_counter() - started, 2)
+    with run.timed("ta_export"):
+        if choice is None:
+            reason = (f"the best trade-off p + {cfg.lam:g} s is at the target {format_sparsity(run.target)}: "
+                      "no TA is needed, the student is distilled from the teacher directly")
+            student_teacher, ta = run.teacher_dir, None
+        else:
+            reason = (f"sparsity {format_sparsity(choice)} maximises p + {cfg.lam:g} s "
+                      f"({tradeoff(p[choice], choice, cfg.lam):.4f}) among the candidates below the target")
+            ta = run.publish(sandwich.best_dir, "ta", {"role": "teacher assistant", "sparsity": choice / PERMILLE,
+                                                       "step": sandwich.best_step})
+            student_teacher = ta
     student = student_stage(run, student_teacher, sandwich.best_dir, choice)
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
                                               "via_ta": None if choice is None else choice / PERMILLE})
@@ -94,21 +94,21 @@ def compress(cfg: RunConfig) -> dict:
     })
 
 
-def compress_plan(run: Run) -> dict[str, float]:
+def compress_flops(run: Run) -> dict[str, float]:
     """Each stage's planned training FLOPs, for the run's ETA (the student's teacher counted as the teacher's
     cost: its TA is not chosen yet)."""
-    cfg, target = run.cfg, run.target
-    sandwich = run.candidates() + run.past_target()
+    cfg, target, costs, steps = run.cfg, run.target, run.costs, run.setup.sandwich_steps
+    sandwich = run.setup.candidates() + run.setup.past_target()
     per_step = widths_per_step(len(sandwich), cfg.sandwich_sample)
-    plan = {"sandwich": run.sandwich_steps * step_flops(run.tokens_per_step, sandwich, 0, run.forward_flops, per_step,
-                                                        run.head_flops),
-            "student": cfg.max_steps * run.step_flops(target)}
-    steps = {"kd-steps": run.sandwich_steps + cfg.max_steps}
+    flops = {"sandwich": steps * step_flops(costs.tokens_per_step, sandwich, 0, costs.forward_flops, per_step,
+                                            costs.head_flops),
+             "student": cfg.max_steps * costs.step_flops(target)}
     for name in cfg.baselines or []:
         matched = name == "kd-matched"
-        plan[f"baseline-{name}"] = plan["sandwich"] + plan["student"] if matched else \
-            steps.get(name, cfg.max_steps) * run.step_flops(target, None if name == "ce" else 0)
-    return plan
+        flops[f"baseline-{name}"] = flops["sandwich"] + flops["student"] if matched else \
+            (steps + cfg.max_steps if name == "kd-steps" else cfg.max_steps) * \
+            costs.step_flops(target, None if name == "ce" else 0)
+    return flops
 
 
 def student_stage(run: Run, teacher, snapshot, ta: int | None) -> StageResult:
@@ -117,7 +117,7 @@ def student_stage(run: Run, teacher, snapshot, ta: int | None) -> StageResult:
     trains the snapshot as a supernet at every width past the TA up to --sparsest, keeping the weights with the
     best dev score at the target."""
     if run.cfg.student_stage == "joint":
-        return run.stage("student", teacher, snapshot, run.joint_widths(ta), supernet=True, teacher_width=ta or 0,
+        return run.stage("student", teacher, snapshot, run.setup.joint_widths(ta), supernet=True, teacher_width=ta or 0,
                          candidates=[run.target])
     init = snapshot if ta is None else run.slice_model(run.target, run.work / "student_init", source=snapshot)
     return run.stage("student", teacher, init, [run.target], teacher_width=ta or 0)
@@ -131,7 +131,7 @@ def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[
     objective = Objective.of(run.cfg)
     if name == "ce":
         objective = replace(objective, logit_weight=0.0, hidden_weight=0.0, ce_weight=1.0)
-    steps = {"kd-matched": matched_steps(pipeline["train_flops"], run.step_flops(run.target)),
+    steps = {"kd-matched": matched_steps(pipeline["train_flops"], run.costs.step_flops(run.target)),
              "kd-steps": pipeline["steps"]}.get(name, run.cfg.max_steps)
     init = run.slice_model(run.target, run.work / "student_init-direct")
     stage = f"baseline-{name}"
@@ -148,8 +148,8 @@ def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[
 
 def distill(cfg: RunConfig) -> dict:
     """Plain KD baseline: the pruned teacher's target slice distilled from the teacher, no TA."""
-    run = Run(cfg, "distill")
-    run.monitor.plan = {"student": cfg.max_steps * run.step_flops(run.target)}
+    run = Run(set_up(cfg, "distill"))
+    run.monitor.plan_stages({"student": cfg.max_steps * run.costs.step_flops(run.target)})
     init = run.slice_model(run.target, run.work / "student_init")
     student = run.stage("student", run.teacher_dir, init, [run.target])
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
@@ -162,10 +162,10 @@ def distill(cfg: RunConfig) -> dict:
 def maxidisc(cfg: RunConfig) -> dict:
     """MaxiDisc baseline: teacher -> TA -> student for every candidate TA (and teacher -> student for the
     no-TA option); the student with the best dev accuracy is kept."""
-    run = Run(cfg, "maxidisc")
+    run = Run(set_up(cfg, "maxidisc"))
     trials, results = {}, []
-    run.monitor.plan = maxidisc_plan(run)
-    for s in run.candidates():
+    run.monitor.plan_stages(maxidisc_flops(run))
+    for s in run.setup.candidates():
         if s == run.target:  # the no-TA option: plain KD
             init = run.slice_model(run.target, run.work / "student_init-direct")
             student = run.stage("student-direct", run.teacher_dir, init, [run.target])
@@ -207,16 +207,16 @@ def maxidisc(cfg: RunConfig) -> dict:
     })
 
 
-def maxidisc_plan(run: Run) -> dict[str, float]:
+def maxidisc_flops(run: Run) -> dict[str, float]:
     """Each MaxiDisc stage's planned training FLOPs, for the run's ETA."""
-    plan, steps = {}, run.cfg.max_steps
-    for s in run.candidates():
+    flops, steps = {}, run.cfg.max_steps
+    for s in run.setup.candidates():
         if s == run.target:
-            plan["student-direct"] = steps * run.step_flops(run.target)
+            flops["student-direct"] = steps * run.costs.step_flops(run.target)
         else:
-            plan[f"ta-{format_sparsity(s)}"] = steps * run.step_flops(s)
-            plan[f"student-via-{format_sparsity(s)}"] = steps * run.step_flops(run.target, teacher=s)
-    return plan
+            flops[f"ta-{format_sparsity(s)}"] = steps * run.costs.step_flops(s)
+            flops[f"student-via-{format_sparsity(s)}"] = steps * run.costs.step_flops(run.target, teacher=s)
+    return flops
 
 
 COMMANDS = {"compress": compress, "distill": distill, "maxidisc": maxidisc}

@@ -23,7 +23,7 @@ def run_stage(monitor, clock, name, steps, first=0):
 
 def test_a_line_every_n_steps_with_the_stage_and_run_eta(clock, caplog):
     monitor = Monitor(log_every=4, tokens_per_step=100, terminal=False)
-    monitor.plan = {"sandwich": 1000.0, "student": 3000.0}  # training FLOPs: the student costs 3x the sandwich
+    monitor.plan_stages({"sandwich": 1000.0, "student": 3000.0})  # training FLOPs: the student costs 3x the sandwich
     with caplog.at_level(logging.INFO, logger="engine.core.progress"):
         run_stage(monitor, clock, "sandwich", 10)
     lines = [r.getMessage() for r in caplog.records]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import engine.data.sources as sources
-import engine.schedule.run as run_module
+import engine.schedule.setup as setup_module
 from engine.config import RunConfig
 from engine.core import distributed as dist
 
@@ -25,8 +25,8 @@ def recorded(path, *rest, **options):
     return original(path, *rest, **options)
 
 
-run_module.load_records = recorded  # the name the run's checks call
-run = run_module.Run(RunConfig(**json.loads(args.options)).validate(), "distill")
+setup_module.load_records = recorded  # the name the run's checks call
+setup_module.set_up(RunConfig(**json.loads(args.options)).validate(), "distill")
 Path(f"{args.out}.rank{dist.rank()}").write_text(json.dumps(reads))
 dist.barrier()
 if dist.is_main():
