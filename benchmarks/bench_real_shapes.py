@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--deepspeed", default="zero3_train.json",
                         help="compress's DeepSpeed config in ds_configs/ (default: bf16 mixed precision, as users run; "
                         "zero3_train_fp32.json computes in fp32)")
+    parser.add_argument("--teacher-deepspeed", default="zero3_inference.json",
+                        help="compress's DeepSpeed config of the frozen teacher, in ds_configs/ (or a path)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--processes", type=int, default=1,
                         help="ranks of prune and compress under the `deepspeed` launcher (the teacher partitioned)")
@@ -148,6 +150,7 @@ def main() -> None:
                          "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
                          "--batch-size", args.processes, "--seq-len", args.seq_len, "--eval-samples", 2,
                          "--test-samples", 2, "--baselines", "kd", "--sample-tokens", 0, "--deepspeed", ds_config,
+                         "--teacher-deepspeed", REPO / "ds_configs" / args.teacher_deepspeed,
                          "--log-level", "WARNING", "--stack-widths", args.stack_widths, "--optimizer", args.optimizer],
             "export": [MINIDISC, "export", "--model", work / "run" / "supernet", "--sparsity", 0.5, "--out",
                        work / "export"],
@@ -177,7 +180,8 @@ def main() -> None:
 
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
                  "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps,
-                 "stack_widths": args.stack_widths, "ds_config": args.deepspeed, "optimizer": args.optimizer,
+                 "stack_widths": args.stack_widths, "ds_config": args.deepspeed,
+                 "teacher_ds_config": args.teacher_deepspeed, "optimizer": args.optimizer,
                  "processes": args.processes,
                  "device": "cpu",
                  "cores": os.cpu_count(), "torch": torch.__version__}

@@ -162,7 +162,8 @@ def _after_the_claim(cfg: RunConfig, command: str, out: Path, lock) -> Setup:
     phases = {}
     started = time.perf_counter()
     teacher_dir = _pruned_teacher(cfg, out / "work" / "pruned")
-    phases["prune"] = round(time.perf_counter() - started, 2)
+    if teacher_dir != Path(cfg.teacher):  # (a pruned --teacher is used as it is)
+        phases["prune"] = round(time.perf_counter() - started, 2)
     pruning = PruningPlan.load(teacher_dir)
     config = load_config(teacher_dir)
     target = check_target_on_grid(cfg, pruning.grid, teacher_dir)

@@ -60,8 +60,10 @@ def save_supernet(stage: Stage, distiller, engine, train_config, out: Path, step
     full = consolidated_state(engine, train_config)  # collective
     with dist.main_first(f"saving the {stage.name} supernet") as main:
         if main:
+            # Converted one tensor at a time, each 16-bit original dropped as its fp32 copy is made: the optimiser
+            # states are still alive here, and holding both copies whole would add the 16-bit model on top.
             prefix = "student.model."
-            weights = {k[len(prefix):]: v.float() for k, v in full.items() if k.startswith(prefix)}
+            weights = {k[len(prefix):]: full.pop(k).float() for k in list(full) if k.startswith(prefix)}
             lm = distiller.student.model
             lm.config.dtype = "float32"
             model = materialize(type(lm), lm.config, weights, lm)
