@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,10 +71,7 @@ class Setup:
         return self.out / "work"
 
     def width_of(self, permille: int) -> Width:
-        """What the width at `permille` keeps per layer (--uniform: the same share of every layer)."""
-        if self.cfg.uniform:
-            return self.pruning.uniform_width(permille, self.family)
-        return self.pruning.width(permille)
+        return width_of(self.pruning, self.family, self.cfg.uniform, permille)
 
     def candidates(self) -> list[int]:
         """The candidate TAs: grid sparsities from --truncate up to the target (included: no TA)."""
@@ -93,6 +91,11 @@ class Setup:
             return list(load_text_dataset(source, self.cfg.text_field)[self.cfg.text_field])
         return held_out_texts(self.described, "test", token_cache(self.cfg.token_cache),
                               load_tokenizer(self.teacher_dir))
+
+
+def width_of(pruning: PruningPlan, family: Family, uniform: bool, permille: int) -> Width:
+    """What the width at `permille` keeps per layer (--uniform: the same share of every layer)."""
+    return pruning.uniform_width(permille, family) if uniform else pruning.width(permille)
 
 
 def set_up(cfg: RunConfig, command: str) -> Setup:
@@ -166,21 +169,22 @@ def _after_the_claim(cfg: RunConfig, command: str, out: Path, lock) -> Setup:
         phases["prune"] = round(time.perf_counter() - started, 2)
     pruning = PruningPlan.load(teacher_dir)
     config = load_config(teacher_dir)
-    target = check_target_on_grid(cfg, pruning.grid, teacher_dir)
-    setup = Setup(cfg, command, out, lock, teacher_dir, pruning, target, family_for(config), checkpoint_dtype(config),
-                  costs=None, sandwich_steps=0, data=None, described={}, data_sources={}, phases=phases)
-    trained = setup.candidates() + setup.past_target()  # what the sandwich trains
+    family, target = family_for(config), check_target_on_grid(cfg, pruning.grid, teacher_dir)
+    shape = partial(width_of, pruning, family, cfg.uniform)
+    trained = (candidate_widths(pruning.grid, parse_sparsity(cfg.truncate), target)  # what the sandwich trains
+               + past_target(pruning.grid, target, parse_sparsity(cfg.sparsest)))
     if cfg.uniform:  # fail now on a candidate that keeps no units in a layer
         for permille in trained:
-            setup.width_of(permille)
-    setup.costs = Costs(config, setup.family, setup.width_of, cfg.seq_len, cfg.batch_size * cfg.seq_len)
-    setup.sandwich_steps = cfg.sandwich_steps or sandwich_steps(  # --sandwich-share of the pipeline's FLOPs
-        cfg.sandwich_share, cfg.max_steps, trained, cfg.sandwich_sample, setup.costs.forward_flops, target,
-        setup.costs.head_flops)
+            shape(permille)
+    costs = Costs(config, family, shape, cfg.seq_len, cfg.batch_size * cfg.seq_len)
+    steps = cfg.sandwich_steps or sandwich_steps(  # --sandwich-share of the pipeline's FLOPs
+        cfg.sandwich_share, cfg.max_steps, trained, cfg.sandwich_sample, costs.forward_flops, target, costs.head_flops)
     started = time.perf_counter()
-    steps = max(cfg.max_steps, setup.sandwich_steps if command == "compress" else 0)
-    setup.data, setup.described, setup.data_sources = _data(cfg, setup.work / "data.json", teacher_dir, steps)
+    data, described, shares = _data(cfg, out / "work" / "data.json", teacher_dir,
+                                    max(cfg.max_steps, steps if command == "compress" else 0))
     phases["data"] = round(time.perf_counter() - started, 2)
+    setup = Setup(cfg, command, out, lock, teacher_dir, pruning, target, family, checkpoint_dtype(config), costs,
+                  steps, data, described, shares, phases)
     if set(cfg.eval_tasks or []) & set(BUILTIN_TASKS):  # fail now, not after the training
         builtin_documents(setup.eval_texts())
     return setup
