@@ -97,7 +97,10 @@ def train_step(teacher, engine, micro_batches, widths: list[int], objective: Obj
                 group = widths[start:start + size]
                 if shapes:  # the batch runs once per width of the group, copy k at the k-th width
                     student.stack([shapes[w] for w in group])
-                # Distiller.forward: `stacked_width_loss`, the mean of the group's losses and each width's terms.
+                # Distiller.forward: `stacked_width_loss`, the mean of the group's losses and each width's terms. The
+                # fused loss rebuilds the teacher's logits from its last hidden state and head for every width, chunk
+                # by chunk: keeping them across the K widths would hold [tokens, vocab] floats (the head's FLOPs once
+                # more per width are counted in `compute.step_flops`).
                 loss, parts = engine(ids, mask, t_out, objective, len(group))
                 # The group's share of the step: len(group) of the K widths, 1/accum of the global batch.
                 # scale_wrt_gas=False: the weights are all here, DeepSpeed must not divide again.
