@@ -174,7 +174,7 @@ def frozen(**zero) -> dict:
     deepspeed.initialize without an optimiser), compared with the unsharded one."""
     config = cpu_variant(shipped("zero3_inference_zeropp.json"), zero_hpz_partition_size=1, **zero)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    model, keep_alive = engines._load_model(Path(args.teacher), config)
+    model, keep_alive = engines.load_partitioned(Path(args.teacher), config)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def trained(**zero) -> dict:
                          zero_quantized_gradients=False)
     config["zero_optimization"].update(zero)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0)
-    model, keep_alive = engines._load_model(Path(args.student), config)
+    model, keep_alive = engines.load_partitioned(Path(args.student), config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=config)
     out = engine(input_ids=ids, labels=ids)
