@@ -27,6 +27,7 @@ for end in lowest newest; do
     $venv/bin/python .ci/build_extensions.py 2>&1 | grep -v '^\[' || true
     touch $venv/.installed
   fi
+  $venv/bin/python -m pip install -q --no-deps -e .  # the package itself every time: entry points move
   echo "== $venv: $($venv/bin/python -c 'from importlib.metadata import version as v; print(", ".join(
     f"{p} {v(p)}" for p in ("torch", "transformers", "deepspeed", "datasets", "accelerate", "triton", "numpy")))')"
   $venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=1

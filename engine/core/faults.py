@@ -13,8 +13,8 @@ peer's sockets close; NCCL or a hung peer: after the process-group timeout, MINI
 Every rank beats a counter in the rendezvous store; a survivor names the ranks whose counter stopped, and
 the run fails with that one line instead of a stack trace or a hang.
 
-A killed extension build: its lock file would make every later build wait forever; runs refuse to start instead,
-naming the file to delete (`check_build_locks`).
+A killed extension build (torch up to 2.14): its lock file would make every later build wait forever; runs refuse
+instead, naming the file to delete (`check_build_locks`).
 
 A full disk: checkpoints (DeepSpeed writes `latest` last) and outputs (built aside, renamed when whole) are never
 left half-written under their real names, so the failed write is reported in one line and `--resume`, once
@@ -216,7 +216,11 @@ def check_build_locks() -> None:
     """A torch/DeepSpeed JIT extension build (cpu_adam, ...) holds BUILD_DIR/lock while it compiles; a build that
     was killed leaves it, and every later build of that extension waits for it forever. Refuse with one line when a
     lock in this interpreter's build folder is older than any build takes and no process on this machine works in
-    its folder. Other interpreters' and torch builds' folders are theirs: this run never waits on them."""
+    its folder. Other interpreters' and torch builds' folders are theirs: this run never waits on them. Newer torch
+    (2.15) holds an OS-level lock on the file instead, which the kernel drops with a killed builder: a lock file is
+    then harmless, and nothing is checked."""
+    if not _lock_file_blocks():
+        return
     old = [lock for lock in _build_folder().glob("*/lock") if time.time() - lock.stat().st_mtime > BUILD_LOCK_S]
     stale = [lock for lock in old if not _in_use(lock.parent)]
     if stale:
@@ -224,6 +228,13 @@ def check_build_locks() -> None:
         raise UserError(f"a killed extension build left {' and '.join(map(str, stale))} (up to {minutes:.0f} min old, "
                         "no process here is building): every later build would wait for it forever; delete it "
                         f"(rm {' '.join(map(str, stale))}) and run again")
+
+
+def _lock_file_blocks() -> bool:
+    """Whether torch's extension builds wait while a `lock` file merely exists (its FileBaton), as up to 2.14 did."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
 
 
 def _build_folder() -> Path:

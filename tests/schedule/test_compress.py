@@ -342,6 +342,13 @@ def test_a_lock_left_by_a_killed_extension_build_is_named_before_anything_runs(t
     folder is left alone."""
     dry = ("distill", *options(trained_teacher, corpus, tmp_path / "dry"), "--dry-run")
     old = time.time() - 2 * faults.BUILD_LOCK_S
+    if not faults._lock_file_blocks():  # torch 2.15+: an OS-level lock the kernel drops; a lock file is harmless
+        lock = tmp_path / "torch_extensions" / "cpu_adam" / "lock"
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (old, old))
+        assert minidisc(*dry, env={"TORCH_EXTENSIONS_DIR": str(lock.parents[1])}, check=False).returncode == 0
+        return
     # default root: one folder per Python and torch build; another build's stale lock is not this run's to wait on
     elsewhere = tmp_path / "cache" / "torch_extensions" / "py311_cu999" / "cpu_adam" / "lock"
     elsewhere.parent.mkdir(parents=True)
