@@ -367,7 +367,8 @@ def compare(args, options: dict, base: Path) -> list[dict]:
 
 
 def kd_step_flops(options: dict) -> int:
-    """Training FLOPs of one plain-KD step: the target width trained (3 forwards), the teacher's forward."""
+    """Training FLOPs of one plain-KD step: the target width (uniform when the run is) trained (3 forwards), the
+    teacher's forward."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -376,11 +377,13 @@ def kd_step_flops(options: dict) -> int:
     from engine.models.loading import load_config
     from engine.models.plan import PruningPlan
     from engine.models.units import forward_flops
+    from engine.schedule.setup import width_of
 
     config, plan = load_config(options["teacher"]), PruningPlan.load(options["teacher"])
+    family, uniform = family_for(config), bool(options.get("uniform"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    flops = lambda s: forward_flops(model, family_for(config), plan.width(s), options["seq_len"])  # noqa: E731
+    flops = lambda s: forward_flops(model, family, width_of(plan, family, uniform, s), options["seq_len"])  # noqa: E731
     return options["batch_size"] * options["seq_len"] * (3 * flops(parse_sparsity(options["target_sparsity"]))
                                                          + flops(0))
 
