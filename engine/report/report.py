@@ -123,24 +123,25 @@ class TrainedWidths:
         return _present(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Report:
     """A finished run (compress, distill or maxidisc). `curves`, `data`, `compute`, `phases`, `stage_timings`,
     `stage_memory`, `config`, `environment`, `samples` and `benchmarks` are JSON sections their producers describe;
-    `student_vs_baselines` and `regime` are `engine.report.scoring`'s."""
+    `student_vs_baselines` and `regime` are `engine.report.scoring`'s. Fields in report.json's order."""
 
+    format: str = FORMAT
     command: str
     target_sparsity: float
     lam: float
     metric: str
     teacher: Figures
-    student: Figures
-    curves: dict
     candidates: list[Candidate] = field(default_factory=list)
     selected_ta: Selection | None = None
     ta_reason: str | None = None
     ta: Figures | None = None
+    student: Figures
     baselines: dict[str, Figures] = field(default_factory=dict)
+    curves: dict
     supernet: TrainedWidths | None = None
     data: dict = field(default_factory=dict)
     compute: dict = field(default_factory=dict)
@@ -154,12 +155,10 @@ class Report:
     regime: dict | None = None
     samples: dict | None = None
     benchmarks: dict | None = None
-    format: str = FORMAT
 
     def to_dict(self) -> dict:
         """report.json's content: every key, null where the run has none."""
-        return {"format": self.format, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)
-                                          if f.name != "format"}}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     def models(self) -> list[tuple[str, str, Figures]]:
         """(label, key, figures) of every model the run produced or compared, teacher first; `key` is what

@@ -10,10 +10,10 @@ import pytest
 from engine.report.report import Candidate, Figures, Report, Selection
 from engine.report.scoring import measured_on_test
 
-TOP_LEVEL = ["format", "command", "target_sparsity", "lam", "metric", "teacher", "student", "curves", "candidates",
-             "selected_ta", "ta_reason", "ta", "baselines", "supernet", "data", "compute", "phases", "stage_timings",
-             "stage_memory", "config", "environment", "test_block_tokens", "student_vs_baselines", "regime",
-             "samples", "benchmarks"]
+TOP_LEVEL = ["format", "command", "target_sparsity", "lam", "metric", "teacher", "candidates", "selected_ta",
+             "ta_reason", "ta", "student", "baselines", "curves", "supernet", "data", "compute", "phases",
+             "stage_timings", "stage_memory", "config", "environment", "test_block_tokens", "student_vs_baselines",
+             "regime", "samples", "benchmarks"]
 
 
 def figures(sparsity, accuracy, path, **extra) -> Figures:
