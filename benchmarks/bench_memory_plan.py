@@ -69,7 +69,7 @@ def measure(args, pruned: Path, ds_config: Path) -> dict:
                     teacher_placement=args.teacher_placement, stack_widths=args.stack_widths,
                     gradient_checkpointing=args.gradient_checkpointing, target_sparsity=args.target, truncate=0.5)
     widths = [w for w in plan.grid if 500 <= w <= round(args.target * 1000)]
-    stage = Stage("sandwich", pruned, pruned, widths, supernet=True, shapes={w: plan.width(w) for w in widths})
+    stage = Stage("sandwich", pruned, pruned, widths, supernet=True, shapes={w: plan.shape(w) for w in widths})
     train = TrainConfig.of(cfg)
     teacher, engine_, distiller, keep_alive, _ = build_engines(
         stage, train, forwards_per_batch(len(widths), cfg.stack_widths))

@@ -125,7 +125,7 @@ def worker(args) -> None:
     for k in args.ks:
         widths = list(plan.grid[:k])
         stage = Stage(f"k{k}", Path(args.pruned), Path(args.pruned), widths, supernet=True,
-                      shapes={w: plan.width(w) for w in widths})
+                      shapes={w: plan.shape(w) for w in widths})
         backwards = forwards_per_batch(k, cfg.stack_widths)
         teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
         for label in ("forward", "backward", "step"):  # ds_engine(...) calls the instance's forward

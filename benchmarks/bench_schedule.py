@@ -119,11 +119,11 @@ def run(command: str, options: dict, out: Path) -> dict:
     from engine.config import RunConfig
     from engine.schedule.pipelines import COMMANDS
 
-    if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
-    cfg = RunConfig(**{**options, "out": str(out), "resume": (out / "run.json").is_file()}).validate()
-    log(f"{command} -> {out}")
-    return COMMANDS[command](cfg)
+    if not (out / "report.json").is_file():
+        cfg = RunConfig(**{**options, "out": str(out), "resume": (out / "run.json").is_file()}).validate()
+        log(f"{command} -> {out}")
+        COMMANDS[command](cfg)
+    return json.loads((out / "report.json").read_text())
 
 
 def log(message: str) -> None:
@@ -377,13 +377,13 @@ def kd_step_flops(options: dict) -> int:
     from engine.models.loading import load_config
     from engine.models.plan import PruningPlan
     from engine.models.units import forward_flops
-    from engine.schedule.setup import width_of
+    from engine.schedule.setup import shape_of
 
     config, plan = load_config(options["teacher"]), PruningPlan.load(options["teacher"])
     family, uniform = family_for(config), bool(options.get("uniform"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    flops = lambda s: forward_flops(model, family, width_of(plan, family, uniform, s), options["seq_len"])  # noqa: E731
+    flops = lambda s: forward_flops(model, family, shape_of(plan, family, uniform, s), options["seq_len"])  # noqa: E731
     return options["batch_size"] * options["seq_len"] * (3 * flops(parse_sparsity(options["target_sparsity"]))
                                                          + flops(0))
 

@@ -17,7 +17,7 @@ _API = {  # name -> the module that defines it
     "pruned_model": "engine.models.export", "load_causal_lm": "engine.models.loading",
     "Supernet": "engine.models.supernet", "count_parameters": "engine.models.families",
     "family_for": "engine.models.families", "PruningPlan": "engine.models.plan", "prune": "engine.pruning.prune",
-    "prune_teacher": "engine.pruning.prune", "DEFAULT_GRID": "engine.core.widths", "Width": "engine.core.widths",
+    "prune_teacher": "engine.pruning.prune", "DEFAULT_GRID": "engine.core.widths", "Shape": "engine.core.widths",
     "parse_sparsity": "engine.core.widths", "compress": "engine.schedule.pipelines",
     "distill": "engine.schedule.pipelines", "maxidisc": "engine.schedule.pipelines",
     "evaluate_tasks": "engine.report.harness",

@@ -264,7 +264,7 @@ def run(args) -> None:
             return
         report = COMMANDS[args.command](resolve(args, _builtin_defaults(args)))
         if distributed.is_main():
-            print_summary(report)
+            print_summary(report.to_dict())
     elif args.command == "prune":
         from engine.pruning.prune import prune
 

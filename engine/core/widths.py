@@ -1,9 +1,13 @@
 """Sparsities, the candidate grid and per-layer keep counts.
 
 Sparsities are kept as integer per-mille (0.85 -> 850) wherever they are compared or used as keys, so
-0.1 + 0.2 style float error can never make a candidate "not on the grid". Vocabulary: a *width* is one
-candidate sub-network, named by its per-mille sparsity wherever it is a key or a list element (a stage's
-widths, `best_width`); `Width` is what it keeps, per layer (what a model is sliced to).
+0.1 + 0.2 style float error can never make a candidate "not on the grid"; they become fractions only at the JSON
+and command-line edges. Vocabulary, one word per thing:
+- a *width* is one candidate sub-network, named by its per-mille sparsity (`widths`: a list of them, a stage's or
+  the grid's; `best_width`, `teacher_width`);
+- its *shape* (`Shape`) is what it keeps per layer: attention units and FFN neurons (what a model is sliced to;
+  `shapes`: {per-mille: Shape});
+- *copies* counts the widths one stacked forward runs (`Supernet.stack`: the batch repeated once per width).
 """
 from __future__ import annotations
 
@@ -81,20 +85,20 @@ def widths_per_step(candidates: int, sandwich_sample: int) -> int:
     return min(candidates, sandwich_sample + 2) if sandwich_sample else candidates
 
 
-def forwards_per_batch(widths: int, per_forward: int) -> int:
-    """Student forwards (and backwards) per micro-batch of a step training `widths` widths, `per_forward` stacked in
+def forwards_per_batch(trained: int, per_forward: int) -> int:
+    """Student forwards (and backwards) per micro-batch of a step training `trained` widths, `per_forward` stacked in
     each (--stack-widths; 0 = all in one)."""
-    return -(-widths // (per_forward or widths))  # ceil
+    return -(-trained // (per_forward or trained))  # ceil
 
 
 @dataclass(frozen=True)
-class Width:
+class Shape:
     """Kept units per layer: attention units (heads; KV groups or query-head units under GQA) and FFN neurons."""
 
     attention: tuple[int, ...]
     ffn: tuple[int, ...]
 
-    def contains(self, other: "Width") -> bool:
+    def contains(self, other: "Shape") -> bool:
         """True when `other` is a sub-network of this width (every layer keeps no more units)."""
         pairs = zip(self.attention + self.ffn, other.attention + other.ffn)
         return all(mine >= theirs for mine, theirs in pairs)

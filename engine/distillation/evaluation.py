@@ -8,29 +8,29 @@ import deepspeed
 import torch
 
 import kernels
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.supernet import Supernet
 
 
-def _next_token_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
+def _next_token_stats(model, input_ids, loss_mask, copies: int = 1) -> torch.Tensor:
     """[correct top-1 predictions, summed CE, counted tokens] of a causal LM over non-padding next tokens, per
-    stacked width ([widths, 3], float64 on the CPU; `Supernet.stack` activates them)."""
-    return _block_stats(model, input_ids, loss_mask, widths).sum(1)
+    stacked width ([copies, 3], float64 on the CPU; `Supernet.stack` activates them)."""
+    return _block_stats(model, input_ids, loss_mask, copies).sum(1)
 
 
-def _block_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
-    """`_next_token_stats` per sequence of the batch ([widths, B, 3], float64 on the CPU), from its last hidden states
+def _block_stats(model, input_ids, loss_mask, copies: int = 1) -> torch.Tensor:
+    """`_next_token_stats` per sequence of the batch ([copies, B, 3], float64 on the CPU), from its last hidden states
     and LM head in vocabulary-sized chunks (`kernels.fused_linear_token_stats`): no [B, T, V] logits. Under ZeRO-3
     the head is gathered for the call, like the decoder layers in the model's forward."""
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     keep = keep[:, 1:]  # position t counts when its target, token t + 1, does (right padding: no attention mask)
     lm = model.model if isinstance(model, Supernet) else model
-    hidden = lm.model(input_ids=input_ids.repeat(widths, 1), use_cache=False).last_hidden_state[:, :-1]
+    hidden = lm.model(input_ids=input_ids.repeat(copies, 1), use_cache=False).last_hidden_state[:, :-1]
     head = lm.get_output_embeddings()
     params = [p for p in (head.weight, head.bias) if p is not None]
     rows = []
     with deepspeed.zero.GatheredParameters(params, enabled=hasattr(head.weight, "ds_id")):
-        for width_hidden in hidden.chunk(widths):
+        for width_hidden in hidden.chunk(copies):
             correct, nll = kernels.fused_linear_token_stats(width_hidden, head.weight, input_ids[:, 1:],
                                                             bias=head.bias, mask=keep)
             rows.append(torch.stack([correct.sum(1).double(), nll.sum(1).double(), keep.sum(1).double()], 1))
@@ -38,7 +38,7 @@ def _block_stats(model, input_ids, loss_mask, widths: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_widths(student, teacher, batches, widths: list[int], shapes: dict[int, Width] | None = None,
+def evaluate_widths(student, teacher, batches, widths: list[int], shapes: dict[int, Shape] | None = None,
                     reduce: Callable = lambda totals: totals) -> dict:
     """Accuracy and loss of the teacher and of every width, in one pass over `batches`.
 
@@ -55,7 +55,7 @@ def evaluate_widths(student, teacher, batches, widths: list[int], shapes: dict[i
     for input_ids, loss_mask in batches:
         totals[0] += _next_token_stats(teacher, input_ids, loss_mask)[0]
         if isinstance(student, Supernet):
-            student.stack([shapes[w] if shapes else student.plan.width(w) for w in widths])
+            student.stack([shapes[w] if shapes else student.plan.shape(w) for w in widths])
         totals[1:] += _next_token_stats(student, input_ids, loss_mask, len(widths))
     for module, training in modes:
         module.training = training

@@ -82,38 +82,38 @@ def width_loss(student, teacher_out: TeacherOutputs, input_ids, loss_mask=None,
     CE terms count when token t+1 does, and the hidden-state term where token t does. Sequences are right-padded,
     if at all, so no attention mask is needed: under causal attention no real token sees the padding after it.
     """
-    loss, parts = stacked_width_loss(student, teacher_out, input_ids, loss_mask, objective, widths=1)
+    loss, parts = stacked_width_loss(student, teacher_out, input_ids, loss_mask, objective, copies=1)
     return {"loss": loss, **{name: value[0] for name, value in parts.items() if name != "loss"}}
 
 
 def stacked_width_loss(student, teacher_out: TeacherOutputs | None, input_ids, loss_mask=None,
-                       objective: Objective = Objective(), widths: int = 1) -> tuple[torch.Tensor, dict]:
-    """`width_loss` of `widths` widths in one forward: the student runs the batch repeated `widths` times, copy k
-    at the k-th width (`Supernet.stack`). Returns (the mean of the widths' losses, the one tensor to back-propagate;
-    {"loss", "logit", "hidden", "ce"}: each width's value [widths], detached). `teacher_out` is None when the
-    objective needs no teacher (then the logit and hidden terms are 0)."""
-    ids = input_ids.repeat(widths, 1)
+                       objective: Objective = Objective(), copies: int = 1) -> tuple[torch.Tensor, dict]:
+    """`width_loss` of `copies` stacked widths in one forward: the student runs the batch repeated `copies` times,
+    copy k at the k-th width (`Supernet.stack`). Returns (the mean of the widths' losses, the one tensor to
+    back-propagate; {"loss", "logit", "hidden", "ce"}: each width's value [copies], detached). `teacher_out` is None
+    when the objective needs no teacher (then the logit and hidden terms are 0)."""
+    ids = input_ids.repeat(copies, 1)
     # No KV cache: the stacked layers run once per width and would append each width's keys to the same cache.
     out = student.model(input_ids=ids, output_hidden_states=bool(objective.hidden_weight), use_cache=False)
     keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     next_keep = torch.zeros_like(keep)
     next_keep[:, :-1] = keep[:, 1:]
     head = student.get_output_embeddings()
-    logit = hidden = logit_each = torch.zeros(widths, device=out.last_hidden_state.device)
+    logit = hidden = logit_each = torch.zeros(copies, device=out.last_hidden_state.device)
     if objective.needs_teacher:
         logit, logit_each = kernels.fused_linear_distill_loss(
             out.last_hidden_state, head.weight, teacher_out.hidden_states[-1], teacher_out.lm_head_weight,
             student_bias=head.bias, teacher_bias=teacher_out.lm_head_bias, kind=objective.kind, beta=objective.beta,
-            temperature=objective.temperature, mask=next_keep.repeat(widths, 1), return_copy_losses=True)
+            temperature=objective.temperature, mask=next_keep.repeat(copies, 1), return_copy_losses=True)
     if objective.hidden_weight:
         layers = hidden_layer_indices(len(out.hidden_states) - 1)
         hidden = sum(_masked_mse(out.hidden_states[i], teacher_out.hidden_states[i], keep)
                      for i in layers) / len(layers)
-    ce, loss = torch.zeros(widths, device=logit.device), torch.zeros((), device=logit.device)
+    ce, loss = torch.zeros(copies, device=logit.device), torch.zeros((), device=logit.device)
     if objective.ce_weight:  # fused like the logit term: no [tokens, vocab] logits, nothing of the head in backward
         ce_mean, ce = kernels.fused_linear_cross_entropy(
-            out.last_hidden_state[:, :-1], head.weight, input_ids[:, 1:].repeat(widths, 1), bias=head.bias,
-            mask=next_keep[:, :-1].repeat(widths, 1), copies=widths)
+            out.last_hidden_state[:, :-1], head.weight, input_ids[:, 1:].repeat(copies, 1), bias=head.bias,
+            mask=next_keep[:, :-1].repeat(copies, 1), copies=copies)
         loss = objective.ce_weight * ce_mean
     # logit is the mean over every width's kept tokens, each width keeping the same ones: the mean of their means
     if objective.needs_teacher:  # the logit term even at weight 0: under ZeRO-3 the head needs its (zero) gradient

@@ -1,5 +1,12 @@
 """MiniDisc step 3: score each candidate width (its performance p relative to the teacher) and choose the
-teacher assistant by the lambda-trade-off p(s) + lambda * s."""
+teacher assistant by the lambda-trade-off p(s) + lambda * s.
+
+Departure from the paper: its p is a task metric on the task's dev set (GLUE accuracies near 0.9, for which lambda
+0.2 was calibrated); a causal LM has no task, so p defaults to next-token top-1 accuracy on dev relative to the
+teacher's (the teacher scores 1.0; --metric offers raw accuracy and exp(-loss)). p is read after the sandwich's
+few steps, so it says which widths have recovered, not which TA will teach best: on the built-in example it ranks
+the TAs backwards (docs/studies.md, "Which TA").
+"""
 from __future__ import annotations
 
 import math

@@ -19,13 +19,13 @@ from engine.core.errors import UserError
 from engine.core.hub import model_folder, public_name
 from engine.core.outputs import atomic_output_dir
 from engine.core.provenance import model_source
-from engine.core.widths import Width, format_sparsity, parse_sparsity
+from engine.core.widths import Shape, format_sparsity, parse_sparsity
 from engine.models.families import family_for
 from engine.models.loading import checkpoint_dtype, load_causal_lm, load_config, load_tokenizer
 from engine.models.model_card import write_model_card
 from engine.models.modeling_minidisc import PER_LAYER_CLASSES
 from engine.models.plan import PruningPlan
-from engine.models.units import count_parameters, model_width
+from engine.models.units import count_parameters, model_shape
 
 log = logging.getLogger(__name__)
 SUPERNET_FILE = "minidisc_supernet.json"  # beside a supernet's weights (OUT/supernet): the widths it trained
@@ -41,15 +41,15 @@ _DROP = ("model_type", "architectures", "auto_map", "transformers_version", "_na
          "kv_heads_per_layer", "query_heads_per_layer", "intermediate_sizes", "heads_per_layer", "ffn_dims")
 
 
-def _is_uniform(width: Width) -> bool:
-    return len(set(width.attention)) == 1 and len(set(width.ffn)) == 1
+def _is_uniform(shape: Shape) -> bool:
+    return len(set(shape.attention)) == 1 and len(set(shape.ffn)) == 1
 
 
-def pruned_config(config, family, width: Width, uniform: bool, dtype: torch.dtype = torch.float32):
-    """The config of the model sliced to `width`: stock when uniform, MiniDisc per-layer otherwise."""
+def pruned_config(config, family, shape: Shape, uniform: bool, dtype: torch.dtype = torch.float32):
+    """The config of the model sliced to `shape`: stock when uniform, MiniDisc per-layer otherwise."""
     base = {k: v for k, v in config.to_dict().items() if k not in _DROP}
     base["dtype"] = str(dtype).removeprefix("torch.")
-    return family.pruned_config(base, width, uniform)
+    return family.pruned_config(base, shape, uniform)
 
 
 def _kept(group, kept: int, per_unit: int) -> slice | torch.Tensor:
@@ -58,9 +58,9 @@ def _kept(group, kept: int, per_unit: int) -> slice | torch.Tensor:
     return slice(0, kept * per_unit) if group.blocks == 1 else group.index(torch.arange(kept), per_unit)
 
 
-def kept_regions(model, family, width: Width) -> dict[str, tuple]:
-    """Per prunable tensor of `model` (reordered; the meta device will do), what `width` keeps of it: per dimension
-    a slice or a tensor of indices, for `tensor[region]`. `model` may be any width containing `width`."""
+def kept_regions(model, family, shape: Shape) -> dict[str, tuple]:
+    """Per prunable tensor of `model` (reordered; the meta device will do), what `shape` keeps of it: per dimension
+    a slice or a tensor of indices, for `tensor[region]`. `model` may be any width containing `shape`."""
     names = {id(module): name for name, module in model.named_modules()}
     regions = {}
 
@@ -69,7 +69,7 @@ def kept_regions(model, family, width: Width) -> dict[str, tuple]:
         if linear.bias is not None:
             regions[f"{names[id(linear)]}.bias"] = (rows,)
 
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), shape.attention, shape.ffn):
         for group, kept in zip(groups, (kept_attn, kept_ffn)):
             for linear, per_unit in group.rows:
                 keep_rows(linear, _kept(group, kept, per_unit))
@@ -81,14 +81,14 @@ def kept_regions(model, family, width: Width) -> dict[str, tuple]:
 
 
 @torch.no_grad()
-def sliced_state_dict(model, family, width: Width, dtype: torch.dtype = torch.float32,
+def sliced_state_dict(model, family, shape: Shape, dtype: torch.dtype = torch.float32,
                       state: dict | None = None) -> dict[str, torch.Tensor]:
     """The full model's tensors with every prunable linear cut to the width's prefix (new storage).
 
     `state` (default `model.state_dict()`) may be a consolidated copy of the weights, e.g. gathered from a
     ZeRO-3 engine; `model` then only supplies the structure (which linears, how many rows per unit)."""
     state = dict(model.state_dict() if state is None else state)
-    for name, region in kept_regions(model, family, width).items():
+    for name, region in kept_regions(model, family, shape).items():
         state[name] = state[name][region]
     return {name: tensor.detach().to(dtype, copy=True).contiguous() for name, tensor in state.items()}
 
@@ -135,9 +135,9 @@ def _parameters_on_meta():
 
 
 @torch.no_grad()
-def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
+def sliced_checkpoint(directory, shape: Shape, uniform: bool = False, dtype: torch.dtype = torch.float32,
                       trained=None):
-    """The model at `width` of the reordered checkpoint in `directory`, read tensor by tensor and only the part
+    """The model at `shape` of the reordered checkpoint in `directory`, read tensor by tensor and only the part
     the width keeps; with `trained` (a wider width of the same weights: a TA, the sandwich's snapshot), the tensors
     it has are read from it instead, the same part of them. Peak memory is the result plus one tensor, never the
     full model (except for checkpoints that are not safetensors under the model's own names: loaded whole)."""
@@ -145,18 +145,18 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
         source = CheckpointTensors(directory)
         top = CheckpointTensors(trained) if trained is not None else None
     except (OSError, KeyError):
-        return _sliced_whole(directory, width, uniform, dtype, trained)
+        return _sliced_whole(directory, shape, uniform, dtype, trained)
     config, family, full = _skeleton(directory)
-    regions, state, first_name = kept_regions(full, family, width), {}, {}
+    regions, state, first_name = kept_regions(full, family, shape), {}, {}
     if top is not None:
         _, trained_family, trained_model = _skeleton(trained)
-        trained_regions = kept_regions(trained_model, trained_family, width)
+        trained_regions = kept_regions(trained_model, trained_family, shape)
     for name, tensor in full.state_dict(keep_vars=True).items():
         if id(tensor) in first_name:  # tied to a tensor already read (an LM head tied to the embeddings)
             state[name] = state[first_name[id(tensor)]]
             continue
         if name not in source.files:
-            return _sliced_whole(directory, width, uniform, dtype, trained)
+            return _sliced_whole(directory, shape, uniform, dtype, trained)
         first_name[id(tensor)] = name
         everything = (slice(None),) * tensor.dim()
         if top is not None and name in top.files:
@@ -164,7 +164,7 @@ def sliced_checkpoint(directory, width: Width, uniform: bool = False, dtype: tor
         else:
             sliced = source.read(name, regions.get(name, everything))
         state[name] = sliced.to(dtype).contiguous()
-    model_class, pruned = pruned_config(config, family, width, uniform, dtype)
+    model_class, pruned = pruned_config(config, family, shape, uniform, dtype)
     return materialize(model_class, pruned, state, full)
 
 
@@ -180,15 +180,15 @@ def _skeleton(directory):
     return config, family_for(config), model
 
 
-def pruned_model(model, width: Width, uniform: bool = False, dtype: torch.dtype = torch.float32,
+def pruned_model(model, shape: Shape, uniform: bool = False, dtype: torch.dtype = torch.float32,
                  state: dict | None = None):
-    """A new, smaller Hugging Face model holding `model`'s weights at `width` (model: reordered, full),
+    """A new, smaller Hugging Face model holding `model`'s weights at `shape` (model: reordered, full),
     its weights stored in `dtype`. `state`: the weights to use instead of `model.state_dict()`."""
     family = family_for(model.config)
-    if uniform and not _is_uniform(width):
+    if uniform and not _is_uniform(shape):
         raise ValueError("uniform export needs the same width in every layer")
-    model_class, config = pruned_config(model.config, family, width, uniform, dtype)
-    return materialize(model_class, config, sliced_state_dict(model, family, width, dtype, state), model)
+    model_class, config = pruned_config(model.config, family, shape, uniform, dtype)
+    return materialize(model_class, config, sliced_state_dict(model, family, shape, dtype, state), model)
 
 
 def materialize(model_class, config, state: dict, buffers_from):
@@ -207,7 +207,7 @@ def materialize(model_class, config, state: dict, buffers_from):
     return model.eval()
 
 
-def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, trained=None):
+def _sliced_whole(directory, shape: Shape, uniform: bool, dtype: torch.dtype, trained=None):
     """`sliced_checkpoint` with both checkpoints loaded whole in memory."""
     full = load_causal_lm(directory)
     state = full.state_dict()
@@ -215,10 +215,10 @@ def _sliced_whole(directory, width: Width, uniform: bool, dtype: torch.dtype, tr
         state = {k: v.clone() for k, v in state.items()}
         model = load_causal_lm(trained)
         family = family_for(model.config)
-        regions = kept_regions(full, family_for(full.config), model_width(model, family))
+        regions = kept_regions(full, family_for(full.config), model_shape(model, family))
         for name, tensor in model.state_dict().items():
             state[name][regions.get(name, (slice(None),) * tensor.dim())] = tensor
-    return pruned_model(full, width, uniform, dtype, state=state)
+    return pruned_model(full, shape, uniform, dtype, state=state)
 
 
 
@@ -248,17 +248,17 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
     permille = parse_sparsity(sparsity)
     config = load_config(model_dir)
     family = family_for(config)
-    width = plan.uniform_width(permille, family) if uniform else plan.width(permille)
+    shape = plan.uniform_shape(permille, family) if uniform else plan.shape(permille)
     trained = _check_supernet_width(model_dir, permille, uniform)
     tokenizer = load_tokenizer(model_dir, config)
     model = load_causal_lm(model_dir)
     plan.check_model(model, family, model_dir)
-    pruned = pruned_model(model, width, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
+    pruned = pruned_model(model, shape, uniform, dtype=checkpoint_dtype(config))  # keep the teacher's dtype
     summary = {
         "source": public_name(model_dir), "sparsity": float(format_sparsity(permille)), "uniform": uniform,
-        "attention_units": list(width.attention), "ffn_neurons": list(width.ffn),
-        "parameters": count_parameters(model, family, width),
-        "teacher_parameters": count_parameters(model, family, plan.full_width),
+        "attention_units": list(shape.attention), "ffn_neurons": list(shape.ffn),
+        "parameters": count_parameters(model, family, shape),
+        "teacher_parameters": count_parameters(model, family, plan.full_shape),
         **({} if trained is None else {"trained_in_sandwich": trained}),
     }
     with atomic_output_dir(out, kind="exported-model") as scratch:
@@ -266,7 +266,7 @@ def export(model_dir, sparsity, out, *, uniform: bool = False) -> dict:
         tokenizer.save_pretrained(scratch)
         (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
         write_model_card(scratch, role="exported slice", source=model_source(model_dir), sparsity=summary["sparsity"],
-                         width=width, parameters=summary["parameters"],
+                         shape=shape, parameters=summary["parameters"],
                          teacher_parameters=summary["teacher_parameters"], uniform=uniform,
                          query_heads_per_unit=family.query_heads_per_unit)
     log.info("exported sparsity %s (%s, %d parameters) to %s", format_sparsity(permille),

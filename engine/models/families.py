@@ -31,6 +31,7 @@ from torch import nn
 
 import kernels
 from engine.core.errors import UserError
+from engine.core.widths import Shape
 from engine.models import modeling_minidisc as ours
 from engine.models.units import UnitGroup
 
@@ -166,8 +167,8 @@ class Family:
         """A stock config with a published model's shapes (`minidisc plan`'s presets)."""
         raise NotImplementedError
 
-    def pruned_config(self, base: dict, width, uniform: bool):
-        """(model class, config) of the model sliced to `width`: stock when uniform, per-layer otherwise.
+    def pruned_config(self, base: dict, shape: Shape, uniform: bool):
+        """(model class, config) of the model sliced to `shape`: stock when uniform, per-layer otherwise.
         `base` is the teacher's config as a dict, without the keys that name a class or a width."""
         raise NotImplementedError
 
@@ -239,16 +240,16 @@ class LlamaFamily(Family):
     def preset_config(cls, shape):
         return cls.config_class(**{"tie_word_embeddings": False, **shape})
 
-    def pruned_config(self, base, width, uniform):
+    def pruned_config(self, base, shape, uniform):
         base = {**base, "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
         if uniform:
-            query, kv = self.heads(width.attention[0])
-            base.update(num_attention_heads=query, num_key_value_heads=kv, intermediate_size=width.ffn[0])
+            query, kv = self.heads(shape.attention[0])
+            base.update(num_attention_heads=query, num_key_value_heads=kv, intermediate_size=shape.ffn[0])
             return self.model_class, self.config_class(**base, architectures=[self.model_class.__name__])
-        per_layer, heads = self.per_layer_class, [self.heads(kept) for kept in width.attention]
+        per_layer, heads = self.per_layer_class, [self.heads(kept) for kept in shape.attention]
         return per_layer, per_layer.config_class(
             **base, kv_heads_per_layer=[kv for _, kv in heads], query_heads_per_layer=[q for q, _ in heads],
-            intermediate_sizes=list(width.ffn), architectures=[per_layer.__name__])
+            intermediate_sizes=list(shape.ffn), architectures=[per_layer.__name__])
 
     def biases(self) -> tuple[bool, bool]:
         """(q/k/v biases, output-projection bias)."""
@@ -351,14 +352,14 @@ class OPTFamily(Family):
         return transformers.OPTConfig(ffn_dim=4 * shape["hidden_size"], word_embed_proj_dim=shape["hidden_size"],
                                       tie_word_embeddings=True, **shape)
 
-    def pruned_config(self, base, width, uniform):
+    def pruned_config(self, base, shape, uniform):
         if uniform:
-            if width.attention[0] != self.num_kv_heads:
+            if shape.attention[0] != self.num_kv_heads:
                 raise UserError("stock OPT keeps every attention head (head_dim is tied to hidden_size)")
-            return transformers.OPTForCausalLM, transformers.OPTConfig(**{**base, "ffn_dim": width.ffn[0]},
+            return transformers.OPTForCausalLM, transformers.OPTConfig(**{**base, "ffn_dim": shape.ffn[0]},
                                                                        architectures=["OPTForCausalLM"])
         return ours.MiniDiscOPTForCausalLM, ours.MiniDiscOPTConfig(
-            **base, heads_per_layer=list(width.attention), ffn_dims=list(width.ffn),
+            **base, heads_per_layer=list(shape.attention), ffn_dims=list(shape.ffn),
             architectures=["MiniDiscOPTForCausalLM"])
 
     def shape_traits(self):

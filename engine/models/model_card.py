@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from engine.core.hub import hub_id_of
 from engine.core.outputs import umask_mode
-from engine.core.widths import Width
+from engine.core.widths import Shape
 
 SHOWN_LAYERS = 16  # list every layer's width up to this depth; summarise deeper models
 
@@ -40,7 +40,7 @@ CITATION = """@article{zhang2022minidisc,
 }"""
 
 
-def card_text(*, role: str, source: dict, sparsity: float, width: Width, parameters: int, teacher_parameters: int,
+def card_text(*, role: str, source: dict, sparsity: float, shape: Shape, parameters: int, teacher_parameters: int,
               uniform: bool, via_ta: float | None = None, metrics: dict | None = None,
               benchmarks: dict | None = None, query_heads_per_unit: int = 1, training: dict | None = None) -> str:
     """The card's markdown. `source`: the teacher's public name, Hub id and license
@@ -62,8 +62,8 @@ def card_text(*, role: str, source: dict, sparsity: float, width: Width, paramet
             ("parameters", f"{parameters:,} ({parameters / teacher_parameters:.1%} of the teacher's "
                            f"{teacher_parameters:,})"),
             ("attention units per layer" + (f" ({query_heads_per_unit} query heads each)"
-                                            if query_heads_per_unit > 1 else ""), _widths(width.attention)),
-            ("FFN neurons per layer", _widths(width.ffn)), ("how it was made", origin),
+                                            if query_heads_per_unit > 1 else ""), _widths(shape.attention)),
+            ("FFN neurons per layer", _widths(shape.ffn)), ("how it was made", origin),
             ("license", license.get("license_name") or license.get("license")
              or "the teacher's (its folder records none: check it before sharing this model)")]
     lines = ["---", data.to_yaml(), "---", "", f"# {role.capitalize()}: {1 - sparsity:.0%}-scale pruned model", "",

@@ -15,7 +15,7 @@ import torch
 from engine.core.errors import UserError
 from engine.core.widths import (
     DEFAULT_GRID,
-    Width,
+    Shape,
     format_sparsity,
     keep_counts,
     parse_sparsity,
@@ -49,15 +49,15 @@ class PruningPlan:
         return [len(s) for s in self.ffn_scores]
 
     @property
-    def full_width(self) -> Width:
-        return Width(tuple(self.attention_sizes), tuple(self.ffn_sizes))
+    def full_shape(self) -> Shape:
+        return Shape(tuple(self.attention_sizes), tuple(self.ffn_sizes))
 
     @cached_property
     def _orders(self):
         to_tensors = lambda scores: [torch.tensor(s, dtype=torch.float64) for s in scores]  # noqa: E731
         return removal_order(to_tensors(self.attention_scores)), removal_order(to_tensors(self.ffn_scores))
 
-    def width(self, sparsity) -> Width:
+    def shape(self, sparsity) -> Shape:
         """Per-layer width of the grid candidate at `sparsity` (a fraction, or an int per-mille)."""
         permille = sparsity if isinstance(sparsity, int) else parse_sparsity(sparsity)
         if permille not in self.grid:
@@ -65,10 +65,10 @@ class PruningPlan:
             raise UserError(f"sparsity {format_sparsity(permille)} is not on the pruning grid ({grid}); "
                             "pick one of those or re-run `minidisc prune --sparsities ...`")
         attention_order, ffn_order = self._orders
-        return Width(keep_counts(attention_order, self.attention_sizes, permille),
+        return Shape(keep_counts(attention_order, self.attention_sizes, permille),
                      keep_counts(ffn_order, self.ffn_sizes, permille, self.ffn_multiple))
 
-    def uniform_width(self, sparsity, family: Family) -> Width:
+    def uniform_shape(self, sparsity, family: Family) -> Shape:
         """Same units kept in every layer, snapped to what the family's stock config can describe."""
         permille = sparsity if isinstance(sparsity, int) else parse_sparsity(sparsity)
         heads = [family.stock_attention_units(uniform_keep(n, permille)) for n in self.attention_sizes]
@@ -76,7 +76,7 @@ class PruningPlan:
         if 0 in heads or 0 in neurons:
             raise UserError(f"--uniform at sparsity {format_sparsity(permille)} keeps no units in a layer, which "
                             "stock configs cannot describe: lower the sparsity or drop --uniform")
-        return Width(tuple(heads), tuple(neurons))
+        return Shape(tuple(heads), tuple(neurons))
 
     def check_model(self, model, family: Family, directory) -> None:
         """The plan must describe `model` (a pruned teacher's own weights): the units per layer it scores are the

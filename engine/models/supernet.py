@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.families import family_for
 from engine.models.loading import load_causal_lm
 from engine.models.plan import PruningPlan
-from engine.models.units import model_width
+from engine.models.units import model_shape
 
 
 class SliceableLinear(nn.Linear):
@@ -86,12 +86,12 @@ class Supernet(nn.Module):
                     linear.blocks = group.blocks
                 for linear in group.whole:
                     linear.__class__ = SliceableLinear
-        self.full_width = model_width(model, self.family)
-        self.stacked: list[Width] = []
+        self.full_shape = model_shape(model, self.family)
+        self.stacked: list[Shape] = []
         self._layers = list(zip(self.family.layers(model), groups))  # (decoder layer, its two unit groups)
         for index, layer in enumerate(self.family.layers(model)):
             layer.forward = self._stacked_forward(index, layer.forward)
-        self.set_width(self.full_width)
+        self.set_shape(self.full_shape)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> "Supernet":
@@ -103,55 +103,55 @@ class Supernet(nn.Module):
     def config(self):
         return self.model.config
 
-    def set_sparsity(self, sparsity) -> Width:
+    def set_sparsity(self, sparsity) -> Shape:
         """Activate the grid candidate at `sparsity` (fraction removed, e.g. 0.9; or int per-mille)."""
-        width = self.plan.width(sparsity)
-        self.set_width(width)
-        return width
+        shape = self.plan.shape(sparsity)
+        self.set_shape(shape)
+        return shape
 
-    def set_width(self, width: Width) -> None:
+    def set_shape(self, shape: Shape) -> None:
         """Activate any per-layer width (kept attention units and FFN neurons per layer)."""
-        self.stack([width])
+        self.stack([shape])
 
-    def stack(self, widths: list[Width]) -> None:
-        """Activate K widths at once: the model's batch is then K equal parts, part k at widths[k] (K = 1: the
+    def stack(self, shapes: list[Shape]) -> None:
+        """Activate K widths at once: the model's batch is then K equal parts, part k at shapes[k] (K = 1: the
         usual forward at one width)."""
-        for width in widths:
-            for (_, groups), kept_attn, kept_ffn in zip(self._layers, width.attention, width.ffn):
+        for shape in shapes:
+            for (_, groups), kept_attn, kept_ffn in zip(self._layers, shape.attention, shape.ffn):
                 for group, kept in zip(groups, (kept_attn, kept_ffn)):
                     if not 0 <= kept <= group.num_units:
                         raise ValueError(f"width keeps {kept} units of a layer that has {group.num_units}")
-        self.stacked = list(widths)
-        if len(widths) == 1:
+        self.stacked = list(shapes)
+        if len(shapes) == 1:
             for index in range(len(self._layers)):
-                self._set_layer_width(index, widths[0])
+                self._set_layer_shape(index, shapes[0])
 
-    def _set_layer_width(self, index: int, width: Width) -> None:
+    def _set_layer_shape(self, index: int, shape: Shape) -> None:
         layer, groups = self._layers[index]
-        for group, kept in zip(groups, (width.attention[index], width.ffn[index])):
+        for group, kept in zip(groups, (shape.attention[index], shape.ffn[index])):
             for linear, per_unit in group.rows:
                 linear.active_out = kept * per_unit * group.blocks
             for linear, per_unit in group.cols:
                 linear.active_in = kept * per_unit * group.blocks
             for linear in group.whole:
                 linear.active_out = None if kept else 0
-        self.family.set_active_heads(self.family.attention(layer), width.attention[index])
+        self.family.set_active_heads(self.family.attention(layer), shape.attention[index])
 
     def _stacked_forward(self, index: int, forward):
         """Decoder layer `index`'s forward, run once per stacked width on that width's part of the batch."""
         def stacked(*args, **kwargs):
-            widths = self.stacked
-            if len(widths) <= 1:
+            shapes = self.stacked
+            if len(shapes) <= 1:
                 return forward(*args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             rows = hidden.shape[0]
-            if rows % len(widths):
-                raise ValueError(f"{len(widths)} stacked widths need a batch of {len(widths)} equal parts, got "
-                                 f"{rows} rows: repeat the batch once per width, or set_width for one width")
+            if rows % len(shapes):
+                raise ValueError(f"{len(shapes)} stacked widths need a batch of {len(shapes)} equal parts, got "
+                                 f"{rows} rows: repeat the batch once per width, or set_shape for one width")
             outputs = []
-            for k, width in enumerate(widths):
-                self._set_layer_width(index, width)
-                part = _batch_part(rows, k, len(widths))
+            for k, shape in enumerate(shapes):
+                self._set_layer_shape(index, shape)
+                part = _batch_part(rows, k, len(shapes))
                 outputs.append(forward(*map(part, args), **{name: part(value) for name, value in kwargs.items()}))
             return _concat(outputs)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.core.widths import Width
+from engine.core.widths import Shape
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ class UnitGroup:
 
 
 
-def model_width(model, family) -> Width:
+def model_shape(model, family) -> Shape:
     """The units each layer of `model` has (a reordered teacher's full width, or a pruned model's own)."""
     groups = family.groups(model)
-    return Width(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
+    return Shape(tuple(a.num_units for a, _ in groups), tuple(f.num_units for _, f in groups))
 
 
 def _removed(group: UnitGroup, kept: int) -> tuple[int, int]:
@@ -68,25 +68,25 @@ def _removed(group: UnitGroup, kept: int) -> tuple[int, int]:
     return weights, biases
 
 
-def _removed_per_group(model, family, width):
-    for groups, kept_attn, kept_ffn in zip(family.groups(model), width.attention, width.ffn):
+def _removed_per_group(model, family, shape: Shape):
+    for groups, kept_attn, kept_ffn in zip(family.groups(model), shape.attention, shape.ffn):
         yield _removed(groups[0], kept_attn)
         yield _removed(groups[1], kept_ffn)
 
 
-def count_parameters(model, family, width) -> int:
-    """Parameters of `model` restricted to `width` (tied weights counted once; works under ZeRO-3)."""
+def count_parameters(model, family, shape: Shape) -> int:
+    """Parameters of `model` restricted to `shape` (tied weights counted once; works under ZeRO-3)."""
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in unique)
-    return total - sum(weights + biases for weights, biases in _removed_per_group(model, family, width))
+    return total - sum(weights + biases for weights, biases in _removed_per_group(model, family, shape))
 
 
-def forward_flops(model, family, width, context: int) -> int:
-    """Forward FLOPs per token of `model` restricted to `width`, the estimate of Kaplan et al. (2020): 2 per
+def forward_flops(model, family, shape: Shape, context: int) -> int:
+    """Forward FLOPs per token of `model` restricted to `shape`, the estimate of Kaplan et al. (2020): 2 per
     weight of every linear layer (the LM head included, embedding lookups free) plus 2 x context x the
     attention width of every layer: the scores and the weighted values, 2 FLOPs each per key and attention
     channel, over the half of the context a causal token sees on average."""
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    weights -= sum(removed for removed, _ in _removed_per_group(model, family, width))
-    attention = sum(family.heads(kept)[0] * family.head_dim for kept in width.attention)
+    weights -= sum(removed for removed, _ in _removed_per_group(model, family, shape))
+    attention = sum(family.heads(kept)[0] * family.head_dim for kept in shape.attention)
     return 2 * weights + 2 * context * attention

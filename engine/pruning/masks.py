@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.families import Family
 from engine.models.units import UnitGroup
 
@@ -68,10 +68,10 @@ def ones_masks(model: nn.Module, family: Family, requires_grad: bool = False, pe
     return [ones(a) for a, _ in groups], [ones(f) for _, f in groups]
 
 
-def width_masks(model: nn.Module, family: Family, width: Width):
-    """0/1 masks keeping the first `width` units of every layer (of every block: weights must be reordered). A
+def shape_masks(model: nn.Module, family: Family, shape: Shape):
+    """0/1 masks keeping the units `shape` keeps in every layer, a prefix (of every block: weights must be reordered). A
     layer keeping no query-head units loses its k/v heads too, which then have no effect on the output."""
     attention, ffn = ones_masks(model, family)
-    for mask, kept in zip(attention + ffn, width.attention + width.ffn):
+    for mask, kept in zip(attention + ffn, shape.attention + shape.ffn):
         mask[kept:] = 0
     return attention, ffn

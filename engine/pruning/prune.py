@@ -28,19 +28,19 @@ log = logging.getLogger(__name__)
 
 def candidate_rows(plan: PruningPlan, model, family) -> list[dict]:
     """One row per grid sparsity: kept units per layer and in total, parameters, scale."""
-    full = count_parameters(model, family, plan.full_width)
+    full = count_parameters(model, family, plan.full_shape)
     rows = []
     for permille in plan.grid:
-        width = plan.width(permille)
-        params = count_parameters(model, family, width)
+        shape = plan.shape(permille)
+        params = count_parameters(model, family, shape)
         rows.append({
             "sparsity": float(format_sparsity(permille)),
             "scale": (PERMILLE - permille) / PERMILLE,
-            "attention_units": list(width.attention),
-            "ffn_neurons": list(width.ffn),
-            "kept_heads": sum(family.heads(kept)[0] for kept in width.attention),
-            "kept_kv_heads": sum(family.heads(kept)[1] for kept in width.attention),
-            "kept_neurons": sum(width.ffn),
+            "attention_units": list(shape.attention),
+            "ffn_neurons": list(shape.ffn),
+            "kept_heads": sum(family.heads(kept)[0] for kept in shape.attention),
+            "kept_kv_heads": sum(family.heads(kept)[1] for kept in shape.attention),
+            "kept_neurons": sum(shape.ffn),
             "parameters": params,
             "parameter_fraction": params / full,
         })

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from engine.report.report import student_label
+
 
 def num(value, digits: int = 4) -> str:
     """A float with `digits` significant digits, '—' when missing (keeps tables aligned)."""
@@ -57,8 +59,9 @@ def has_student_score(candidates: list[dict]) -> bool:
 
 
 def models_of(report: dict) -> list[tuple[str, str, dict]]:
-    """(label, role, metrics) of every model the run produced or compared, teacher first."""
+    """(label, role, metrics) of every model a report.json names, teacher first (`Report.models` on the typed
+    report)."""
     models = [("teacher", "teacher", report.get("teacher")), ("TA", "ta", report.get("ta")),
-              ("student (MiniDisc)" if report.get("candidates") else "student", "student", report.get("student"))]
+              (student_label(bool(report.get("candidates"))), "student", report.get("student"))]
     models += [(m.get("label", name), "baseline", m) for name, m in (report.get("baselines") or {}).items()]
     return [(label, role, m) for label, role, m in models if m]

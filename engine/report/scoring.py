@@ -7,13 +7,14 @@ that chose it as `dev_accuracy` / `dev_loss`.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from engine.distillation.evaluation import score_model
 from engine.distillation.selection import relative
 from engine.models.loading import load_causal_lm
-from engine.report.formatting import models_of
+from engine.report.report import Figures, Report, TrainedWidths
 from engine.training.memory import give_back
 
 
@@ -30,61 +31,64 @@ def score_and_free(model, split, batch_size: int, device) -> dict:
     return stats
 
 
-def score_report(report: dict, score) -> None:
-    """Put test figures in `report` in place: `score(path)` measures a checkpoint. Models get accuracy, loss,
+def measured_on_test(report: Report, score) -> Report:
+    """`report` with every model measured on test: `score(path)` measures a checkpoint. Models get accuracy, loss,
     perplexity, relative accuracy (to the teacher's test accuracy) and each test block's correct predictions
-    (`test_correct`; the blocks' token counts are `test_block_tokens`) on test; MaxiDisc's per-candidate
-    students get `student_accuracy` on test; baselines get the student's gains over them, and the report the
-    regime check (`regime`)."""
-    teacher_accuracy = None
-    for _, role, metrics in models_of(report):
-        stats = score(metrics["path"])
-        metrics.update(dev_accuracy=metrics["accuracy"], dev_loss=metrics["loss"], accuracy=stats["accuracy"],
-                       loss=stats["loss"], perplexity=perplexity(stats["loss"]), test_tokens=stats["tokens"],
-                       test_correct=[c for c, _ in stats["blocks"]])
-        report["test_block_tokens"] = [t for _, t in stats["blocks"]]
-        if role == "teacher":
+    (`test_correct`; the blocks' token counts are `test_block_tokens`); MaxiDisc's per-candidate students get
+    `student_accuracy` on test; then the comparisons (`compared`)."""
+    teacher_accuracy = tokens = None
+    for _, key, figures in report.models():  # the teacher first: the others' relative accuracy needs its
+        stats = score(figures.path)
+        tokens = [t for _, t in stats["blocks"]]
+        measured = replace(figures, dev_accuracy=figures.accuracy, dev_loss=figures.loss, accuracy=stats["accuracy"],
+                           loss=stats["loss"], perplexity=perplexity(stats["loss"]), test_tokens=stats["tokens"],
+                           test_correct=[c for c, _ in stats["blocks"]])
+        if key == "teacher":
             teacher_accuracy = stats["accuracy"]
         elif teacher_accuracy is not None:
-            metrics["relative_accuracy"] = relative(stats["accuracy"], teacher_accuracy)
-    for row in report.get("candidates") or []:
-        if row.get("student_path"):
-            row["student_dev_accuracy"] = row["student_accuracy"]
-            row["student_accuracy"] = score(row["student_path"])["accuracy"]
-    compare(report)
+            measured = replace(measured, relative_accuracy=relative(stats["accuracy"], teacher_accuracy))
+        report = report.with_model(key, measured)
+    candidates = [c if not c.student_path else replace(c, student_dev_accuracy=c.student_accuracy,
+                                                       student_accuracy=score(c.student_path)["accuracy"])
+                  for c in report.candidates]
+    return compared(replace(report, candidates=candidates, test_block_tokens=tokens))
 
 
-def score_widths(report: dict, score_width) -> None:
-    """Each width the sandwich trained (`report["supernet"]["widths"]`), on test: its slice of the trained supernet
-    and, for comparison, the same slice of the pruned teacher (a one-shot prune, no training), with the paired
-    interval of the difference. `score_width(directory, sparsity)` measures a slice."""
-    supernet, tokens = report["supernet"], report.get("test_block_tokens")
-    for row in supernet["widths"]:
-        for side, source in (("trained", supernet["path"]), ("one_shot", supernet["one_shot"])):
-            stats = score_width(source, row["sparsity"])
-            row[side] = {"accuracy": stats["accuracy"], "loss": stats["loss"],
-                         "test_correct": [c for c, _ in stats["blocks"]]}
-        row["gain"] = {"accuracy": row["trained"]["accuracy"] - row["one_shot"]["accuracy"],
-                       **paired_interval(row["trained"]["test_correct"], row["one_shot"]["test_correct"], tokens)}
+def widths_measured_on_test(widths: TrainedWidths, tokens: list[int] | None, score_width) -> TrainedWidths:
+    """Each width the sandwich trained, on test: its slice of the trained supernet and, for comparison, the same
+    slice of the pruned teacher (a one-shot prune, no training), with the paired interval of the difference over
+    the test blocks (`tokens` each). `score_width(directory, sparsity)` measures a slice."""
+    rows = []
+    for row in widths.widths:
+        sides = {}
+        for side, source in (("trained", widths.path), ("one_shot", widths.one_shot)):
+            stats = score_width(source, row.sparsity)
+            sides[side] = {"accuracy": stats["accuracy"], "loss": stats["loss"],
+                           "test_correct": [c for c, _ in stats["blocks"]]}
+        trained, one_shot = sides["trained"], sides["one_shot"]
+        rows.append(replace(row, trained=trained, one_shot=one_shot,
+                            gain={"accuracy": trained["accuracy"] - one_shot["accuracy"],
+                                  **paired_interval(trained["test_correct"], one_shot["test_correct"], tokens)}))
+    return replace(widths, widths=rows)
 
 
-def compare(report: dict) -> None:
-    """The report's paired comparisons on the test blocks, from its models' test figures: the student against
+def compared(report: Report) -> Report:
+    """`report` with its paired comparisons on the test blocks, from its models' test figures: the student against
     each baseline (`student_vs_baselines`) and the regime check (`regime`)."""
-    student, baselines = report.get("student"), report.get("baselines") or {}
-    tokens = report.get("test_block_tokens")
-    report["student_vs_baselines"] = {name: gain(student, b, tokens) for name, b in baselines.items()}
-    report["regime"] = regime(report.get("teacher"), baselines, tokens, report.get("command", "compress"))
+    tokens = report.test_block_tokens
+    return replace(report, student_vs_baselines={name: gain(report.student, b, tokens)
+                                                 for name, b in report.baselines.items()},
+                   regime=regime(report.teacher, report.baselines, tokens, report.command))
 
 
-def gain(student: dict, baseline: dict, tokens: list[int] | None = None) -> dict:
+def gain(student: Figures, baseline: Figures, tokens: list[int] | None = None) -> dict:
     """How much better the MiniDisc student is than a baseline on test (positive = better), with the paired
     bootstrap interval of the accuracy difference when the blocks' figures are known."""
-    return {"accuracy": student["accuracy"] - baseline["accuracy"],
-            **paired_interval(student.get("test_correct"), baseline.get("test_correct"), tokens),
-            "relative_accuracy": relative(student["accuracy"], baseline["accuracy"]) - 1,
-            "loss": baseline["loss"] - student["loss"],
-            "perplexity_ratio": baseline["perplexity"] / student["perplexity"]}
+    return {"accuracy": student.accuracy - baseline.accuracy,
+            **paired_interval(student.test_correct, baseline.test_correct, tokens),
+            "relative_accuracy": relative(student.accuracy, baseline.accuracy) - 1,
+            "loss": baseline.loss - student.loss,
+            "perplexity_ratio": baseline.perplexity / student.perplexity}
 
 
 BOOTSTRAP = 2000  # resamples of the test blocks: the interval's ends move by ~0.05 points between seeds
@@ -118,7 +122,8 @@ def accuracy_interval(correct: list[int] | None, tokens: list[int] | None, level
 KD_FOR_REGIME = ("kd", "kd-matched", "kd-steps")  # the plain-KD student the regime check reads, first found
 
 
-def regime(teacher: dict | None, baselines: dict, tokens: list[int] | None, command: str = "compress") -> dict:
+def regime(teacher: Figures | None, baselines: dict[str, Figures], tokens: list[int] | None,
+           command: str = "compress") -> dict:
     """Does the teacher know more than the data? Teacher - no distillation and plain KD - no distillation on test
     (paired intervals), and a warning when no distillation is at least as good as plain KD: then no teacher
     signal, with or without a TA, can help on this data. Needs the `ce` baseline of `compress`."""
@@ -129,14 +134,13 @@ def regime(teacher: dict | None, baselines: dict, tokens: list[int] | None, comm
                "compare with the same student trained without distillation: minidisc distill --logit-weight 0 "
                "--hidden-weight 0 --ce-weight 1")
         return {"checked": False, "why": f"{how}, to check that distillation can help on this data"}
-    out = {"checked": True, "teacher_minus_ce": {"accuracy": teacher["accuracy"] - ce["accuracy"],
-                                                 **paired_interval(teacher.get("test_correct"),
-                                                                   ce.get("test_correct"), tokens)}}
+    out = {"checked": True, "teacher_minus_ce": {"accuracy": teacher.accuracy - ce.accuracy,
+                                                 **paired_interval(teacher.test_correct, ce.test_correct, tokens)}}
     if kd_name:
         kd = baselines[kd_name]
         out["kd"] = kd_name
-        out["kd_minus_ce"] = {"accuracy": kd["accuracy"] - ce["accuracy"],
-                              **paired_interval(kd.get("test_correct"), ce.get("test_correct"), tokens)}
+        out["kd_minus_ce"] = {"accuracy": kd.accuracy - ce.accuracy,
+                              **paired_interval(kd.test_correct, ce.test_correct, tokens)}
     helps = [out[key]["accuracy"] > 0 for key in ("teacher_minus_ce", "kd_minus_ce") if key in out]
     out["warning"] = None if all(helps) else (
         "the teacher adds nothing on this data: the student trained without distillation is at least as good, "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import cache, cached_property
 from typing import Callable
 
-from engine.core.widths import PERMILLE, Width, widths_per_step
+from engine.core.widths import PERMILLE, Shape, widths_per_step
 from engine.models.loading import meta_model
 from engine.models.units import count_parameters, forward_flops
 from engine.training.stage import StageResult
@@ -81,16 +81,16 @@ class Costs:
     weights): `parameters` and `forward_flops` per token of the width at a per-mille sparsity (the teacher at 0),
     the LM head's FLOPs per token, a single-width training step's FLOPs."""
 
-    def __init__(self, config, family, width_of: Callable[[int], Width], seq_len: int, tokens_per_step: int):
+    def __init__(self, config, family, shape_of: Callable[[int], Shape], seq_len: int, tokens_per_step: int):
         self.model = meta_model(config)
-        self.family, self.width_of, self.seq_len, self.tokens_per_step = family, width_of, seq_len, tokens_per_step
+        self.family, self.shape_of, self.seq_len, self.tokens_per_step = family, shape_of, seq_len, tokens_per_step
         self.forward_flops = cache(self._forward_flops)
 
     def parameters(self, permille: int) -> int:
-        return count_parameters(self.model, self.family, self.width_of(permille))
+        return count_parameters(self.model, self.family, self.shape_of(permille))
 
     def _forward_flops(self, permille: int) -> int:
-        return forward_flops(self.model, self.family, self.width_of(permille), self.seq_len)
+        return forward_flops(self.model, self.family, self.shape_of(permille), self.seq_len)
 
     @cached_property
     def head_flops(self) -> int:

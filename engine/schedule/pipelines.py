@@ -22,6 +22,7 @@ from engine.config import RunConfig
 from engine.core.widths import PERMILLE, format_sparsity, widths_per_step
 from engine.distillation.loss import Objective
 from engine.distillation.selection import choose_ta, relative, tradeoff
+from engine.report.report import Figures, Report, Selection
 from engine.schedule.compute import matched_steps, step_flops, total
 from engine.schedule.finish import finish
 from engine.schedule.run import Run
@@ -37,7 +38,7 @@ def _curves(*results: StageResult) -> dict:
     return {r.stage: r.curves for r in results}
 
 
-def compress(cfg: RunConfig) -> dict:
+def compress(cfg: RunConfig) -> Report:
     """MiniDisc: every candidate TA trained and scored in one sandwich run, the lambda-optimal one chosen."""
     run = Run(set_up(cfg, "compress"))
     candidates = run.setup.candidates()
@@ -71,27 +72,20 @@ def compress(cfg: RunConfig) -> dict:
     student = student_stage(run, student_teacher, sandwich.best_dir, choice)
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE,
                                               "via_ta": None if choice is None else choice / PERMILLE})
-    rows = [run.candidate_row(s, sandwich.best[s], sandwich.best[s].p) for s in candidates]
     pipeline = total(run.compute["sandwich"], run.compute["student"])
-    summary = run.student_summary(student, teacher_stats, "ta" if choice is not None else "teacher", pipeline)
     trained = {name: baseline(run, name, teacher_stats, pipeline) for name in cfg.baselines or []}
-    baselines = {name: metrics for name, (metrics, _) in trained.items()}
     ta_score = None if choice is None else sandwich.best[choice]
-    return finish(run, {
-        "teacher": run.teacher_metrics(teacher_stats),
-        "candidates": rows,
-        "selected_ta": None if choice is None else {"sparsity": choice / PERMILLE, "step": sandwich.best_step,
-                                                    "path": "ta"},
-        "ta_reason": reason,
-        "ta": None if choice is None else run.model_metrics(choice, ta_score.accuracy, ta_score.loss, path=ta,
-                                                            compute=run.compute["sandwich"]),
-        "student": summary,
-        "baselines": baselines,
-        "curves": _curves(sandwich, student, *(result for _, result in trained.values())),
-        **({} if supernet is None else {"supernet": {"path": str(supernet), "step": sandwich.steps,
-                                                     "one_shot": str(run.teacher_dir),
-                                                     "widths": run.width_rows(sandwich)}}),
-    })
+    return finish(run, run.report(
+        teacher=run.teacher_figures(teacher_stats),
+        candidates=[run.candidate(s, sandwich.best[s], sandwich.best[s].p) for s in candidates],
+        selected_ta=None if choice is None else Selection(choice / PERMILLE, sandwich.best_step, "ta"),
+        ta_reason=reason,
+        ta=None if choice is None else run.figures(choice, ta_score.accuracy, ta_score.loss, path=ta,
+                                                   compute=run.compute["sandwich"]),
+        student=run.student_figures(student, teacher_stats, "ta" if choice is not None else "teacher", pipeline),
+        baselines={name: figures for name, (figures, _) in trained.items()},
+        curves=_curves(sandwich, student, *(result for _, result in trained.values())),
+        supernet=None if supernet is None else run.trained_widths(sandwich, supernet)))
 
 
 def compress_flops(run: Run) -> dict[str, float]:
@@ -123,7 +117,7 @@ def student_stage(run: Run, teacher, snapshot, ta: int | None) -> StageResult:
     return run.stage("student", teacher, init, [run.target], teacher_width=ta or 0)
 
 
-def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[dict, StageResult]:
+def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[Figures, StageResult]:
     """A comparison student of the target size from the same slice of the pruned teacher: `kd` distils it from
     the teacher (no TA) for --max-steps, `kd-matched` for the steps that spend the training FLOPs of the
     MiniDisc `pipeline` (its compute), `kd-steps` for the pipeline's optimiser steps; `ce` trains it on the
@@ -139,27 +133,27 @@ def baseline(run: Run, name: str, teacher_stats: dict, pipeline: dict) -> tuple[
     run.publish(result.best_dir, f"baselines/{name}", {"role": f"baseline student ({BASELINES[name]})",
                                                       "sparsity": run.target / PERMILLE})
     best = result.best[run.target]
-    metrics = run.model_metrics(run.target, best.accuracy, best.loss, path=run.out / "baselines" / name,
-                                label=BASELINES[name], best_step=best.step,
-                                relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
-                                compute=run.compute[stage])
-    return metrics, result
+    figures = run.figures(run.target, best.accuracy, best.loss, path=run.out / "baselines" / name,
+                          label=BASELINES[name], best_step=best.step,
+                          relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
+                          compute=run.compute[stage])
+    return figures, result
 
 
-def distill(cfg: RunConfig) -> dict:
+def distill(cfg: RunConfig) -> Report:
     """Plain KD baseline: the pruned teacher's target slice distilled from the teacher, no TA."""
     run = Run(set_up(cfg, "distill"))
     run.monitor.plan_stages({"student": cfg.max_steps * run.costs.step_flops(run.target)})
     init = run.slice_model(run.target, run.work / "student_init")
     student = run.stage("student", run.teacher_dir, init, [run.target])
     run.publish(student.best_dir, "student", {"role": "student", "sparsity": run.target / PERMILLE, "via_ta": None})
-    return finish(run, {"teacher": run.teacher_metrics(student.teacher_stats),
-                       "student": run.student_summary(student, student.teacher_stats, "teacher",
-                                                      run.compute["student"]),
-                       "curves": _curves(student)})
+    return finish(run, run.report(
+        teacher=run.teacher_figures(student.teacher_stats),
+        student=run.student_figures(student, student.teacher_stats, "teacher", run.compute["student"]),
+        curves=_curves(student)))
 
 
-def maxidisc(cfg: RunConfig) -> dict:
+def maxidisc(cfg: RunConfig) -> Report:
     """MaxiDisc baseline: teacher -> TA -> student for every candidate TA (and teacher -> student for the
     no-TA option); the student with the best dev accuracy is kept."""
     run = Run(set_up(cfg, "maxidisc"))
@@ -188,23 +182,21 @@ def maxidisc(cfg: RunConfig) -> dict:
     for s, (trial_ta, trial_student) in trials.items():
         stats, final = (trial_ta or trial_student).best[s], trial_student.best[run.target]
         stages = [r.stage for r in (trial_ta, trial_student) if r is not None]
-        rows.append(run.candidate_row(s, stats, relative(stats.accuracy, teacher_stats["accuracy"]),
-                                      student_accuracy=final.accuracy, student_loss=final.loss,
-                                      student_path=str(trial_student.best_dir),
-                                      compute=total(*(run.compute[name] for name in stages))))
+        rows.append(run.candidate(s, stats, relative(stats.accuracy, teacher_stats["accuracy"]),
+                                  student_accuracy=final.accuracy, student_loss=final.loss,
+                                  student_path=str(trial_student.best_dir),
+                                  compute=total(*(run.compute[name] for name in stages))))
     ta_score = None if ta is None else ta.best[winner]
-    return finish(run, {
-        "teacher": run.teacher_metrics(teacher_stats),
-        "candidates": rows,
-        "selected_ta": None if ta is None else {"sparsity": winner / PERMILLE, "step": ta.best_step,
-                                                "path": str(ta.best_dir)},
-        "ta_reason": f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy"
-                     f" ({score[winner]:.4f}) of {len(trials)} trials",
-        "ta": None if ta is None else run.model_metrics(winner, ta_score.accuracy, ta_score.loss, path=ta.best_dir),
-        "student": run.student_summary(student, teacher_stats, "ta" if ta is not None else "teacher",
-                                       total(*run.compute.values())),
-        "curves": _curves(*results),
-    })
+    return finish(run, run.report(
+        teacher=run.teacher_figures(teacher_stats),
+        candidates=rows,
+        selected_ta=None if ta is None else Selection(winner / PERMILLE, ta.best_step, str(ta.best_dir)),
+        ta_reason=f"MaxiDisc: the student through sparsity {format_sparsity(winner)} has the best dev accuracy "
+                  f"({score[winner]:.4f}) of {len(trials)} trials",
+        ta=None if ta is None else run.figures(winner, ta_score.accuracy, ta_score.loss, path=ta.best_dir),
+        student=run.student_figures(student, teacher_stats, "ta" if ta is not None else "teacher",
+                                    total(*run.compute.values())),
+        curves=_curves(*results)))
 
 
 def maxidisc_flops(run: Run) -> dict[str, float]:

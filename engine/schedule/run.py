@@ -20,6 +20,7 @@ from engine.distillation.loss import Objective
 from engine.distillation.selection import relative, tradeoff
 from engine.models.export import sliced_checkpoint
 from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.report.report import Candidate, Figures, Report, TrainedWidth, TrainedWidths
 from engine.report.scoring import perplexity
 from engine.schedule.compute import stage_compute
 from engine.schedule.setup import Setup
@@ -35,7 +36,7 @@ class Run:
         self.setup = setup
         self.cfg, self.command, self.out, self.work = setup.cfg, setup.command, setup.out, setup.work
         self.target, self.teacher_dir, self.data, self.costs = setup.target, setup.teacher_dir, setup.data, setup.costs
-        self.width_of = setup.width_of
+        self.shape_of = setup.shape_of
         self.phases: dict[str, float] = dict(setup.phases)
         self.stage_timings: dict[str, dict] = {}  # stage -> the trainer's seconds per part
         self.stage_memory: dict[str, dict] = {}  # stage -> rank 0's start, peak and end MB (`training.memory`)
@@ -66,7 +67,7 @@ class Run:
         at its end (work/NAME/supernet)."""
         objective = objective or Objective.of(self.cfg)
         stage = Stage(name, Path(teacher_dir), Path(student_dir), list(widths), supernet=supernet,
-                      shapes={w: self.width_of(w) for w in widths} if supernet else None, uniform=self.cfg.uniform,
+                      shapes={w: self.shape_of(w) for w in widths} if supernet else None, uniform=self.cfg.uniform,
                       objective=objective, candidates=candidates, keep_supernet=keep_supernet)
         train = replace(TrainConfig.of(self.cfg), max_steps=max_steps or self.cfg.max_steps)
         result = run_stage(stage, train, self.data, self.work, self.monitor)
@@ -83,7 +84,7 @@ class Run:
         tensor from the checkpoints (`sliced_checkpoint`): rank 0 never holds the full fp32 teacher."""
         with dist.main_first(f"slicing sparsity {format_sparsity(permille)}") as main:
             if main and not is_ours(out):
-                model = sliced_checkpoint(self.teacher_dir, self.width_of(permille), self.cfg.uniform,
+                model = sliced_checkpoint(self.teacher_dir, self.shape_of(permille), self.cfg.uniform,
                                           trained=source)
                 with atomic_output_dir(out, kind="sliced-model") as scratch:
                     model.save_pretrained(scratch)
@@ -109,24 +110,32 @@ class Run:
                     (scratch / "minidisc_export.json").write_text(json.dumps(summary, indent=1) + "\n")
         return target
 
-    # --- the report's rows ---------------------------------------------------------------------------------------
-    def model_metrics(self, permille: int, accuracy: float, loss: float, path=None, **extra) -> dict:
-        return {"sparsity": permille / PERMILLE, "parameters": self.costs.parameters(permille), "accuracy": accuracy,
-                "loss": loss, "perplexity": perplexity(loss), **({"path": str(path)} if path else {}), **extra}
+    # --- the report ---------------------------------------------------------------------------------------------
+    def report(self, **sections) -> Report:
+        """The run's report from what its pipeline found (`Report`'s fields), under the run's settings."""
+        return Report(command=self.command, target_sparsity=self.target / PERMILLE, lam=self.cfg.lam,
+                      metric=self.cfg.metric, **sections)
 
-    def candidate_row(self, permille: int, score: WidthScore, p: float, **extra) -> dict:
-        """One candidate TA of the report: its metrics, scale, p(s) and trade-off."""
-        row = {**self.model_metrics(permille, score.accuracy, score.loss), "scale": (PERMILLE - permille) / PERMILLE,
-               "p": p, "tradeoff": tradeoff(p, permille, self.cfg.lam), "best_step": score.step, **extra}
-        row["parameter_fraction"] = row["parameters"] / self.costs.parameters(0)
-        return row
+    def figures(self, permille: int, accuracy: float, loss: float, path=None, **extra) -> Figures:
+        """A model's dev figures (the ones that chose it) at the width `permille`."""
+        return Figures(sparsity=permille / PERMILLE, parameters=self.costs.parameters(permille), accuracy=accuracy,
+                       loss=loss, perplexity=perplexity(loss), path=None if path is None else str(path), **extra)
 
-    def width_rows(self, sandwich: StageResult) -> list[dict]:
+    def candidate(self, permille: int, score: WidthScore, p: float, **extra) -> Candidate:
+        """One candidate TA of the report: its dev figures, scale, p(s) and trade-off."""
+        return Candidate(sparsity=permille / PERMILLE, parameters=self.costs.parameters(permille),
+                         accuracy=score.accuracy, loss=score.loss, perplexity=perplexity(score.loss),
+                         scale=(PERMILLE - permille) / PERMILLE, p=p, tradeoff=tradeoff(p, permille, self.cfg.lam),
+                         best_step=score.step,
+                         parameter_fraction=self.costs.parameters(permille) / self.costs.parameters(0), **extra)
+
+    def trained_widths(self, sandwich: StageResult, path: Path) -> TrainedWidths:
         """Every width the sandwich trained, with its dev figures at the sandwich's last evaluation (the weights
-        OUT/supernet holds); `score_widths` adds the test figures."""
+        `path`, OUT/supernet, holds); `widths_measured_on_test` adds the test figures."""
         last = {round(p["width"] * PERMILLE): p for p in sandwich.curves["eval"]}  # in step order: the last wins
-        return [{"sparsity": s / PERMILLE, "parameters": self.costs.parameters(s), "dev_accuracy": last[s]["accuracy"],
-                 "dev_loss": last[s]["loss"]} for s in sandwich.widths]
+        rows = [TrainedWidth(sparsity=s / PERMILLE, parameters=self.costs.parameters(s),
+                             dev_accuracy=last[s]["accuracy"], dev_loss=last[s]["loss"]) for s in sandwich.widths]
+        return TrainedWidths(path=str(path), step=sandwich.steps, one_shot=str(self.teacher_dir), widths=rows)
 
     def data_summary(self) -> dict:
         """Where dev and test came from, how many blocks each split holds, and each source's share."""
@@ -136,13 +145,13 @@ class Run:
                 "dev": cfg.dev_data or "held out of --data", "test": cfg.test_data or "held out of --data",
                 **self.setup.data_sources}
 
-    def teacher_metrics(self, stats: dict) -> dict:
-        return {"path": str(self.cfg.teacher), **self.model_metrics(0, stats["accuracy"], stats["loss"])}
+    def teacher_figures(self, stats: dict) -> Figures:
+        """The teacher's dev figures (`stats`: its accuracy and loss on dev, as a stage measured them)."""
+        return self.figures(0, stats["accuracy"], stats["loss"], path=self.cfg.teacher)
 
-    def student_summary(self, result: StageResult, teacher_stats: dict, via: str, compute: dict) -> dict:
-        """The published student's metrics; `compute`: what every stage behind it cost together."""
+    def student_figures(self, result: StageResult, teacher_stats: dict, via: str, compute: dict) -> Figures:
+        """The published student's dev figures; `compute`: what every stage behind it cost together."""
         best = result.best[self.target]
-        return self.model_metrics(self.target, best.accuracy, best.loss, path=self.out / "student",
-                                  uniform=self.cfg.uniform, best_step=best.step, via=via,
-                                  relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]),
-                                  compute=compute)
+        return self.figures(self.target, best.accuracy, best.loss, path=self.out / "student", uniform=self.cfg.uniform,
+                            best_step=best.step, via=via,
+                            relative_accuracy=relative(best.accuracy, teacher_stats["accuracy"]), compute=compute)

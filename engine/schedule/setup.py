@@ -20,7 +20,7 @@ from engine.core.errors import UserError
 from engine.core.outputs import RUN_FILE, abandon_run_dir, claim_run_dir, is_ours
 from engine.core.tracking import check_trackers
 from engine.core.widths import (
-    Width,
+    Shape,
     candidate_widths,
     format_sparsity,
     grid_with_target,
@@ -70,8 +70,8 @@ class Setup:
     def work(self) -> Path:
         return self.out / "work"
 
-    def width_of(self, permille: int) -> Width:
-        return width_of(self.pruning, self.family, self.cfg.uniform, permille)
+    def shape_of(self, permille: int) -> Shape:
+        return shape_of(self.pruning, self.family, self.cfg.uniform, permille)
 
     def candidates(self) -> list[int]:
         """The candidate TAs: grid sparsities from --truncate up to the target (included: no TA)."""
@@ -93,9 +93,9 @@ class Setup:
                               load_tokenizer(self.teacher_dir))
 
 
-def width_of(pruning: PruningPlan, family: Family, uniform: bool, permille: int) -> Width:
+def shape_of(pruning: PruningPlan, family: Family, uniform: bool, permille: int) -> Shape:
     """What the width at `permille` keeps per layer (--uniform: the same share of every layer)."""
-    return pruning.uniform_width(permille, family) if uniform else pruning.width(permille)
+    return pruning.uniform_shape(permille, family) if uniform else pruning.shape(permille)
 
 
 def set_up(cfg: RunConfig, command: str) -> Setup:
@@ -170,13 +170,13 @@ def _after_the_claim(cfg: RunConfig, command: str, out: Path, lock) -> Setup:
     pruning = PruningPlan.load(teacher_dir)
     config = load_config(teacher_dir)
     family, target = family_for(config), check_target_on_grid(cfg, pruning.grid, teacher_dir)
-    shape = partial(width_of, pruning, family, cfg.uniform)
+    shape_at = partial(shape_of, pruning, family, cfg.uniform)
     trained = (candidate_widths(pruning.grid, parse_sparsity(cfg.truncate), target)  # what the sandwich trains
                + past_target(pruning.grid, target, parse_sparsity(cfg.sparsest)))
     if cfg.uniform:  # fail now on a candidate that keeps no units in a layer
         for permille in trained:
-            shape(permille)
-    costs = Costs(config, family, shape, cfg.seq_len, cfg.batch_size * cfg.seq_len)
+            shape_at(permille)
+    costs = Costs(config, family, shape_at, cfg.seq_len, cfg.batch_size * cfg.seq_len)
     steps = cfg.sandwich_steps or sandwich_steps(  # --sandwich-share of the pipeline's FLOPs
         cfg.sandwich_share, cfg.max_steps, trained, cfg.sandwich_sample, costs.forward_flops, target, costs.head_flops)
     started = time.perf_counter()

@@ -22,7 +22,7 @@ BETAS, EPS = (0.9, 0.95), 1e-8  # AdamW, as in LLaMA pre-training
 
 class Distiller(nn.Module):
     """What the trained engine wraps. Its forward is the distillation loss of the active widths (one, or
-    `widths` stacked: `Supernet.stack`), so under ZeRO-3 the student's LM head is gathered by DeepSpeed while
+    `copies` stacked: `Supernet.stack`), so under ZeRO-3 the student's LM head is gathered by DeepSpeed while
     the fused loss reads it."""
 
     def __init__(self, student: nn.Module):
@@ -33,8 +33,8 @@ class Distiller(nn.Module):
     def lm(self):
         return self.student.model if isinstance(self.student, Supernet) else self.student
 
-    def forward(self, input_ids, loss_mask, teacher_out, objective: Objective, widths: int = 1):
-        return stacked_width_loss(self.lm, teacher_out, input_ids, loss_mask, objective, widths)
+    def forward(self, input_ids, loss_mask, teacher_out, objective: Objective, copies: int = 1):
+        return stacked_width_loss(self.lm, teacher_out, input_ids, loss_mask, objective, copies)
 
 
 def load_partitioned(directory: Path, ds_config: dict):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.core.errors import UserError
-from engine.core.widths import PERMILLE, Width
+from engine.core.widths import PERMILLE, Shape
 from engine.distillation.loss import Objective
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class Stage:
     student_dir: Path
     widths: list[int]
     supernet: bool = False  # student_dir is a reordered teacher (or a width of one); train every width of it
-    shapes: dict[int, Width] | None = None  # supernet only: what each of its widths keeps per layer
+    shapes: dict[int, Shape] | None = None  # supernet only: what each of its widths keeps per layer
     uniform: bool = False  # supernet only: widths are uniform, snapshots are stock HF classes
     objective: Objective = field(default_factory=Objective)  # the distillation loss and its weights
     candidates: list[int] | None = None  # the widths the best snapshot may hold (None: every width)

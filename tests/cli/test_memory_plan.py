@@ -30,7 +30,7 @@ from engine.cli.memory_plan.shapes import (
     width_parameters,
 )
 from engine.config import RunConfig
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.loading import meta_model
 
 
@@ -100,7 +100,7 @@ def test_counts_of_unusual_configs(name):
 
 @pytest.mark.parametrize("name", ["llama-2-70b", "opt-1.3b", "llama-3-8b"])
 def test_width_counts_equal_count_parameters_on_any_layer_split(name):
-    """The candidate counts depend only on the total units kept: check against engine.models.families.count_parameters
+    """The candidate counts depend only on the total units kept: check against engine.models.units.count_parameters
     with the kept units spread unevenly over the layers (as a global ranking does)."""
     from engine.models.families import family_for
     from engine.models.units import count_parameters
@@ -111,8 +111,8 @@ def test_width_counts_equal_count_parameters_on_any_layer_split(name):
         width_count = width_parameters(config, permille)
         kept_kv = s.layers * s.kv_heads - (permille * s.layers * s.kv_heads + 500) // 1000
         kept_ffn = s.layers * s.intermediate - (permille * s.layers * s.intermediate + 500) // 1000
-        width = Width(_spread(kept_kv, s.layers, s.kv_heads), _spread(kept_ffn, s.layers, s.intermediate))
-        assert count_parameters(model, family_for(config), width) == width_count
+        shape = Shape(_spread(kept_kv, s.layers, s.kv_heads), _spread(kept_ffn, s.layers, s.intermediate))
+        assert count_parameters(model, family_for(config), shape) == width_count
 
 
 def _spread(kept: int, layers: int, size: int) -> tuple[int, ...]:
@@ -254,7 +254,7 @@ def test_activations_of_a_width_match_a_model_that_narrow():
 def test_stacked_widths_hold_the_sum_of_their_activations():
     """Stacked (the default), a step holds every width's activations at once: the plan counts the sum over the
     widths a step may train, measured here on the supernet's stacked forward of the full and the half width."""
-    full, half = Width((4,) * 3, (688,) * 3), Width((2,) * 3, (344,) * 3)
+    full, half = Shape((4,) * 3, (688,) * 3), Shape((2,) * 3, (344,) * 3)
     planned = planned_model_activations(small_llama(), 128, 0) + planned_model_activations(small_llama(), 128, 500)
     assert planned == pytest.approx(measure_activations(small_llama(), stacked=[full, half]), rel=0.01)
     assert PlanOptions(truncate=500).widths_held == [500, 600, 700, 800, 850, 900]

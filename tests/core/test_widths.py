@@ -4,7 +4,7 @@ import torch
 from engine.core.errors import UserError
 from engine.core.widths import (
     DEFAULT_GRID,
-    Width,
+    Shape,
     grid_with_target,
     joint_widths,
     keep_counts,
@@ -53,7 +53,7 @@ def test_keep_counts_follow_global_ranking_and_nest():
         if len(kept_scores) and len(removed_scores):
             assert kept_scores.min() >= removed_scores.max()  # the least important units went first
     for wider, narrower in zip(widths, widths[1:]):
-        assert Width(wider, wider).contains(Width(narrower, narrower))
+        assert Shape(wider, wider).contains(Shape(narrower, narrower))
 
 
 def test_widths_past_the_target_and_of_a_joint_student_stage():

@@ -68,7 +68,7 @@ def test_stacked_widths_give_the_mean_of_per_width_gradients(setup, per_forward,
     size, metrics = per_forward or len(widths), {}
     for start in range(0, len(widths), size):
         group = widths[start:start + size]
-        supernet.stack([supernet.plan.width(s) for s in group])
+        supernet.stack([supernet.plan.shape(s) for s in group])
         loss, parts = stacked_width_loss(supernet.model, t_out, ids, mask, objective, len(group))
         (loss * len(group) / len(widths)).backward()
         metrics.update({s: {name: value[i] for name, value in parts.items()} for i, s in enumerate(group)})
@@ -96,7 +96,7 @@ def test_stacked_widths_need_one_gather_per_layer(setup):
     layers = supernet.family.layers(supernet.model)
     calls = []
     hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
-    supernet.stack([supernet.plan.width(s) for s in (0, 500, 900)])
+    supernet.stack([supernet.plan.shape(s) for s in (0, 500, 900)])
     stacked = supernet.model.model(input_ids=ids.repeat(3, 1), use_cache=False).last_hidden_state
     assert calls == list(range(len(layers)))
     evaluate_widths(supernet, teacher, [(ids, mask)], [0, 500, 900])

@@ -60,13 +60,13 @@ def exported(pruned_dirs, tmp_path_factory):
         for sparsity, uniform in ((0.5, False), (0.95, False), (0.5, True)):
             out = root / f"{name}-{sparsity}-{'uniform' if uniform else 'layers'}"
             summary = engine.export(pruned, sparsity, out, uniform=uniform)
-            width = supernet.plan.uniform_width(sparsity, family) if uniform else supernet.plan.width(sparsity)
-            supernet.set_width(width)
+            shape = supernet.plan.uniform_shape(sparsity, family) if uniform else supernet.plan.shape(sparsity)
+            supernet.set_shape(shape)
             with torch.no_grad():
                 logits = supernet(input_ids=x).logits
             torch.save({"input_ids": x, "logits": logits}, out / "io.pt")
             cases.append(dict(name=name, sparsity=sparsity, uniform=uniform, dir=str(out), io=str(out / "io.pt"),
-                              width=width, parameters=summary["parameters"]))
+                              shape=shape, parameters=summary["parameters"]))
     return cases
 
 
@@ -81,7 +81,7 @@ def _load_all(cases, tmp_path, block_engine, trust_remote_code):
 
 def test_per_layer_export_after_import_engine(exported, tmp_path):
     cases = [c for c in exported if not c["uniform"]]
-    assert any(0 in c["width"].attention + c["width"].ffn for c in cases)  # empty layers are exercised
+    assert any(0 in c["shape"].attention + c["shape"].ffn for c in cases)  # empty layers are exercised
     for case, result in zip(cases, _load_all(cases, tmp_path, block_engine=False, trust_remote_code=False)):
         assert result["class"].startswith("engine.models.modeling_minidisc.MiniDisc"), result
         assert result["max_error"] <= 1e-5, (case["name"], case["sparsity"], result)
@@ -103,7 +103,7 @@ def test_uniform_export_is_stock_transformers(exported, tmp_path):
         expected = "." + FAMILIES[model_type].architectures[0]
         assert result["class"].startswith("transformers.models.") and result["class"].endswith(expected), result
         assert result["max_error"] <= 1e-5, (case["name"], result)
-        assert len(set(case["width"].attention)) == 1 and len(set(case["width"].ffn)) == 1
+        assert len(set(case["shape"].attention)) == 1 and len(set(case["shape"].ffn)) == 1
         config = json.loads(Path(case["dir"], "config.json").read_text())
         assert config["model_type"] == model_type and "auto_map" not in config
 
@@ -212,17 +212,17 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
     pruned = pruned_dirs[name]
     full = load_causal_lm(pruned)
     family, plan = family_for(full.config), engine.PruningPlan.load(pruned)
-    width_of = (lambda s: plan.uniform_width(s, family)) if uniform else plan.width
-    ta = pruned_model(full, width_of(500), uniform)
+    shape_of = (lambda s: plan.uniform_shape(s, family)) if uniform else plan.shape
+    ta = pruned_model(full, shape_of(500), uniform)
     with torch.no_grad():  # "trained": the TA's weights differ from the teacher's prefixes
         for p in ta.parameters():
             p.add_(torch.randn_like(p))
     ta.save_pretrained(tmp_path / "ta")
     state = {k: v.clone() for k, v in full.state_dict().items()}  # the in-memory way: the TA over the teacher
-    ta_part = kept_regions(full, family, width_of(500))  # prefixes, or prefixes of every KV group's query heads
+    ta_part = kept_regions(full, family, shape_of(500))  # prefixes, or prefixes of every KV group's query heads
     for key, tensor in ta.state_dict().items():
         state[key][ta_part.get(key, (slice(None),))] = tensor
-    expected = pruned_model(full, width_of(900), uniform, state=state).state_dict()
+    expected = pruned_model(full, shape_of(900), uniform, state=state).state_dict()
 
     import transformers
 
@@ -230,7 +230,7 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
         raise AssertionError("a whole checkpoint was loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    model = sliced_checkpoint(pruned, width_of(900), uniform, trained=tmp_path / "ta")
+    model = sliced_checkpoint(pruned, shape_of(900), uniform, trained=tmp_path / "ta")
     got = model.state_dict()
     assert got.keys() == expected.keys()
     for key in expected:
@@ -239,13 +239,13 @@ def test_slicing_reads_the_checkpoint_tensor_by_tensor(name, uniform, pruned_dir
         assert not buffer.is_meta, key
     x = torch.randint(3, 300, (1, 7))
     with torch.no_grad():
-        reference = pruned_model(full, width_of(900), uniform, state=state)
+        reference = pruned_model(full, shape_of(900), uniform, state=state)
         torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
     if name == "opt" and not uniform:  # a TA saved as pytorch_model.bin cannot be read by parts: loaded whole
         monkeypatch.undo()
         ta.config.save_pretrained(tmp_path / "ta-bin")  # (save_pretrained writes safetensors only)
         torch.save(ta.state_dict(), tmp_path / "ta-bin" / "pytorch_model.bin")
-        whole = sliced_checkpoint(pruned, width_of(900), uniform, trained=tmp_path / "ta-bin").state_dict()
+        whole = sliced_checkpoint(pruned, shape_of(900), uniform, trained=tmp_path / "ta-bin").state_dict()
         assert all(torch.equal(whole[key], expected[key]) for key in expected)
 
 

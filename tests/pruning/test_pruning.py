@@ -6,11 +6,11 @@ import torch
 from helpers import CONFIGS, tiny_model
 
 import engine
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.export import kept_regions
 from engine.models.families import family_for
 from engine.pruning.importance import unit_importance
-from engine.pruning.masks import masked, width_masks
+from engine.pruning.masks import masked, shape_masks
 
 FAMILIES = list(CONFIGS)
 
@@ -39,19 +39,19 @@ def test_reorder_changes_no_output(pruned):
 
 def test_candidates_are_nested_and_reach_empty_layers(pruned):
     _, _, _, plan = pruned
-    widths = [plan.width(p) for p in plan.grid]
-    assert widths[0] == plan.full_width
-    for wider, narrower in zip(widths, widths[1:]):
+    shapes = [plan.shape(p) for p in plan.grid]
+    assert shapes[0] == plan.full_shape
+    for wider, narrower in zip(shapes, shapes[1:]):
         assert wider.contains(narrower)
-    assert 0 in widths[-1].attention + widths[-1].ffn  # the sparsest candidate empties some layer
+    assert 0 in shapes[-1].attention + shapes[-1].ffn  # the sparsest candidate empties some layer
     params = [row["parameters"] for row in plan.candidates]
     assert params == sorted(params, reverse=True)
 
 
-def _masked_logits_and_grads(model, width, x):
+def _masked_logits_and_grads(model, shape, x):
     family = family_for(model.config)
     model.zero_grad()
-    with masked(model, family, *width_masks(model, family, width)):
+    with masked(model, family, *shape_masks(model, family, shape)):
         out = model(input_ids=x, labels=x)
     out.loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -61,23 +61,23 @@ def test_supernet_equals_masked_teacher_values_and_gradients(pruned):
     name, _, model, plan = pruned
     supernet = engine.Supernet(copy.deepcopy(model), plan)
     x = calibration(seed=3)
-    widths = [plan.width(p) for p in plan.grid]
-    n_layers = len(widths[0].attention)
+    shapes = [plan.shape(p) for p in plan.grid]
+    n_layers = len(shapes[0].attention)
     # hand-made extremes: a layer with no heads next to one with no neurons, and everything empty
-    widths += [Width((0,) + widths[0].attention[1:], widths[0].ffn[:1] + (0,) * (n_layers - 1)),
-               Width((0,) * n_layers, (0,) * n_layers)]
-    for width in widths:
-        supernet.set_width(width)
+    shapes += [Shape((0,) + shapes[0].attention[1:], shapes[0].ffn[:1] + (0,) * (n_layers - 1)),
+               Shape((0,) * n_layers, (0,) * n_layers)]
+    for shape in shapes:
+        supernet.set_shape(shape)
         supernet.zero_grad()
         out = supernet(input_ids=x, labels=x)
         out.loss.backward()
-        ref_logits, ref_grads = _masked_logits_and_grads(model, width, x)
-        torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0, msg=f"{name} logits at {width}")
+        ref_logits, ref_grads = _masked_logits_and_grads(model, shape, x)
+        torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0, msg=f"{name} logits at {shape}")
         for param_name, param in supernet.model.named_parameters():
             # every parameter gets a gradient, exactly zero when its layer kept no units (ZeRO-3 needs one)
-            assert param.grad is not None, f"{param_name} left out of the graph at {width}"
+            assert param.grad is not None, f"{param_name} left out of the graph at {shape}"
             torch.testing.assert_close(param.grad, ref_grads[param_name], atol=1e-5, rtol=1e-4,
-                                       msg=f"{name} grad of {param_name} at {width}")
+                                       msg=f"{name} grad of {param_name} at {shape}")
 
 
 def test_supernet_over_a_ta_slice_equals_the_teachers_at_sparser_widths(pruned):
@@ -86,9 +86,9 @@ def test_supernet_over_a_ta_slice_equals_the_teachers_at_sparser_widths(pruned):
     teacher's prefix."""
     name, _, model, plan = pruned
     ta = plan.grid[len(plan.grid) // 2]
-    sliced = engine.pruned_model(model, plan.width(ta))
+    sliced = engine.pruned_model(model, plan.shape(ta))
     over_ta, over_teacher = engine.Supernet(sliced, plan), engine.Supernet(copy.deepcopy(model), plan)
-    assert over_ta.full_width == plan.width(ta) and over_teacher.full_width == plan.full_width
+    assert over_ta.full_shape == plan.shape(ta) and over_teacher.full_shape == plan.full_shape
     x = calibration(seed=4)
     for sparsity in [s for s in plan.grid if s > ta]:
         outputs = []
@@ -100,7 +100,7 @@ def test_supernet_over_a_ta_slice_equals_the_teachers_at_sparser_widths(pruned):
             outputs.append((out.logits.detach(), dict(supernet.model.named_parameters())))
         (mine, ta_params), (reference, teacher_params) = outputs
         torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0, msg=f"{name} at {sparsity}")
-        regions = kept_regions(model, family_for(model.config), plan.width(ta))  # the TA's part of each tensor
+        regions = kept_regions(model, family_for(model.config), plan.shape(ta))  # the TA's part of each tensor
         for param_name, param in ta_params.items():
             part = regions.get(param_name, (slice(None),))
             torch.testing.assert_close(param.grad, teacher_params[param_name].grad[part], atol=1e-5, rtol=1e-4,
@@ -110,7 +110,7 @@ def test_supernet_over_a_ta_slice_equals_the_teachers_at_sparser_widths(pruned):
 def test_set_sparsity_uses_the_grid(pruned):
     _, _, model, plan = pruned
     supernet = engine.Supernet(model, plan)
-    assert supernet.set_sparsity(0.9) == plan.width(900)
+    assert supernet.set_sparsity(0.9) == plan.shape(900)
     with pytest.raises(engine.UserError, match="not on the pruning grid"):
         supernet.set_sparsity(0.33)
 
@@ -179,7 +179,7 @@ def test_forward_flops_match_a_flop_counter(name):
     model = tiny_model(name)
     family = family_for(model.config)
     units = [(a.num_units, f.num_units) for a, f in family.groups(model)]
-    width = Width(attention=tuple(a - 1 - i % 2 for i, (a, _) in enumerate(units)),
+    width = Shape(attention=tuple(a - 1 - i % 2 for i, (a, _) in enumerate(units)),
                   ffn=tuple(f - 5 * i for i, (_, f) in enumerate(units)))
     small = pruned_model(model, width).eval()
     small.config._attn_implementation = "eager"  # attention as batch-matmuls the counter sees

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from engine.report.scoring import compare, paired_interval, regime
+from engine.report.report import Figures, Report
+from engine.report.scoring import compared, paired_interval, regime
 
 
 def blocks(seed, n=400, tokens=127):
@@ -39,8 +40,8 @@ def test_paired_interval_edge_cases():
 
 
 def model(accuracy, correct, loss=3.0):
-    return {"accuracy": accuracy, "loss": loss, "perplexity": float(np.exp(loss)), "test_correct": correct,
-            "label": "x"}
+    return Figures(sparsity=0.9, parameters=10, accuracy=accuracy, loss=loss, perplexity=float(np.exp(loss)),
+                   test_correct=correct, label="x")
 
 
 def test_the_regime_check_warns_when_no_distillation_is_as_good_as_kd():
@@ -54,6 +55,7 @@ def test_the_regime_check_warns_when_no_distillation_is_as_good_as_kd():
     bad = regime(teacher, {"kd-matched": model(acc(b), b), "ce": model(acc(a), a)}, n)
     assert bad["kd"] == "kd-matched" and "distillation, with or without a TA, cannot help here" in bad["warning"]
     assert regime(teacher, {"kd": ce}, n) == {"checked": False, "why": regime(teacher, {}, n)["why"]}
-    report = {"teacher": teacher, "student": model(acc(a), a), "baselines": {"ce": ce}, "test_block_tokens": n}
-    compare(report)
-    assert report["student_vs_baselines"]["ce"]["accuracy_interval"][0] > 0 and report["regime"]["checked"]
+    report = compared(Report(command="compress", target_sparsity=0.9, lam=0.2, metric="relative_accuracy",
+                             teacher=teacher, student=model(acc(a), a), curves={}, baselines={"ce": ce},
+                             test_block_tokens=n))
+    assert report.student_vs_baselines["ce"]["accuracy_interval"][0] > 0 and report.regime["checked"]

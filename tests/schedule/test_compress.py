@@ -531,14 +531,15 @@ def test_python_api_and_early_stopping(pruned_dirs, corpus, tmp_path):
         "    max_steps=8, eval_every=2, patience=1, lr=1e-30, batch_size=4, seq_len=32, eval_samples=8,\n"
         "    deepspeed=sys.argv[5]).validate()\n"
         "report = engine.distill(cfg)\n"
-        "print(json.dumps(report['student']))\n")
+        "print(json.dumps(report.student.to_dict()))\n")
     out = tmp_path / "api"
     result = run_python(code, pruned_dirs["llama_gqa"], corpus["train"], corpus["dev"], out, FP32,
                         env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     student = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "report.json").read_text())
-    assert student == report["student"] and student["best_step"] == 2
+    # the Python API's report is report.json's, with the run's own paths (report.json names them relative to --out)
+    assert student == {**report["student"], "path": str(out / "student")} and student["best_step"] == 2
     steps = [point["step"] for point in report["curves"]["student"]["eval"]]
     assert steps == [2, 4]  # stopped after one evaluation without improvement, not at step 8
 

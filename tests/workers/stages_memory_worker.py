@@ -36,7 +36,7 @@ def allocated() -> int:
 
 
 report = {"baseline": live_tensor_bytes(), "cuda_baseline": allocated(), "stages": []}
-stages = [(Stage("sandwich", pruned, pruned, [0, 500], supernet=True, shapes={w: plan.width(w) for w in (0, 500)}),
+stages = [(Stage("sandwich", pruned, pruned, [0, 500], supernet=True, shapes={w: plan.shape(w) for w in (0, 500)}),
            "zero3"),
           (Stage("single", pruned, pruned, [0]), "zero3"),
           (Stage("replicated", pruned, pruned, [0]), "replicated")]

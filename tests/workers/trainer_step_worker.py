@@ -55,7 +55,7 @@ schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(TrainConfig.o
 initial = {n: p.detach().clone() for n, p in named}
 
 stage = Stage("step", Path(args.pruned), Path(args.pruned), widths, supernet=True,
-              shapes={w: plan.width(w) for w in widths})
+              shapes={w: plan.shape(w) for w in widths})
 backwards = forwards_per_batch(len(widths), args.stack)  # per micro-batch
 teacher, ds_engine, distiller, keep_alive, _ = build_engines(stage, TrainConfig.of(cfg), backwards)
 blocks = torch.randint(3, 500, (8, 16), generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
 
 import engine
-from engine.core.widths import Width
+from engine.core.widths import Shape
 from engine.models.loading import load_causal_lm
 
 parser = argparse.ArgumentParser()
@@ -39,12 +39,12 @@ ds_engine, *_ = deepspeed.initialize(model=supernet, optimizer=optimizer, config
 
 x = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 n_layers = len(plan.attention_scores)
-widths = [plan.width(0.0), plan.width(0.5), plan.width(0.95),
-          Width((0,) + plan.full_width.attention[1:], (0,) * n_layers)]
+shapes = [plan.shape(0.0), plan.shape(0.5), plan.shape(0.95),
+          Shape((0,) + plan.full_shape.attention[1:], (0,) * n_layers)]
 report = []
-for width in widths:
-    supernet.set_width(width)
-    reference.set_width(width)
+for shape in shapes:
+    supernet.set_shape(shape)
+    reference.set_shape(shape)
     reference.zero_grad()
     expected = reference(input_ids=x, labels=x)
     expected.loss.backward()
@@ -53,10 +53,10 @@ for width in widths:
     grad_error = 0.0
     for (name, param), ref_param in zip(ds_engine.module.named_parameters(), reference.parameters()):
         grad = safe_get_full_grad(param)
-        assert grad is not None and ref_param.grad is not None, f"{name} got no gradient at {width}"
+        assert grad is not None and ref_param.grad is not None, f"{name} got no gradient at {shape}"
         grad_error = max(grad_error, (grad.reshape(param.ds_shape) - ref_param.grad).abs().max().item())
     ds_engine.step()
-    report.append({"width": [list(width.attention), list(width.ffn)], "grad_error": grad_error,
+    report.append({"width": [list(shape.attention), list(shape.ffn)], "grad_error": grad_error,
                    "logit_error": (out.logits.detach() - expected.logits.detach()).abs().max().item(),
                    "grad_norm": sum(p.grad.norm() ** 2 for p in reference.parameters() if p.grad is not None).item()})
 if torch.distributed.get_rank() == 0:

@@ -133,7 +133,8 @@ def _embeddings(s: Shapes) -> list[int]:
 
 
 def parameter_count(config) -> int:
-    """Parameters of the model, tied weights counted once, from the config alone (no instantiation)."""
+    """Parameters of the model, tied weights counted once, from the config alone (no instantiation: a 70B plan).
+    `engine.models.units.count_parameters` counts a loaded model; tests/cli/test_memory_plan.py ties the two."""
     s = Shapes.of(config)
     per_layer = sum(decoder_linears(s)) + s.layer_norm_params
     return (s.layers * per_layer + sum(_embeddings(s)) + sum(_projections(s))
