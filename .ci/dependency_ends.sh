@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test-dependency-ends`: the suite at both ends of what pyproject allows, a release check run by hand (not by
-# .ci/run: each end downloads a CUDA build of torch from PyPI, several GB, and the suite takes 45 to 65 minutes per
-# end on 2 cores, measured 2026-12-07 with other jobs beside it).
+# .ci/run: each end downloads a CUDA build of torch from PyPI, several GB, and the suite takes 35 to 38 minutes per
+# end on 2 cores alone, measured 2026-12-07).
 #   .venv-lowest  every direct dependency at its lower bound (uv --resolution lowest-direct): torch, transformers,
 #                 deepspeed, datasets, accelerate, matplotlib ... as old as pyproject lets a user have them;
 #   .venv-newest  every dependency at the newest release pyproject allows, as `pip install -e .` gives today.
