@@ -9,7 +9,7 @@ what does not apply to it. The views (report.md, the plots, the console summary)
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 FORMAT = "minidisc-report/1"
 
@@ -17,6 +17,13 @@ FORMAT = "minidisc-report/1"
 def _present(obj) -> dict:
     """A dataclass as a dict without its unset (None) fields, nested reports as dicts too."""
     return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
+
+
+class _Record:
+    """report.json's form of a section: its set fields (None ones left out), nested sections as dicts."""
+
+    def to_dict(self) -> dict:
+        return _present(self)
 
 
 def _plain(value):
@@ -30,7 +37,7 @@ def _plain(value):
 
 
 @dataclass(frozen=True)
-class Figures:
+class Figures(_Record):
     """One model's figures: on dev until `engine.report.scoring` measures it, then on test (the dev ones kept as
     `dev_accuracy` / `dev_loss`)."""
 
@@ -52,12 +59,9 @@ class Figures:
     test_correct: list[int] | None = None  # per test block: what paired intervals resample
     benchmarks: dict | None = None  # lm-eval: {task: {metric: value}}
 
-    def to_dict(self) -> dict:
-        return _present(self)
-
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(_Record):
     """A candidate TA: its dev figures, p(s) and the trade-off p(s) + lambda s; under MaxiDisc also the student
     distilled through it (its test accuracy once measured, `student_dev_accuracy` the one that chose)."""
 
@@ -77,24 +81,18 @@ class Candidate:
     compute: dict | None = None  # the TA's and its student's stages
     student_dev_accuracy: float | None = None
 
-    def to_dict(self) -> dict:
-        return _present(self)
-
 
 @dataclass(frozen=True)
-class Selection:
+class Selection(_Record):
     """The chosen TA: its sparsity, the step of its weights and where they are."""
 
     sparsity: float
     step: int
     path: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class TrainedWidth:
+class TrainedWidth(_Record):
     """One width the sandwich trained: its dev figures at the last evaluation; on test, its slice of the supernet
     (`trained`) against the same slice of the pruned teacher (`one_shot`), and the paired difference (`gain`)."""
 
@@ -106,21 +104,15 @@ class TrainedWidth:
     one_shot: dict | None = None
     gain: dict | None = None
 
-    def to_dict(self) -> dict:
-        return _present(self)
-
 
 @dataclass(frozen=True)
-class TrainedWidths:
+class TrainedWidths(_Record):
     """OUT/supernet: the sandwich's weights at its last step, and every width they hold."""
 
     path: str
     step: int
     one_shot: str  # the pruned teacher, sliced for the comparison
     widths: list[TrainedWidth]
-
-    def to_dict(self) -> dict:
-        return _present(self)
 
 
 @dataclass(frozen=True, kw_only=True)
