@@ -32,20 +32,36 @@ from .distill_loss import (
 )
 
 
+# Elements of one upcast slice (64 MB in fp32). CPUs have no low-precision GEMM with an fp32 result, and mixed
+# dtypes cannot accumulate in place: done whole, a bf16 [V, H] head would be upcast (4VH bytes) for every
+# chunk's logits and gradient, and the head gradient's product (4VH again) made beside the buffer it is added to.
+# A Qwen2.5-0.5B head is 0.55 GB in fp32: three such transients were a third of a CPU sandwich step's peak.
+SLICE_ELEMENTS = 1 << 24
+
+
 def _mm_fp32(a, b):
-    """a @ b with an fp32 result: low-precision tensor-core GEMM with fp32 output on CUDA; on CPUs the
-    operands are upcast (exact for fp32, a per-chunk copy for bf16)."""
+    """a @ b with an fp32 result: low-precision tensor-core GEMM with fp32 output on CUDA; elsewhere the operands
+    are upcast, `b` a slice of its columns at a time (at most SLICE_ELEMENTS of it in fp32 at once)."""
     if a.is_cuda and a.dtype == b.dtype and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    a, step = a.float(), max(1, SLICE_ELEMENTS // b.shape[0])
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    for start in range(0, b.shape[1], step):
+        out[:, start:start + step] = a @ b[:, start:start + step].float()
+    return out
 
 
 def _accumulate(out, a, b):
-    """out += a @ b, in place when the dtypes allow (no [V, H] temporary per chunk)."""
+    """out += a @ b: one in-place GEMM when the dtypes agree, else a slice of out's rows at a time (the fp32
+    product of a [V, H] head gradient never exists whole beside `out`)."""
     if a.dtype == b.dtype == out.dtype:
         out.addmm_(a, b)
-    else:
-        out += _mm_fp32(a, b)
+        return
+    step = max(1, SLICE_ELEMENTS // out.shape[1])
+    for start in range(0, out.shape[0], step):
+        out[start:start + step] += _mm_fp32(a[start:start + step], b)
 
 
 def _logits(hidden, weight, bias, vocab):

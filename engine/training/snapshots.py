@@ -27,24 +27,31 @@ def consolidated_state(engine, train_config: dict) -> dict | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if dist.is_main() else None
 
 
+def consolidated_dtype(state: dict) -> torch.dtype:
+    """The dtype the stage trained its weights in (fp32, or bf16 under mixed precision), which its snapshots keep:
+    the next stage starts from them, and publishing converts to the teacher checkpoint's dtype. An fp32 copy of
+    bf16 weights would add no information and double the snapshot, in memory while it is written too."""
+    return next(v.dtype for v in state.values() if v.is_floating_point())
+
+
 def save_best(stage, distiller, engine, train_config, out: Path, state: StageState) -> None:
     """Write the current weights at the best width as a real HF checkpoint (atomically replacing the last), in
-    fp32: the next stage starts from it, and publishing converts to the teacher checkpoint's dtype."""
+    the dtype they were trained in (`consolidated_dtype`)."""
     full = consolidated_state(engine, train_config)  # collective
     with dist.main_first(f"saving the best {stage.name} weights") as main:
         if main:
+            dtype = consolidated_dtype(full)
             if stage.supernet:
                 prefix = "student.model."
                 weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
                 lm = distiller.student.model
-                model = pruned_model(lm, stage.shapes[state.best_width], uniform=stage.uniform,
-                                     dtype=torch.float32, state=weights)
+                model = pruned_model(lm, stage.shapes[state.best_width], uniform=stage.uniform, dtype=dtype,
+                                     state=weights)
             else:
                 prefix = "student."
-                weights = {k[len(prefix):]: v.float() for k, v in full.items()
-                           if k.startswith(prefix)}
+                weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
                 lm = distiller.student
-                lm.config.dtype = "float32"
+                lm.config.dtype = _name(dtype)
                 model = materialize(type(lm), lm.config, weights, lm)
             with atomic_output_dir(out, kind="best-snapshot") as scratch:
                 model.save_pretrained(scratch)
@@ -56,16 +63,15 @@ def save_best(stage, distiller, engine, train_config, out: Path, state: StageSta
 
 def save_supernet(stage: Stage, distiller, engine, train_config, out: Path, step: int) -> None:
     """Write the weights every width of a supernet stage shares, in the pruned teacher's shape with its pruning plan
-    beside them (fp32, like the best snapshots): `minidisc export` writes any width of it as its own model."""
+    beside them (in the trained dtype, like the best snapshots): `minidisc export` writes any width of it as its own
+    model."""
     full = consolidated_state(engine, train_config)  # collective
     with dist.main_first(f"saving the {stage.name} supernet") as main:
         if main:
-            # Converted one tensor at a time, each 16-bit original dropped as its fp32 copy is made: the optimiser
-            # states are still alive here, and holding both copies whole would add the 16-bit model on top.
             prefix = "student.model."
-            weights = {k[len(prefix):]: full.pop(k).float() for k in list(full) if k.startswith(prefix)}
+            weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             lm = distiller.student.model
-            lm.config.dtype = "float32"
+            lm.config.dtype = _name(consolidated_dtype(full))
             model = materialize(type(lm), lm.config, weights, lm)
             with atomic_output_dir(out, kind="supernet") as scratch:
                 model.save_pretrained(scratch)
@@ -74,6 +80,10 @@ def save_supernet(stage: Stage, distiller, engine, train_config, out: Path, step
                 (scratch / SUPERNET_FILE).write_text(json.dumps(
                     {"stage": stage.name, "step": step, "uniform": stage.uniform,
                      "trained_widths": [w / PERMILLE for w in stage.widths]}) + "\n")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # a config's dtype: "bfloat16"
 
 
 def save_checkpoint(engine, checkpoints: Path, state: StageState) -> None:

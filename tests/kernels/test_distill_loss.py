@@ -183,6 +183,55 @@ def test_fused_linear_large_odd_shape():
     check(loss, ref, grads, torch.autograd.grad(ref, (h_s, w_s)), torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_bf16_head_is_never_upcast_whole(monkeypatch, reduction):
+    """bf16 heads on a CPU (no mixed-precision GEMM there): the heads are upcast a slice at a time and the head
+    gradient accumulates a slice of rows at a time, so the only tensor of 4VH bytes made is the fp32 gradient
+    buffer; the result equals the one-slice computation and the fp64 reference on the same bf16 values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from kernels import fused_linear_distill as fld
+
+    g = torch.Generator().manual_seed(6)
+    b, t, v, h = 2, 11, 517, 24
+    h_s = torch.randn(3 * b, t, h, generator=g).bfloat16().requires_grad_()  # 3 stacked students
+    w_s = (torch.randn(v, h, generator=g) / 5).bfloat16().requires_grad_()
+    h_t, w_t = torch.randn(b, t, h, generator=g).bfloat16(), (torch.randn(v, h, generator=g) / 5).bfloat16()
+    kw = dict(kind="jsd", beta=0.3, temperature=1.0, mask=None, reduction=reduction)
+    upstream = torch.randn(3 * b, t, generator=g) if reduction == "none" else torch.tensor(0.7)
+    made = []
+
+    class NewStorages(TorchDispatchMode):  # the ops that return a new storage of at least 4VH bytes
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs))
+                      if isinstance(x, torch.Tensor)}
+            made.extend(func for x in tree_leaves(out) if isinstance(x, torch.Tensor)
+                        and x.untyped_storage().nbytes() >= 4 * v * h and x.untyped_storage().data_ptr() not in inputs)
+            return out
+
+    def run():
+        loss = kernels.fused_linear_distill_loss(h_s, w_s, h_t, w_t, backend="torch", chunk_size=7, **kw)
+        return loss, torch.autograd.grad((loss * upstream).sum(), (h_s, w_s))
+
+    monkeypatch.setattr(fld, "SLICE_ELEMENTS", 5 * h + 3, raising=False)  # uneven slices of columns and of rows
+    with NewStorages():
+        loss, grads = run()
+    assert len(made) == 1, made  # the fp32 head gradient (made in the forward for "mean", the backward for "none")
+    monkeypatch.setattr(fld, "SLICE_ELEMENTS", 1 << 30)
+    whole_loss, whole_grads = run()
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-7)
+    for sliced, whole in zip(grads, whole_grads):
+        torch.testing.assert_close(sliced.float(), whole.float(), rtol=1e-2, atol=1e-6)  # a bf16 rounding apart
+    inputs = [x.detach().double().requires_grad_() for x in (h_s, w_s)]
+    ref = reference_fused(inputs[0], inputs[1], None, h_t.double().repeat(3, 1, 1), w_t.double(), None, **kw)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad((ref * upstream.double()).sum(), inputs)):
+        # the logit gradients meet the bf16 head in bf16 (their GEMMs run in the weights' precision)
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+
+
 # --- Triton kernels (CUDA, or the interpreter on CPU: small shapes, one large vocabulary block) -------------
 @needs_triton
 @pytest.mark.parametrize("kind,beta", KINDS)

@@ -564,8 +564,9 @@ def test_a_stage_that_stopped_early_stays_stopped_on_resume(pruned_dirs, corpus,
 
 
 def test_a_bf16_teacher_hands_off_in_fp32_and_publishes_in_bf16(trained_teacher, corpus, tmp_path):
-    """Stage hand-offs (best snapshots, sliced inits) keep fp32, so a stage does not start from weights rounded to
-    the teacher checkpoint's dtype; what is published (ta/, student/, baselines/) is in that dtype."""
+    """Stage hand-offs (best snapshots, sliced inits) keep the precision the stage trained in (fp32 here), so a stage
+    does not start from weights rounded to the teacher checkpoint's dtype; what is published (ta/, student/,
+    baselines/) is in that dtype."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
