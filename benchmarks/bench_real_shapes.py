@@ -9,7 +9,7 @@ its small tokenizer (ids below 2,000 of a vocabulary of 128k-152k: what is measu
 
     python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b               # 0.49B parameters, vocabulary 151,936
     python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b --processes 2
-    python benchmarks/bench_real_shapes.py --shape llama-3.2-1b --stack-widths 1   # 1.24B, vocabulary 128,256
+    python benchmarks/bench_real_shapes.py --shape llama-3.2-1b --optimizer adamw8bit  # 1.24B, vocab 128,256: 22 GB
 
 Figures (2 cores, 24 GB): docs/memory.md, "Host memory at a real shape". Appends a row per phase to
 benchmarks/results/real_shapes.csv.
@@ -58,23 +58,25 @@ def build_teacher(shape: str, folder: Path, tokenizer_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measured(command: list) -> tuple[float, int, int]:
+def measured(command: list) -> tuple[float, int, int, int]:
     """(wall seconds, peak RSS of the process and its children together, the largest peak of anonymous memory of any
-    one of them: a rank's) of one command, in bytes. RSS also counts the file pages a process maps (the checkpoint,
-    read through mmap: clean page cache the kernel can drop, and counted once per rank in the sum); anonymous memory
-    (RSS less those) is what a memory plan must cover."""
+    one of them: a rank's, the peak of their anonymous memory together: the node's) of one command, in bytes. RSS
+    also counts the file pages a process maps (the checkpoint, read through mmap: clean page cache the kernel can
+    drop, and counted once per rank in the sum); anonymous memory (RSS less those) is what a memory plan must
+    cover."""
     started = time.perf_counter()
     process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
-    peak, per_process, done = 0, {}, threading.Event()
+    peak, node, per_process, done = 0, 0, {}, threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, node
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
                 info = {p.pid: p.memory_info() for p in [root, *root.children(recursive=True)]}
                 peak = max(peak, sum(i.rss for i in info.values()))
+                node = max(node, sum(i.rss - i.shared for i in info.values()))
                 per_process.update({pid: max(i.rss - i.shared, per_process.get(pid, 0)) for pid, i in info.items()})
             except psutil.Error:
                 pass
@@ -87,7 +89,7 @@ def measured(command: list) -> tuple[float, int, int]:
     sampler.join()
     if process.returncode:
         raise SystemExit(f"{command[1]} failed ({process.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - started, peak, max(per_process.values(), default=0)
+    return time.perf_counter() - started, peak, max(per_process.values(), default=0), node
 
 
 def runtime_bytes() -> int:
@@ -160,9 +162,10 @@ def main() -> None:
                        work / "export"],
         }
         for phase, command in phases.items():
-            wall, peak, rank_peak = measured(command)
+            wall, peak, rank_peak, node_peak = measured(command)
             row = {"phase": phase, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
-                   "rss_over_fp32_weights": round(peak / weights, 2), "peak_rank_anon_gb": round(rank_peak / 1e9, 2)}
+                   "rss_over_fp32_weights": round(peak / weights, 2), "peak_rank_anon_gb": round(rank_peak / 1e9, 2),
+                   "peak_node_anon_gb": round(node_peak / 1e9, 2)}
             if phase in plans:
                 row.update(plan_gb=round(plans[phase] / 1e9, 2), plan_over_peak=round(plans[phase] / rank_peak, 2))
             if phase == "compress":  # rank 0's peak per stage, from the run's own record (resident set, GiB)
@@ -172,7 +175,7 @@ def main() -> None:
             rows.append(row)
             print(f"{args.shape} ({parameters / 1e9:.2f}B parameters, fp32 weights {weights / 1e9:.2f} GB): {phase} "
                   f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights"
-                  + f"; anonymous, one rank: {rank_peak / 1e9:.2f} GB)"
+                  + f"; anonymous, one rank: {rank_peak / 1e9:.2f} GB, all together: {node_peak / 1e9:.2f} GB)"
                   + (f"; the plan {row['plan_gb']} GB per rank ({row['plan_over_peak']:.2f}x that, the Python "
                      f"runtime's {runtime / 1e9:.2f} GB included)" if phase in plans else ""), flush=True)
     if not args.no_csv:

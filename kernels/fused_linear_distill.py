@@ -31,7 +31,6 @@ from .distill_loss import (
     use_triton,
 )
 
-
 # Elements of one upcast slice (64 MB in fp32). CPUs have no low-precision GEMM with an fp32 result, and mixed
 # dtypes cannot accumulate in place: done whole, a bf16 [V, H] head would be upcast (4VH bytes) for every
 # chunk's logits and gradient, and the head gradient's product (4VH again) made beside the buffer it is added to.

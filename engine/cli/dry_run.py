@@ -167,7 +167,7 @@ def _memory(cfg: RunConfig, config, cluster: mp.Cluster, train: dict, candidates
     return {"placement": row.name, "teacher_gib": gib(row.teacher_bytes), "params_grads_gib":
             gib(row.params_grads_bytes), "optimizer_gib": gib(row.optimizer_bytes),
             "activations_gib": gib(row.activation_bytes), "loss_gib": gib(row.loss_bytes),
-            "total_gib": gib(row.total_bytes), "usable_gib": gib(row.usable_bytes),
+            "step_gib": gib(row.step_bytes), "total_gib": gib(row.total_bytes), "usable_gib": gib(row.usable_bytes),
             "cpu_per_node_gib": gib(row.cpu_per_node_bytes), "fits": row.fits}
 
 
@@ -203,8 +203,9 @@ def _print(summary: dict, cfg: RunConfig) -> None:
     if "memory" in summary:
         m = summary["memory"]
         console.print(f"memory on {cfg.cluster} ({m['placement']}): teacher {m['teacher_gib']:.1f} + params/grads "
-                      f"{m['params_grads_gib']:.1f} + optimizer {m['optimizer_gib']:.1f} + activations "
-                      f"{m['activations_gib']:.1f} + loss {m['loss_gib']:.1f} = {m['total_gib']:.1f} GiB per GPU of "
+                      f"{m['params_grads_gib']:.1f} + optimizer {m['optimizer_gib']:.1f} + the larger of activations "
+                      f"{m['activations_gib']:.1f} + loss {m['loss_gib']:.1f} and the optimizer step's "
+                      f"{m['step_gib']:.1f} = {m['total_gib']:.1f} GiB per GPU of "
                       f"{m['usable_gib']:.1f} usable: {'fits' if m['fits'] else 'DOES NOT FIT'}; CPU "
                       f"{m['cpu_per_node_gib']:.1f} GiB per node")
     else:

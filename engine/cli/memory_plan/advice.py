@@ -233,19 +233,21 @@ def print_plan(report: dict) -> None:
     console.print(params)
     table = Table(title=f"Per-GPU memory (GiB) on {cluster['nodes']} x {cluster['gpus_per_node']} GPUs of "
                   f"{cluster['gpu_memory_gib']:g} GiB ({cluster['usable_bytes'] / GIB:.1f} usable)")
-    columns = ("teacher / trained", "teacher", "params+grads", "optimizer", "activations", "loss bufs", "total",
-               "fits", "CPU/node")  # CPU per node, not per GPU
+    columns = ("teacher / trained", "teacher", "params+grads", "optimizer", "activations", "loss bufs", "opt step",
+               "total", "fits", "CPU/node")  # CPU per node, not per GPU
     for column in columns:
         table.add_column(column, justify="left" if column == columns[0] else "right")
     for row in report["placements"]:
         mark = " *" if row["name"] == report["recommended"] else ""
         table.add_row(row["name"] + mark, *(_gib(row[key]) for key in ("teacher_bytes", "params_grads_bytes",
-                      "optimizer_bytes", "activation_bytes", "loss_bytes", "total_bytes")),
+                      "optimizer_bytes", "activation_bytes", "loss_bytes", "step_bytes", "total_bytes")),
                       "yes" if row["fits"] else "no", _gib(row["cpu_per_node_bytes"]),
                       style="bold green" if mark else None)
     console.print(table)
-    console.print("offload-opt: optimizer states and fp32 gradients in CPU memory; offload-all: the bf16 parameters "
-                  "too; CPU/node includes DeepSpeed's 1.5x pinned-buffer factor")
+    console.print("total = teacher + params+grads + optimizer + the larger of activations + loss bufs and the "
+                  "optimizer step's fp32 gradients (never alive together); offload-opt: optimizer states and fp32 "
+                  "gradients in CPU memory; offload-all: the bf16 parameters too; CPU/node includes DeepSpeed's 1.5x "
+                  "pinned-buffer factor")
     console.print(f"micro-batch {run['micro_batch']} x {run['seq_len']} tokens, {len(run['candidates'])} candidate "
                   f"widths ({', '.join(run['candidates'])}), {run['widths_per_step']} trained per step"
                   f", {run['widths_per_forward']} per forward"

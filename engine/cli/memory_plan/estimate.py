@@ -3,10 +3,11 @@
 A sandwich step holds, on every GPU at once:
 
     teacher        the frozen teacher (ZeRO-3 shard, a full bf16 copy, or bitsandbytes int8/nf4)
-    model states   the trained supernet under ZeRO-3: bf16 parameters, fp32 gradients, optimiser states
+    model states   the trained supernet under ZeRO-3: bf16 parameters and gradients, fp32 master, moments
     activations    what autograd saves for the widths of one forward: all the step's widths by default, stacked
                    (--stack-widths 0), the widest n with --stack-widths n, the widest alone with 1
     loss buffers   the teacher's outputs, kept across the K widths, and the fused KL loss's working set
+    or, instead of the last two (never alive with them), the optimiser step's fp32 gradient of one sub-group
 
 Everything is computed from the config alone (no weights, so a 70B plan takes milliseconds) by pure
 functions; `plan_memory` returns the placements, `recommend` picks one, and printing is separate.
@@ -123,6 +124,11 @@ class PlanOptions:
 
 
 # --- byte accounting --------------------------------------------------------------------------------------------
+# ZeRO-3 keeps gradient partitions in the model dtype and, at the step, makes each optimiser sub-group's fp32
+# gradient from a flat copy of them (2 + 4 bytes a parameter) before stepping it; `sub_group_size` in
+# ds_configs/zero3_train*.json bounds the sub-group (DeepSpeed's default, 1e9, held a 0.5B model's whole partition:
+# 2.9 GB at once, measured).
+SUB_GROUP = 10**8
 TEACHERS = ("replicated", "zero3", "int8", "nf4")  # preference order among teachers
 TRAINED = ("adamw", "adamw8bit", "offload-opt", "offload-all")  # preference order for the trained model
 CPU_BYTES = {"adamw": 0, "adamw8bit": 0, "offload-opt": 16, "offload-all": 18}
@@ -130,31 +136,33 @@ CPU_BYTES = {"adamw": 0, "adamw8bit": 0, "offload-opt": 16, "offload-all": 18}
 
 @dataclass(frozen=True)
 class ModelStates:
-    params_grads: int  # bf16 parameter shard + fp32 gradient shard + the gathered largest layer
+    params_grads: int  # bf16 parameter shard + bf16 gradient partition + the gathered largest layer
     optimizer: int  # fp32 master weights + optimiser moments (on the GPU)
+    step: int  # the optimiser step's transient: one sub-group's fp32 gradient and its flat bf16 copy
     cpu_per_node: int
 
 
 def trained_model_states(total: int, largest: int, cluster: Cluster, trained: str) -> ModelStates:
-    """The supernet's model states under ZeRO-3 with bf16 mixed precision (DeepSpeed's
-    `estimate_zero3_model_states_mem_needs` accounting, zero_init=True).
+    """The supernet's model states under ZeRO-3 with bf16 mixed precision, as measured (DeepSpeed's
+    `estimate_zero3_model_states_mem_needs` counts the gradient partition in fp32: 2 bytes more).
 
-    Per parameter: 2 bytes bf16 weights + 4 fp32 gradient partition + 4 fp32 master + 8 AdamW m and v
-    = 18, sharded over all GPUs, plus 4 bytes x the largest module while ZeRO-3 gathers it (bf16 weights
-    and their gradient). bitsandbytes AdamW8bit keeps m and v in 1 byte each (its per-2048-block absmax is
-    0.2% more): 12 bytes. `offload-opt` keeps master, moments and fp32 gradients in CPU memory (16 bytes x
-    params / nodes, times DeepSpeed's 1.5 pinned-buffer factor) and only the bf16 shard on the GPU;
-    `offload-all` also moves the bf16 shard to the CPU (18 bytes), leaving the gathered layer on the GPU.
-    Without offload DeepSpeed still stages the largest layer in fp32 per GPU on the CPU."""
+    Per parameter: 2 bytes bf16 weights + 2 bf16 gradient partition + 4 fp32 master + 8 AdamW m and v
+    = 16, sharded over all GPUs, plus 4 bytes x the largest module while ZeRO-3 gathers it (bf16 weights
+    and their gradient), plus at the step 6 bytes x one sub-group (`SUB_GROUP`). bitsandbytes AdamW8bit keeps
+    m and v in 1 byte each (its per-2048-block absmax is 0.2% more): 10 bytes. `offload-opt` keeps master, moments
+    and fp32 gradients in CPU memory (16 bytes x params / nodes, times DeepSpeed's 1.5 pinned-buffer factor) and
+    only the bf16 shard on the GPU; `offload-all` also moves the bf16 shard to the CPU (18 bytes), leaving the
+    gathered layer on the GPU. Without offload DeepSpeed still stages the largest layer in fp32 per GPU on the CPU."""
     per_gpu = lambda nbytes: int(nbytes * total / cluster.gpus)  # noqa: E731
     gathered = 4 * largest
     if trained in ("adamw", "adamw8bit"):
         moments = 8 if trained == "adamw" else 2
         cpu = largest * 4 * cluster.gpus_per_node * CPU_BUFFER
-        return ModelStates(gathered + per_gpu(2 + 4), per_gpu(4 + moments), int(cpu))
+        step = 6 * min(per_gpu(1), SUB_GROUP)
+        return ModelStates(gathered + per_gpu(2 + 2), per_gpu(4 + moments), step, int(cpu))
     cpu = total * CPU_BYTES[trained] / cluster.nodes * CPU_BUFFER
     params_on_gpu = per_gpu(2) if trained == "offload-opt" else 0
-    return ModelStates(gathered + params_on_gpu, 0, int(cpu))
+    return ModelStates(gathered + params_on_gpu, 0, 0, int(cpu))
 
 
 def teacher_bytes(config, teacher: str, cluster: Cluster) -> int:
@@ -289,6 +297,7 @@ class Placement:
     optimizer_bytes: int
     activation_bytes: int
     loss_bytes: int
+    step_bytes: int
     usable_bytes: int
     cpu_per_node_bytes: int
     cpu_fits: bool = True
@@ -299,8 +308,10 @@ class Placement:
 
     @property
     def total_bytes(self) -> int:
-        return (self.teacher_bytes + self.params_grads_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.loss_bytes)
+        """The step's peak: the states, then the forward and backward's buffers or the optimiser step's, whichever is
+        larger (the backward has freed the activations before DeepSpeed steps)."""
+        return (self.teacher_bytes + self.params_grads_bytes + self.optimizer_bytes
+                + max(self.activation_bytes + self.loss_bytes, self.step_bytes))
 
     @property
     def fits(self) -> bool:
@@ -330,7 +341,8 @@ def placement(config, cluster: Cluster, options: PlanOptions, teacher: str, trai
         params_grads_bytes=states.params_grads, optimizer_bytes=states.optimizer,
         activation_bytes=sum(activation_bytes(config, tokens, width, options.gradient_checkpointing)
                              for width in options.widths_held),
-        loss_bytes=sum(loss_buffer_bytes(config, tokens).values()), usable_bytes=cluster.usable_bytes,
+        loss_bytes=sum(loss_buffer_bytes(config, tokens).values()), step_bytes=states.step,
+        usable_bytes=cluster.usable_bytes,
         cpu_per_node_bytes=states.cpu_per_node, cpu_fits=cpu_fits)
 
 
