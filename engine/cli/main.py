@@ -268,6 +268,7 @@ def run(args) -> None:
     elif args.command == "prune":
         from engine.pruning.prune import prune
 
+        _check_pruning_fits(args)
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_batch_size,
@@ -338,6 +339,23 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _check_pruning_fits(args) -> None:
+    """Refuse a calibration batch the machine cannot hold before `prune` loads the teacher (`minidisc plan`'s
+    arithmetic; the environment names the launch the way torchrun and the deepspeed launcher do)."""
+    import torch
+
+    from engine.cli.memory_plan.pruning import check_pruning_fits
+    from engine.core.hub import model_folder
+    from engine.models.loading import check_seq_len, checkpoint_dtype, load_config
+
+    config = load_config(model_folder(str(args.teacher)))
+    check_seq_len(config, args.calib_seq_len, flag="--calib-seq-len")  # the cheaper refusal first
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    itemsize = torch.tensor([], dtype=checkpoint_dtype(config)).element_size()
+    check_pruning_fits(config, args.calib_batch_size, args.calib_seq_len, args.device, world,
+                       int(os.environ.get("LOCAL_WORLD_SIZE", world)), itemsize)
 
 
 def main(argv=None) -> int:

@@ -121,6 +121,29 @@ def test_bad_inputs_get_one_line_errors(teacher, corpus, tokenizer_dir, tmp_path
     assert "--dry-run checks a run against its teacher" in _error(capsys, ["compress", "--dry-run"])  # no pretraining
 
 
+def test_prune_refuses_a_calibration_batch_the_machine_cannot_hold(tokenizer_dir, corpus, tmp_path, capsys):
+    """Before the teacher is loaded: a batch whose fp32 logits alone exceed this host's memory is refused in one
+    line that names a calibration shape which fits (checked with the same arithmetic), and nothing is written."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.cli.memory_plan.pruning import check_pruning_fits
+
+    teacher = tmp_path / "long-context"  # a real checkpoint: tiny layers, 32k vocabulary, 4M positions
+    config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=1 << 22)
+    AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(teacher)
+    out = tmp_path / "out"
+    message = _error(capsys, ["prune", "--teacher", teacher, "--data", corpus["train"], "--out", out,
+                              "--calib-seq-len", 1 << 21, "--calib-batch-size", 4])
+    assert "GiB of this host's memory for 4 x 2097152 calibration tokens" in message, message
+    tokens = int(re.search(r"--calib-batch-size 1 --calib-seq-len (\d+)$", message).group(1))
+    check_pruning_fits(config, 1, tokens, "cpu", 1, 1, 4)  # what it names fits
+    assert not out.exists()
+
+
 def test_unsupported_family_names_the_supported_ones(tmp_path, corpus, capsys):
     from transformers import GPT2Config
 

@@ -2,10 +2,12 @@
 CPU of rank 0's node, for the plan and the dry run."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from engine.cli.memory_plan.estimate import BF16, Cluster, _model_level_bytes, layer_activation_bytes
+from engine.cli.memory_plan.estimate import BF16, GIB, Cluster, _model_level_bytes, layer_activation_bytes
 from engine.cli.memory_plan.shapes import Shapes, largest_layer_parameters, parameter_count
+from engine.core.errors import UserError
 
 MASKS = 24  # bytes a token and layer the masks' multiplications keep (measured)
 LOGIT_COPIES = 3  # fp32 [tokens, vocab]: the upcast logits, log-softmax's output kept for the backward, their gradient
@@ -49,3 +51,37 @@ def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weig
     activations = (s.layers * per_layer + _model_level_bytes(s)) * tokens
     return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes,
                          weight_bytes * total)
+
+
+def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world: int, local: int,
+                       checkpoint_bytes: int) -> None:
+    """`minidisc prune` against this machine, before anything is loaded: per GPU on a GPU (the checkpoint's dtype),
+    else the host's memory for every local rank's share (fp32) and, under a launcher, rank 0's copy to reorder.
+    Refuses only a plan above what there is (plans run 0.8-1x the measured peak), naming what would fit."""
+    nodes = max(1, world // max(local, 1))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return  # prune itself says so
+        cluster = Cluster(nodes, local, torch.cuda.get_device_properties(0).total_memory / GIB)
+        have, where = cluster.usable_bytes, "per GPU"
+
+        def need(batch: int, tokens: int) -> int:
+            return pruning_memory(config, cluster, batch, tokens, checkpoint_bytes).total_bytes
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of this host's memory"
+        cluster = Cluster(nodes, local, have / GIB)
+
+        def need(batch: int, tokens: int) -> int:
+            memory = pruning_memory(config, cluster, batch, tokens, 4)
+            return local * memory.total_bytes + (memory.cpu_node_bytes if world > 1 else 0)
+    if need(batch_size, seq_len) <= have:
+        return
+    tokens = seq_len
+    while tokens > 128 and need(1, tokens) > have:
+        tokens //= 2
+    fix = (f"--calib-batch-size 1 --calib-seq-len {tokens}" if need(1, tokens) <= have else
+           "more GPUs under a launcher (ZeRO-3 then partitions the teacher)")
+    raise UserError(f"pruning needs {need(batch_size, seq_len) / GIB:.1f} GiB {where} for {batch_size} x {seq_len} "
+                    f"calibration tokens a batch, and there are {have / GIB:.1f}: use {fix}")
