@@ -135,7 +135,9 @@ def main() -> None:
         weights = 4 * parameters  # fp32, as a CPU computes
         config, ranks = load_model_config(str(work / "teacher")), Cluster(1, args.processes, 1024)
         # each rank a process on a CPU: what the plan puts on its "GPU" is host memory, beside the Python runtime
-        plans = {"prune": pruning_memory(config, ranks, 1, args.seq_len, weight_bytes=4).total_bytes + runtime}
+        prune = pruning_memory(config, ranks, 1, args.seq_len, weight_bytes=4, checkpoint_bytes=2)  # a bf16 checkpoint
+        # rank 0 (the largest) also holds the teacher to reorder it after a launch: the plan's CPU part, here the same
+        plans = {"prune": prune.total_bytes + runtime + (prune.cpu_node_bytes if args.processes > 1 else 0)}
         if bf16:  # the plan counts bf16 mixed precision (fp32 training is not planned)
             options = PlanOptions(target=900, grid=(0, 500, 900), batch_size=args.processes, seq_len=args.seq_len,
                                   stack_widths=args.stack_widths)

@@ -30,9 +30,11 @@ class PruningMemory:
         return self.total_bytes <= self.usable_bytes
 
 
-def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weight_bytes: int = BF16) -> PruningMemory:
+def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weight_bytes: int = BF16,
+                   checkpoint_bytes: int | None = None) -> PruningMemory:
     """Importance scores |dL/dmask| need a backward through the whole teacher but no weight gradient: per GPU the
-    weights (`weight_bytes` each: the checkpoint's dtype), partitioned by ZeRO-3 over every GPU of a launch (plus
+    weights (`weight_bytes` each: the checkpoint's dtype on a GPU, 4 on a CPU; rank 0's copy to reorder is in the
+    checkpoint's, `checkpoint_bytes`, by default the same), partitioned by ZeRO-3 over every GPU of a launch (plus
     the largest module or the LM head while gathered) or whole on a single GPU; the activations one batch of
     `batch_size` x `seq_len` tokens saves at full width, as in training but for the inputs only a weight gradient
     needs; and the loss's fp32 logits (`LOGIT_COPIES`)."""
@@ -50,7 +52,7 @@ def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weig
     per_layer = layer_activation_bytes(s, s.q_dim, s.kv_dim, s.heads, s.intermediate) - weight_only + MASKS
     activations = (s.layers * per_layer + _model_level_bytes(s)) * tokens
     return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes,
-                         weight_bytes * total)
+                         (checkpoint_bytes or weight_bytes) * total)
 
 
 def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world: int, local: int,
@@ -74,7 +76,7 @@ def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world
         cluster = Cluster(nodes, local, have / GIB)
 
         def need(batch: int, tokens: int) -> int:
-            memory = pruning_memory(config, cluster, batch, tokens, 4)
+            memory = pruning_memory(config, cluster, batch, tokens, 4, checkpoint_bytes)
             return local * memory.total_bytes + (memory.cpu_node_bytes if world > 1 else 0)
     if need(batch_size, seq_len) <= have:
         return
