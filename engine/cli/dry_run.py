@@ -213,8 +213,8 @@ def _print(summary: dict, cfg: RunConfig) -> None:
     if "pruning" in summary:
         p = summary["pruning"]
         console.print(f"pruning first: {p['total_bytes'] / mp.GIB:.1f} GiB per GPU "
-                      f"({'fits' if p['fits'] else 'DOES NOT FIT'}); rank 0's node holds the teacher on the CPU "
-                      f"({p['cpu_node_bytes'] / mp.GIB:.1f} GiB)")
+                      f"({'fits' if p['fits'] else 'DOES NOT FIT'}); rank 0's node holds what it writes of the "
+                      f"reordered teacher ({p['cpu_node_bytes'] / mp.GIB:.1f} GiB)")
     console.print("checks passed: config, tokenizer, data paths, DeepSpeed configs" +
                   (", batch split and memory" if "memory" in summary else "") +
                   (f"; evaluation tasks {', '.join(cfg.eval_tasks)} and their data" if cfg.eval_tasks else ""))

@@ -116,6 +116,41 @@ class CheckpointTensors:
             return f.get_tensor(name)[region]
 
 
+SHARD_BYTES = 2 * 2**30  # a streamed checkpoint's shards: what writing holds at once (twice: safetensors' bytes)
+
+
+def save_tensors(tensors, folder: Path) -> None:
+    """Write (name, tensor) pairs into `folder` as transformers does: one model.safetensors, or shards of about
+    SHARD_BYTES with their index; only the shard being filled is held, so any model is written in bounded memory."""
+    from safetensors.torch import save_file
+
+    written, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        path = folder / f".shard-{len(written):05d}"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
+        if shard and size + tensor.nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shard[name] = tensor.contiguous()
+        size, total = size + tensor.nbytes, total + tensor.nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(folder / "model.safetensors")
+        return
+    weight_map = {}
+    for number, (path, names) in enumerate(written, 1):
+        final = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        path.rename(folder / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 @contextmanager
 def _parameters_on_meta():
     """Build modules with their parameters on the meta device (no memory, no init) but their buffers real: the
@@ -146,10 +181,10 @@ def sliced_checkpoint(directory, shape: Shape, uniform: bool = False, dtype: tor
         top = CheckpointTensors(trained) if trained is not None else None
     except (OSError, KeyError):
         return _sliced_whole(directory, shape, uniform, dtype, trained)
-    config, family, full = _skeleton(directory)
+    config, family, full = skeleton(directory)
     regions, state, first_name = kept_regions(full, family, shape), {}, {}
     if top is not None:
-        _, trained_family, trained_model = _skeleton(trained)
+        _, trained_family, trained_model = skeleton(trained)
         trained_regions = kept_regions(trained_model, trained_family, shape)
     for name, tensor in full.state_dict(keep_vars=True).items():
         if id(tensor) in first_name:  # tied to a tensor already read (an LM head tied to the embeddings)
@@ -168,7 +203,7 @@ def sliced_checkpoint(directory, shape: Shape, uniform: bool = False, dtype: tor
     return materialize(model_class, pruned, state, full)
 
 
-def _skeleton(directory):
+def skeleton(directory):
     """(config, family, model with its parameters on the meta device) of a checkpoint folder."""
     from transformers import AutoModelForCausalLM
 

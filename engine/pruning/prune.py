@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from engine.core.provenance import model_source
 from engine.core.widths import DEFAULT_GRID, PERMILLE, format_sparsity
 from engine.data import parse_sources
 from engine.data.splits import calibration_blocks
+from engine.models.export import CheckpointTensors, skeleton
 from engine.models.families import ATTENTION_UNITS, family_for
 from engine.models.loading import check_checkpoint, checkpoint_dtype, load_causal_lm
 from engine.models.plan import PruningPlan
 from engine.models.units import count_parameters
 from engine.pruning.importance import normalize_per_layer, unit_importance
-from engine.pruning.reorder import reorder
+from engine.pruning.reorder import reorder, write_reordered
 from engine.training.engines import load_partitioned, release
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,8 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
 
     On one process the teacher is scored whole on `device` (in its checkpoint's dtype on a GPU, fp32 on a CPU).
     Under a launcher every rank calls this: rank 0 tokenises the calibration data once, the teacher is scored
-    partitioned over all ranks by ZeRO-3 under `ds_config` (`sharded_importance`), and rank
-    0 alone loads it on the CPU to reorder and write it (the plan is returned there, None elsewhere)."""
+    partitioned over all ranks by ZeRO-3 under `ds_config` (`sharded_importance`), and rank 0 alone writes it
+    reordered, a tensor at a time from the checkpoint (the plan is returned there, None elsewhere)."""
     if calib_samples < 1 or seq_len < 2 or batch_size < 1 or ffn_multiple < 1:
         raise UserError("--calib-samples, --calib-batch-size and --ffn-multiple must be >= 1 and --calib-seq-len >= 2")
     if attention_unit not in ATTENTION_UNITS:
@@ -135,7 +137,7 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     unit = attention_unit if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1 else None
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len,
              ", ".join(s.path for s in sources))
-    raw, model = _scores(teacher, config, batches, unit, device, ds_config)
+    raw, model = _scores(teacher, config, batches, unit, device, ds_config)  # rank 0's model: on meta if partitioned
     scored = time.perf_counter()
     plan = None
     with dist.main_first("writing the pruned teacher") as main:
@@ -147,7 +149,15 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
                                          "text_field": text_field, "processes": dist.world_size()}
             plan.extra["source"] = model_source(teacher)  # the original's name and license, for what follows
             with atomic_output_dir(out, kind="pruned-teacher") as scratch:
-                model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
+                if _streamable(model, teacher):  # the reordering `reordered_plan` did on meta, done to the files
+                    original = plan.extra["original_index"]
+                    write_reordered(teacher, model, family_for(model.config), original["attention"], original["ffn"],
+                                    scratch)
+                    model.config.save_pretrained(scratch)
+                    if (Path(teacher) / "generation_config.json").is_file():
+                        shutil.copy2(Path(teacher) / "generation_config.json", scratch)
+                else:
+                    model.to("cpu", checkpoint_dtype(config)).save_pretrained(scratch)
                 tokenizer.save_pretrained(scratch)
                 plan.extra["timing"] = {"importance": round(scored - started, 2),
                                         "save": round(time.perf_counter() - scored, 2)}
@@ -160,15 +170,39 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
 def _scores(teacher: str, config, batches: list[torch.Tensor], unit: str | None, device: str, ds_config: dict | None):
     """(raw importance, the teacher to reorder: on rank 0 only). One process scores the whole teacher on `device`
     (its checkpoint's dtype on a GPU, fp32 on a CPU) and reorders that copy; under a launcher the ranks score it
-    partitioned, and rank 0 then loads it on the CPU in its checkpoint's dtype."""
+    partitioned, and rank 0 gets its structure on the meta device (`write_reordered` reads the weights one tensor
+    at a time), or, for a checkpoint not in safetensors under the model's names, loads it whole on the CPU."""
     if dist.world_size() > 1:
         batch_size = len(batches[0])
         raw = sharded_importance(Path(teacher), _frozen_config(ds_config, config, batch_size), batches, unit)
-        return raw, (load_causal_lm(teacher, dtype=checkpoint_dtype(config)) if dist.is_main() else None)
+        if not dist.is_main():
+            return raw, None
+        _, _, structure = skeleton(teacher)
+        return raw, (structure if _streamable(structure, teacher) else
+                     load_causal_lm(teacher, dtype=checkpoint_dtype(config)))
     dtype = torch.float32 if torch.device(device).type == "cpu" else checkpoint_dtype(config)
     model = load_causal_lm(teacher, dtype=dtype).to(device)
     _set_attention_unit(model, unit)
     return unit_importance(model, family_for(model.config), batches), model
+
+
+def _streamable(model, teacher) -> bool:
+    """Whether `model` is a structure on the meta device whose every tensor the checkpoint holds under its name."""
+    if not next(model.parameters()).is_meta:
+        return False
+    try:
+        stored = CheckpointTensors(teacher).files
+    except (OSError, KeyError, ValueError):
+        return False
+    return all(name in stored for name in _stored_names(model))
+
+
+def _stored_names(model) -> list[str]:
+    """The state-dict names a checkpoint stores (a tensor tied to an earlier one, like a tied LM head, once)."""
+    first = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(tensor), name)
+    return list(first.values())
 
 
 def sharded_importance(directory: Path, ds_config: dict, batches: list[torch.Tensor], attention_unit: str | None):

@@ -41,6 +41,45 @@ def reorder(model: nn.Module, family: Family, attention_orders, ffn_orders) -> N
         _select_units(ffn_group, torch.as_tensor(ffn_order))
 
 
+def reorder_regions(model, family: Family, attention_orders, ffn_orders) -> dict[str, dict[int, torch.Tensor]]:
+    """What `reorder` does to each coupled tensor of `model` (the meta device will do), as {dim: index}: the same
+    permutation, for a checkpoint read and written tensor by tensor (`write_reordered`)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    regions: dict[str, dict[int, torch.Tensor]] = {}
+
+    def permute(linear, dim: int, index: torch.Tensor) -> None:
+        regions.setdefault(f"{names[id(linear)]}.weight", {})[dim] = index
+        if dim == 0 and linear.bias is not None:
+            regions.setdefault(f"{names[id(linear)]}.bias", {})[0] = index
+
+    for groups, orders in zip(family.groups(model), zip(attention_orders, ffn_orders)):
+        for group, order in zip(groups, orders):
+            for linear, per_unit in group.rows:
+                permute(linear, 0, group.index(order, per_unit))
+            for linear, per_unit in group.cols:
+                permute(linear, 1, group.index(order, per_unit))
+    return regions
+
+
+def write_reordered(directory, model, family: Family, attention_orders, ffn_orders, out) -> None:
+    """Write the checkpoint in `directory`, reordered, into the folder `out`, one tensor read at a time: nothing holds
+    the model (a 70B teacher is 140 GB in bf16), only a shard of the output. `model` gives the structure (the meta
+    device will do). The tensors keep their names and dtypes, so this writes what `reorder` + `save_pretrained`
+    would."""
+    from engine.models.export import CheckpointTensors, save_tensors
+
+    source, regions = CheckpointTensors(directory), reorder_regions(model, family, attention_orders, ffn_orders)
+
+    def tensors():
+        for name in source.files:
+            tensor = source.read(name, (slice(None),))
+            for dim, index in regions.get(name, {}).items():
+                tensor = tensor.index_select(dim, index)
+            yield name, tensor
+
+    save_tensors(tensors(), out)
+
+
 def slice_to_width(model: nn.Module, family: Family, width) -> None:
     """Drop every unit past each layer's kept prefix, in place (the model becomes really smaller)."""
     for layer, (attn_group, ffn_group), kept_attn, kept_ffn in zip(

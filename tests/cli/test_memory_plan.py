@@ -540,12 +540,14 @@ def test_pruning_is_planned_and_advised(capsys):
     """Partitioned over more GPUs each holds less of the teacher, not fewer activations; what does not fit says
     what would: a shorter calibration batch through `minidisc prune`."""
     from engine.cli.memory_plan.pruning import pruning_memory
+    from engine.models.export import SHARD_BYTES
     from engine.pruning.prune import calibration_batch
 
     config = preset_config("llama-2-7b")
     one, eight = (pruning_memory(config, Cluster(1, gpus, 80), 1, 2048) for gpus in (1, 8))
     assert one.teacher_bytes == 2 * parameter_count(config) and eight.teacher_bytes < one.teacher_bytes / 4
     assert one.activation_bytes == eight.activation_bytes and one.cpu_node_bytes == 2 * parameter_count(config)
+    assert eight.cpu_node_bytes == 2 * SHARD_BYTES  # after a launch rank 0 writes the checkpoint a shard at a time
     assert [calibration_batch(8, 256), calibration_batch(64, 2048), calibration_batch(2, 128)] == [4, 1, 2]
     report = plan_json(capsys, "llama-2-7b", "--gpu-memory", 18, "--seq-len", 2048)["pruning"]
     assert report["calibration_batch"] == 1 and not report["fits"]

@@ -1,5 +1,6 @@
 """Pruning with the teacher partitioned: 2 processes (gloo) score the units under ZeRO-3, each a share of the
-calibration batches, and rank 0 writes the same pruned teacher as one process with the whole teacher."""
+calibration batches, and rank 0 writes the same pruned teacher, streamed from the checkpoint, as one process with the
+whole teacher."""
 import json
 
 import pytest
@@ -27,5 +28,9 @@ def test_sharded_scores_equal_one_process(name, unit, corpus, tokenizer_dir, tmp
     for ours, theirs in ((sharded.attention_scores, single.attention_scores), (sharded.ffn_scores, single.ffn_scores)):
         torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=1e-9)
     assert sharded.extra["original_index"] == single.extra["original_index"]  # the same units kept at every width
+    # rank 0 wrote it from the checkpoint a tensor at a time, one process from its reordered copy: the same files
+    assert ranks[0].get("streamed") and "streamed" not in ranks[1]
     assert_same_weights(tmp_path / "single", tmp_path / "sharded")
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text(), name
     assert json.loads((tmp_path / "sharded" / "pruning.json").read_text())["calibration"]["processes"] == 2

@@ -37,6 +37,35 @@ def test_reorder_changes_no_output(pruned):
     assert any(order != sorted(order) for order in plan.extra["original_index"]["ffn"])
 
 
+def test_a_checkpoint_reordered_tensor_by_tensor_equals_the_reordered_model(pruned, tmp_path, monkeypatch):
+    """`write_reordered` (rank 0 after a launch: no model in memory) writes what reordering the model in memory
+    writes, every family and unit kind; in shards of a few tensors with their index, which transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.models import export
+    from engine.models.export import skeleton
+    from engine.pruning.reorder import write_reordered
+
+    _, original, model, plan = pruned
+    original.save_pretrained(tmp_path / "teacher")
+    monkeypatch.setattr(export, "SHARD_BYTES", 20_000)  # a tiny model's tensors: 10-90 kB
+    _, family, structure = skeleton(tmp_path / "teacher")
+    if hasattr(model.config, "minidisc_attention_unit"):  # query-head units, as `prune` sets them
+        structure.config.minidisc_attention_unit = model.config.minidisc_attention_unit
+    order = plan.extra["original_index"]
+    (tmp_path / "out").mkdir()
+    write_reordered(tmp_path / "teacher", structure, family_for(structure.config), order["attention"], order["ffn"],
+                    tmp_path / "out")
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    model.config.save_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_candidates_are_nested_and_reach_empty_layers(pruned):
     _, _, _, plan = pruned
     shapes = [plan.shape(p) for p in plan.grid]

@@ -1,6 +1,6 @@
 """Worker for test_prune_sharded.py, started by the `deepspeed` launcher with 2 processes (gloo on CPU): `engine.prune`
 on every rank, the teacher partitioned by ZeRO-3 while its units are scored. Rank 0 writes the pruned teacher to
---pruned and, to --out, whether every weight the scorer saw was a shard."""
+--pruned and, to --out, whether every weight the scorer saw was a shard and whether the teacher was streamed."""
 import argparse
 import json
 from pathlib import Path
@@ -31,6 +31,16 @@ def recorded(model, family, batches, **options):
 
 
 pruning.unit_importance = recorded  # the name `sharded_importance` calls
+write_reordered = pruning.write_reordered
+
+
+def streamed(*args_, **options):
+    """Rank 0 writes the reordered teacher from the checkpoint, a tensor at a time."""
+    seen["streamed"] = True
+    return write_reordered(*args_, **options)
+
+
+pruning.write_reordered = streamed
 ds_config = json.loads((Path(__file__).parents[2] / "ds_configs" / "zero3_inference.json").read_text())
 ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned
 plan = engine.prune(args.teacher, args.data, args.pruned, calib_samples=6, seq_len=16, batch_size=2,

@@ -266,8 +266,8 @@ def print_plan(report: dict) -> None:
     console.print(f"pruning before training (importance, {prune['calibration_batch']} x {run['seq_len']} tokens a "
                   f"batch): {_gib(prune['total_bytes'])} GiB per GPU (teacher {_gib(prune['teacher_bytes'])} + "
                   f"activations {_gib(prune['activation_bytes'])} + logits {_gib(prune['logit_bytes'])}): "
-                  f"{'fits' if prune['fits'] else 'DOES NOT FIT'}; rank 0's node also holds the teacher on the CPU "
-                  f"to reorder it ({_gib(prune['cpu_node_bytes'])} GiB)")
+                  f"{'fits' if prune['fits'] else 'DOES NOT FIT'}; rank 0's node also holds what it writes of the "
+                  f"reordered teacher ({_gib(prune['cpu_node_bytes'])} GiB)")
     for tip in prune["advice"]:
         console.print(f"  - {tip}")
 

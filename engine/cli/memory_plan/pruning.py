@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from engine.cli.memory_plan.estimate import BF16, GIB, Cluster, _model_level_bytes, layer_activation_bytes
 from engine.cli.memory_plan.shapes import Shapes, largest_layer_parameters, parameter_count
 from engine.core.errors import UserError
+from engine.models.export import SHARD_BYTES
 
 MASKS = 24  # bytes a token and layer the masks' multiplications keep (measured)
 LOGIT_COPIES = 3  # fp32 [tokens, vocab]: the upcast logits, log-softmax's output kept for the backward, their gradient
@@ -19,7 +20,7 @@ class PruningMemory:
     activation_bytes: int  # per GPU: what the backward to the masks keeps for one calibration batch
     logit_bytes: int
     usable_bytes: int
-    cpu_node_bytes: int  # rank 0's node: the whole teacher in its checkpoint dtype, to reorder and write it
+    cpu_node_bytes: int  # rank 0's node, writing the reordered teacher: whole on one GPU, else a shard at a time
 
     @property
     def total_bytes(self) -> int:
@@ -33,7 +34,7 @@ class PruningMemory:
 def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weight_bytes: int = BF16,
                    checkpoint_bytes: int | None = None) -> PruningMemory:
     """Importance scores |dL/dmask| need a backward through the whole teacher but no weight gradient: per GPU the
-    weights (`weight_bytes` each: the checkpoint's dtype on a GPU, 4 on a CPU; rank 0's copy to reorder is in the
+    weights (`weight_bytes` each: the checkpoint's dtype on a GPU, 4 on a CPU; what rank 0 writes is in the
     checkpoint's, `checkpoint_bytes`, by default the same), partitioned by ZeRO-3 over every GPU of a launch (plus
     the largest module or the LM head while gathered) or whole on a single GPU; the activations one batch of
     `batch_size` x `seq_len` tokens saves at full width, as in training but for the inputs only a weight gradient
@@ -51,14 +52,17 @@ def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weig
     weight_only = per_hidden * s.hidden + per_neuron * s.intermediate + per_channel * (s.q_dim + s.kv_dim)
     per_layer = layer_activation_bytes(s, s.q_dim, s.kv_dim, s.heads, s.intermediate) - weight_only + MASKS
     activations = (s.layers * per_layer + _model_level_bytes(s)) * tokens
-    return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes,
-                         (checkpoint_bytes or weight_bytes) * total)
+    # One process writes its reordered copy from the CPU; after a launch rank 0 streams the checkpoint through one
+    # output shard (`write_reordered`), held twice while safetensors serialises it.
+    whole = (checkpoint_bytes or weight_bytes) * total
+    written = whole if cluster.gpus == 1 else min(whole, 2 * SHARD_BYTES)
+    return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes, written)
 
 
 def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world: int, local: int,
                        checkpoint_bytes: int) -> None:
     """`minidisc prune` against this machine, before anything is loaded: per GPU on a GPU (the checkpoint's dtype),
-    else the host's memory for every local rank's share (fp32) and, under a launcher, rank 0's copy to reorder.
+    else the host's memory for every local rank's share (fp32) and, under a launcher, rank 0's output shard.
     Refuses only a plan above what there is (plans run 0.8-1x the measured peak), naming what would fit."""
     nodes = max(1, world // max(local, 1))
     if device.startswith("cuda"):
