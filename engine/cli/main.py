@@ -266,15 +266,18 @@ def run(args) -> None:
         if distributed.is_main():
             print_summary(report.to_dict())
     elif args.command == "prune":
+        from engine.core import distributed
         from engine.pruning.prune import prune
 
         _check_pruning_fits(args)
+        distributed.init()  # under a launcher the ranks score the teacher partitioned; alone, a world of one
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_batch_size,
                      ffn_multiple=args.ffn_multiple, text_field=args.text_field, seed=args.seed, device=args.device,
                      attention_unit=args.attention_unit, attention_norm=args.attention_norm)
-        print_candidates(plan)
+        if plan is not None:  # (rank 0's)
+            print_candidates(plan)
     elif args.command == "export":
         from engine.models.export import export
 

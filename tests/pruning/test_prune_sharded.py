@@ -34,3 +34,26 @@ def test_sharded_scores_equal_one_process(name, unit, corpus, tokenizer_dir, tmp
     for name in ("config.json", "generation_config.json"):
         assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text(), name
     assert json.loads((tmp_path / "sharded" / "pruning.json").read_text())["calibration"]["processes"] == 2
+
+
+def test_the_prune_command_under_the_launcher_scores_on_every_rank(corpus, tokenizer_dir, tmp_path):
+    """`deepspeed --num_gpus 2 minidisc prune ...` is one pruning over two ranks (not two prunings racing to
+    write): rank 0 writes it, streamed, with the scores one process computes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+
+    teacher = save_teacher("llama_gqa", tmp_path / "teacher", tokenizer_dir)
+    options = ["--data", corpus["jsonl"], "--calib-samples", 6, "--calib-seq-len", 16, "--calib-batch-size", 2]
+    scripts = Path(sys.executable).parent
+    launcher, minidisc = [scripts / "deepspeed", "--num_gpus", 2, "--master_port", free_port()], scripts / "minidisc"
+    for command, out in ((launcher + [minidisc], "two"), ([minidisc], "one")):
+        result = subprocess.run([str(a) for a in [*command, "prune", "--teacher", teacher, "--out", tmp_path / out,
+                                                  *options]], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    two, one = (engine.PruningPlan.load(tmp_path / out) for out in ("two", "one"))
+    assert two.extra["calibration"]["processes"] == 2 and one.extra["calibration"]["processes"] == 1
+    assert two.extra["original_index"] == one.extra["original_index"]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
