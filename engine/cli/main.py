@@ -270,7 +270,8 @@ def run(args) -> None:
         from engine.pruning.prune import prune
 
         _check_pruning_fits(args)
-        distributed.init()  # under a launcher the ranks score the teacher partitioned; alone, a world of one
+        if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # launched: the ranks score it partitioned
+            distributed.init()
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_batch_size,
