@@ -184,7 +184,7 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
 def pruning_report(config, cluster: Cluster, options: PlanOptions) -> dict:
     """The importance pass before training, as `compress` runs it on this cluster, and what to change if it does
     not fit: a smaller calibration batch (`minidisc prune --calib-batch-size`, then compress its output), more GPUs."""
-    from engine.cli.memory_plan.pruning import pruning_memory
+    from engine.cli.memory_plan.pruning import longest_fitting, pruning_memory
     from engine.pruning.prune import calibration_batch
 
     batch = calibration_batch(options.batch_size or cluster.gpus, options.seq_len)
@@ -194,9 +194,7 @@ def pruning_report(config, cluster: Cluster, options: PlanOptions) -> dict:
            "total_bytes": memory.total_bytes, "fits": memory.fits, "cpu_node_bytes": memory.cpu_node_bytes,
            "advice": []}
     if not memory.fits:
-        seq_len = options.seq_len  # a shorter calibration sequence, down to 128 tokens, until one batch fits
-        while seq_len > 128 and not pruning_memory(config, cluster, 1, seq_len).fits:
-            seq_len //= 2
+        seq_len = longest_fitting(options.seq_len, lambda length: pruning_memory(config, cluster, 1, length).fits)
         out["command"] = f"minidisc prune --calib-batch-size 1 --calib-seq-len {seq_len}"
         out["advice"].append(f"`{out['command']}` first, then compress its output: "
                              f"{_verdict_bytes(pruning_memory(config, cluster, 1, seq_len))}")

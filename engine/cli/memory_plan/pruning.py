@@ -59,6 +59,14 @@ def pruning_memory(config, cluster: Cluster, batch_size: int, seq_len: int, weig
     return PruningMemory(teacher, activations, LOGIT_COPIES * 4 * s.vocab * tokens, cluster.usable_bytes, written)
 
 
+def longest_fitting(seq_len: int, fits) -> int:
+    """The calibration length to advise when a batch does not fit: `seq_len` halved, down to 128 tokens, until one
+    sequence of it `fits` (a predicate of the length)."""
+    while seq_len > 128 and not fits(seq_len):
+        seq_len //= 2
+    return seq_len
+
+
 def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world: int, local: int,
                        checkpoint_bytes: int) -> None:
     """`minidisc prune` against this machine, before anything is loaded: per GPU on a GPU (the checkpoint's dtype),
@@ -84,9 +92,7 @@ def check_pruning_fits(config, batch_size: int, seq_len: int, device: str, world
             return local * memory.total_bytes + (memory.cpu_node_bytes if world > 1 else 0)
     if need(batch_size, seq_len) <= have:
         return
-    tokens = seq_len
-    while tokens > 128 and need(1, tokens) > have:
-        tokens //= 2
+    tokens = longest_fitting(seq_len, lambda length: need(1, length) <= have)
     fix = (f"--calib-batch-size 1 --calib-seq-len {tokens}" if need(1, tokens) <= have else
            "more GPUs under a launcher (ZeRO-3 then partitions the teacher)")
     raise UserError(f"pruning needs {need(batch_size, seq_len) / GIB:.1f} GiB {where} for {batch_size} x {seq_len} "
