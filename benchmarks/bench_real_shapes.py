@@ -11,6 +11,10 @@ its small tokenizer (ids below 2,000 of a vocabulary of 128k-152k: what is measu
     python benchmarks/bench_real_shapes.py --shape qwen2.5-0.5b --processes 2
     python benchmarks/bench_real_shapes.py --shape llama-3.2-1b --optimizer adamw8bit  # 1.24B, vocab 128,256: 22 GB
 
+On a machine with a GPU (`--device cuda`, the default there) it runs the same phases in bf16 on the GPU and compares
+rank 0's GPU peak (the CUDA allocator's, as pruning.json and the report record it) with the plan's per-GPU figure
+(`make gpu-check PART=shapes`). Every row also records the seconds per training step of each compress stage.
+
 Figures (2 cores, 24 GB): docs/memory.md, "Host memory at a real shape". Appends a row per phase to
 benchmarks/results/real_shapes.csv.
 """
@@ -115,8 +119,14 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--processes", type=int, default=1,
                         help="ranks of prune and compress under the `deepspeed` launcher (the teacher partitioned)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where prune and compress run (default: cuda when a GPU is visible)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = args.device == "cuda"
 
     from engine.cli.demo import builtin_setup
     from engine.cli.memory_plan.estimate import Cluster, PlanOptions, placement
@@ -134,21 +144,24 @@ def main() -> None:
         parameters = build_teacher(args.shape, work / "teacher", setup / "teacher")
         weights = 4 * parameters  # fp32, as a CPU computes
         config, ranks = load_model_config(str(work / "teacher")), Cluster(1, args.processes, 1024)
-        # each rank a process on a CPU: what the plan puts on its "GPU" is host memory, beside the Python runtime
-        prune = pruning_memory(config, ranks, 1, args.seq_len, weight_bytes=4, checkpoint_bytes=2)  # a bf16 checkpoint
-        # rank 0 (the largest) also holds the teacher to reorder it after a launch: the plan's CPU part, here the same
-        plans = {"prune": prune.total_bytes + runtime + (prune.cpu_node_bytes if args.processes > 1 else 0)}
+        # On a CPU each rank is a process whose "GPU" is host memory, beside the Python runtime; on a GPU the plan's
+        # per-GPU figure is compared with the allocator's peak, which counts no runtime.
+        on_device = 0 if gpu else runtime
+        prune = pruning_memory(config, ranks, 1, args.seq_len, weight_bytes=2 if gpu else 4, checkpoint_bytes=2)
+        # on a CPU rank 0 (the largest) also holds what it writes after a launch: the plan's CPU part, the same memory
+        plans = {"prune": prune.total_bytes + on_device + (prune.cpu_node_bytes if args.processes > 1 and not gpu
+                                                           else 0)}
         if bf16:  # the plan counts bf16 mixed precision (fp32 training is not planned)
             options = PlanOptions(target=900, grid=(0, 500, 900), batch_size=args.processes, seq_len=args.seq_len,
                                   stack_widths=args.stack_widths)
-            plans["compress"] = placement(config, ranks, options, "zero3", args.optimizer).total_bytes + runtime
+            plans["compress"] = placement(config, ranks, options, "zero3", args.optimizer).total_bytes + on_device
         launch = [MINIDISC] if args.processes == 1 else [
             Path(sys.executable).parent / "deepspeed", "--num_gpus", args.processes, "--master_port", free_port(),
             MINIDISC]
         phases = {
             "prune": [*launch, "prune", "--teacher", work / "teacher", "--data", setup / "train.txt", "--out",
                       work / "pruned", "--calib-samples", 4, "--calib-seq-len", args.seq_len, "--calib-batch-size", 1,
-                      "--sparsities", 0, 0.5, 0.9],
+                      "--sparsities", 0, 0.5, 0.9, *(["--device", "cuda"] if gpu and args.processes == 1 else [])],
             "compress": [*launch, "compress", "--teacher", work / "pruned", "--data", setup / "train.txt",
                          "--dev-data", setup / "dev.txt", "--test-data", setup / "test.txt", "--out", work / "run",
                          "--max-steps", args.steps, "--sandwich-steps", args.steps, "--eval-every", args.steps,
@@ -168,27 +181,38 @@ def main() -> None:
             row = {"phase": phase, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
                    "rss_over_fp32_weights": round(peak / weights, 2), "peak_rank_anon_gb": round(rank_peak / 1e9, 2),
                    "peak_node_anon_gb": round(node_peak / 1e9, 2)}
-            if phase in plans:
-                row.update(plan_gb=round(plans[phase] / 1e9, 2), plan_over_peak=round(plans[phase] / rank_peak, 2))
-            if phase == "compress":  # rank 0's peak per stage, from the run's own record (resident set, GiB)
-                stages = json.loads((work / "run" / "report.json").read_text())["stage_memory"]
+            if phase == "prune" and gpu:  # rank 0's GPU peak while scoring, as pruning.json records it
+                scoring = json.loads((work / "pruned" / "pruning.json").read_text())["memory"]["scoring"]
+                row["gpu_peak_gb"] = round(scoring["peak_mb"] * 2**20 / 1e9, 2)
+            if phase == "compress":  # rank 0's peak and seconds per step of each stage, from the run's own record
+                report = json.loads((work / "run" / "report.json").read_text())
+                stages = report["stage_memory"]
                 row["stage_peaks_gib"] = " ".join(f"{name}={m['peak_mb'] / 1024:.1f}" for name, m in stages.items())
-                print("rank 0's peak per stage, GiB:", row["stage_peaks_gib"], flush=True)
+                row["step_s"] = " ".join(f"{name}={t['training steps']['seconds'] / t['training steps']['calls']:.3f}"
+                                         for name, t in report["stage_timings"].items() if "training steps" in t)
+                print(f"rank 0's peak per stage, GiB ({next(iter(stages.values()))['kind']}):",
+                      row["stage_peaks_gib"], "| seconds per step:", row["step_s"], flush=True)
+                if gpu:
+                    row["gpu_peak_gb"] = round(max(m["peak_mb"] for m in stages.values()) * 2**20 / 1e9, 2)
+            if phase in plans:
+                measured_peak = row["gpu_peak_gb"] * 1e9 if gpu else rank_peak
+                row.update(plan_gb=round(plans[phase] / 1e9, 2),
+                           plan_over_peak=round(plans[phase] / measured_peak, 2))
             rows.append(row)
             print(f"{args.shape} ({parameters / 1e9:.2f}B parameters, fp32 weights {weights / 1e9:.2f} GB): {phase} "
                   f"{wall:.0f} s, peak RSS {peak / 1e9:.2f} GB ({peak / weights:.2f}x the fp32 weights"
                   + f"; anonymous, one rank: {rank_peak / 1e9:.2f} GB, all together: {node_peak / 1e9:.2f} GB)"
-                  + (f"; the plan {row['plan_gb']} GB per rank ({row['plan_over_peak']:.2f}x that, the Python "
-                     f"runtime's {runtime / 1e9:.2f} GB included)" if phase in plans else ""), flush=True)
+                  + (f"; GPU peak {row['gpu_peak_gb']} GB" if "gpu_peak_gb" in row else "")
+                  + (f"; the plan {row['plan_gb']} GB per rank ({row['plan_over_peak']:.2f}x that"
+                     + (")" if gpu else f", the Python runtime's {runtime / 1e9:.2f} GB included)")
+                     if phase in plans else ""), flush=True)
     if not args.no_csv:
-        import torch
-
         stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "shape": args.shape,
                  "parameters": parameters, "seq_len": args.seq_len, "steps": args.steps,
                  "stack_widths": args.stack_widths, "ds_config": args.deepspeed,
                  "teacher_ds_config": args.teacher_deepspeed, "optimizer": args.optimizer,
                  "processes": args.processes,
-                 "device": "cpu",
+                 "device": torch.cuda.get_device_name() if gpu else "cpu",
                  "cores": os.cpu_count(), "torch": torch.__version__}
         print("appended to", append_rows("real_shapes.csv", [{**stamp, **row} for row in rows]))
 

@@ -23,6 +23,7 @@ from engine.models.plan import PruningPlan
 from engine.models.units import count_parameters
 from engine.pruning.importance import normalize_per_layer, unit_importance
 from engine.pruning.reorder import reorder, write_reordered
+from engine.training import memory
 from engine.training.engines import load_partitioned, release
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,10 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
     unit = attention_unit if attention_unit == "query-head" and family_for(config).query_heads_per_group > 1 else None
     log.info("calibrating on %d blocks of %d tokens from %s", len(calibration), seq_len,
              ", ".join(s.path for s in sources))
+    scoring_device = device if dist.world_size() == 1 else None  # a launch scores on each rank's own device
+    memory.reset_peak(scoring_device)
     raw, model = _scores(teacher, config, batches, unit, device, ds_config)  # rank 0's model: on meta if partitioned
-    scored = time.perf_counter()
+    scored, scoring_memory = time.perf_counter(), memory.usage(scoring_device)
     plan = None
     with dist.main_first("writing the pruned teacher") as main:
         if main:
@@ -161,9 +164,10 @@ def prune(teacher: str | Path, data, out: str | Path, *, grid=DEFAULT_GRID, cali
                 tokenizer.save_pretrained(scratch)
                 plan.extra["timing"] = {"importance": round(scored - started, 2),
                                         "save": round(time.perf_counter() - scored, 2)}
+                plan.extra["memory"] = {"scoring": scoring_memory}  # rank 0's, as `minidisc plan` counts per GPU
                 plan.save(scratch)
-            log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s)", out,
-                     plan.extra["timing"]["importance"])
+            log.info("wrote the reordered teacher and pruning.json to %s (importance took %.1f s, peak %s MB: %s)",
+                     out, plan.extra["timing"]["importance"], scoring_memory["peak_mb"], scoring_memory["kind"])
     return plan
 
 

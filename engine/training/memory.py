@@ -40,8 +40,8 @@ def return_freed_memory() -> None:
         pass
 
 
-def _cuda() -> bool:
-    return dist.device().type == "cuda"
+def _cuda(device=None) -> bool:
+    return (dist.device() if device is None else torch.device(device)).type == "cuda"
 
 
 def status_kb(field: str) -> int | None:
@@ -55,9 +55,10 @@ def status_kb(field: str) -> int | None:
     return None
 
 
-def reset_peak() -> None:
-    """Start a new peak: the allocator's statistics, or the kernel's high-water mark of the resident set."""
-    if _cuda():
+def reset_peak(device=None) -> None:
+    """Start a new peak: the allocator's statistics, or the kernel's high-water mark of the resident set (of
+    `device`, by default this rank's)."""
+    if _cuda(device):
         torch.cuda.reset_peak_memory_stats()
         return
     try:
@@ -66,9 +67,9 @@ def reset_peak() -> None:
         pass  # not Linux or not allowed: the peak is then the process's
 
 
-def usage() -> dict:
+def usage(device=None) -> dict:
     """{"kind", "live_mb", "peak_mb"}: allocated bytes on the GPU, the resident set on a CPU (None if unreadable)."""
-    if _cuda():
+    if _cuda(device):
         return {"kind": "cuda allocated", "live_mb": round(torch.cuda.memory_allocated() / MB, 1),
                 "peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
     live, peak = status_kb("VmRSS"), status_kb("VmHWM")

@@ -30,6 +30,8 @@ def test_prune_and_export_through_the_console_command(teacher, corpus, tmp_path)
     for row in plan["candidates"]:  # the printed table shows every candidate's parameter count
         assert f"{row['parameters']:,}" in result.stdout
     assert len(plan["importance"]["attention"]) == 3 and len(plan["importance"]["ffn"][0]) == 37
+    scoring = plan["memory"]["scoring"]  # the scoring's peak, recorded where it was scored (here a CPU)
+    assert scoring["kind"] == "cpu resident" and scoring["peak_mb"] >= scoring["live_mb"] > 0
     result = subprocess.run([minidisc, "export", "--model", pruned, "--sparsity", "0.9", "--out", exported],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
