@@ -116,11 +116,21 @@ def reference_fused(h_s, w_s, b_s, h_t, w_t, b_t, **kw):
     return reference_distill(s, t, **kw)
 
 
+@pytest.fixture(params=["summed", "kept"])
+def head_grad(request, monkeypatch):
+    """Both ways the fused loss makes the head's gradient for "mean" and "sum", whatever the shapes: summed over
+    the chunks in an fp32 buffer, or from the logit gradients kept for the backward."""
+    from kernels import fused_linear_distill as fld
+
+    monkeypatch.setattr(fld, "keeps_logit_grads", lambda *shape: request.param == "kept")
+    return request.param
+
+
 @pytest.mark.parametrize("kind,beta", KINDS[:3])
 @pytest.mark.parametrize("reduction,mask_pattern", [("mean", "random"), ("sum", None), ("none", "random"),
                                                     ("mean", "all_ignored")])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_linear_matches_reference(kind, beta, reduction, mask_pattern, with_bias):
+def test_fused_linear_matches_reference(kind, beta, reduction, mask_pattern, with_bias, head_grad):
     g = torch.Generator().manual_seed(2)
     b, t, v, hs, ht = 4, 23, 423, 67, 96  # odd sizes, different hidden sizes
     h_s = torch.randn(b, t, hs, generator=g, requires_grad=True)
@@ -142,7 +152,7 @@ def test_fused_linear_matches_reference(kind, beta, reduction, mask_pattern, wit
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_linear_stacked_students_against_one_teacher(reduction):
+def test_fused_linear_stacked_students_against_one_teacher(reduction, head_grad):
     """K = 3 students stacked along the batch against one teacher (the sandwich's stacked widths): the teacher's rows
     are reused per student (chunks of 17 rows never span two students), the loss is the reference's on the teacher
     repeated 3 times, and each student's own loss comes back with return_copy_losses."""
@@ -183,18 +193,20 @@ def test_fused_linear_large_odd_shape():
     check(loss, ref, grads, torch.autograd.grad(ref, (h_s, w_s)), torch.float32)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_linear_bf16_head_is_never_upcast_whole(monkeypatch, reduction):
+@pytest.mark.parametrize("reduction,b,buffers", [("mean", 2, 1), ("mean", 1, 0), ("none", 1, 1)])
+def test_fused_linear_bf16_head_is_never_upcast_whole(monkeypatch, reduction, b, buffers):
     """bf16 heads on a CPU (no mixed-precision GEMM there): the heads are upcast a slice at a time and the head
     gradient accumulates a slice of rows at a time, so the only tensor of 4VH bytes made is the fp32 gradient
-    buffer; the result equals the one-slice computation and the fp64 reference on the same bf16 values."""
+    buffer, and none where the tokens' logit gradients are smaller than it (3 x 11 tokens < 2H: "mean" keeps them
+    for the backward; "none" recomputes the chunks there and sums); the result equals the one-slice computation and
+    the fp64 reference on the same bf16 values."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     from kernels import fused_linear_distill as fld
 
     g = torch.Generator().manual_seed(6)
-    b, t, v, h = 2, 11, 517, 24
+    t, v, h = 11, 517, 24
     h_s = torch.randn(3 * b, t, h, generator=g).bfloat16().requires_grad_()  # 3 stacked students
     w_s = (torch.randn(v, h, generator=g) / 5).bfloat16().requires_grad_()
     h_t, w_t = torch.randn(b, t, h, generator=g).bfloat16(), (torch.randn(v, h, generator=g) / 5).bfloat16()
@@ -218,7 +230,8 @@ def test_fused_linear_bf16_head_is_never_upcast_whole(monkeypatch, reduction):
     monkeypatch.setattr(fld, "SLICE_ELEMENTS", 5 * h + 3, raising=False)  # uneven slices of columns and of rows
     with NewStorages():
         loss, grads = run()
-    assert len(made) == 1, made  # the fp32 head gradient (made in the forward for "mean", the backward for "none")
+    assert fld.keeps_logit_grads(3 * b * t, h, 2) == (b == 1)  # 33 tokens < 2H = 48 <= 66
+    assert len(made) == buffers, made  # the fp32 head gradient (the forward's for "mean", the backward's for "none")
     monkeypatch.setattr(fld, "SLICE_ELEMENTS", 1 << 30)
     whole_loss, whole_grads = run()
     torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-7)

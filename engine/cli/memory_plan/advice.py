@@ -169,7 +169,7 @@ def plan_report(config, cluster: Cluster, options: PlanOptions, model: str) -> d
                        "candidates": [{"sparsity": s / PERMILLE, "parameters": width_parameters(config, s),
                                        "fraction": width_parameters(config, s) / total}
                                       for s in options.candidates]},
-        "loss_buffers": loss_buffer_bytes(config, tokens),
+        "loss_buffers": loss_buffer_bytes(config, tokens, len(options.widths_held)),
         "placements": [row.to_dict() for row in rows],
         "recommended": best.name if best else None,
         "reason": reason,

@@ -262,26 +262,31 @@ def activation_bytes(config, tokens: int, permille: int = 0, checkpointing: bool
     return per_token * tokens
 
 
-def loss_buffer_bytes(config, tokens: int) -> dict[str, int]:
-    """Bytes of the loss that do not scale with the trained width, for one micro-batch.
+def loss_buffer_bytes(config, tokens: int, copies: int = 1) -> dict[str, int]:
+    """Bytes of the loss that do not scale with the trained width, for one micro-batch of `tokens` run at
+    `copies` stacked widths.
 
     teacher_outputs: the teacher's hidden states, bf16, kept across all K widths: the ones the loss reads,
         every ceil(L/6)-th and the last (`hidden_layer_indices`; `engine.distillation.loss.teacher_outputs` drops
         the others).
     kl_chunk: the fused KL's chunk working set: rows = `kernels.distill_loss.chunk_rows` on CUDA (2^26
         elements / vocab, at most the micro-batch's tokens) x vocab x fp32 x `CHUNK_FACTOR`.
-    head_grad: `FusedLinearDistill` finishes the LM-head gradient in the forward: an fp32 [vocab, hidden]
-        buffer saved until the backward, cast to bf16 there, plus the bf16 gradient of the hidden states."""
+    head_grad: `FusedLinearDistill`'s LM-head gradient, at the backward's start: an fp32 [vocab, hidden] sum
+        beside its bf16 cast or, for fewer than 2 x hidden rows (`keeps_logit_grads`), the rows' bf16 logit
+        gradients beside the bf16 gradient made from them; plus the bf16 gradient of the rows' hidden states."""
     import torch
 
     from kernels.distill_loss import chunk_rows
+    from kernels.fused_linear_distill import keeps_logit_grads
 
     s = Shapes.of(config)
-    rows = min(tokens, chunk_rows(s.vocab, None, torch.device("cuda")))
+    rows = copies * tokens  # the stacked widths' tokens: the fused loss's rows
+    chunk = min(tokens, chunk_rows(s.vocab, None, torch.device("cuda")))  # a chunk never spans two widths
+    kept = BF16 * rows * s.vocab if keeps_logit_grads(rows, s.embed_dim, BF16) else 4 * s.vocab * s.embed_dim
     return {
         "teacher_outputs": BF16 * len(hidden_layer_indices(s.layers)) * s.hidden * tokens,
-        "kl_chunk": int(rows * s.vocab * 4 * CHUNK_FACTOR),
-        "head_grad": (4 + BF16) * s.vocab * s.embed_dim + BF16 * s.embed_dim * tokens,
+        "kl_chunk": int(chunk * s.vocab * 4 * CHUNK_FACTOR),
+        "head_grad": kept + BF16 * s.vocab * s.embed_dim + BF16 * s.embed_dim * rows,
     }
 
 
@@ -341,7 +346,7 @@ def placement(config, cluster: Cluster, options: PlanOptions, teacher: str, trai
         params_grads_bytes=states.params_grads, optimizer_bytes=states.optimizer,
         activation_bytes=sum(activation_bytes(config, tokens, width, options.gradient_checkpointing)
                              for width in options.widths_held),
-        loss_bytes=sum(loss_buffer_bytes(config, tokens).values()), step_bytes=states.step,
+        loss_bytes=sum(loss_buffer_bytes(config, tokens, len(options.widths_held)).values()), step_bytes=states.step,
         usable_bytes=cluster.usable_bytes,
         cpu_per_node_bytes=states.cpu_per_node, cpu_fits=cpu_fits)
 
