@@ -3,8 +3,9 @@
 Tokens are processed in chunks of `chunk_rows(V)` rows: each chunk's logits [chunk, V] in fp32 give its losses,
 logsumexp(z) - z[target], and its logit gradients, softmax(z) - onehot(target), which are folded into the gradients
 of the hidden states, head weight and bias in the forward (as `fused_linear_distill_loss` does for "mean"). So no
-[N, V] tensor exists, and the backward only scales the finished gradients: it never reads the head's weight, which
-under ZeRO-3 may be partitioned again between forward and backward.
+[N, V] fp32 tensor exists, and the backward never reads the head's weight, which under ZeRO-3 may be partitioned
+again between forward and backward: it scales the finished gradients, or, where the N tokens' logit gradients in
+the head's dtype are smaller than an fp32 [V, H] sum (`keeps_logit_grads`), makes the head's from them.
 
     loss = sum_i w_i (logsumexp(z_i) - z_i[t_i]),   w_i = kept_i / sum(kept)
     dloss/dz_i = w_i (softmax(z_i) - onehot(t_i)),  dloss/dh_i = dloss/dz_i @ W,  dloss/dW = sum_i dloss/dz_i^T h_i
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .distill_loss import chunk_rows, flatten_mask
-from .fused_linear_distill import _accumulate, _logits, _mm_fp32
+from .fused_linear_distill import _accumulate, _head_grad, _logits, _mm_fp32, keeps_logit_grads
 from .fused_linear_token_stats import check_head_shapes
 
 
@@ -26,7 +27,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, row_weights, chunk_size):
         vocab, fp32 = weight.shape[0], dict(dtype=torch.float32, device=weight.device)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_h, grad_w = torch.empty_like(hidden), torch.zeros(weight.shape, **fp32)
+        grad_h, grad_w, kept = torch.empty_like(hidden), None, None
+        if keeps_logit_grads(hidden.shape[0], weight.shape[1], weight.element_size()):
+            kept = torch.empty(hidden.shape[0], vocab, dtype=weight.dtype, device=weight.device)
+        else:
+            grad_w = torch.zeros(weight.shape, **fp32)
         grad_b = None if bias is None else torch.zeros(bias.shape, **fp32)
         step = chunk_rows(vocab, chunk_size, hidden.device)
         with torch.no_grad():
@@ -42,19 +47,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_b += grad.sum(0)
                 grad = grad.to(weight.dtype)  # head-gradient GEMMs run in the weights' precision
                 grad_h[rows] = _mm_fp32(grad, weight).to(grad_h.dtype)
-                _accumulate(grad_w, grad.t(), hidden[rows])
+                if kept is not None:
+                    kept[rows] = grad
+                else:
+                    _accumulate(grad_w, grad.t(), hidden[rows])
         losses = torch.where(row_weights > 0, losses, torch.zeros((), device=losses.device))
-        ctx.save_for_backward(grad_h, grad_w, *([] if grad_b is None else [grad_b]))
-        ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
+        head = (grad_w,) if kept is None else (kept, hidden)  # the head's gradient, or what it is made of
+        ctx.save_for_backward(grad_h, *([] if grad_b is None else [grad_b]), *head)
+        ctx.weight_dtype, ctx.weight_shape, ctx.has_bias = weight.dtype, weight.shape, bias is not None
         ctx.mark_non_differentiable(losses)
         return (losses * row_weights).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_out, _):
-        grad_h, grad_w, *grad_b = ctx.saved_tensors
+        grad_h, *rest = ctx.saved_tensors
         dtype = ctx.weight_dtype
-        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(dtype),
-                (grad_b[0] * grad_out).to(dtype) if ctx.has_bias else None, None, None, None)
+        grad_b = (rest.pop(0) * grad_out).to(dtype) if ctx.has_bias else None
+        grad_w = ((rest[0] * grad_out).to(dtype) if len(rest) == 1 else
+                  _head_grad(*rest, ctx.weight_shape, grad_out, dtype))
+        return grad_h * grad_out.to(grad_h.dtype), grad_w, grad_b, None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, mask=None, copies: int = 1, chunk_size=None):

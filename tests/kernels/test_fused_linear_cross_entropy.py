@@ -23,10 +23,14 @@ def inputs(seed, b=3, t=7, h=16, v=37, bias=True, dtype=torch.float32):
     return hidden, weight, b_, targets, mask
 
 
+@pytest.mark.parametrize("hidden_size", [16, 32])  # the head's gradient summed in fp32 (21 x 4 >= 4 x 16), or kept
 @pytest.mark.parametrize("bias, masked, chunk", [(True, True, 4), (False, False, None), (True, False, 1),
                                                  (False, True, 1000)])
-def test_matches_plain_cross_entropy_in_value_and_gradient(bias, masked, chunk):
-    hidden, weight, b, targets, mask = inputs(0, bias=bias)
+def test_matches_plain_cross_entropy_in_value_and_gradient(bias, masked, chunk, hidden_size):
+    from kernels.fused_linear_distill import keeps_logit_grads
+
+    assert keeps_logit_grads(3 * 7, hidden_size, 4) == (hidden_size == 32)  # 21 fp32 logit gradient rows
+    hidden, weight, b, targets, mask = inputs(0, h=hidden_size, bias=bias)
     mask = mask if masked else None
     loss, per_copy = fused_linear_cross_entropy(hidden, weight, targets, bias=b, mask=mask, chunk_size=chunk)
     params = [p for p in (hidden, weight, b) if p is not None]
