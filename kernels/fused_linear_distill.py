@@ -157,8 +157,10 @@ class FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, row_weights, options: Options, chunk_size, reduce):
         step = chunk_rows(options.vocab, chunk_size, h_s.device)
         losses = torch.empty(h_s.shape[0], dtype=torch.float32, device=h_s.device)
-        keep = keeps_logit_grads(h_s.shape[0], w_s.shape[1], w_s.element_size())
-        grads = _zero_grads(h_s, w_s, b_s, options.vocab, keep) if reduce else None
+        grads = None
+        if reduce:
+            keep = keeps_logit_grads(h_s.shape[0], w_s.shape[1], w_s.element_size())
+            grads = _zero_grads(h_s, w_s, b_s, options.vocab, keep)
         for rows, teacher_rows in _chunks(h_s.shape[0], h_t.shape[0], step):
             losses[rows] = _chunk_losses(options, h_s, w_s, b_s, h_t, w_t, b_t, rows, teacher_rows, row_weights,
                                          grads)

@@ -270,7 +270,7 @@ def run(args) -> None:
         from engine.pruning.prune import prune
 
         _check_pruning_fits(args)
-        if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # launched: the ranks score it partitioned
+        if distributed.launched():  # the ranks score it partitioned
             distributed.init()
         plan = prune(args.teacher, args.data, args.out, grid=parse_grid(args.sparsities) if args.sparsities else
                      DEFAULT_GRID, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,

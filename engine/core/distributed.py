@@ -24,6 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched() -> bool:
+    """Whether a launcher (deepspeed, torchrun, srun) started this process as one rank of a job."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
 def init() -> None:
     """Start the process group once (DeepSpeed's own initialisation, which reads the rank variables)."""
     import deepspeed
